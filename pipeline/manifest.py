@@ -1,0 +1,86 @@
+"""Fingerprints, stage folders and the commit marker (``_manifest.json``).
+
+Layout of one stage output::
+
+    <work_dir>/<stage>/<fingerprint>/
+        attempt-<uuid>/data/part-00000-0000.parquet   # written by one attempt
+        attempt-<uuid>/rejected/...
+        _manifest.json                                # written last, atomically: the commit
+
+Readers only read files that a manifest lists, so an attempt that crashed (no manifest, or a
+manifest naming another attempt) is invisible; the next attempt deletes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Optional
+
+from pipeline import storage as st
+
+MANIFEST = "_manifest.json"
+MANIFEST_FORMAT = 1
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def fingerprint(
+    uses: str,
+    version: str,
+    config: dict[str, Any],
+    inputs: list[tuple[str, str]],
+    extras: dict[str, Any],
+    seed: Optional[int],
+) -> str:
+    """hash(stage name + version + canonical config + input fingerprints [+ extras, seed])."""
+    payload = {
+        "uses": uses,
+        "version": version,
+        "config": config,
+        "inputs": sorted(inputs),
+        "extras": extras,
+        "seed": seed,
+    }
+    return hashlib.sha256(canonical_json(payload).encode()).hexdigest()[:16]
+
+
+def stage_uri(work_dir: str, stage: str, fp: str) -> str:
+    return st.join(work_dir, stage, fp)
+
+
+def manifest_uri(stage_dir: str) -> str:
+    return st.join(stage_dir, MANIFEST)
+
+
+def load_manifest(storage: st.Storage, stage_dir: str) -> Optional[dict[str, Any]]:
+    uri = manifest_uri(stage_dir)
+    if not storage.exists(uri):
+        return None
+    manifest = storage.read_json(uri)
+    if manifest.get("format") != MANIFEST_FORMAT:
+        return None
+    return manifest
+
+
+def dataset_files(manifest: dict[str, Any], stage_dir: str, dataset: str = "data") -> list[str]:
+    info = manifest["datasets"].get(dataset)
+    if info is None:
+        raise KeyError(f"stage {manifest['stage']!r} has no dataset {dataset!r}")
+    return [st.join(stage_dir, f["path"]) for f in info["files"]]
+
+
+def dataset_uri(manifest: dict[str, Any], stage_dir: str, dataset: str = "data") -> str:
+    return st.join(stage_dir, manifest["attempt"], dataset)
+
+
+def remove_stale_attempts(storage: st.Storage, stage_dir: str, keep: Optional[str]) -> list[str]:
+    """Delete attempt folders other than ``keep`` (crashed or superseded runs)."""
+    removed = []
+    for name in storage.ls_dirs(stage_dir):
+        if name.startswith("attempt-") and name != keep:
+            storage.rm(st.join(stage_dir, name))
+            removed.append(name)
+    return removed

@@ -1,0 +1,60 @@
+"""The stage registry: ``uses: <name>`` in YAML resolves here.
+
+Built-in stages live in ``stages/<name>/`` and register themselves on import; third-party
+packages can add stages through the ``lmpipe.stages`` entry-point group.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from importlib.metadata import entry_points
+
+from pipeline.stage import Stage
+
+_REGISTRY: dict[str, type[Stage]] = {}
+_DISCOVERED = False
+
+
+class StageNotFound(KeyError):
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0])
+
+
+def register(cls: type[Stage]) -> type[Stage]:
+    """Class decorator: make a stage available under its ``name``."""
+    if not cls.name:
+        raise ValueError(f"{cls.__qualname__} has no name")
+    existing = _REGISTRY.get(cls.name)
+    if existing is not None and existing is not cls and existing.__qualname__ != cls.__qualname__:
+        raise ValueError(f"stage name {cls.name!r} is registered twice ({existing.__module__}, {cls.__module__})")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def _discover() -> None:
+    global _DISCOVERED
+    if _DISCOVERED:
+        return
+    _DISCOVERED = True
+    import stages
+
+    for info in pkgutil.iter_modules(stages.__path__):
+        if info.ispkg:
+            importlib.import_module(f"stages.{info.name}")
+    for ep in entry_points(group="lmpipe.stages"):
+        ep.load()
+
+
+def get_stage_class(name: str) -> type[Stage]:
+    _discover()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        known = ", ".join(sorted(_REGISTRY)) or "none"
+        raise StageNotFound(f"unknown stage {name!r} (registered: {known})") from None
+
+
+def all_stages() -> dict[str, type[Stage]]:
+    _discover()
+    return dict(sorted(_REGISTRY.items()))

@@ -1,0 +1,360 @@
+"""Run a pipeline: resolve the DAG, fingerprint, skip what is cached, run the rest on Ray,
+commit outputs atomically and record everything in MLflow."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+import traceback
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from pipeline import manifest as mf
+from pipeline import storage as st
+from pipeline.config import ConfigError, LoadedConfig
+from pipeline.context import InputDataset, StageContext
+from pipeline.dag import Node, build_dag, downstream_of, upstream_of
+from pipeline.execute import PartJob, merge_results, run_parts_locally, run_parts_on_ray
+from pipeline.stage import DatasetStage, Resources, RowStage, SourceStage, Part, stage_seed
+from pipeline.tracking import Tracker, code_version
+
+log = logging.getLogger("lmpipe")
+
+
+class StageFailed(RuntimeError):
+    pass
+
+
+class CountsMismatch(StageFailed):
+    pass
+
+
+@dataclass
+class StageReport:
+    name: str
+    fingerprint: str
+    cached: bool
+    stage_dir: str
+    manifest: dict[str, Any]
+    run_id: Optional[str] = None
+
+
+@dataclass
+class RunReport:
+    pipeline_run_id: Optional[str]
+    stages: list[StageReport] = field(default_factory=list)
+
+    def stage(self, name: str) -> StageReport:
+        return next(s for s in self.stages if s.name == name)
+
+
+def effective_resources(node: Node, loaded: LoadedConfig) -> Resources:
+    base = node.cls.resources
+    over = loaded.resolved.stages[node.name].resources
+    return Resources(
+        num_cpus=base.num_cpus if over.num_cpus is None else over.num_cpus,
+        num_gpus=base.num_gpus if over.num_gpus is None else over.num_gpus,
+        actors=base.actors,
+        batch_size=over.batch_size or base.batch_size,
+        max_workers=over.max_workers or base.max_workers,
+        custom={**base.custom, **over.custom},
+    )
+
+
+def init_ray(loaded: LoadedConfig, address: Optional[str]) -> str:
+    """Connect to (or start) Ray; returns a description of the address used."""
+    import ray
+    from ray.data import DataContext
+
+    if not ray.is_initialized():
+        cfg = loaded.resolved.ray
+        address = address or cfg.address or os.environ.get("LMPIPE_RAY_ADDRESS")
+        if address in (None, "", "local"):
+            kwargs: dict[str, Any] = dict(address="local", include_dashboard=cfg.include_dashboard, log_to_driver=True)
+            if cfg.num_cpus:
+                kwargs["num_cpus"] = cfg.num_cpus
+            if cfg.object_store_memory:
+                kwargs["object_store_memory"] = cfg.object_store_memory
+            ray.init(**kwargs)
+        else:
+            ray.init(address=address, log_to_driver=True)
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = os.environ.get("LMPIPE_PROGRESS", "1") != "0"
+    ctx.execution_options.preserve_order = False
+    return ray.get_runtime_context().gcs_address
+
+
+class Runner:
+    def __init__(self, loaded: LoadedConfig, address: Optional[str] = None, use_ray: bool = True, track: bool = True):
+        self.loaded = loaded
+        self.address = address
+        self.use_ray = use_ray
+        self.storage = loaded.storage
+        self.order = build_dag(loaded)
+        self.by_name = {n.name: n for n in self.order}
+        self.work_dir = loaded.resolved.work_dir
+        self.tracker: Optional[Tracker] = None
+        if track:
+            self.tracker = Tracker(loaded.resolved.tracking_uri(), loaded.resolved.mlflow.experiment, loaded.resolved.artifact_location())
+        self.ray_address = "in-process" if use_ray else "none (in-process)"
+
+    # -- planning ---------------------------------------------------------------------------
+    def _context(self, node: Node, fingerprint: str, input_datasets: list[InputDataset]) -> StageContext:
+        return StageContext(
+            pipeline_name=self.loaded.resolved.name,
+            stage_name=node.name,
+            fingerprint=fingerprint,
+            seed=stage_seed(self.loaded.resolved.seed, node.name),
+            storage=self.storage,
+            work_dir=self.work_dir,
+            stage_dir=mf.stage_uri(self.work_dir, node.name, fingerprint),
+            attempt="",
+            inputs=input_datasets,
+            resources=effective_resources(node, self.loaded),
+        )
+
+    def fingerprint_of(self, node: Node, fingerprints: dict[str, str]) -> tuple[str, list]:
+        stage = node.cls(self.loaded.resolved_stage_configs[node.name])
+        probe = self._context(node, "", [])
+        externals = stage.external_inputs(probe)
+        extras = stage.fingerprint_extras(probe)
+        if externals:
+            extras = {**extras, "external_inputs": [{"name": e.name, "files": list(e.files)} for e in externals]}
+        declared = self.loaded.declared_stage_configs[node.name].model_dump(mode="json")
+        inputs = [(str(r), fingerprints[r.stage]) for r in node.inputs]
+        seed = self.loaded.resolved.seed if node.cls.uses_seed else None
+        fp = mf.fingerprint(node.cls.name, node.cls.version, declared, inputs, extras, seed)
+        return fp, externals
+
+    # -- running ----------------------------------------------------------------------------
+    def run(self, only: Optional[str] = None, start_from: Optional[str] = None, force: bool = False, argv: Optional[list[str]] = None) -> RunReport:
+        for flag, name in (("--stage", only), ("--from", start_from)):
+            if name is not None and name not in self.by_name:
+                raise ConfigError(f"{self.loaded.path}: {flag} {name}: no such stage (stages: {', '.join(self.by_name)})")
+        if only:
+            selected = upstream_of(self.order, only) + [only]
+            forced = {only}
+        elif start_from:
+            selected = [n.name for n in self.order]
+            forced = set(downstream_of(self.order, start_from))
+        else:
+            selected = [n.name for n in self.order]
+            forced = set(selected) if force else set()
+        if force and only is None and start_from is None:
+            forced = set(selected)
+
+        fingerprints: dict[str, str] = {}
+        externals: dict[str, list] = {}
+        for node in self.order:
+            fingerprints[node.name], externals[node.name] = self.fingerprint_of(node, fingerprints)
+
+        if only:  # upstream must already be committed: --stage never rebuilds upstream silently
+            for name in selected[:-1]:
+                sd = mf.stage_uri(self.work_dir, name, fingerprints[name])
+                if mf.load_manifest(self.storage, sd) is None:
+                    raise StageFailed(
+                        f"--stage {only}: upstream stage {name!r} has no committed output for this config"
+                        f" (fingerprint {fingerprints[name]}, expected {sd}); run the pipeline without --stage first"
+                    )
+
+        report = RunReport(None)
+        if self.tracker:
+            cfg = self.loaded.declared
+            report.pipeline_run_id = self.tracker.start_pipeline(
+                cfg.name,
+                self.loaded.path,
+                self.loaded.text,
+                params={"pipeline": {"name": cfg.name, "work_dir": cfg.work_dir, "seed": cfg.seed, "stages": list(cfg.stages)}},
+                tags={
+                    "lmpipe.argv": " ".join(argv or sys.argv),
+                    "lmpipe.ray_address": self.ray_address,
+                    "lmpipe.work_dir": self.work_dir,
+                },
+            )
+        status = "FAILED"
+        try:
+            for name in selected:
+                node = self.by_name[name]
+                report.stages.append(self._run_stage(node, fingerprints, externals[name], name in forced, report))
+            status = "FINISHED"
+        finally:
+            if self.tracker:
+                summary = {
+                    s.name: {"fingerprint": s.fingerprint, "cached": s.cached, "output": s.stage_dir, "counts": s.manifest.get("counts")}
+                    for s in report.stages
+                }
+                self.tracker.end_pipeline(status, summary)
+        return report
+
+    def _inputs_for(self, node: Node, fingerprints: dict[str, str]) -> list[InputDataset]:
+        out = []
+        for ref in node.inputs:
+            sd = mf.stage_uri(self.work_dir, ref.stage, fingerprints[ref.stage])
+            manifest = mf.load_manifest(self.storage, sd)
+            if manifest is None:
+                raise StageFailed(f"stage {node.name!r}: input {ref} is not committed at {sd}")
+            out.append(InputDataset(ref, sd, manifest, self.storage))
+        return out
+
+    def _run_stage(self, node: Node, fingerprints: dict[str, str], externals: list, forced: bool, report: RunReport) -> StageReport:
+        fp = fingerprints[node.name]
+        stage_dir = mf.stage_uri(self.work_dir, node.name, fp)
+        existing = None if forced else mf.load_manifest(self.storage, stage_dir)
+        cached = existing is not None
+        entry = self.loaded.declared.stages[node.name]
+        run_id = None
+        if self.tracker:
+            run_id = self.tracker.start_stage(
+                node.name, entry.uses, node.cls.version, fp, cached,
+                self.loaded.declared_stage_configs[node.name].model_dump(mode="json"), self.ray_address,
+            )
+        try:
+            inputs = self._inputs_for(node, fingerprints)
+            if cached:
+                manifest = existing
+                log.info("[%s] cached (fingerprint %s): %s", node.name, fp, stage_dir)
+                artifacts: dict[str, bytes] = {}
+            else:
+                manifest, artifacts = self._compute(node, fp, inputs, externals)
+            if run_id:
+                refs = [{"ref": f"{r.ref.stage}.{r.ref.dataset}", "uri": r.uri, "fingerprint": r.fingerprint} for r in inputs]
+                self.tracker.finish_stage(run_id, manifest, stage_dir, refs, artifacts)
+        except BaseException as e:
+            if run_id:
+                self.tracker.fail_stage(run_id, "".join(traceback.format_exception_only(type(e), e)).strip())
+            raise
+        return StageReport(node.name, fp, cached, stage_dir, manifest, run_id)
+
+    def _compute(self, node: Node, fp: str, inputs: list[InputDataset], externals: list) -> tuple[dict[str, Any], dict[str, bytes]]:
+        if self.use_ray and self.ray_address == "in-process":  # started only when something must run
+            self.ray_address = init_ray(self.loaded, self.address)
+        config = self.loaded.resolved_stage_configs[node.name]
+        ctx = self._context(node, fp, inputs)
+        ctx.attempt = f"attempt-{uuid.uuid4().hex[:12]}"
+        mf.remove_stale_attempts(self.storage, ctx.stage_dir, keep=self._committed_attempt(ctx.stage_dir))
+        stage = node.cls(config, seed=ctx.seed)
+        resources = ctx.resources
+        job = PartJob(node.name, ctx.seed, self.storage, ctx.attempt_uri, ctx.attempt, resources.batch_size)
+        ctx.run_parts = lambda parts, stage_cls=node.cls, cfg=config: self._run_parts(node.name, stage_cls, cfg, parts, job, resources)
+
+        started = time.time()
+        t0 = time.perf_counter()
+        log.info("[%s] running %s v%s (fingerprint %s)", node.name, node.cls.name, node.cls.version, fp)
+        if isinstance(stage, RowStage):
+            src = inputs[0]
+            parts = [Part(f"{i:05d}", {"uri": uri}) for i, uri in enumerate(src.files())]
+            results = ctx.run_parts(parts)
+        elif isinstance(stage, SourceStage):
+            parts = stage.plan(ctx)
+            results = ctx.run_parts(parts)
+        elif isinstance(stage, DatasetStage):
+            stage.setup()
+            stage.run(ctx)
+            results = ctx.part_results
+            parts = results
+        else:
+            raise TypeError(f"{node.cls.__name__} is not a RowStage, SourceStage or DatasetStage")
+        wall = time.perf_counter() - t0
+        merged = merge_results(results)
+        manifest = self._manifest(node, fp, ctx, inputs, externals, merged, len(parts), started, wall)
+        self._check_counts(node, manifest)
+        stage.check(manifest)  # a stage's own acceptance rule (e.g. ingest's max_bad_fraction)
+        self.storage.write_json_atomic(mf.manifest_uri(ctx.stage_dir), manifest)  # the commit
+        mf.remove_stale_attempts(self.storage, ctx.stage_dir, keep=ctx.attempt)
+        c = manifest["counts"]
+        log.info(
+            "[%s] committed %s: %d in, %d kept, %d rejected, %d quarantined in %.1fs",
+            node.name, fp, c["rows_in"], c["kept"], sum(c["rejected"].values()), sum(c["quarantined"].values()), wall,
+        )
+        return manifest, ctx.artifacts
+
+    def _committed_attempt(self, stage_dir: str) -> Optional[str]:
+        m = mf.load_manifest(self.storage, stage_dir)
+        return m["attempt"] if m else None
+
+    def _run_parts(self, stage_name: str, stage_cls, config, parts: list[Part], job: PartJob, resources: Resources) -> list[dict[str, Any]]:
+        started = time.perf_counter()
+        totals = {"rows": 0, "last_log": 0.0}
+
+        def progress(result: dict[str, Any], done: int, total: int) -> None:
+            totals["rows"] += result.get("rows_in", 0)
+            now = time.perf_counter()
+            if done != total and now - totals["last_log"] < 5.0:
+                return  # a line every 5 s at most; Ray's progress bar shows the rest
+            totals["last_log"] = now
+            elapsed = max(now - started, 1e-9)
+            eta = elapsed / done * (total - done)
+            log.info("[%s] %d/%d parts done: %d rows, %.0f rows/s, ETA %.0fs",
+                     stage_name, done, total, totals["rows"], totals["rows"] / elapsed, eta)
+
+        if self.use_ray:
+            return run_parts_on_ray(stage_cls, config, parts, job, resources, on_result=progress)
+        return run_parts_locally(stage_cls, config, parts, job, on_result=progress)
+
+    def _manifest(self, node: Node, fp: str, ctx: StageContext, inputs: list[InputDataset], externals: list,
+                  merged: dict[str, Any], num_parts: int, started: float, wall: float) -> dict[str, Any]:
+        datasets = {}
+        for ds in node.cls.outputs:
+            files = merged["files"].get(ds, [])
+            datasets[ds] = {
+                "files": files,
+                "rows": merged["rows"].get(ds, 0),
+                "bytes": sum(f["bytes"] for f in files),
+                "chars": merged["chars"].get(ds, 0),
+                "schema": merged["schemas"].get(ds),
+            }
+        for ds in merged["files"]:
+            if ds not in datasets:
+                raise StageFailed(f"stage {node.name!r} wrote dataset {ds!r} that it does not declare in outputs {node.cls.outputs}")
+        rows_in = merged["rows_in"]
+        counts = {
+            "rows_in": rows_in,
+            "kept": merged["rows"].get("data", 0),
+            "rejected": dict(sorted(merged["reasons"].get("rejected", {}).items())),
+            "quarantined": dict(sorted(merged["reasons"].get("quarantine", {}).items())),
+        }
+        return {
+            "format": mf.MANIFEST_FORMAT,
+            "pipeline": self.loaded.declared.name,
+            "stage": node.name,
+            "uses": node.cls.name,
+            "version": node.cls.version,
+            "fingerprint": fp,
+            "attempt": ctx.attempt,
+            "config": self.loaded.declared_stage_configs[node.name].model_dump(mode="json"),
+            "seed": ctx.seed if node.cls.uses_seed else None,
+            "inputs": [
+                {"ref": str(r.ref), "stage": r.ref.stage, "dataset": r.ref.dataset, "fingerprint": r.fingerprint, "stage_dir": r.stage_dir}
+                for r in inputs
+            ],
+            "external_inputs": [{"name": e.name, "uri": e.uri, "files": list(e.files)} for e in externals],
+            "datasets": datasets,
+            "counts": counts,
+            "counters": merged["counters"],
+            "metrics": dict(ctx.metrics),
+            "parts": num_parts,
+            "bytes_in": merged["bytes_in"],
+            "timings": {
+                "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+                "wall_seconds": round(wall, 3),
+                "worker_seconds": round(merged["part_seconds"], 3),
+                "rows_per_second": round(rows_in / wall, 1) if wall > 0 else 0.0,
+            },
+            "code_version": code_version(),
+            **ctx.extra_manifest,
+        }
+
+    def _check_counts(self, node: Node, manifest: dict[str, Any]) -> None:
+        """in = kept + rejected + quarantined, for every stage that maps rows to rows."""
+        if issubclass(node.cls, DatasetStage) and not getattr(node.cls, "row_preserving", False):
+            return
+        c = manifest["counts"]
+        out = c["kept"] + sum(c["rejected"].values()) + sum(c["quarantined"].values())
+        if out != c["rows_in"]:
+            raise CountsMismatch(
+                f"stage {node.name!r}: {c['rows_in']} rows in but {c['kept']} kept + {sum(c['rejected'].values())} rejected"
+                f" + {sum(c['quarantined'].values())} quarantined = {out}"
+            )

@@ -1,0 +1,144 @@
+"""The stage contract.
+
+A stage declares a versioned name, a typed frozen config, the columns it requires and
+produces, and the resources it needs; then it implements exactly one method:
+
+* :class:`RowStage` – ``process_batch(table) -> table`` over a ``pyarrow.Table`` batch. The
+  stage may add attribute columns, rewrite ``text``, and set ``drop_reason`` (rejected, with a
+  named reason) or ``quarantine_reason`` (bad input) per row; null keeps the row. The runner
+  checks that every row comes out exactly once, splits the rows into the ``data``,
+  ``rejected`` and ``quarantine`` datasets, counts by reason, times, writes and records.
+* :class:`SourceStage` – ``plan(ctx)`` lists independent parts (e.g. input files) and
+  ``read_part(part, ctx)`` yields Arrow tables for one part; the runner writes them the same way.
+* :class:`DatasetStage` – ``run(ctx)`` for whole-dataset work (dedup, tokenize, train,
+  evaluate), using Ray directly and writing through ``ctx``.
+
+Stages never count, time, write manifests or talk to MLflow themselves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Optional
+
+import pyarrow as pa
+
+from pipeline.config import StrictModel
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pipeline.context import ExternalInput, PartContext, StageContext
+
+DROP_REASON = "drop_reason"
+QUARANTINE_REASON = "quarantine_reason"
+REASON_COLUMNS = (DROP_REASON, QUARANTINE_REASON)
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one worker of a stage needs. ``actors=True`` keeps a pool of long-lived workers so
+    that ``setup()`` (a model, a tokenizer) runs once per actor rather than once per part."""
+
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    actors: bool = False
+    batch_size: int = 2048
+    max_workers: Optional[int] = None
+    custom: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Part:
+    """One independent unit of work. ``id`` is deterministic and names the output files."""
+
+    id: str
+    payload: dict[str, Any]
+
+
+class EmptyConfig(StrictModel):
+    pass
+
+
+class Stage:
+    name: ClassVar[str] = ""
+    version: ClassVar[str] = "1"
+    description: ClassVar[str] = ""
+    Config: ClassVar[type[StrictModel]] = EmptyConfig
+    requires: ClassVar[tuple[str, ...]] = ()
+    produces: ClassVar[tuple[str, ...]] = ()
+    # Columns this stage removes from its input (for the static column check downstream).
+    removes: ClassVar[tuple[str, ...]] = ()
+    resources: ClassVar[Resources] = Resources()
+    # (min, max) number of upstream inputs; None = unbounded.
+    num_inputs: ClassVar[tuple[int, Optional[int]]] = (1, 1)
+    # The datasets this stage writes; the first one is what downstream stages read by default.
+    outputs: ClassVar[tuple[str, ...]] = ("data",)
+    # Whether the pipeline seed is part of this stage's fingerprint (stages that sample/shuffle).
+    uses_seed: ClassVar[bool] = False
+    # The string column whose characters the runner counts per dataset (None: no such column).
+    measure_column: ClassVar[Optional[str]] = "text"
+
+    def __init__(self, config: StrictModel, seed: int = 0):
+        self.config = config
+        self.seed = seed  # this stage's own seed, derived from the pipeline seed and stage name
+
+    def setup(self) -> None:
+        """Expensive initialisation; runs once per worker (once per actor for actor stages)."""
+
+    def fingerprint_extras(self, ctx: "StageContext") -> dict[str, Any]:
+        """Anything beyond config, inputs and external inputs that decides the output."""
+        return {}
+
+    def external_inputs(self, ctx: "StageContext") -> list["ExternalInput"]:
+        """Data read from outside the pipeline (source files, eval sets): fingerprinted by
+        version (size + mtime/ETag) and recorded as MLflow input datasets for lineage."""
+        return []
+
+    def check(self, manifest: dict[str, Any]) -> None:
+        """Called with the finished manifest before it is committed; raise to fail the stage."""
+
+    @classmethod
+    def output_columns(cls, input_columns: Optional[set[str]]) -> Optional[set[str]]:
+        """Columns of the ``data`` output given the input's; None when unknown."""
+        if input_columns is None:
+            return set(cls.produces) if cls.produces else None
+        return (input_columns - set(cls.removes)) | set(cls.produces)
+
+
+class RowStage(Stage):
+    """A stage that maps each row of its single input to one row (kept, rejected or quarantined)."""
+
+    outputs = ("data", "rejected", "quarantine")
+
+    def process_batch(self, batch: pa.Table) -> pa.Table:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class SourceStage(Stage):
+    """A stage with no upstream input: it reads external data part by part."""
+
+    num_inputs = (0, 0)
+    outputs = ("data", "quarantine")
+
+    def plan(self, ctx: "StageContext") -> list[Part]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def read_part(self, part: Part, ctx: "PartContext") -> Iterator[pa.Table]:  # pragma: no cover
+        raise NotImplementedError
+
+    @classmethod
+    def output_columns(cls, input_columns: Optional[set[str]]) -> Optional[set[str]]:
+        return set(cls.produces)
+
+
+class DatasetStage(Stage):
+    """A stage that needs the whole dataset at once (dedup, tokenize, train, evaluate)."""
+
+    def run(self, ctx: "StageContext") -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def stage_seed(pipeline_seed: int, stage_name: str) -> int:
+    """A stage's own seed, derived from the pipeline seed and the stage's name."""
+    digest = hashlib.sha256(f"{pipeline_seed}:{stage_name}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")

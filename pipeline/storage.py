@@ -1,0 +1,182 @@
+"""Uniform access to local paths and object stores (``s3://``) through fsspec.
+
+Every path the pipeline touches goes through :class:`Storage`, so a ``work_dir`` or an input
+can be local or on S3 without the stages knowing. Writes that must be atomic (manifests) use
+write-to-temporary-then-rename locally and a single PUT on object stores (which is atomic per
+object).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import fsspec
+import pyarrow.fs as pafs
+
+
+def is_remote(uri: str) -> bool:
+    return "://" in uri and not uri.startswith("file://")
+
+
+def join(base: str, *parts: str) -> str:
+    if is_remote(base):
+        return posixpath.join(base, *parts)
+    return os.path.join(base, *parts)
+
+
+def _strip_file_scheme(uri: str) -> str:
+    return uri[len("file://") :] if uri.startswith("file://") else uri
+
+
+@dataclass(frozen=True)
+class Storage:
+    """Filesystem options for remote schemes, e.g. ``{"s3": {"endpoint_url": ..., "key": ...}}``.
+
+    The options may hold credentials: they are passed to workers in memory and never logged.
+    """
+
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def fs(self, uri: str) -> fsspec.AbstractFileSystem:
+        if is_remote(uri):
+            protocol = uri.split("://", 1)[0]
+            opts = dict(self.options.get(protocol, {}))
+            if protocol == "s3":
+                opts = _s3fs_options(opts)
+            return fsspec.filesystem(protocol, **opts)
+        return fsspec.filesystem("file")
+
+    def arrow_fs(self, uri: str) -> tuple[pafs.FileSystem, str]:
+        """A pyarrow filesystem and the path inside it, for zero-copy Parquet/IPC IO."""
+        if is_remote(uri):
+            return pafs.PyFileSystem(pafs.FSSpecHandler(self.fs(uri))), uri.split("://", 1)[1]
+        return pafs.LocalFileSystem(), os.path.abspath(_strip_file_scheme(uri))
+
+    def open(self, uri: str, mode: str = "rb"):
+        return self.fs(uri).open(_strip_file_scheme(uri), mode)
+
+    def exists(self, uri: str) -> bool:
+        return self.fs(uri).exists(_strip_file_scheme(uri))
+
+    def read_bytes(self, uri: str) -> bytes:
+        with self.open(uri, "rb") as f:
+            return f.read()
+
+    def read_json(self, uri: str) -> Any:
+        return json.loads(self.read_bytes(uri))
+
+    def write_bytes_atomic(self, uri: str, data: bytes) -> None:
+        """Write a whole object so readers never see a partial one."""
+        if is_remote(uri):
+            with self.open(uri, "wb") as f:  # one PUT: atomic per object on S3
+                f.write(data)
+            return
+        path = _strip_file_scheme(uri)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def write_json_atomic(self, uri: str, obj: Any) -> None:
+        self.write_bytes_atomic(uri, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+    def makedirs(self, uri: str) -> None:
+        if not is_remote(uri):
+            os.makedirs(_strip_file_scheme(uri), exist_ok=True)
+
+    def glob(self, pattern: str) -> list[str]:
+        """Expand a glob (or return a single existing file/dir), full URIs, sorted."""
+        fs = self.fs(pattern)
+        path = _strip_file_scheme(pattern)
+        if any(ch in path for ch in "*?["):
+            found = fs.glob(path)
+        else:
+            found = [path] if fs.exists(path) else []
+        if is_remote(pattern):
+            protocol = pattern.split("://", 1)[0]
+            return sorted(f"{protocol}://{p}" if "://" not in p else p for p in found)
+        return sorted(found)
+
+    def find_files(self, uri: str) -> list[str]:
+        """All files below a directory, recursively, as full URIs, sorted."""
+        fs = self.fs(uri)
+        found = fs.find(_strip_file_scheme(uri))
+        if is_remote(uri):
+            protocol = uri.split("://", 1)[0]
+            return sorted(f"{protocol}://{p}" for p in found)
+        return sorted(found)
+
+    def isdir(self, uri: str) -> bool:
+        return self.fs(uri).isdir(_strip_file_scheme(uri))
+
+    def info(self, uri: str) -> dict[str, Any]:
+        return self.fs(uri).info(_strip_file_scheme(uri))
+
+    def size(self, uri: str) -> int:
+        return int(self.info(uri).get("size") or 0)
+
+    def rm(self, uri: str, recursive: bool = True) -> None:
+        fs = self.fs(uri)
+        path = _strip_file_scheme(uri)
+        if fs.exists(path):
+            fs.rm(path, recursive=recursive)
+
+    def ls_dirs(self, uri: str) -> list[str]:
+        fs = self.fs(uri)
+        path = _strip_file_scheme(uri)
+        if not fs.exists(path):
+            return []
+        out = []
+        for entry in fs.ls(path, detail=True):
+            if entry.get("type") == "directory":
+                name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
+                out.append(name)
+        return sorted(out)
+
+    def file_identity(self, uri: str) -> dict[str, Any]:
+        """What identifies a source file's version cheaply: size plus mtime or ETag."""
+        info = self.info(uri)
+        ident: dict[str, Any] = {"size": int(info.get("size") or 0)}
+        for key in ("ETag", "etag", "mtime", "LastModified"):
+            if key in info and info[key] is not None:
+                value = info[key]
+                ident[key.lower()] = value if isinstance(value, (int, float, str)) else str(value)
+                break
+        return ident
+
+
+def _s3fs_options(opts: dict[str, Any]) -> dict[str, Any]:
+    """Accept friendly keys (endpoint_url, region) and map them to s3fs's constructor."""
+    out = {k: v for k, v in opts.items() if k not in {"endpoint_url", "region"}}
+    client_kwargs = dict(out.pop("client_kwargs", {}) or {})
+    if opts.get("endpoint_url"):
+        client_kwargs["endpoint_url"] = opts["endpoint_url"]
+    if opts.get("region"):
+        client_kwargs["region_name"] = opts["region"]
+    if client_kwargs:
+        out["client_kwargs"] = client_kwargs
+    out.setdefault("use_listings_cache", False)
+    return out
+
+
+def iter_lines(fileobj, chunk_size: int = 1 << 20) -> Iterable[bytes]:
+    """Yield raw lines (without the trailing newline) from a binary stream, bounded memory per line chunk."""
+    buffer = b""
+    while True:
+        chunk = fileobj.read(chunk_size)
+        if not chunk:
+            break
+        buffer += chunk
+        lines = buffer.split(b"\n")
+        buffer = lines.pop()
+        yield from lines
+    if buffer:
+        yield buffer

