@@ -83,13 +83,19 @@ def run_row_part(stage: RowStage, part: Part, job: PartJob) -> dict[str, Any]:
     return outputs.close(rows_in=rows_in, bytes_in=job.storage.size(uri))
 
 
-def run_source_part(stage: SourceStage, part: Part, job: PartJob) -> dict[str, Any]:
+def run_generator_part(stage: Stage, part: Part, job: PartJob) -> dict[str, Any]:
+    """A SourceStage's ``read_part`` or a DatasetStage's ``process_part``: tables in, routed by reason.
+
+    The stage may report ``ctx.count("rows_in", n)`` and ``ctx.count("bytes_in", n)``; without
+    ``rows_in`` every row written counts as one row in."""
     outputs = PartOutputs(job.storage, job.attempt_uri, job.attempt, part.id, job.max_rows_per_file, stage.measure_column)
     ctx = PartContext(job.stage_name, job.seed, job.storage, outputs)
-    for table in stage.read_part(part, ctx):
+    produce = stage.read_part if isinstance(stage, SourceStage) else stage.process_part
+    for table in produce(part, ctx):
         split_by_reason(outputs, table)
     bytes_in = int(outputs.counters.pop("bytes_in", 0))
-    return outputs.close(bytes_in=bytes_in)
+    rows_in = outputs.counters.pop("rows_in", None)
+    return outputs.close(rows_in=None if rows_in is None else int(rows_in), bytes_in=bytes_in)
 
 
 def run_part(stage: Stage, part: Part, job: PartJob) -> dict[str, Any]:
@@ -97,10 +103,10 @@ def run_part(stage: Stage, part: Part, job: PartJob) -> dict[str, Any]:
     try:
         if isinstance(stage, RowStage):
             result = run_row_part(stage, part, job)
-        elif isinstance(stage, SourceStage):
-            result = run_source_part(stage, part, job)
+        elif isinstance(stage, SourceStage) or hasattr(stage, "process_part"):
+            result = run_generator_part(stage, part, job)
         else:
-            raise TypeError(f"{type(stage).__name__} does not run part by part")
+            raise TypeError(f"{type(stage).__name__} does not run part by part (no process_part)")
     except StageContractError:
         raise
     except Exception as e:  # name the part: which file broke is what the user needs

@@ -238,7 +238,13 @@ class Runner:
         stage = node.cls(config, seed=ctx.seed)
         resources = ctx.resources
         job = PartJob(node.name, ctx.seed, self.storage, ctx.attempt_uri, ctx.attempt, resources.batch_size)
-        ctx.run_parts = lambda parts, stage_cls=node.cls, cfg=config: self._run_parts(node.name, stage_cls, cfg, parts, job, resources)
+        def run_parts(parts: list[Part]) -> list[dict[str, Any]]:
+            results = self._run_parts(node.name, node.cls, config, parts, job, resources)
+            if isinstance(stage, DatasetStage):
+                ctx.part_results.extend(results)
+            return results
+
+        ctx.run_parts = run_parts
 
         started = time.time()
         t0 = time.perf_counter()
@@ -349,7 +355,7 @@ class Runner:
 
     def _check_counts(self, node: Node, manifest: dict[str, Any]) -> None:
         """in = kept + rejected + quarantined, for every stage that maps rows to rows."""
-        if issubclass(node.cls, DatasetStage) and not getattr(node.cls, "row_preserving", False):
+        if issubclass(node.cls, DatasetStage) and not node.cls.row_preserving:
             return
         c = manifest["counts"]
         out = c["kept"] + sum(c["rejected"].values()) + sum(c["quarantined"].values())

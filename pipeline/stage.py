@@ -132,7 +132,18 @@ class SourceStage(Stage):
 
 
 class DatasetStage(Stage):
-    """A stage that needs the whole dataset at once (dedup, tokenize, train, evaluate)."""
+    """A stage that needs the whole dataset at once (dedup, tokenize, train, evaluate).
+
+    ``run(ctx)`` does the global work with Ray directly (``ctx.inputs[i].ray_dataset()``), and
+    writes its outputs either through ``ctx.run_parts(parts)`` -- which calls the stage's
+    ``process_part(part, part_ctx)`` on Ray workers and routes the yielded tables by
+    ``drop_reason``/``quarantine_reason`` exactly like a row stage -- or, for small outputs, through
+    ``ctx.part_outputs(part_id)`` on the driver followed by ``ctx.add_part_result(outputs.close())``.
+    Set ``row_preserving = True`` when every input row comes out exactly once, so the runner
+    enforces in = kept + rejected + quarantined.
+    """
+
+    row_preserving: ClassVar[bool] = False
 
     def run(self, ctx: "StageContext") -> None:  # pragma: no cover - abstract
         raise NotImplementedError

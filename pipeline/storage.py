@@ -167,7 +167,7 @@ def _s3fs_options(opts: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def iter_lines(fileobj, chunk_size: int = 1 << 20) -> Iterable[bytes]:
+def iter_lines(fileobj, chunk_size: int = 1 << 16) -> Iterable[bytes]:
     """Yield raw lines (without the trailing newline) from a binary stream, bounded memory per line chunk."""
     buffer = b""
     while True:
