@@ -168,7 +168,6 @@ def cmd_submit(args: argparse.Namespace) -> int:
         config_path=args.config,
         address=args.address,
         wait=not args.no_wait,
-        working_dir=args.working_dir,
         python=args.python,
         extra_args=(["--stage", args.stage] if args.stage else []) + (["--from", getattr(args, "from")] if getattr(args, "from") else []) + (["--force"] if args.force else []),
     )
@@ -193,7 +192,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("config")
     s.add_argument("--address", required=True, help="the cluster's dashboard, e.g. http://HEAD:8265")
     s.add_argument("--no-wait", action="store_true", help="print the job id and return")
-    s.add_argument("--working-dir", default=".", help="uploaded to the cluster (data, caches, .git and venvs excluded)")
     s.add_argument("--python", default="python", help="python on the cluster that has lmpipe's dependencies")
     g = s.add_mutually_exclusive_group()
     g.add_argument("--stage")

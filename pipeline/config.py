@@ -131,9 +131,11 @@ class PipelineConfig(StrictModel):
         root = self.work_dir if not st.is_remote(self.work_dir) else os.path.abspath(".lmpipe")
         return f"sqlite:///{os.path.abspath(os.path.join(root, 'mlflow.db'))}"
 
-    def artifact_location(self) -> str:
+    def artifact_location(self) -> Optional[str]:
         if self.mlflow.artifact_location:
             return self.mlflow.artifact_location
+        if self.tracking_uri().startswith(("http://", "https://", "databricks")):
+            return None  # a tracking server decides (proxied artifacts)
         root = self.work_dir if not st.is_remote(self.work_dir) else os.path.abspath(".lmpipe")
         return Path(os.path.abspath(os.path.join(root, "mlartifacts"))).as_uri()
 

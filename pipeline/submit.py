@@ -29,30 +29,51 @@ def auth_headers() -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
-def submit(config_path: str, address: str, wait: bool = True, working_dir: str = ".", python: str = "python",
+def submit(config_path: str, address: str, wait: bool = True, python: str = "python",
            extra_args: Optional[list[str]] = None, timeout: Optional[float] = None) -> int:
+    """Submit ``lmpipe run`` of a pipeline file to a cluster; follow its logs unless ``wait`` is False.
+
+    The job uploads only the pipeline file (as written: ``${VAR}`` references stay references) and
+    this checkout's ``pipeline`` and ``stages`` packages (``py_modules``), so the cluster runs the
+    same lmpipe code as the submitter. Secrets are never sent: the cluster's environment (or its
+    cloud role) provides them.
+    """
+    import tempfile
+
     from ray.job_submission import JobStatus, JobSubmissionClient
 
+    import pipeline as pipeline_pkg
+    import stages as stages_pkg
+
     loaded = load_config(config_path)  # validate before submitting anything
-    working_dir = os.path.abspath(working_dir)
-    config_abs = os.path.abspath(config_path)
-    rel = os.path.relpath(config_abs, working_dir)
-    if rel.startswith(".."):
-        raise ValueError(f"{config_path} is not inside the working dir {working_dir}")
-    # Relative paths in the file keep meaning what they meant here (a shared or local filesystem);
-    # on remote clusters use s3:// paths.
-    base_dir = os.path.dirname(config_abs)
-    cmd = [python, "-m", "pipeline.cli", "run", rel, "--address", "auto", "--base-dir", base_dir, *(extra_args or [])]
+    # Relative paths keep meaning what they mean here (a local or shared filesystem); on remote
+    # clusters use s3:// paths.
+    base_dir = os.path.dirname(os.path.abspath(config_path))
+    staging = tempfile.mkdtemp(prefix="lmpipe-submit-")
+    Path(staging, "pipeline.yaml").write_text(loaded.text)
+    cmd = [python, "-m", "pipeline.cli", "run", "pipeline.yaml", "--address", "auto", "--base-dir", base_dir, *(extra_args or [])]
     entrypoint = " ".join(shlex.quote(c) for c in cmd)
     client = JobSubmissionClient(address, headers=auth_headers() or None)
     job_id = client.submit_job(
         entrypoint=entrypoint,
-        runtime_env={"working_dir": working_dir, "excludes": EXCLUDES},
-        metadata={"lmpipe.pipeline": loaded.declared.name, "lmpipe.config": rel},
+        runtime_env={
+            "working_dir": staging,
+            "py_modules": [os.path.dirname(pipeline_pkg.__file__), os.path.dirname(stages_pkg.__file__)],
+            "excludes": EXCLUDES,
+            "env_vars": {"LMPIPE_PROGRESS": os.environ.get("LMPIPE_PROGRESS", "1")},
+        },
+        metadata={"lmpipe.pipeline": loaded.declared.name, "lmpipe.config": os.path.abspath(config_path)},
     )
     print(f"submitted job {job_id} to {address}: {entrypoint}", flush=True)
     if not wait:
         return 0
+    return follow(client, job_id, timeout)
+
+
+def follow(client, job_id: str, timeout: Optional[float] = None) -> int:
+    """Print a job's logs as they grow until it ends; 0 if it succeeded."""
+    from ray.job_submission import JobStatus
+
     printed = 0
     started = time.time()
     terminal = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}

@@ -52,3 +52,65 @@ def demo_corpus(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo-data")
     prepare_demo_data(out)
     return out
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_http(url: str, timeout: float = 60.0, proc=None) -> None:
+    import time
+    import urllib.error
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode} before {url} answered")
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except urllib.error.HTTPError:
+            return  # it answers
+        except OSError:
+            time.sleep(0.2)
+    raise TimeoutError(f"{url} did not answer within {timeout}s")
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3 endpoint: moto's server on 127.0.0.1 (no AWS involved)."""
+    import subprocess
+
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")
+    proc = subprocess.Popen([str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_http(endpoint, proc=proc)
+        yield {"endpoint_url": endpoint, "key": "testing-key", "secret": "testing-secret", "region": "us-east-1"}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        log.close()
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """Credentials through the environment, as users should pass them."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server["key"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server["secret"])
+    monkeypatch.setenv("AWS_DEFAULT_REGION", s3_server["region"])
+    return s3_server
+
+
+def make_bucket(s3: dict, bucket: str) -> None:
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3["endpoint_url"], aws_access_key_id=s3["key"],
+                          aws_secret_access_key=s3["secret"], region_name=s3["region"])
+    client.create_bucket(Bucket=bucket)

@@ -1,0 +1,84 @@
+"""``lmpipe submit`` runs a pipeline as a Ray job on a separately started Ray head (``ray start --head``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import VENV_BIN, free_port, wait_for_http
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """A Ray head on 127.0.0.1, stopped by its own process group (``ray stop`` would stop every Ray here)."""
+    port, dash = free_port(), free_port()
+    env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
+    log = open(tmp_path_factory.mktemp("ray-head") / "head.log", "w")
+    proc = subprocess.Popen(
+        [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
+         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "2", "--include-dashboard", "true",
+         "--disable-usage-stats"],
+        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{dash}"
+    try:
+        wait_for_http(f"{url}/api/version", timeout=120, proc=proc)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
+def test_submit_runs_the_pipeline_as_a_ray_job(ray_head, demo_corpus, tmp_path):
+    config = tmp_path / "job.yaml"
+    config.write_text(
+        f"""
+name: submitted
+work_dir: ./work
+stages:
+  ingest:
+    uses: ingest
+    config:
+      sources: [{{name: docs, paths: ["{demo_corpus}/python_docs"], format: text}}]
+  sample:
+    uses: sample
+    inputs: [ingest]
+    config: {{fraction: 0.5}}
+"""
+    )
+    env = {**os.environ, "LMPIPE_PROGRESS": "0"}
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "submit", str(config), "--address", ray_head],
+                          capture_output=True, text=True, env=env, timeout=400)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "submitted job" in proc.stdout and "SUCCEEDED" in proc.stdout
+    assert "sample           ran" in proc.stdout  # the job's own output, followed live
+    work = tmp_path / "work"  # relative paths kept their meaning on the cluster
+    manifest = json.loads(next(work.glob("sample/*/_manifest.json")).read_text())
+    assert manifest["counts"]["rows_in"] == 79
+
+    # --no-wait returns at once with the job id; the job then runs to completion (fully cached)
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "submit", str(config), "--address", ray_head, "--no-wait"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    job_id = proc.stdout.split("submitted job ")[1].split()[0]
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    from pipeline.submit import auth_headers
+
+    client = JobSubmissionClient(ray_head, headers=auth_headers() or None)
+    deadline = time.time() + 180
+    while client.get_job_status(job_id) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+        assert time.time() < deadline
+        time.sleep(1)
+    assert client.get_job_status(job_id) == JobStatus.SUCCEEDED, client.get_job_logs(job_id)
+    assert "cached" in client.get_job_logs(job_id)
