@@ -203,7 +203,8 @@ def run_parts_locally(stage_cls: type[Stage], config: Any, parts: list[Part], jo
 
 def merge_results(results: list[dict[str, Any]]) -> dict[str, Any]:
     """Add up part results: rows, chars and reasons per dataset, counters, files in part order."""
-    merged: dict[str, Any] = {"files": {}, "schemas": {}, "rows": {}, "chars": {}, "reasons": {}, "counters": {}, "rows_in": 0, "bytes_in": 0, "part_seconds": 0.0}
+    merged: dict[str, Any] = {"files": {}, "schemas": {}, "rows": {}, "chars": {}, "reasons": {}, "reason_chars": {},
+                              "counters": {}, "rows_in": 0, "bytes_in": 0, "part_seconds": 0.0}
     for r in sorted(results, key=lambda r: r["part"]):
         for ds, files in r["files"].items():
             merged["files"].setdefault(ds, []).extend(files)
@@ -212,10 +213,11 @@ def merge_results(results: list[dict[str, Any]]) -> dict[str, Any]:
         for key in ("rows", "chars"):
             for ds, n in r.get(key, {}).items():
                 merged[key][ds] = merged[key].get(ds, 0) + n
-        for ds, reasons in r.get("reasons", {}).items():
-            bucket = merged["reasons"].setdefault(ds, {})
-            for reason, n in reasons.items():
-                bucket[reason] = bucket.get(reason, 0) + n
+        for key in ("reasons", "reason_chars"):
+            for ds, reasons in r.get(key, {}).items():
+                bucket = merged[key].setdefault(ds, {})
+                for reason, n in reasons.items():
+                    bucket[reason] = bucket.get(reason, 0) + n
         for name, n in r.get("counters", {}).items():
             merged["counters"][name] = merged["counters"].get(name, 0) + n
         merged["rows_in"] += r.get("rows_in", 0)

@@ -100,6 +100,7 @@ class PartOutputs:
     rows: dict[str, int] = field(default_factory=dict)
     chars: dict[str, int] = field(default_factory=dict)
     reasons: dict[str, dict[str, int]] = field(default_factory=dict)
+    reason_chars: dict[str, dict[str, int]] = field(default_factory=dict)
     counters: dict[str, float] = field(default_factory=dict)
     _sinks: dict[str, _FileSink] = field(default_factory=dict)
     _started: float = field(default_factory=time.perf_counter)
@@ -114,11 +115,16 @@ class PartOutputs:
                 self.chars[dataset] = self.chars.get(dataset, 0) + int(pc.sum(pc.utf8_length(col)).as_py() or 0)
         reason_col = REASON_OF_DATASET.get(dataset)
         if reason_col and reason_col in table.column_names:
-            counts = pc.value_counts(table.column(reason_col)).to_pylist()
+            reasons = table.column(reason_col).fill_null("unspecified")
             bucket = self.reasons.setdefault(dataset, {})
-            for item in counts:
-                key = item["values"] if item["values"] is not None else "unspecified"
-                bucket[key] = bucket.get(key, 0) + item["counts"]
+            for item in pc.value_counts(reasons).to_pylist():
+                bucket[item["values"]] = bucket.get(item["values"], 0) + item["counts"]
+            col = table.column(self.measure_column) if self.measure_column in table.column_names else None
+            if col is not None and (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
+                grouped = pa.table({"r": reasons, "n": pc.utf8_length(col)}).group_by("r").aggregate([("n", "sum")])
+                cbucket = self.reason_chars.setdefault(dataset, {})
+                for r, n in zip(grouped.column("r").to_pylist(), grouped.column("n_sum").to_pylist()):
+                    cbucket[r] = cbucket.get(r, 0) + int(n or 0)
         sink = self._sinks.get(dataset)
         if sink is None:
             sink = self._sinks[dataset] = _FileSink(
@@ -139,6 +145,7 @@ class PartOutputs:
             "rows": dict(self.rows),
             "chars": dict(self.chars),
             "reasons": self.reasons,
+            "reason_chars": self.reason_chars,
             "counters": dict(self.counters),
             "rows_in": sum(self.rows.values()) if rows_in is None else rows_in,
             "bytes_in": bytes_in,

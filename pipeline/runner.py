@@ -17,6 +17,7 @@ from pipeline import storage as st
 from pipeline.config import ConfigError, LoadedConfig
 from pipeline.context import InputDataset, StageContext
 from pipeline.dag import Node, build_dag, downstream_of, upstream_of
+from pipeline.funnel import funnel_artifacts
 from pipeline.execute import PartJob, merge_results, run_parts_locally, run_parts_on_ray
 from pipeline.stage import DatasetStage, Resources, RowStage, SourceStage, Part, stage_seed
 from pipeline.tracking import Tracker, code_version
@@ -186,7 +187,8 @@ class Runner:
                     s.name: {"fingerprint": s.fingerprint, "cached": s.cached, "output": s.stage_dir, "counts": s.manifest.get("counts")}
                     for s in report.stages
                 }
-                self.tracker.end_pipeline(status, summary)
+                artifacts = funnel_artifacts([s.manifest for s in report.stages]) if report.stages else {}
+                self.tracker.end_pipeline(status, summary, artifacts, tags={"lmpipe.ray_address": self.ray_address})
         return report
 
     def _inputs_for(self, node: Node, fingerprints: dict[str, str]) -> list[InputDataset]:
@@ -321,6 +323,8 @@ class Runner:
             "kept": merged["rows"].get("data", 0),
             "rejected": dict(sorted(merged["reasons"].get("rejected", {}).items())),
             "quarantined": dict(sorted(merged["reasons"].get("quarantine", {}).items())),
+            "chars_rejected": dict(sorted(merged["reason_chars"].get("rejected", {}).items())),
+            "chars_quarantined": dict(sorted(merged["reason_chars"].get("quarantine", {}).items())),
         }
         return {
             "format": mf.MANIFEST_FORMAT,

@@ -135,12 +135,26 @@ class Tracker:
         self.client.log_text(self.parent_id, config_text, os.path.basename(config_path) or "pipeline.yaml")
         return self.parent_id
 
-    def end_pipeline(self, status: str, summary: Optional[dict[str, Any]] = None) -> None:
+    def end_pipeline(self, status: str, summary: Optional[dict[str, Any]] = None, artifacts: Optional[dict[str, bytes]] = None,
+                     tags: Optional[dict[str, str]] = None) -> None:
         if self.parent_id is None:
             return
         if summary:
             self.client.log_dict(self.parent_id, summary, "pipeline_summary.json")
+        for key, value in (tags or {}).items():
+            self.client.set_tag(self.parent_id, key, value)
+        if artifacts:
+            self._log_artifact_bytes(self.parent_id, artifacts)
         self.client.set_terminated(self.parent_id, status=status)
+
+    def _log_artifact_bytes(self, run_id: str, artifacts: dict[str, bytes]) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, data in artifacts.items():
+                path = os.path.join(tmp, name)
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                with open(path, "wb") as f:
+                    f.write(data)
+            self.client.log_artifacts(run_id, tmp)
 
     # -- stage runs -----------------------------------------------------------------------
     def start_stage(self, stage: str, uses: str, version: str, fingerprint: str, cached: bool, config: dict[str, Any], ray_address: str) -> str:
@@ -178,13 +192,7 @@ class Tracker:
         self._log_datasets(run_id, manifest, stage_dir, input_refs)
         self.client.log_dict(run_id, manifest, "manifest.json")
         if artifacts:
-            with tempfile.TemporaryDirectory() as tmp:
-                for name, data in artifacts.items():
-                    path = os.path.join(tmp, name)
-                    os.makedirs(os.path.dirname(path), exist_ok=True)
-                    with open(path, "wb") as f:
-                        f.write(data)
-                self.client.log_artifacts(run_id, tmp)
+            self._log_artifact_bytes(run_id, artifacts)
         self.client.set_terminated(run_id, status="FINISHED")
 
     def fail_stage(self, run_id: str, error: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 from pathlib import Path
@@ -85,6 +86,12 @@ def test_demo_pipeline_records_lineage_and_caches(ray_local, demo_corpus, pipeli
     sources = {d.dataset.name: json.loads(d.dataset.source)["uri"] for d in ingest_run.inputs.dataset_inputs}
     assert sources["source:news"] == f"{demo_corpus}/news/*.jsonl.zst"
     assert "manifest.json" in [a.path for a in client.list_artifacts(run.info.run_id)]
+    # the funnel: documents and characters removed per stage and reason, as a table and a chart
+    assert {"funnel.csv", "funnel.md", "funnel.png", "pipeline.yaml"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+    funnel = list(csv.DictReader(open(client.download_artifacts(parent.info.run_id, "funnel.csv", str(tmp_path)))))
+    sampled = next(r for r in funnel if r["reason"] == "sampled_out")
+    assert int(sampled["docs"]) == sc["rejected"]["sampled_out"] and int(sampled["docs_in"]) == sc["rows_in"]
+    assert int(sampled["chars"]) + int(next(r for r in funnel if r["stage"] == "sample" and r["outcome"] == "kept")["chars"]) == int(sampled["chars_in"])
 
     # secrets never reach MLflow: params, tags and the logged pipeline file keep the ${VAR} reference
     for r in [parent, *children]:

@@ -116,7 +116,7 @@ def test_formats_together_in_process(pipeline_file, tmp_path):
     runner, report = _run_ingest(pipeline_file, tmp_path, sources)
     st = report.stage("ingest")
     counts = st.manifest["counts"]
-    assert counts == {"rows_in": 6, "kept": 4, "rejected": {}, "quarantined": {"invalid_utf8": 1, "missing_text": 1}}
+    assert (counts["rows_in"], counts["kept"], counts["rejected"], counts["quarantined"]) == (6, 4, {}, {"invalid_utf8": 1, "missing_text": 1})
     files = [f for f in runner.storage.glob(f"{st.stage_dir}/attempt-*/data/*.parquet")]
     rows = read_table(runner.storage, files).to_pylist()
     by_source = {}
