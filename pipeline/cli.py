@@ -78,7 +78,7 @@ def _describe_model(model, indent: str) -> list[str]:
         default = "required" if field.is_required() else (
             f"default {field.default!r}" if field.default is not PydanticUndefined else "default: factory"
         )
-        type_name = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
+        type_name = _type_name(ann)
         desc = f"  - {field.description}" if field.description else ""
         lines.append(f"{indent}{fname}: {type_name} ({default}){desc}")
         inner = ann
@@ -89,6 +89,23 @@ def _describe_model(model, indent: str) -> list[str]:
         if isinstance(inner, type) and issubclass(inner, BaseModel):
             lines.extend(_describe_model(inner, indent + "    "))
     return lines
+
+
+def _type_name(ann) -> str:
+    import typing
+
+    origin = typing.get_origin(ann)
+    if origin is None:
+        return getattr(ann, "__name__", str(ann))
+    args = [a for a in typing.get_args(ann) if a is not type(None)]
+    if origin is typing.Union:
+        inner = " | ".join(_type_name(a) for a in args)
+        return f"{inner} | None" if len(args) < len(typing.get_args(ann)) else inner
+    if origin is typing.Literal:
+        return "one of " + "/".join(str(a) for a in typing.get_args(ann))
+    if getattr(origin, "__name__", "") == "Annotated" or origin is typing.Annotated:
+        return _type_name(typing.get_args(ann)[0])
+    return f"{getattr(origin, '__name__', str(origin))}[{', '.join(_type_name(a) for a in args)}]"
 
 
 def _tracking_uri(args: argparse.Namespace) -> str:

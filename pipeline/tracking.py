@@ -65,6 +65,16 @@ def code_version() -> str:
         return "unknown"
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _metric_key(text: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "_-./ :" else "_" for ch in text)
 
@@ -121,12 +131,14 @@ class Tracker:
 
     # -- pipeline run ---------------------------------------------------------------------
     def start_pipeline(self, name: str, config_path: str, config_text: str, params: dict[str, Any], tags: dict[str, str]) -> str:
+        self.close_dead_runs()
         all_tags = {
             "lmpipe.kind": "pipeline",
             "lmpipe.pipeline": name,
             "lmpipe.config_path": config_path,
             "lmpipe.code_version": code_version(),
             "lmpipe.host": socket.gethostname(),
+            "lmpipe.pid": str(os.getpid()),
             **tags,
         }
         run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
@@ -134,6 +146,29 @@ class Tracker:
         self._log_params(self.parent_id, flatten(params))
         self.client.log_text(self.parent_id, config_text, os.path.basename(config_path) or "pipeline.yaml")
         return self.parent_id
+
+    def close_dead_runs(self) -> list[str]:
+        """Mark KILLED the pipeline runs (and their stage runs) left RUNNING by a driver on this host
+        that no longer exists (killed, crashed, machine rebooted)."""
+        host = socket.gethostname()
+        closed = []
+        runs = self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.`lmpipe.kind` = 'pipeline' and attributes.status = 'RUNNING' and tags.`lmpipe.host` = '{host}'"
+        )
+        for run in runs:
+            try:
+                pid = int(run.data.tags.get("lmpipe.pid", "0"))
+            except ValueError:
+                continue
+            if pid <= 0 or _pid_alive(pid):
+                continue
+            children = self.client.search_runs([self.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run.info.run_id}' and attributes.status = 'RUNNING'")
+            for child in children:
+                self.client.set_tag(child.info.run_id, "lmpipe.error", f"driver process {pid} on {host} died while this stage ran")
+                self.client.set_terminated(child.info.run_id, status="KILLED")
+            self.client.set_terminated(run.info.run_id, status="KILLED")
+            closed.append(run.info.run_id)
+        return closed
 
     def end_pipeline(self, status: str, summary: Optional[dict[str, Any]] = None, artifacts: Optional[dict[str, bytes]] = None,
                      tags: Optional[dict[str, str]] = None) -> None:

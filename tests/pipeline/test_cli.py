@@ -102,6 +102,10 @@ def test_killed_run_resumes_without_recomputing_committed_stages(split_news, tmp
     assert "killtest  FINISHED" in lines[0]
     assert "ingest" in lines[1] and "cached" in lines[1] and "sample" in lines[2] and " ran " in lines[2]
     run_id = lines[0].split()[0]
+    killed = [line for line in lines if line.startswith(" ") is False and "killtest  KILLED" in line]
+    assert len(killed) == 1, status  # the killed driver's run was closed, not left RUNNING forever
+    killed_stage = lines[lines.index(killed[0]) + 2]
+    assert "sample" in killed_stage and "KILLED" in killed_stage
     by_run = cli("lineage", run_id, "--config", str(config), "--json").stdout
     tree = json.loads(by_run)
     assert tree["stage"] == "sample" and tree["inputs"][0]["stage"] == "ingest"
