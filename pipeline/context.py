@@ -105,9 +105,10 @@ class StageContext:
         """Attach a file to the stage's MLflow run (a report, a plot, a tokenizer)."""
         self.artifacts[name] = data.encode() if isinstance(data, str) else data
 
-    def part_outputs(self, part_id: str, max_rows_per_file: int = 50_000) -> PartOutputs:
+    def part_outputs(self, part_id: str, max_rows_per_file: int = 50_000, formats: Optional[dict[str, str]] = None,
+                     measure_column: Optional[str] = "text") -> PartOutputs:
         """For DatasetStage: write rows of one output part on the driver (small outputs)."""
-        return PartOutputs(self.storage, self.attempt_uri, self.attempt, part_id, max_rows_per_file)
+        return PartOutputs(self.storage, self.attempt_uri, self.attempt, part_id, max_rows_per_file, measure_column, dict(formats or {}))
 
     def add_part_result(self, result: dict[str, Any]) -> None:
         self.part_results.append(result)

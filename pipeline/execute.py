@@ -37,6 +37,7 @@ class PartJob:
     attempt: str
     batch_size: int
     max_rows_per_file: int = 50_000
+    formats: tuple[tuple[str, str], ...] = ()
 
 
 def split_by_reason(outputs: PartOutputs, table: pa.Table) -> None:
@@ -62,7 +63,7 @@ def split_by_reason(outputs: PartOutputs, table: pa.Table) -> None:
 
 
 def run_row_part(stage: RowStage, part: Part, job: PartJob) -> dict[str, Any]:
-    outputs = PartOutputs(job.storage, job.attempt_uri, job.attempt, part.id, job.max_rows_per_file, stage.measure_column)
+    outputs = PartOutputs(job.storage, job.attempt_uri, job.attempt, part.id, job.max_rows_per_file, stage.measure_column, dict(job.formats))
     uri = part.payload["uri"]
     rows_in = 0
     checked = False
@@ -88,7 +89,7 @@ def run_generator_part(stage: Stage, part: Part, job: PartJob) -> dict[str, Any]
 
     The stage may report ``ctx.count("rows_in", n)`` and ``ctx.count("bytes_in", n)``; without
     ``rows_in`` every row written counts as one row in."""
-    outputs = PartOutputs(job.storage, job.attempt_uri, job.attempt, part.id, job.max_rows_per_file, stage.measure_column)
+    outputs = PartOutputs(job.storage, job.attempt_uri, job.attempt, part.id, job.max_rows_per_file, stage.measure_column, dict(job.formats))
     ctx = PartContext(job.stage_name, job.seed, job.storage, outputs)
     produce = stage.read_part if isinstance(stage, SourceStage) else stage.process_part
     for table in produce(part, ctx):

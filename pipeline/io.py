@@ -23,9 +23,16 @@ REASON_OF_DATASET = {"rejected": DROP_REASON, "quarantine": QUARANTINE_REASON}
 
 
 class _FileSink:
-    """One dataset of one part: rolls over to a new file every ``max_rows_per_file`` rows."""
+    """One dataset of one part: rolls over to a new file every ``max_rows_per_file`` rows.
 
-    def __init__(self, storage: st.Storage, attempt_uri: str, stage_rel: str, dataset: str, part_id: str, max_rows: int):
+    ``fmt`` is ``parquet`` (compressed, for documents) or ``arrow`` (Arrow IPC file format,
+    uncompressed: memory-mappable, zero-copy reads, for token shards)."""
+
+    def __init__(self, storage: st.Storage, attempt_uri: str, stage_rel: str, dataset: str, part_id: str, max_rows: int,
+                 fmt: str = "parquet"):
+        if fmt not in ("parquet", "arrow"):
+            raise ValueError(f"unknown output format {fmt!r} for dataset {dataset!r}")
+        self.fmt = fmt
         self.storage = storage
         self.attempt_uri = attempt_uri
         self.stage_rel = stage_rel
@@ -33,18 +40,23 @@ class _FileSink:
         self.part_id = part_id
         self.max_rows = max_rows
         self.files: list[dict[str, Any]] = []
-        self._writer: Optional[pq.ParquetWriter] = None
+        self._writer: Any = None
+        self._sink: Any = None
         self._schema: Optional[pa.Schema] = None
         self._rows_in_file = 0
         self._uri = ""
 
     def _open(self, schema: pa.Schema) -> None:
         index = len(self.files)
-        name = f"part-{self.part_id}-{index:04d}.parquet"
+        name = f"part-{self.part_id}-{index:04d}.{self.fmt}"
         self._uri = st.join(self.attempt_uri, self.dataset, name)
         self.storage.makedirs(st.join(self.attempt_uri, self.dataset))
         fs, path = self.storage.arrow_fs(self._uri)
-        self._writer = pq.ParquetWriter(path, schema, filesystem=fs, **PARQUET_OPTIONS)
+        if self.fmt == "parquet":
+            self._writer = pq.ParquetWriter(path, schema, filesystem=fs, **PARQUET_OPTIONS)
+        else:
+            self._sink = fs.open_output_stream(path)
+            self._writer = pa.ipc.new_file(self._sink, schema)
         self._rows_in_file = 0
         self.files.append({"path": f"{self.stage_rel}/{self.dataset}/{name}", "rows": 0, "bytes": 0})
 
@@ -77,6 +89,9 @@ class _FileSink:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+            if self._sink is not None:
+                self._sink.close()
+                self._sink = None
             self.files[-1]["bytes"] = self.storage.size(self._uri)
 
     def close(self) -> list[dict[str, Any]]:
@@ -98,6 +113,7 @@ class PartOutputs:
     part_id: str
     max_rows_per_file: int = 50_000
     measure_column: Optional[str] = "text"
+    formats: dict[str, str] = field(default_factory=dict)  # dataset -> "parquet" (default) | "arrow"
     rows: dict[str, int] = field(default_factory=dict)
     chars: dict[str, int] = field(default_factory=dict)
     reasons: dict[str, dict[str, int]] = field(default_factory=dict)
@@ -129,7 +145,8 @@ class PartOutputs:
         sink = self._sinks.get(dataset)
         if sink is None:
             sink = self._sinks[dataset] = _FileSink(
-                self.storage, self.attempt_uri, self.stage_rel, dataset, self.part_id, self.max_rows_per_file
+                self.storage, self.attempt_uri, self.stage_rel, dataset, self.part_id, self.max_rows_per_file,
+                self.formats.get(dataset, "parquet"),
             )
         sink.write(table)
 
@@ -162,11 +179,16 @@ def iter_parquet_batches(storage: st.Storage, uri: str, batch_size: int, columns
 
 
 def read_table(storage: st.Storage, uris: list[str], columns: Optional[list[str]] = None) -> pa.Table:
-    """Read whole files into one table (small outputs, tests, reports)."""
+    """Read whole files (Parquet, or Arrow IPC ``.arrow``) into one table (small outputs, tests, reports)."""
     tables = []
     for uri in uris:
         fs, path = storage.arrow_fs(uri)
-        tables.append(pq.read_table(path, filesystem=fs, columns=columns))
+        if uri.endswith(".arrow"):
+            with fs.open_input_file(path) as f:
+                t = pa.ipc.open_file(f).read_all()
+            tables.append(t.select(columns) if columns else t)
+        else:
+            tables.append(pq.read_table(path, filesystem=fs, columns=columns))
     if not tables:
         return pa.table({})
     return pa.concat_tables(tables, promote_options="permissive")

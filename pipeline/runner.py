@@ -239,7 +239,8 @@ class Runner:
         mf.remove_stale_attempts(self.storage, ctx.stage_dir, keep=self._committed_attempt(ctx.stage_dir))
         stage = node.cls(config, seed=ctx.seed)
         resources = ctx.resources
-        job = PartJob(node.name, ctx.seed, self.storage, ctx.attempt_uri, ctx.attempt, resources.batch_size)
+        job = PartJob(node.name, ctx.seed, self.storage, ctx.attempt_uri, ctx.attempt, resources.batch_size,
+                      formats=tuple(sorted(node.cls.output_formats.items())))
         def run_parts(parts: list[Part]) -> list[dict[str, Any]]:
             results = self._run_parts(node.name, node.cls, config, parts, job, resources)
             if isinstance(stage, DatasetStage):

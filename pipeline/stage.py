@@ -73,6 +73,8 @@ class Stage:
     num_inputs: ClassVar[tuple[int, Optional[int]]] = (1, 1)
     # The datasets this stage writes; the first one is what downstream stages read by default.
     outputs: ClassVar[tuple[str, ...]] = ("data",)
+    # Output file format per dataset: "parquet" (default) or "arrow" (Arrow IPC, memory-mappable).
+    output_formats: ClassVar[dict[str, str]] = {}
     # Whether the pipeline seed is part of this stage's fingerprint (stages that sample/shuffle).
     uses_seed: ClassVar[bool] = False
     # The string column whose characters the runner counts per dataset (None: no such column).
