@@ -29,6 +29,23 @@ class StageFailed(RuntimeError):
     pass
 
 
+class ResourcesUnavailable(StageFailed):
+    pass
+
+
+def check_cluster_resources(stage_name: str, resources: Resources, cluster: dict[str, float]) -> None:
+    """Fail at once, with what is missing, instead of waiting forever for resources that do not exist."""
+    needs = {"CPU": resources.num_cpus, "GPU": resources.num_gpus, **resources.custom}
+    for key, amount in needs.items():
+        if amount and cluster.get(key, 0.0) < amount:
+            have = cluster.get(key, 0.0)
+            unit = {"CPU": "CPUs", "GPU": "GPUs"}.get(key, f"of resource {key!r}")
+            raise ResourcesUnavailable(
+                f"stage {stage_name!r} needs {amount:g} {unit} per worker; the cluster has {have:g}"
+                f" (cluster resources: {', '.join(f'{k}={v:g}' for k, v in sorted(cluster.items()) if not k.startswith('node:') and 'memory' not in k)})"
+            )
+
+
 class CountsMismatch(StageFailed):
     pass
 
@@ -239,6 +256,10 @@ class Runner:
         mf.remove_stale_attempts(self.storage, ctx.stage_dir, keep=self._committed_attempt(ctx.stage_dir))
         stage = node.cls(config, seed=ctx.seed)
         resources = ctx.resources
+        if self.use_ray:
+            import ray
+
+            check_cluster_resources(node.name, resources, ray.cluster_resources())
         job = PartJob(node.name, ctx.seed, self.storage, ctx.attempt_uri, ctx.attempt, resources.batch_size,
                       formats=tuple(sorted(node.cls.output_formats.items())))
         def run_parts(parts: list[Part]) -> list[dict[str, Any]]:

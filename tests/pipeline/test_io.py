@@ -44,3 +44,17 @@ def test_arrow_ipc_shards_roll_over_and_read_back(tmp_path):
     assert back.column("tokens").to_pylist()[6] == [24, 25, 26, 27]
     with pa.memory_map(str(tmp_path / files[0]["path"])) as mm:  # zero-copy
         assert pa.ipc.open_file(mm).read_all().num_rows == 3
+
+
+def test_missing_cluster_resources_fail_with_what_is_missing():
+    import pytest
+
+    from pipeline.runner import ResourcesUnavailable, check_cluster_resources
+    from pipeline.stage import Resources
+
+    cluster = {"CPU": 2.0, "memory": 1e9, "node:127.0.0.1": 1.0}
+    check_cluster_resources("ingest", Resources(num_cpus=1), cluster)
+    with pytest.raises(ResourcesUnavailable, match=r"stage 'train' needs 8 GPUs per worker; the cluster has 0 \(cluster resources: CPU=2\)"):
+        check_cluster_resources("train", Resources(num_cpus=1, num_gpus=8), cluster)
+    with pytest.raises(ResourcesUnavailable, match="needs 1 of resource 'tpu'"):
+        check_cluster_resources("x", Resources(num_cpus=1, custom={"tpu": 1}), cluster)
