@@ -190,6 +190,26 @@ def cmd_submit(args: argparse.Namespace) -> int:
     )
 
 
+def cmd_job(args: argparse.Namespace) -> int:
+    from ray.job_submission import JobSubmissionClient
+
+    from pipeline.submit import auth_headers, follow
+
+    client = JobSubmissionClient(args.address, headers=auth_headers() or None)
+    if args.action == "status":
+        info = client.get_job_info(args.job_id)
+        print(f"{args.job_id}: {info.status}" + (f" ({info.message})" if info.message else ""))
+        return 0
+    if args.action == "logs":
+        if args.follow:
+            return follow(client, args.job_id)
+        print(client.get_job_logs(args.job_id), end="")
+        return 0
+    stopped = client.stop_job(args.job_id)
+    print(f"{args.job_id}: {'stop requested' if stopped else 'already finished'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lmpipe", description="Raw text to an evaluated language model, on Ray, with MLflow lineage.")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -215,6 +235,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--from", dest="from")
     s.add_argument("--force", action="store_true")
     s.set_defaults(func=cmd_submit)
+
+    jb = sub.add_parser("job", help="status, logs or stop of a submitted pipeline job")
+    jb.add_argument("action", choices=["status", "logs", "stop"])
+    jb.add_argument("job_id")
+    jb.add_argument("--address", required=True, help="the cluster's dashboard, e.g. http://HEAD:8265")
+    jb.add_argument("-f", "--follow", action="store_true", help="with logs: follow until the job ends")
+    jb.set_defaults(func=cmd_job)
 
     st_ = sub.add_parser("stages", help="list registered stages with their config fields")
     st_.set_defaults(func=cmd_stages)

@@ -114,7 +114,20 @@ def run_part(stage: Stage, part: Part, job: PartJob) -> dict[str, Any]:
         where = part.payload.get("uri", part.id)
         raise RuntimeError(f"stage {job.stage_name!r} failed on part {part.id} ({where}): {type(e).__name__}: {e}") from e
     result["seconds"] = time.perf_counter() - started
+    result["node"] = _node_id()
     return result
+
+
+def _node_id() -> str:
+    """The Ray node a part ran on (recorded so placement is visible in the manifest)."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.get_runtime_context().get_node_id()
+    except Exception:  # outside Ray
+        pass
+    return "local"
 
 
 class PartWorker:
@@ -224,6 +237,9 @@ def merge_results(results: list[dict[str, Any]]) -> dict[str, Any]:
         merged["rows_in"] += r.get("rows_in", 0)
         merged["bytes_in"] += r.get("bytes_in", 0)
         merged["part_seconds"] += r.get("seconds", 0.0)
+        node = r.get("node")
+        if node:
+            merged.setdefault("nodes", {})[node] = merged.setdefault("nodes", {}).get(node, 0) + 1
     return merged
 
 

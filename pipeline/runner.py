@@ -368,6 +368,7 @@ class Runner:
             "counters": merged["counters"],
             "metrics": dict(ctx.metrics),
             "parts": num_parts,
+            "parts_per_node": dict(sorted(merged.get("nodes", {}).items())),
             "bytes_in": merged["bytes_in"],
             "timings": {
                 "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),

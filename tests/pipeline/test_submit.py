@@ -82,3 +82,10 @@ stages:
         time.sleep(1)
     assert client.get_job_status(job_id) == JobStatus.SUCCEEDED, client.get_job_logs(job_id)
     assert "cached" in client.get_job_logs(job_id)
+    job = [sys.executable, "-m", "pipeline.cli", "job"]
+    status = subprocess.run([*job, "status", job_id, "--address", ray_head], capture_output=True, text=True, timeout=60)
+    assert status.stdout.startswith(f"{job_id}: SUCCEEDED")
+    logs = subprocess.run([*job, "logs", job_id, "--address", ray_head], capture_output=True, text=True, timeout=60)
+    assert "sample           cached" in logs.stdout
+    stop = subprocess.run([*job, "stop", job_id, "--address", ray_head], capture_output=True, text=True, timeout=60)
+    assert stop.stdout.strip() == f"{job_id}: already finished"
