@@ -1,0 +1,61 @@
+"""What the training loop reads: the tokenize stage's Arrow shards.
+
+Training batches come from the tokenize stage's resumable ``TokenShardLoader``. Validation is
+small, so it is read whole here, grouped by the ``source`` column (one loss per domain).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Optional
+
+import pyarrow as pa
+import torch
+
+from pipeline import storage as st
+
+DEFAULT_LOADER = "stages.tokenize.loader:TokenShardLoader"
+
+
+def loader_class(path: str = DEFAULT_LOADER):
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def read_token_table(files: list[str], storage: Optional[st.Storage], columns: list[str]) -> pa.Table:
+    storage = storage or st.Storage()
+    tables = []
+    for uri in files:
+        fs, path = storage.arrow_fs(uri)
+        with fs.open_input_file(path) as f:
+            tables.append(pa.ipc.open_file(f).read_all().select(columns))
+    return pa.concat_tables(tables) if tables else pa.table({c: [] for c in columns})
+
+
+def validation_sets(files: list[str], storage: Optional[st.Storage], rank: int, world_size: int,
+                    max_sequences_per_domain: int) -> dict[str, torch.Tensor]:
+    """This rank's validation sequences per domain: ``[n, seq_len + 1]`` int64, with the same
+    ``n`` on every rank (the first ``max`` sequences of each domain, dealt round-robin)."""
+    if not files:
+        return {}
+    table = read_token_table(files, storage, ["tokens", "source"])
+    sources = table.column("source").to_pylist()
+    tokens = table.column("tokens").combine_chunks()
+    width = tokens.type.list_size
+    flat = torch.from_numpy(tokens.flatten().to_numpy(zero_copy_only=False).astype("int64")).view(-1, width)
+    out: dict[str, torch.Tensor] = {}
+    for domain in sorted(set(sources)):
+        idx = [i for i, s in enumerate(sources) if s == domain][:max_sequences_per_domain]
+        per_rank = len(idx) // world_size
+        if per_rank == 0:
+            continue  # fewer sequences than ranks: this domain cannot be split evenly
+        mine = idx[rank : per_rank * world_size : world_size]
+        out[domain] = flat[mine]
+    return out
+
+
+def tokenize_info(manifest: dict[str, Any]) -> dict[str, Any]:
+    info = manifest.get("tokenize")
+    if not info:
+        raise ValueError(f"input stage {manifest.get('stage')!r} has no 'tokenize' section in its manifest: is it a tokenize stage?")
+    return info

@@ -1,0 +1,89 @@
+"""Turn a single-device :class:`~stages.train.model.Transformer` into a trainable, distributed
+one. Each concern is a separate function, applied in torchtitan's order: activation
+checkpointing, then ``torch.compile`` (per block, so every block reuses one compiled graph),
+then FSDP2 ``fully_shard`` per block and at the root.
+
+Parameter names never change: checkpoint wrappers and compiled modules are stripped by
+``torch.distributed.checkpoint.state_dict`` (which every save, load and export goes through).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from stages.train.model import Transformer
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    activation_checkpointing: bool = False
+    compile: bool = False
+    # "bf16" on GPU: bf16 parameters and compute, fp32 gradient reduction (the OLMo team saw
+    # bf16 all-reduce lose precision). "fp32" everywhere else (CPU/gloo tests are exact).
+    mixed_precision: str = "auto"
+
+    def param_dtype(self, device: torch.device) -> torch.dtype:
+        if self.mixed_precision == "auto":
+            return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return {"bf16": torch.bfloat16, "fp32": torch.float32}[self.mixed_precision]
+
+
+def apply_activation_checkpointing(model: Transformer) -> None:
+    """Recompute each block's activations in the backward pass (memory for ~30% more compute)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    for i, block in enumerate(model.layers):
+        model.layers[i] = checkpoint_wrapper(block, preserve_rng_state=False)
+
+
+def apply_compile(model: Transformer) -> None:
+    """Compile each block in place (keeps module names). Blocks share a shape, so the graph is
+    compiled once and reused."""
+    for block in model.layers:
+        block.compile(fullgraph=True)
+
+
+def apply_fsdp(model: Transformer, mesh, param_dtype: torch.dtype, reduce_dtype: torch.dtype = torch.float32) -> None:
+    """FSDP2: shard each block, then the root (embeddings, final norm, head). The last block is
+    not resharded after forward: backward needs it immediately."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    last = len(model.layers) - 1
+    for i, block in enumerate(model.layers):
+        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=i < last)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+
+
+def parallelize(model: Transformer, cfg: ParallelConfig, device: torch.device, world_size: int, mesh=None) -> Transformer:
+    """Apply, in order: activation checkpointing, compile, FSDP2 (when running distributed).
+    Single-process runs get the same dtype by casting: bf16 weights would lose updates, so a
+    single GPU process keeps fp32 master weights and runs forward under autocast (see Trainer)."""
+    if cfg.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if cfg.compile:
+        apply_compile(model)
+    if world_size > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = mesh or init_device_mesh(device.type, (world_size,))
+        apply_fsdp(model, mesh, cfg.param_dtype(device), torch.float32)
+    return model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def autocast_dtype(model: nn.Module, cfg: ParallelConfig, device: torch.device) -> Optional[torch.dtype]:
+    """The dtype to autocast to when FSDP's policy does not already cast (single process)."""
+    if is_sharded(model):
+        return None
+    dtype = cfg.param_dtype(device)
+    return dtype if dtype != torch.float32 else None

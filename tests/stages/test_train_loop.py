@@ -1,0 +1,143 @@
+"""The training loop in one process, no Ray: loss falls, resume is exact, bad steps never
+reach the weights, checkpoints load without unpickling code."""
+
+from __future__ import annotations
+
+import math
+import os
+import pickle
+
+import pytest
+import torch
+
+from stages.train import checkpoint as ckpt
+from stages.train.data import loader_class, validation_sets
+from stages.train.model import model_config
+from stages.train.trainer import LocalCheckpointer, NonFiniteLoss, TrainConfig, Trainer, lr_at
+from tests.stages.train_support import SEQ_LEN, loader_path, token_table, write_shards
+
+MODEL = model_config("debug", dim=32, n_layers=2, n_heads=2, ffn_dim=64, max_seq_len=SEQ_LEN)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("shards")
+    return {
+        "train": write_shards(str(folder / "train"), token_table(256, seed=0)),
+        "validation": write_shards(str(folder / "validation"), token_table(32, seed=1)),
+    }
+
+
+def make_trainer(shards, cfg: TrainConfig, root=None) -> Trainer:
+    loader = loader_class(loader_path())(shards["train"], cfg.micro_batch_size, seed=cfg.seed)
+    val = validation_sets(shards["validation"], None, 0, 1, cfg.eval_max_sequences)
+    return Trainer(cfg, MODEL, loader, SEQ_LEN, val_sets=val, checkpointer=LocalCheckpointer(str(root)) if root else None)
+
+
+def weights(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+
+
+def test_schedule_warms_up_then_decays_to_min():
+    cfg = TrainConfig(steps=100, warmup_steps=10, lr=1e-3, min_lr_ratio=0.1)
+    assert lr_at(cfg, 0) == pytest.approx(1e-4)
+    assert lr_at(cfg, 9) == pytest.approx(1e-3)
+    assert lr_at(cfg, 99) == pytest.approx(1e-4, rel=1e-2)
+    assert all(lr_at(cfg, s) >= lr_at(cfg, s + 1) for s in range(10, 99))
+
+
+def test_tiny_model_loss_goes_down(shards):
+    cfg = TrainConfig(steps=60, micro_batch_size=8, lr=3e-3, warmup_steps=5, log_every=10, eval_every=30, norms_every=30,
+                      checkpoint_every=0, z_loss=1e-4)
+    out = make_trainer(shards, cfg).train()
+    losses = [h["loss"] for h in out["history"] if "loss" in h]
+    assert losses[0] == pytest.approx(math.log(512), rel=0.1)
+    assert losses[-1] < losses[0] - 1.0, losses
+    assert set(out["last"]) >= {"val_loss/news", "val_loss/code", "param_norm", "optim_exp_avg_norm", "activation_rms/layer_01",
+                                "tokens_per_second", "data_wait", "peak_memory_bytes", "clip_events"}
+    assert "mfu" not in out["last"]  # CPU: no peak to divide by
+
+
+def test_grad_accumulation_reaches_global_batch(shards):
+    cfg = TrainConfig(steps=2, micro_batch_size=4, global_batch_tokens=4 * SEQ_LEN * 3, checkpoint_every=0, eval_every=0)
+    trainer = make_trainer(shards, cfg)
+    assert trainer.grad_accum == 3
+    assert trainer.train()["tokens_seen"] == 2 * 12 * SEQ_LEN
+    with pytest.raises(ValueError, match="not a multiple"):
+        make_trainer(shards, TrainConfig(micro_batch_size=4, global_batch_tokens=100))
+
+
+def test_resume_is_exact(shards, tmp_path):
+    cfg = TrainConfig(steps=12, micro_batch_size=8, lr=3e-3, warmup_steps=3, log_every=1, eval_every=0, norms_every=0,
+                      checkpoint_every=5, spike_min_window=3)
+    straight = make_trainer(shards, cfg, tmp_path / "a")
+    full = straight.train()
+    # A fresh process picks up the step-10 checkpoint and trains steps 11-12 again.
+    ckpt_dir = tmp_path / "a" / "step_00000010"
+    resumed = make_trainer(shards, cfg, tmp_path / "b")
+    assert resumed.restore(str(ckpt_dir))
+    assert resumed.state.step == 10
+    tail = resumed.train()
+    assert [h["loss"] for h in tail["history"]] == [h["loss"] for h in full["history"]]  # history restored + continued
+    for (name, a), b in zip(weights(straight).items(), weights(resumed).values()):
+        assert torch.equal(a, b), name
+    assert resumed.state.window == straight.state.window
+
+
+def test_nonfinite_loss_stops_without_touching_weights(shards, tmp_path):
+    cfg = TrainConfig(steps=3, micro_batch_size=4, checkpoint_every=1, eval_every=0, norms_every=0)
+    trainer = make_trainer(shards, cfg, tmp_path)
+    trainer.train_step(iter(trainer.loader))
+    before = weights(trainer)
+    with torch.no_grad():
+        trainer.model.norm.weight.fill_(float("nan"))
+        trainer.model.norm.weight.copy_(before["norm.weight"])
+    bad = iter([(torch.full((4, SEQ_LEN), 3), torch.full((4, SEQ_LEN), 3))])
+    trainer.model.lm_head.register_forward_hook(lambda m, i, o: o * float("nan"))
+    with pytest.raises(NonFiniteLoss, match="non-finite loss"):
+        trainer.train_step(bad)
+    for name, value in weights(trainer).items():
+        assert torch.equal(value, before[name]), name
+
+
+def test_nonfinite_skip_mode_records_and_continues(shards):
+    cfg = TrainConfig(steps=3, micro_batch_size=4, checkpoint_every=0, eval_every=0, norms_every=0, on_nonfinite="skip")
+    trainer = make_trainer(shards, cfg)
+    before = weights(trainer)
+    handle = trainer.model.lm_head.register_forward_hook(lambda m, i, o: o * float("inf"))
+    record, _ = trainer.train_step(iter(trainer.loader))
+    handle.remove()
+    assert record.skipped == "nonfinite" and trainer.state.skipped[0]["step"] == 1
+    assert all(torch.equal(v, before[k]) for k, v in weights(trainer).items())
+
+
+def test_loss_spike_is_skipped(shards):
+    cfg = TrainConfig(steps=30, micro_batch_size=4, checkpoint_every=0, eval_every=0, norms_every=0, spike_min_window=5, spike_std=3.0)
+    trainer = make_trainer(shards, cfg)
+    trainer.state.window = [[2.0 + 0.01 * (i % 2), 1.0] for i in range(10)]
+    assert trainer._spike(2.0, 1.0) is None
+    assert trainer._spike(3.0, 1.0) == "loss_spike"
+    assert trainer._spike(2.0, 50.0) == "grad_norm_spike"
+
+
+def test_checkpoint_loads_with_weights_only_and_refuses_code(shards, tmp_path):
+    cfg = TrainConfig(steps=1, micro_batch_size=4, checkpoint_every=1, eval_every=0, norms_every=0)
+    trainer = make_trainer(shards, cfg, tmp_path)
+    trainer.train()
+    path = str(tmp_path / "step_00000001")
+    extra = torch.load(os.path.join(path, ckpt.extra_name(0)), weights_only=True)  # no pickled objects in the extras
+    assert extra["step"] == 1
+    model = ckpt.load_full_model(path)
+    assert torch.equal(model.lm_head.weight, trainer.model.lm_head.weight)
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path}/pwned",))
+
+    with open(os.path.join(path, ckpt.DCP_METADATA), "wb") as f:
+        pickle.dump(Evil(), f)
+    with pytest.raises(ckpt.UnsafeCheckpoint, match="posix.system.*refusing to load"):
+        ckpt.SafeFileSystemReader(path).read_metadata()
+    with pytest.raises(BaseException, match="CheckpointException"):  # DCP wraps the refusal
+        ckpt.load_full_model(path)
+    assert not (tmp_path / "pwned").exists()
