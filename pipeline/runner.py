@@ -237,7 +237,7 @@ class Runner:
                 log.info("[%s] cached (fingerprint %s): %s", node.name, fp, stage_dir)
                 artifacts: dict[str, bytes] = {}
             else:
-                manifest, artifacts = self._compute(node, fp, inputs, externals)
+                manifest, artifacts = self._compute(node, fp, inputs, externals, run_id)
             if run_id:
                 refs = [{"ref": f"{r.ref.stage}.{r.ref.dataset}", "uri": r.uri, "fingerprint": r.fingerprint} for r in inputs]
                 self.tracker.finish_stage(run_id, manifest, stage_dir, refs, artifacts)
@@ -247,12 +247,15 @@ class Runner:
             raise
         return StageReport(node.name, fp, cached, stage_dir, manifest, run_id)
 
-    def _compute(self, node: Node, fp: str, inputs: list[InputDataset], externals: list) -> tuple[dict[str, Any], dict[str, bytes]]:
+    def _compute(self, node: Node, fp: str, inputs: list[InputDataset], externals: list,
+                 run_id: Optional[str] = None) -> tuple[dict[str, Any], dict[str, bytes]]:
         if self.use_ray and self.ray_address == "in-process":  # started only when something must run
             self.ray_address = init_ray(self.loaded, self.address)
         config = self.loaded.resolved_stage_configs[node.name]
         ctx = self._context(node, fp, inputs)
         ctx.attempt = f"attempt-{uuid.uuid4().hex[:12]}"
+        if self.tracker and run_id:
+            ctx.mlflow_run_id, ctx.tracking_uri = run_id, self.tracker.tracking_uri
         mf.remove_stale_attempts(self.storage, ctx.stage_dir, keep=self._committed_attempt(ctx.stage_dir))
         stage = node.cls(config, seed=ctx.seed)
         resources = ctx.resources
