@@ -1,0 +1,218 @@
+"""The tokenize stage without a cluster (in-process runner): packing round trip, lineage,
+mixture shares, validation per source, determinism of the shuffle, uniformity of the permutation."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from pipeline.config import load_config
+from pipeline.io import read_table
+from pipeline.runner import Runner
+from pipeline.storage import Storage
+from stages.assets import news_articles, python_doc_topics
+from stages.tokenize import mixture_rates
+from stages.tokenize.packing import Stream, pack_stream, permutation
+
+PIPELINE = """
+name: tok-unit
+work_dir: {work}
+seed: {seed}
+stages:
+  ingest:
+    uses: ingest
+    config:
+      sources:
+        - {{name: news, paths: ["{data}/news/*.jsonl"]}}
+        - {{name: docs, paths: ["{data}/docs/*.jsonl"]}}
+  train_tokenizer:
+    uses: train_tokenizer
+    inputs: [ingest]
+    config: {{vocab_size: 1000, sample_chars: 300000}}
+  tokenize:
+    uses: tokenize
+    inputs: [ingest, train_tokenizer]
+    config: {{seq_len: 128, validation_fraction: 0.1, shard_sequences: 100{extra}}}
+"""
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tok-data")
+    arts = [a["text"] for a in news_articles() if len(a["text"]) > 200][:120]
+    topics = list(python_doc_topics().values())[:40]
+    for name, texts, shards in (("news", arts, 2), ("docs", topics, 1)):
+        (folder / name).mkdir()
+        for k in range(shards):
+            (folder / name / f"{k}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[k::shards]))
+    return folder
+
+
+def run(tmp: Path, data: Path, seed: int = 3, extra: str = ""):
+    path = tmp / "p.yaml"
+    tmp.mkdir(parents=True, exist_ok=True)
+    path.write_text(PIPELINE.format(work=tmp / "work", data=data, seed=seed, extra=extra))
+    return Runner(load_config(str(path)), use_ray=False, track=False).run()
+
+
+def shards(report, split: str) -> list[Path]:
+    st = report.stage("tokenize")
+    return [Path(st.stage_dir) / f["path"] for f in st.manifest["datasets"][split]["files"]]
+
+
+@pytest.fixture(scope="module")
+def natural(tmp_path_factory, data):
+    return run(tmp_path_factory.mktemp("natural"), data)
+
+
+def documents(report) -> dict[str, dict]:
+    st = report.stage("ingest")
+    rows = read_table(Storage(), [str(Path(st.stage_dir) / f["path"]) for f in st.manifest["datasets"]["data"]["files"]]).to_pylist()
+    return {r["id"]: r for r in rows}
+
+
+def reassemble(table: pa.Table, seq_len: int) -> dict[tuple[str, int], list[int]]:
+    """(doc id, copy) -> its tokens, from the segments of every sequence, in seq_id order."""
+    pieces: dict[tuple[str, int], list[tuple[int, np.ndarray]]] = {}
+    tokens = table.column("tokens").combine_chunks().values.to_numpy().reshape(-1, seq_len + 1)
+    for row, (ids, offs, copies, seq_id) in enumerate(zip(*(table.column(c).to_pylist() for c in ("doc_ids", "doc_offsets", "doc_copies", "seq_id")))):
+        ends = offs[1:] + [seq_len + 1]
+        for d, o, e, c in zip(ids, offs, ends, copies):
+            pieces.setdefault((d, c), []).append((seq_id, tokens[row, o:e]))
+    return {k: np.concatenate([t for _, t in sorted(v, key=lambda x: x[0])]).tolist() for k, v in pieces.items()}
+
+
+def test_packing_round_trip_returns_the_documents(natural):
+    from tokenizers import Tokenizer
+
+    m = natural.stage("tokenize").manifest["tokenize"]
+    tok = Tokenizer.from_file(str(Path(natural.stage("tokenize").stage_dir) / m["tokenizer_path"]))
+    tok.encode_special_tokens = True
+    docs = documents(natural)
+    eos = m["eos_id"]
+    seen: set[str] = set()
+    for split in ("train", "validation"):
+        table = read_table(Storage(), [str(p) for p in shards(natural, split)])
+        assert table.schema.field("tokens").type == pa.list_(pa.uint16(), 129)
+        flat = table.column("tokens").combine_chunks().values.to_numpy()
+        # every sequence is full: no padding anywhere
+        assert len(flat) == table.num_rows * 129 and m["pad_id"] not in set(flat.tolist())
+        partial = 0
+        for (doc_id, copy), toks in reassemble(table, 128).items():
+            assert copy == 0 and doc_id not in seen
+            seen.add(doc_id)
+            if toks[-1] != eos:  # cut by the split's dropped last partial sequence: a prefix of the document
+                partial += 1
+                full = tok.encode(docs[doc_id]["text"], add_special_tokens=False).ids + [eos]
+                assert toks == full[: len(toks)]
+                continue
+            assert eos not in toks[:-1]
+            assert tok.decode(toks[:-1], skip_special_tokens=False) == docs[doc_id]["text"]
+        assert partial <= 3  # at most one per packed part (3 input files), all within the dropped < seq_len + 1 tokens
+        tokens_total = sum(m["tokens"][split].values())
+        assert tokens_total == table.num_rows * 129 + m["dropped_tail_tokens"][split]
+    # the documents missing entirely fit in the two dropped tails
+    assert len(docs) - len(seen) <= (m["dropped_tail_tokens"]["train"] + m["dropped_tail_tokens"]["validation"])
+
+
+def test_validation_is_held_out_per_source_by_document(natural):
+    m = natural.stage("tokenize").manifest["tokenize"]
+    assert set(m["documents"]["validation"]) == {"news", "docs"}
+    total = sum(sum(v.values()) for v in m["documents"].values())
+    assert total == len(documents(natural))
+    ids = {split: {d for row in read_table(Storage(), [str(p) for p in shards(natural, split)]).column("doc_ids").to_pylist() for d in row}
+           for split in ("train", "validation")}
+    assert not ids["train"] & ids["validation"]
+
+
+def test_sequences_are_shuffled_and_the_manifest_says_what_training_needs(natural):
+    st = natural.stage("tokenize")
+    m = st.manifest["tokenize"]
+    for key in ("seq_len", "vocab_size", "dtype", "eos_id", "bos_id", "pad_id", "tokenizer_path", "tokens", "mixture"):
+        assert key in m
+    seq_ids = read_table(Storage(), [str(p) for p in shards(natural, "train")]).column("seq_id").to_numpy()
+    assert sorted(seq_ids.tolist()) != seq_ids.tolist()  # shuffled
+    assert len(set(seq_ids.tolist())) == len(seq_ids)
+    assert st.manifest["datasets"]["train"]["rows"] == m["sequences"]["train"] == len(seq_ids)
+    assert len(shards(natural, "train")) == -(-len(seq_ids) // 100)
+
+
+def test_same_seed_same_bytes_other_seed_other_order(tmp_path, data, natural):
+    again = run(tmp_path / "again", data)
+    digest = lambda paths: [hashlib.sha256(p.read_bytes()).hexdigest() for p in paths]
+    assert digest(shards(again, "train")) == digest(shards(natural, "train"))
+    other = run(tmp_path / "other", data, seed=4)
+    a = read_table(Storage(), [str(p) for p in shards(natural, "train")]).column("seq_id").to_pylist()
+    b = read_table(Storage(), [str(p) for p in shards(other, "train")]).column("seq_id").to_pylist()
+    assert a != b
+
+
+def test_mixture_shares_within_tolerance(tmp_path, data):
+    report = run(tmp_path, data, extra=", mixture: {news: 0.5, docs: 0.5}")
+    m = report.stage("tokenize").manifest["tokenize"]
+    shares = m["mixture"]["achieved_shares"]
+    assert abs(shares["news"] - 0.5) < 0.03 and abs(shares["docs"] - 0.5) < 0.03
+    assert m["mixture"]["rates"]["docs"] > 1 > m["mixture"]["rates"]["news"]  # docs upsampled, news downsampled
+    table = read_table(Storage(), [str(p) for p in shards(report, "train")])
+    copies = [c for row in table.column("doc_copies").to_pylist() for c in row]
+    assert max(copies) >= 1  # repeated documents are told apart by their copy number
+    # shares measured on the shards themselves (by segment lengths) agree with the manifest
+    by_source = {}
+    docs = documents(report)
+    for ids, offs in zip(table.column("doc_ids").to_pylist(), table.column("doc_offsets").to_pylist()):
+        for d, o, e in zip(ids, offs, offs[1:] + [129]):
+            by_source[docs[d]["source"]] = by_source.get(docs[d]["source"], 0) + e - o
+    total = sum(by_source.values())
+    assert abs(by_source["docs"] / total - 0.5) < 0.03
+
+
+def test_mixture_rates():
+    assert mixture_rates({"a": 100, "b": 300}, None, None) == {"a": 1.0, "b": 1.0}
+    r = mixture_rates({"a": 100, "b": 300}, {"a": 1, "b": 1}, None)
+    assert r == {"a": 2.0, "b": 200 / 300}
+    assert mixture_rates({"a": 100, "b": 300}, {"a": 1}, 50) == {"a": 0.5, "b": 0.0}
+    with pytest.raises(ValueError, match="no training tokens"):
+        mixture_rates({"a": 100}, {"a": 1, "zzz": 1}, None)
+
+
+def test_pack_stream_lineage():
+    s = Stream(np.arange(10, dtype=np.uint32), np.array([0, 3, 4]), pa.array(["x", "y", "z"]), pa.array(["s1", "s2", "s1"]), np.zeros(3, np.int32))
+    table, tail = pack_stream(s, 3, pa.uint16(), 100)  # sequences of 4 tokens
+    assert table.column("tokens").to_pylist() == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert table.column("doc_ids").to_pylist() == [["x", "y"], ["z"]]
+    assert table.column("doc_offsets").to_pylist() == [[0, 3], [0]]
+    assert table.column("source").to_pylist() == ["s1", "s1"]
+    assert table.column("seq_id").to_pylist() == [100, 101]
+    assert tail.tokens.tolist() == [8, 9] and tail.seg_ids.to_pylist() == ["z"] and tail.seg_starts.tolist() == [0]
+
+
+def test_permutation_is_deterministic_and_uniform():
+    assert (permutation(1000, 5, "train") == permutation(1000, 5, "train")).all()
+    assert not (permutation(1000, 5, "train") == permutation(1000, 6, "train")).all()
+    # where element 0 lands, and which element lands first, over 4000 seeds: chi-square, 9 dof
+    n, trials = 10, 4000
+    lands = np.zeros(n)
+    first = np.zeros(n)
+    for seed in range(trials):
+        p = permutation(n, seed, "train")
+        lands[np.nonzero(p == 0)[0][0]] += 1
+        first[p[0]] += 1
+    expected = trials / n
+    for counts in (lands, first):
+        assert ((counts - expected) ** 2 / expected).sum() < 27.9  # p = 0.001
+
+
+def test_loader_reads_the_stage_output(natural):
+    from stages.tokenize.loader import TokenShardLoader, shard_files
+
+    st = natural.stage("tokenize")
+    files = shard_files(Storage(), st.stage_dir, "train")
+    assert [Path(f) for f in files] == shards(natural, "train")
+    x, y = next(iter(TokenShardLoader(files, batch_size=4, seed=0)))
+    assert x.shape == (4, 128) and (x[:, 1:] == y[:, :-1]).all()
+    assert shard_files(Storage(), st.stage_dir, "validation")
