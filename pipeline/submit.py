@@ -54,16 +54,25 @@ def submit(config_path: str, address: str, wait: bool = True, python: str = "pyt
     cmd = [python, "-m", "pipeline.cli", "run", "pipeline.yaml", "--address", "auto", "--base-dir", base_dir, *(extra_args or [])]
     entrypoint = " ".join(shlex.quote(c) for c in cmd)
     client = JobSubmissionClient(address, headers=auth_headers() or None)
-    job_id = client.submit_job(
-        entrypoint=entrypoint,
-        runtime_env={
-            "working_dir": staging,
-            "py_modules": [os.path.dirname(pipeline_pkg.__file__), os.path.dirname(stages_pkg.__file__)],
-            "excludes": EXCLUDES,
-            "env_vars": {"LMPIPE_PROGRESS": os.environ.get("LMPIPE_PROGRESS", "1")},
-        },
-        metadata={"lmpipe.pipeline": loaded.declared.name, "lmpipe.config": os.path.abspath(config_path)},
-    )
+    runtime_env = {
+        "working_dir": staging,
+        "py_modules": [os.path.dirname(pipeline_pkg.__file__), os.path.dirname(stages_pkg.__file__)],
+        "excludes": EXCLUDES,
+        "env_vars": {"LMPIPE_PROGRESS": os.environ.get("LMPIPE_PROGRESS", "1")},
+    }
+    metadata = {"lmpipe.pipeline": loaded.declared.name, "lmpipe.config": os.path.abspath(config_path)}
+    delay = 1.0
+    deadline = time.time() + 120
+    while True:
+        try:
+            job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, metadata=metadata)
+            break
+        except RuntimeError as e:  # a head that just started has no job agent yet: retry with backoff
+            if "No available agent" not in str(e) or time.time() > deadline:
+                raise
+            print(f"the cluster's job agent is not ready yet; retrying in {delay:.0f}s", flush=True)
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
     print(f"submitted job {job_id} to {address}: {entrypoint}", flush=True)
     if not wait:
         return 0

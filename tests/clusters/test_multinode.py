@@ -1,0 +1,235 @@
+"""A production topology in miniature: a Ray head and a second Ray node (token auth on), data,
+work_dir and MLflow artifacts on S3 (moto's server), an ``mlflow server``; ``lmpipe submit``
+runs a pipeline there. Then a Ray node is killed in the middle of a data stage."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import s3fs
+
+from tests.conftest import VENV_BIN, free_port, make_bucket, wait_for_http
+
+SECRET = "multinode-secret-never-logged-9f3c"
+
+
+def _start(cmd: list[str], env: dict, log: Path) -> subprocess.Popen:
+    return subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def cluster_env(s3_server):
+    """What every node and client of the cluster sees: token auth, S3 credentials from the environment."""
+    return {
+        **os.environ,
+        "PATH": f"{VENV_BIN}:{os.environ['PATH']}",
+        "RAY_AUTH_MODE": "token",
+        "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
+        "AWS_ACCESS_KEY_ID": s3_server["key"],
+        "AWS_SECRET_ACCESS_KEY": s3_server["secret"],
+        "AWS_DEFAULT_REGION": s3_server["region"],
+        "LMPIPE_SECRET_UNDER_TEST": SECRET,
+        "MLFLOW_S3_ENDPOINT_URL": s3_server["endpoint_url"],
+        "LMPIPE_PROGRESS": "0",
+    }
+
+
+@pytest.fixture(scope="module")
+def two_nodes(cluster_env, tmp_path_factory):
+    logs = tmp_path_factory.mktemp("cluster")
+    port, dash = free_port(), free_port()
+    head = _start(
+        [str(VENV_BIN / "ray"), "start", "--head", "--block", "--port", str(port), "--dashboard-host", "127.0.0.1",
+         "--dashboard-port", str(dash), "--num-cpus", "1", "--resources", '{"head_node": 1}', "--disable-usage-stats"],
+        cluster_env, logs / "head.log",
+    )
+    url = f"http://127.0.0.1:{dash}"
+    wait_for_http(f"{url}/api/version", timeout=120, proc=head)
+    worker_ports = [free_port() for _ in range(6)]
+    worker_cmd = [
+        str(VENV_BIN / "ray"), "start", "--block", "--address", f"127.0.0.1:{port}", "--num-cpus", "1",
+        "--resources", '{"worker_node": 1}', "--node-manager-port", str(worker_ports[0]), "--object-manager-port", str(worker_ports[1]),
+        "--metrics-export-port", str(worker_ports[2]), "--dashboard-agent-listen-port", str(worker_ports[3]),
+        "--dashboard-agent-grpc-port", str(worker_ports[4]), "--runtime-env-agent-port", str(worker_ports[5]), "--disable-usage-stats",
+    ]
+    worker = _start(worker_cmd, cluster_env, logs / "worker.log")
+    state = {"head": head, "worker": worker, "worker_cmd": worker_cmd, "logs": logs}
+    _wait_for_nodes(f"127.0.0.1:{port}", 2, cluster_env)
+    try:
+        yield {"dashboard": url, "gcs": f"127.0.0.1:{port}", **state}
+    finally:
+        _stop(state["worker"])
+        _stop(head)
+
+
+def _wait_for_nodes(gcs: str, n: int, env: dict, timeout: float = 120) -> None:
+    code = f"import ray; ray.init(address='{gcs}', log_to_driver=False); print(sum(1 for x in ray.nodes() if x['Alive']))"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+        if out.returncode == 0 and out.stdout.strip().splitlines()[-1] == str(n):
+            return
+        time.sleep(2)
+    raise TimeoutError(f"the cluster at {gcs} never had {n} live nodes")
+
+
+@pytest.fixture(scope="module")
+def mlflow_on_s3(cluster_env, s3_server, tmp_path_factory):
+    make_bucket(s3_server, "mlflow")
+    root = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    proc = _start(
+        [str(VENV_BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", "s3://mlflow/artifacts"],
+        {**cluster_env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, root / "server.log",
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_http(f"{url}/health", timeout=90, proc=proc)
+        yield url
+    finally:
+        _stop(proc)
+
+
+@pytest.fixture(scope="module")
+def s3_corpus(s3_server, demo_corpus):
+    make_bucket(s3_server, "data")
+    make_bucket(s3_server, "runs")
+    fs = s3fs.S3FileSystem(key=s3_server["key"], secret=s3_server["secret"], client_kwargs={"endpoint_url": s3_server["endpoint_url"]})
+    from stages.assets import news_articles
+
+    articles = news_articles()
+    for i in range(24):  # many small shards: enough parts to spread over both nodes
+        body = "".join(json.dumps(a) + "\n" for a in articles[i::24])
+        fs.pipe(f"data/news/news-{i:02d}.jsonl", body.encode())
+    fs.put(str(demo_corpus / "python_docs"), "data/docs", recursive=True)
+    return fs
+
+
+def pipeline_text(s3: dict, work: str, mlflow_url: str) -> str:
+    return f"""
+name: multinode
+work_dir: {work}
+mlflow: {{tracking_uri: "{mlflow_url}", experiment: multinode}}
+storage:
+  s3:
+    endpoint_url: {s3["endpoint_url"]}
+    key: ${{AWS_ACCESS_KEY_ID}}
+    secret: ${{AWS_SECRET_ACCESS_KEY}}
+stages:
+  ingest:
+    uses: ingest
+    config:
+      sources:
+        - {{name: news, paths: ["s3://data/news/*.jsonl"]}}
+        - {{name: docs, paths: ["s3://data/docs"], format: text}}
+  sample:
+    uses: sample
+    inputs: [ingest]
+    config: {{fraction: 0.5}}
+"""
+
+
+@pytest.fixture(scope="module")
+def submitted(two_nodes, mlflow_on_s3, s3_corpus, s3_server, cluster_env, tmp_path_factory):
+    """``lmpipe submit`` of the pipeline to the two-node cluster (its outputs are also the
+    fault-free reference of the node-failure test)."""
+    config = tmp_path_factory.mktemp("submit") / "cluster.yaml"
+    config.write_text(pipeline_text(s3_server, "s3://runs/multinode", mlflow_on_s3))
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "submit", str(config), "--address", two_nodes["dashboard"]],
+                          capture_output=True, text=True, env=cluster_env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return {"config": config, "job_id": proc.stdout.split("submitted job ")[1].split()[0]}
+
+
+def test_submit_to_two_nodes_with_s3_and_mlflow_server(submitted, two_nodes, mlflow_on_s3, s3_corpus, s3_server, tmp_path):
+    from mlflow import MlflowClient
+    from ray.job_submission import JobSubmissionClient
+
+    from pipeline.submit import auth_headers
+
+    job_id = submitted["job_id"]
+
+    fs = s3_corpus
+    fs.invalidate_cache()
+    manifests = {m.split("/")[2]: json.loads(fs.cat(m)) for m in fs.glob("runs/multinode/*/*/_manifest.json")}
+    assert set(manifests) == {"ingest", "sample"}
+    assert manifests["ingest"]["counts"]["rows_in"] == 3824 + 79
+    assert len(manifests["ingest"]["parts_per_node"]) == 2, manifests["ingest"]["parts_per_node"]  # both nodes worked
+    for m in manifests.values():
+        for ds in m["datasets"].values():
+            for f in ds["files"]:
+                assert fs.exists(f"runs/multinode/{m['stage']}/{m['fingerprint']}/{f['path']}")
+
+    client = MlflowClient(mlflow_on_s3)
+    exp = client.get_experiment_by_name("multinode")
+    parent = client.search_runs([exp.experiment_id], "tags.`lmpipe.kind` = 'pipeline'")[0]
+    children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert {c.data.tags["lmpipe.stage"] for c in children} == {"ingest", "sample"}
+    assert fs.glob("mlflow/artifacts/**/manifest.json")  # artifacts landed on S3 through the server
+    sample_run = next(c for c in children if c.data.tags["lmpipe.stage"] == "sample")
+    assert {d.dataset.name for d in sample_run.inputs.dataset_inputs} >= {"ingest.data", "sample.data"}
+
+    # the secret in the cluster's environment appears nowhere: MLflow params, tags, metrics, artifacts, job metadata
+    for run in [parent, *children]:
+        blob = json.dumps([run.data.params, run.data.tags, run.data.metrics])
+        assert SECRET not in blob and s3_server["secret"] not in blob
+        for art in client.list_artifacts(run.info.run_id):
+            if not art.is_dir:
+                text = Path(client.download_artifacts(run.info.run_id, art.path, str(tmp_path))).read_bytes()
+                assert SECRET.encode() not in text and s3_server["secret"].encode() not in text
+    info = JobSubmissionClient(two_nodes["dashboard"], headers=auth_headers() or None).get_job_info(job_id)
+    job_blob = json.dumps([info.metadata, info.runtime_env, info.entrypoint])
+    assert SECRET not in job_blob and s3_server["secret"] not in job_blob
+
+
+def test_node_killed_mid_stage_gives_exact_identical_output(submitted, two_nodes, s3_corpus, s3_server, cluster_env, tmp_path):
+    """Kill the second Ray node while the sample stage runs: the stage still completes, with the
+    same counts and byte-identical files as the fault-free run (the submitted one)."""
+    fs = s3_corpus
+    env = {**cluster_env}
+    run = [sys.executable, "-m", "pipeline.cli", "run", "--address", two_nodes["gcs"]]
+    faulty = tmp_path / "faulty.yaml"
+    faulty.write_text(pipeline_text(s3_server, "s3://runs/faulty", f"sqlite:///{tmp_path}/faulty.db")
+                      .replace("config: {fraction: 0.5}", "config: {fraction: 0.5}\n    resources: {max_workers: 2}"))
+    driver = subprocess.Popen([*run, str(faulty)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while not (fs.invalidate_cache() or fs.glob("runs/faulty/sample/*/attempt-*/data/*.parquet")):
+        assert driver.poll() is None, driver.stdout.read()[-4000:]
+        assert time.time() < deadline
+        time.sleep(0.05)
+    os.killpg(two_nodes["worker"].pid, signal.SIGKILL)  # the whole node: raylet, workers, object store
+    out, _ = driver.communicate(timeout=600)
+    assert driver.returncode == 0, out[-4000:]
+
+    def load(prefix):
+        fs.invalidate_cache()  # s3fs caches listings; the polling above listed these folders before the commit
+        return {m.split("/")[2]: json.loads(fs.cat(m)) for m in fs.glob(f"runs/{prefix}/*/*/_manifest.json")}
+
+    ref, got = load("multinode"), load("faulty")
+    for stage in ("ingest", "sample"):
+        assert got[stage]["counts"] == ref[stage]["counts"]
+        for ds, info in ref[stage]["datasets"].items():
+            ref_files = {f["path"].split("/", 1)[1]: fs.cat(f"runs/multinode/{stage}/{ref[stage]['fingerprint']}/{f['path']}") for f in info["files"]}
+            got_files = {f["path"].split("/", 1)[1]: fs.cat(f"runs/faulty/{stage}/{got[stage]['fingerprint']}/{f['path']}") for f in got[stage]["datasets"][ds]["files"]}
+            assert got_files == ref_files, f"{stage}.{ds} differs after a node failure"
+
+    # bring the node back for any later test in this module
+    two_nodes["worker"] = _start(two_nodes["worker_cmd"], cluster_env, two_nodes["logs"] / "worker2.log")
