@@ -6,21 +6,12 @@ small, so it is read whole here, grouped by the ``source`` column (one loss per 
 
 from __future__ import annotations
 
-import importlib
 from typing import Any, Optional
 
 import pyarrow as pa
 import torch
 
 from pipeline import storage as st
-
-DEFAULT_LOADER = "stages.tokenize.loader:TokenShardLoader"
-
-
-def loader_class(path: str = DEFAULT_LOADER):
-    module, _, name = path.partition(":")
-    return getattr(importlib.import_module(module), name)
-
 
 def read_token_table(files: list[str], storage: Optional[st.Storage], columns: list[str]) -> pa.Table:
     storage = storage or st.Storage()

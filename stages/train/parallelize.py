@@ -81,6 +81,17 @@ def is_sharded(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
+def reshard(model: nn.Module) -> None:
+    """Return every FSDP module to sharded parameters. Needed after a forward without backward
+    (evaluation): the last block keeps its gathered parameters after forward, and checkpointing
+    or the optimizer must see the sharded ones."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def autocast_dtype(model: nn.Module, cfg: ParallelConfig, device: torch.device) -> Optional[torch.dtype]:
     """The dtype to autocast to when FSDP's policy does not already cast (single process)."""
     if is_sharded(model):

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from stages.train import checkpoint as ckpt
 from stages.train.model import ModelConfig, Transformer, count_parameters
-from stages.train.parallelize import ParallelConfig, autocast_dtype, parallelize
+from stages.train.parallelize import ParallelConfig, autocast_dtype, parallelize, reshard
 
 log = logging.getLogger("lmpipe.train")
 
@@ -416,6 +416,8 @@ class Trainer:
             for domain, value in zip(sorted(self.val_sets), stacked.tolist()):
                 out[f"val_loss/{domain}"] = value
             out["val_loss"] = float(stacked.mean())
+        if self.sharded:
+            reshard(self.model)
         self.model.train()
         return out
 

@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from stages.train import checkpoint as ckpt
-from stages.train.data import loader_class, validation_sets
+from stages.tokenize.loader import TokenShardLoader
+from stages.train.data import validation_sets
 from stages.train.model import model_config
 from stages.train.trainer import LocalCheckpointer, NonFiniteLoss, TrainConfig, Trainer, lr_at
-from tests.stages.train_support import SEQ_LEN, loader_path, token_table, write_shards
+from tests.stages.train_support import SEQ_LEN, token_table, write_shards
 
 MODEL = model_config("debug", dim=32, n_layers=2, n_heads=2, ffn_dim=64, max_seq_len=SEQ_LEN)
 
@@ -29,7 +30,7 @@ def shards(tmp_path_factory):
 
 
 def make_trainer(shards, cfg: TrainConfig, root=None) -> Trainer:
-    loader = loader_class(loader_path())(shards["train"], cfg.micro_batch_size, seed=cfg.seed)
+    loader = TokenShardLoader(shards["train"], cfg.micro_batch_size, seed=cfg.seed)
     val = validation_sets(shards["validation"], None, 0, 1, cfg.eval_max_sequences)
     return Trainer(cfg, MODEL, loader, SEQ_LEN, val_sets=val, checkpointer=LocalCheckpointer(str(root)) if root else None)
 

@@ -1,14 +1,10 @@
-"""Shared helpers for the train tests: token shards in the tokenize stage's format, and (until
-``stages/tokenize/loader.py`` is importable) a stand-in loader with the same interface."""
+"""Shared helpers for the train tests: small token shards in the tokenize stage's format."""
 
 from __future__ import annotations
 
 import os
-from typing import Any, Iterator
-
 import numpy as np
 import pyarrow as pa
-import torch
 
 SEQ_LEN = 32
 VOCAB = 512
@@ -39,50 +35,3 @@ def write_shards(folder: str, table: pa.Table, rows_per_shard: int = 64) -> list
             writer.write_table(table.slice(offset, rows_per_shard))
         files.append(path)
     return files
-
-
-class StandInLoader:
-    """Same constructor, batches and state as ``TokenShardLoader``: a seeded permutation per
-    epoch, rows dealt round-robin to ranks, (inputs, targets) = (tokens[:-1], tokens[1:])."""
-
-    def __init__(self, files, batch_size, rank=0, world_size=1, seed=0, storage=None, shuffle=True, loop=True):
-        from stages.train.data import read_token_table
-
-        table = read_token_table(list(files), storage, ["tokens"])
-        col = table.column("tokens").combine_chunks()
-        self.rows = torch.from_numpy(col.flatten().to_numpy().astype(np.int64)).view(-1, col.type.list_size)
-        self.batch_size, self.rank, self.world, self.seed = batch_size, rank, world_size, seed
-        self.shuffle, self.loop = shuffle, loop
-        self.epoch, self.position = 0, 0
-
-    def _order(self) -> np.ndarray:
-        n = self.rows.shape[0]
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(n) if self.shuffle else np.arange(n)
-        return order[self.rank : n - n % self.world : self.world]
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        while True:
-            order = self._order()
-            while self.position + self.batch_size <= len(order):
-                batch = self.rows[order[self.position : self.position + self.batch_size]]
-                self.position += self.batch_size
-                yield batch[:, :-1], batch[:, 1:]
-            if not self.loop:
-                return
-            self.epoch, self.position = self.epoch + 1, 0
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "position": self.position}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
-
-
-def loader_path() -> str:
-    """The real loader once it exists, else the stand-in."""
-    try:
-        import stages.tokenize.loader  # noqa: F401
-
-        return "stages.tokenize.loader:TokenShardLoader"
-    except ImportError:
-        return "tests.stages.train_support:StandInLoader"

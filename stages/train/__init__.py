@@ -1,0 +1,282 @@
+"""``train``: pretrain a LLaMA-style model on the tokenize stage's shards with Ray Train + FSDP2.
+
+The stage (on the driver) turns its config into a :class:`~stages.train.launch.TrainSpec`, runs
+it on ``num_workers`` Ray Train workers, then exports the final checkpoint to Hugging Face format
+and records the result. Ray Train keeps its checkpoints in this stage's own folder
+(``RunConfig(storage_path=<work_dir>/<stage>, name=<fingerprint>)``), so:
+
+* a failed worker group restarts from the latest checkpoint (``max_failures`` times), and
+* rerunning a stage that did not finish (crash, Ctrl-C, lost driver) resumes from its latest
+  checkpoint: same config, same fingerprint, same Ray Train run.
+
+Outputs: ``data`` lists the checkpoints Ray kept (step, tokens seen, path, losses) for the
+evaluation stage; ``manifest["train"]`` holds the export folder, the final checkpoint and the
+model's shape. The MLflow stage run gets per-step metrics from rank 0, a loss-curve PNG and a
+LoggedModel (the export) linked to the token shards it was trained on.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import shutil
+import tempfile
+from typing import Any, ClassVar, Literal, Optional
+
+import pyarrow as pa
+from pydantic import Field, model_validator
+
+from pipeline import manifest as mf
+from pipeline import storage as st
+from pipeline.config import StrictModel
+from pipeline.registry import register
+from pipeline.stage import DatasetStage, Resources
+from stages.train.data import tokenize_info
+from stages.train.launch import TrainSpec, launch_ray
+from stages.train.model import ModelConfig, model_config
+from stages.train.parallelize import ParallelConfig
+from stages.train.trainer import TrainConfig
+
+log = logging.getLogger("lmpipe")
+
+
+class ModelSpec(StrictModel):
+    size: Literal["debug", "125m", "350m", "1b", "7b"] = Field(default="debug", description="a named shape (stages/train/model.py)")
+    dim: Optional[int] = Field(default=None, ge=8)
+    n_layers: Optional[int] = Field(default=None, ge=1)
+    n_heads: Optional[int] = Field(default=None, ge=1)
+    n_kv_heads: Optional[int] = Field(default=None, ge=1)
+    ffn_dim: Optional[int] = Field(default=None, ge=1)
+    norm: Optional[Literal["rmsnorm", "layernorm"]] = None
+    qk_norm: Optional[bool] = None
+    tie_embeddings: Optional[bool] = None
+    rope_theta: Optional[float] = Field(default=None, gt=0)
+    vocab_multiple_of: int = Field(default=64, ge=1, description="pad the vocabulary to a multiple of this (faster matmuls)")
+
+    def build(self, vocab_size: int, seq_len: int) -> ModelConfig:
+        overrides = {k: v for k, v in self.model_dump(exclude={"size", "vocab_multiple_of"}).items() if v is not None}
+        padded = -(-vocab_size // self.vocab_multiple_of) * self.vocab_multiple_of
+        return model_config(self.size, vocab_size=padded, max_seq_len=seq_len, **overrides)
+
+
+class TrainStageConfig(StrictModel):
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    # optimisation
+    steps: int = Field(default=300, ge=1)
+    micro_batch_size: int = Field(default=8, ge=1, description="sequences per worker per forward/backward")
+    global_batch_tokens: Optional[int] = Field(default=None, ge=1, description="tokens per optimizer step (gradient accumulation reaches it); default one micro-batch per worker")
+    lr: float = Field(default=3e-4, gt=0)
+    min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
+    warmup_steps: int = Field(default=10, ge=0)
+    weight_decay: float = Field(default=0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = Field(default=1.0, ge=0, description="0 disables clipping")
+    z_loss: float = Field(default=0.0, ge=0)
+    spike_std: float = Field(default=6.0, ge=0, description="skip a step whose loss or grad norm exceeds mean + spike_std * std of the recent window; 0 disables")
+    spike_window: int = Field(default=100, ge=2)
+    spike_min_window: int = Field(default=20, ge=2)
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    # monitoring and checkpoints
+    log_every: int = Field(default=10, ge=1)
+    norms_every: int = Field(default=50, ge=0)
+    eval_every: int = Field(default=50, ge=0)
+    eval_max_sequences: int = Field(default=64, ge=1)
+    checkpoint_every: int = Field(default=100, ge=1)
+    keep_checkpoints: Optional[int] = Field(default=None, ge=1, description="checkpoints Ray Train keeps (default: all)")
+    peak_tflops: Optional[float] = Field(default=None, gt=0, description="device peak for MFU; default from the GPU name (H100 989, A100 312)")
+    # parallelism and cluster
+    activation_checkpointing: bool = False
+    compile: bool = False
+    mixed_precision: Literal["auto", "bf16", "fp32"] = "auto"
+    num_workers: int = Field(default=2, ge=1)
+    use_gpu: bool = False
+    resources_per_worker: dict[str, float] = Field(default_factory=lambda: {"CPU": 1.0})
+    threads_per_worker: Optional[int] = Field(default=None, ge=1, description="torch threads per worker (default: its CPUs)")
+    max_failures: int = Field(default=2, ge=0)
+    export_dtype: Literal["float32", "bfloat16"] = "float32"
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.warmup_steps >= self.steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be < steps ({self.steps})")
+        return self
+
+    def train_config(self, seed: int) -> TrainConfig:
+        names = set(TrainConfig.__dataclass_fields__) - {"seed", "peak_flops", "deterministic"}
+        return TrainConfig(seed=seed, peak_flops=self.peak_tflops * 1e12 if self.peak_tflops else None,
+                           deterministic=not self.use_gpu, **{n: getattr(self, n) for n in names if hasattr(self, n)})
+
+
+@register
+class TrainStage(DatasetStage):
+    name: ClassVar[str] = "train"
+    version: ClassVar[str] = "1"
+    description: ClassVar[str] = "pretrain a LLaMA-style model with Ray Train + FSDP2; export to Hugging Face"
+    Config = TrainStageConfig
+    resources: ClassVar[Resources] = Resources(num_cpus=1)
+    uses_seed: ClassVar[bool] = True
+    outputs: ClassVar[tuple[str, ...]] = ("data",)
+    measure_column: ClassVar[Optional[str]] = None
+    requires: ClassVar[tuple[str, ...]] = ("tokens", "source")
+    produces: ClassVar[tuple[str, ...]] = ("step", "tokens_seen", "path", "loss", "val_loss", "final")
+
+    @classmethod
+    def output_columns(cls, input_columns):
+        return set(cls.produces)
+
+    def run(self, ctx) -> None:
+        cfg: TrainStageConfig = self.config
+        src = ctx.inputs[0]
+        info = tokenize_info(src.manifest)
+        seq_len, vocab = int(info["seq_len"]), int(info["vocab_size"])
+        model_cfg = cfg.model.build(vocab, seq_len)
+        val_files = mf.dataset_files(src.manifest, src.stage_dir, "validation") if "validation" in src.manifest["datasets"] else []
+        threads = cfg.threads_per_worker or max(1, int(cfg.resources_per_worker.get("CPU", 1)))
+        spec = TrainSpec(
+            train=cfg.train_config(ctx.seed), model=model_cfg, seq_len=seq_len, train_files=src.files(), val_files=val_files,
+            parallel=ParallelConfig(cfg.activation_checkpointing, cfg.compile, cfg.mixed_precision), storage=ctx.storage,
+            tracking_uri=ctx.tracking_uri, mlflow_run_id=ctx.mlflow_run_id, threads_per_worker=threads,
+        )
+        result = launch_ray(
+            spec, num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=dict(cfg.resources_per_worker),
+            storage_path=st.join(ctx.work_dir, ctx.stage_name), name=ctx.fingerprint, max_failures=cfg.max_failures,
+            keep_checkpoints=cfg.keep_checkpoints, storage=ctx.storage,
+        )
+        if result.error is not None:
+            raise RuntimeError(f"training failed: {result.error}") from result.error
+        if result.checkpoint is None:
+            raise RuntimeError("training finished without a checkpoint")
+        self._record(ctx, cfg, result, model_cfg, info, src)
+
+    # -- after training, on the driver ------------------------------------------------------------
+    def _record(self, ctx, cfg: TrainStageConfig, result, model_cfg: ModelConfig, info: dict[str, Any], src) -> None:
+        import torch
+
+        from stages.train import checkpoint as ckpt
+        from stages.train.export import ExportError, export_checkpoint
+
+        final_path = _uri(result.checkpoint.path, ctx.work_dir)
+        rows = []
+        for checkpoint, metrics in sorted(result.best_checkpoints, key=lambda cm: cm[1].get("step", 0)):
+            path = _uri(checkpoint.path, ctx.work_dir)
+            rows.append({"step": int(metrics.get("step", 0)), "tokens_seen": int(metrics.get("tokens_seen", 0)), "path": path,
+                         "loss": metrics.get("loss"), "val_loss": metrics.get("val_loss"), "final": path == final_path})
+        out = ctx.part_outputs("checkpoints", measure_column=None)
+        out.write("data", pa.Table.from_pylist(rows, schema=pa.schema([
+            ("step", pa.int64()), ("tokens_seen", pa.int64()), ("path", pa.string()), ("loss", pa.float64()),
+            ("val_loss", pa.float64()), ("final", pa.bool_())])))
+        ctx.add_part_result(out.close(rows_in=src.num_rows))
+
+        export_uri = st.join(ctx.attempt_uri, "hf")
+        export_error = None
+        with result.checkpoint.as_directory() as local_ckpt, tempfile.TemporaryDirectory() as tmp:
+            extra = ckpt.load_extra(local_ckpt, 0)
+            state = json.loads(extra["trainer"])
+            tokenizer = None
+            if info.get("tokenizer_path"):
+                tokenizer = os.path.join(tmp, "tokenizer.json")
+                with open(tokenizer, "wb") as f:
+                    f.write(ctx.storage.read_bytes(st.join(src.stage_dir, info["tokenizer_path"])))
+            hf_dir = os.path.join(tmp, "hf")
+            special = {k: info.get(k) for k in ("bos_id", "eos_id", "pad_id")}
+            try:
+                export_checkpoint(local_ckpt, hf_dir, tokenizer, special, getattr(torch, cfg.export_dtype))
+                _upload(ctx.storage, hf_dir, export_uri)
+            except ExportError as e:
+                export_error, export_uri = str(e), None
+                log.warning("[%s] no Hugging Face export: %s", ctx.stage_name, e)
+            png = loss_curve_png(state["history"], ctx.stage_name)
+            if png:
+                ctx.log_artifact("loss_curve.png", png)
+            ctx.log_artifact("train_history.json", json.dumps(state["history"], indent=1))
+            model_id = None
+            if ctx.mlflow_run_id and export_uri:
+                model_id = log_model(ctx, hf_dir, model_cfg, src, extra["step"], rows[-1] if rows else {})
+
+        last = rows[-1] if rows else {}
+        ctx.extra_manifest["train"] = {
+            "hf_export": export_uri, "hf_export_error": export_error, "final_checkpoint": final_path,
+            "ray_train_run": st.join(ctx.work_dir, ctx.stage_name, ctx.fingerprint),
+            "steps": int(extra["step"]), "tokens_seen": int(extra["tokens_seen"]), "world_size": int(extra["world_size"]),
+            "model": model_cfg.to_dict(), "num_params": model_cfg.num_params(), "flops_per_token": model_cfg.flops_per_token(model_cfg.max_seq_len),
+            "final_loss": last.get("loss"), "final_val_loss": last.get("val_loss"),
+            "skipped_steps": state["skipped"], "clip_events": state["clip_events"], "mlflow_model_id": model_id,
+            "tokenizer": "tokenizer.json" if export_uri and info.get("tokenizer_path") else None,
+        }
+        ctx.log_metric("steps", extra["step"])
+        ctx.log_metric("tokens_seen", extra["tokens_seen"])
+        ctx.log_metric("skipped_steps_total", len(state["skipped"]))
+        if last.get("loss") is not None:
+            ctx.log_metric("final_loss", last["loss"])
+        if last.get("val_loss") is not None:
+            ctx.log_metric("final_val_loss", last["val_loss"])
+
+
+def _uri(path: str, work_dir: str) -> str:
+    """Ray gives paths inside its filesystem; put the scheme back for remote work dirs."""
+    if st.is_remote(work_dir) and "://" not in path:
+        return f"{work_dir.split('://', 1)[0]}://{path}"
+    return path
+
+
+def _upload(storage: st.Storage, local_dir: str, uri: str) -> None:
+    if not st.is_remote(uri):
+        shutil.copytree(local_dir, uri, dirs_exist_ok=True)
+        return
+    for name in sorted(os.listdir(local_dir)):
+        with open(os.path.join(local_dir, name), "rb") as f:
+            storage.write_bytes_atomic(st.join(uri, name), f.read())
+
+
+def loss_curve_png(history: list[dict[str, float]], title: str) -> Optional[bytes]:
+    if not history:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    train = [(h["step"], h["loss"]) for h in history if h.get("loss") is not None]
+    val = [(h["step"], h["val_loss"]) for h in history if h.get("val_loss") is not None]
+    if train:
+        ax.plot(*zip(*train), label="train loss")
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(f"{title}: loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def log_model(ctx, hf_dir: str, model_cfg: ModelConfig, src, step: int, last: dict[str, Any]) -> Optional[str]:
+    """The export as an MLflow LoggedModel of the stage run, linked to the token shards: the
+    model's tags name the dataset, and its final losses are logged against that dataset."""
+    from mlflow import MlflowClient
+    from mlflow.entities import LoggedModelOutput
+
+    client = MlflowClient(tracking_uri=ctx.tracking_uri)
+    run = client.get_run(ctx.mlflow_run_id)
+    dataset_name = f"{src.ref.stage}.{src.ref.dataset}"
+    model = client.create_logged_model(
+        run.info.experiment_id, name=ctx.stage_name, source_run_id=ctx.mlflow_run_id, model_type="LlamaForCausalLM",
+        params={k: str(v) for k, v in model_cfg.to_dict().items()},
+        tags={"lmpipe.fingerprint": ctx.fingerprint, "lmpipe.train_dataset": dataset_name, "lmpipe.train_dataset_uri": src.uri,
+              "lmpipe.train_dataset_digest": src.fingerprint, "lmpipe.step": str(step), "lmpipe.format": "huggingface"},
+    )
+    client.log_model_artifacts(model.model_id, hf_dir)
+    for key in ("loss", "val_loss"):
+        if last.get(key) is not None:
+            client.log_metric(ctx.mlflow_run_id, f"final_{key}", float(last[key]), step=step, model_id=model.model_id,
+                              dataset_name=dataset_name, dataset_digest=src.fingerprint[:36])
+    client.log_outputs(ctx.mlflow_run_id, [LoggedModelOutput(model.model_id, step)])
+    client.finalize_logged_model(model.model_id, "READY")
+    return model.model_id

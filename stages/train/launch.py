@@ -1,0 +1,123 @@
+"""Launching the training loop: on Ray Train workers (``launch_ray``), or in any process that
+already knows its rank (``run_training``: one process, or under ``torchrun``). Ray only
+launches; everything that trains lives in :mod:`stages.train.trainer`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from pipeline import storage as st
+from stages.train.data import validation_sets
+from stages.train.model import ModelConfig
+from stages.train.parallelize import ParallelConfig
+from stages.train.trainer import Checkpointer, MlflowSink, TrainConfig, Trainer
+
+log = logging.getLogger("lmpipe.train")
+
+
+@dataclass(frozen=True)
+class FaultInjection:
+    """For tests: rank ``rank`` kills its own process after step ``step``, once (``marker`` records it)."""
+
+    step: int
+    marker: str
+    rank: int = 1
+    delay_s: float = 3.0
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """Everything a worker needs; pickled to every Ray Train worker."""
+
+    train: TrainConfig
+    model: ModelConfig
+    seq_len: int
+    train_files: list[str]
+    val_files: list[str] = field(default_factory=list)
+    parallel: ParallelConfig = ParallelConfig()
+    storage: st.Storage = st.Storage()
+    tracking_uri: Optional[str] = None
+    mlflow_run_id: Optional[str] = None
+    threads_per_worker: Optional[int] = None
+    fault: Optional[FaultInjection] = None
+
+
+def _fault_hook(fault: Optional[FaultInjection], rank: int):
+    if fault is None or rank != fault.rank:
+        return None
+
+    def hook(step: int) -> None:
+        if step == fault.step and not os.path.exists(fault.marker):
+            with open(fault.marker, "w") as f:
+                f.write(f"rank {rank} killed itself after step {step}\n")
+            log.warning("fault injection: rank %d exits after step %d", rank, step)
+            # Ray Train's controller collects reported checkpoints when it polls the workers
+            # (every 2 s); a worker that dies sooner after a report can lose that checkpoint.
+            time.sleep(fault.delay_s)
+            os._exit(1)
+
+    return hook
+
+
+def run_training(spec: TrainSpec, rank: int, world_size: int, device: torch.device, checkpointer: Optional[Checkpointer]) -> dict[str, Any]:
+    """Build loader, validation data and trainer on this rank, resume if a checkpoint exists, train."""
+    from stages.tokenize.loader import TokenShardLoader
+
+    if spec.threads_per_worker:
+        torch.set_num_threads(spec.threads_per_worker)
+    loader = TokenShardLoader(spec.train_files, spec.train.micro_batch_size, rank=rank, world_size=world_size,
+                              seed=spec.train.seed, storage=spec.storage)
+    val = validation_sets(spec.val_files, spec.storage, rank, world_size, spec.train.eval_max_sequences)
+    sink = MlflowSink(spec.tracking_uri, spec.mlflow_run_id) if rank == 0 and spec.mlflow_run_id and spec.tracking_uri else None
+    trainer = Trainer(spec.train, spec.model, loader, spec.seq_len, val_sets=val, parallel=spec.parallel,
+                      checkpointer=checkpointer, sink=sink, device=device)
+    trainer.restore()
+    return trainer.train(on_step_end=_fault_hook(spec.fault, rank))
+
+
+def ray_train_worker(config: dict[str, Any]) -> None:
+    """The Ray Train loop (one call per worker; Ray has set up the process group)."""
+    import ray.train
+    import ray.train.torch
+
+    from stages.train.trainer import RayCheckpointer
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    spec: TrainSpec = config["spec"]
+    context = ray.train.get_context()
+    run_training(spec, context.get_world_rank(), context.get_world_size(), ray.train.torch.get_device(), RayCheckpointer())
+
+
+def launch_ray(spec: TrainSpec, *, num_workers: int, use_gpu: bool, resources_per_worker: dict[str, float],
+               storage_path: str, name: str, max_failures: int, keep_checkpoints: Optional[int] = None,
+               storage: Optional[st.Storage] = None):
+    """Run ``ray_train_worker`` on ``num_workers`` workers. Re-running with the same ``storage_path``
+    and ``name`` resumes from the latest checkpoint; a failed worker group is restarted from it
+    up to ``max_failures`` times. Returns Ray Train's ``Result``."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    fs = None
+    path = storage_path
+    if st.is_remote(storage_path):
+        fs, path = (storage or st.Storage()).arrow_fs(storage_path)
+    trainer = TorchTrainer(
+        ray_train_worker,
+        train_loop_config={"spec": spec},
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources_per_worker),
+        run_config=RunConfig(
+            name=name,
+            storage_path=path,
+            storage_filesystem=fs,
+            failure_config=FailureConfig(max_failures=max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
+        ),
+    )
+    return trainer.fit()

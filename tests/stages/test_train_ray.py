@@ -1,0 +1,63 @@
+"""The train stage on 2 Ray Train workers (FSDP2 over gloo) through the Runner, and a run whose
+worker is killed mid-training. Runs in a subprocess with its own Ray (dashboard on, as Train V2
+wants) so the session's dashboard-less Ray is untouched."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    work = tmp_path_factory.mktemp("train-ray")
+    out = work / "result.json"
+    env = {**os.environ, "RAY_DEDUP_LOGS": "0", "LMPIPE_PROGRESS": "0"}
+    proc = subprocess.run([sys.executable, "-m", "tests.stages.train_ray_job", str(work), str(out)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=540)
+    if proc.returncode != 0:
+        pytest.fail(f"train job failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+    return json.loads(out.read_text())
+
+
+def test_two_worker_fsdp_training_lowers_the_loss(job):
+    losses = job["loss_history"]
+    assert len(losses) >= 5 and losses[-1] < losses[0] - 0.3, losses
+    train = job["manifest_train"]
+    assert train["steps"] == 24 and train["world_size"] == 2 and train["tokens_seen"] == 24 * 2 * 4 * 32
+
+
+def test_checkpoints_table_and_export_are_recorded(job):
+    train = job["manifest_train"]
+    assert job["rows"] == 3  # steps 8, 16, 24
+    assert os.path.isfile(os.path.join(train["hf_export"], "model.safetensors"))
+    assert os.path.isfile(os.path.join(train["hf_export"], "tokenizer.json"))
+    assert os.path.isdir(train["final_checkpoint"])
+    assert job["rerun_cached"]
+
+
+def test_mlflow_gets_training_metrics_curve_and_model(job):
+    keys = set(job["metric_keys"])
+    assert {"loss", "lr", "grad_norm", "clip_events", "skipped_steps", "tokens_seen", "tokens_per_second",
+            "tokens_per_second_per_device", "step_time", "data_wait", "peak_memory_bytes", "param_norm",
+            "optim_exp_avg_norm", "activation_rms/layer_00", "val_loss/news", "val_loss/code"} <= keys
+    assert "mfu" not in keys  # CPU: n/a
+    assert "loss_curve.png" in job["artifacts"]
+    model = job["logged_model"]
+    assert model["status"].endswith("READY") and job["outputs"] == [job["manifest_train"]["mlflow_model_id"]]
+    assert model["tags"]["lmpipe.train_dataset"] == "tokenize.train"
+
+
+def test_killed_worker_resumes_to_identical_weights(job):
+    killed = job["killed"]
+    assert killed["marker"], "the fault was never injected"
+    assert killed["step"] == 24
+    assert killed["same_weights"] and killed["history_equal"]

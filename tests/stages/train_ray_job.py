@@ -1,0 +1,134 @@
+"""Runs in its own process (Ray Train wants the dashboard on; the test session's Ray has it off):
+the train stage through the Runner on 2 Ray workers with FSDP2/gloo, then the same training with
+one worker killed mid-run. Writes what the tests check to a JSON file.
+
+    python -m tests.stages.train_ray_job WORK_DIR OUT_JSON
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import textwrap
+from typing import ClassVar
+
+from pipeline.config import load_config
+from pipeline.registry import register
+from pipeline.stage import DatasetStage, stage_seed
+from tests.stages.train_support import SEQ_LEN, VOCAB, token_table
+
+TRAIN_CONFIG = dict(
+    model={"size": "debug", "dim": 32, "n_layers": 2, "n_heads": 2, "ffn_dim": 64},
+    steps=24, micro_batch_size=4, lr=3e-3, warmup_steps=3, log_every=4, eval_every=12, norms_every=12,
+    checkpoint_every=8, num_workers=2, max_failures=1, threads_per_worker=1,
+)
+
+
+@register
+class TestTokenShards(DatasetStage):
+    """Writes shards and a manifest section exactly as the tokenize stage does (without a corpus)."""
+
+    name: ClassVar[str] = "test_token_shards"
+    num_inputs = (0, 0)
+    outputs = ("train", "validation")
+    output_formats = {"train": "arrow", "validation": "arrow"}
+    measure_column = None
+    produces = ("tokens", "source", "doc_ids", "doc_offsets")
+
+    def run(self, ctx) -> None:
+        from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+        for split, rows, seed in (("train", 256, 0), ("validation", 32, 1)):
+            out = ctx.part_outputs(split, formats=dict(self.output_formats), measure_column=None, max_rows_per_file=64)
+            out.write(split, token_table(rows, seed=seed))
+            ctx.add_part_result(out.close())
+        tok = Tokenizer(models.BPE(unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel()
+        tok.train_from_iterator(["tiny corpus"] * 10, trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<bos>", "<eos>", "<unk>"]))
+        rel = f"{ctx.attempt}/tokenizer.json"
+        ctx.storage.write_bytes_atomic(os.path.join(ctx.stage_dir, rel), tok.to_str().encode())
+        ctx.extra_manifest["tokenize"] = {"seq_len": SEQ_LEN, "vocab_size": VOCAB, "dtype": "uint16", "eos_id": 2, "bos_id": 1,
+                                          "pad_id": 0, "tokenizer_path": rel}
+
+
+def main(work: str, out_json: str) -> None:
+    import ray
+    import torch
+
+    os.makedirs(work, exist_ok=True)
+    ray.init(address="local", num_cpus=2, include_dashboard=True, log_to_driver=False,
+             object_store_memory=256 * 1024 * 1024, _temp_dir=os.path.join(work, "ray"))
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address  # Train's helper actors join this cluster
+
+    from mlflow import MlflowClient
+
+    from pipeline.runner import Runner
+    from stages.train import TrainStageConfig
+    from stages.train import checkpoint as ckpt
+    from stages.train.launch import FaultInjection, TrainSpec, launch_ray
+
+    yaml_path = os.path.join(work, "pipeline.yaml")
+    with open(yaml_path, "w") as f:
+        f.write(textwrap.dedent(f"""
+            name: train-test
+            work_dir: {work}/work
+            seed: 7
+            stages:
+              tokenize:
+                uses: test_token_shards
+              train:
+                uses: train
+                inputs: [tokenize.train]
+                config: {json.dumps(TRAIN_CONFIG)}
+            """))
+    loaded = load_config(yaml_path)
+    report = Runner(loaded).run()
+    stage = report.stage("train")
+    manifest = stage.manifest
+    client = MlflowClient(loaded.resolved.tracking_uri())
+    run = client.get_run(stage.run_id)
+    result = {
+        "manifest_train": manifest["train"],
+        "rows": manifest["datasets"]["data"]["rows"],
+        "metric_keys": sorted(run.data.metrics),
+        "loss_history": [m.value for m in sorted(client.get_metric_history(stage.run_id, "loss"), key=lambda m: m.step)],
+        "artifacts": sorted(a.path for a in client.list_artifacts(stage.run_id)),
+        "outputs": [o.model_id for o in (run.outputs.model_outputs if run.outputs else [])],
+    }
+    if manifest["train"]["mlflow_model_id"]:
+        model = client.get_logged_model(manifest["train"]["mlflow_model_id"])
+        result["logged_model"] = {"status": str(model.status), "tags": model.tags, "source_run_id": model.source_run_id}
+
+    # The same training, with rank 1 killed after step 12: Ray restarts the group from step 8.
+    from stages.train.model import model_config  # noqa: F401  (the spec below mirrors the stage's)
+
+    shards = report.stage("tokenize")
+    cfg = TrainStageConfig(**TRAIN_CONFIG)
+    spec = TrainSpec(
+        train=cfg.train_config(stage_seed(7, "train")), model=cfg.model.build(VOCAB, SEQ_LEN), seq_len=SEQ_LEN,
+        train_files=[os.path.join(shards.stage_dir, f["path"]) for f in shards.manifest["datasets"]["train"]["files"]],
+        val_files=[os.path.join(shards.stage_dir, f["path"]) for f in shards.manifest["datasets"]["validation"]["files"]],
+        threads_per_worker=1, fault=FaultInjection(step=12, marker=os.path.join(work, "killed")),
+    )
+    killed = launch_ray(spec, num_workers=2, use_gpu=False, resources_per_worker={"CPU": 1}, storage_path=os.path.join(work, "killed-run"),
+                        name="run", max_failures=1)
+    a = ckpt.load_full_model(manifest["train"]["final_checkpoint"]).state_dict()
+    with killed.checkpoint.as_directory() as d:
+        b = ckpt.load_full_model(d).state_dict()
+        killed_extra = ckpt.load_extra(d, 0)
+    result["killed"] = {
+        "marker": os.path.exists(os.path.join(work, "killed")),
+        "step": killed_extra["step"],
+        "same_weights": all(torch.equal(a[k], b[k]) for k in a) and a.keys() == b.keys(),
+        "history_equal": json.loads(killed_extra["trainer"])["history"] == json.loads(ckpt.load_extra(manifest["train"]["final_checkpoint"], 0)["trainer"])["history"],
+    }
+    rerun = Runner(loaded).run()
+    result["rerun_cached"] = rerun.stage("train").cached
+    with open(out_json, "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
