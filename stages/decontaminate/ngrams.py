@@ -85,7 +85,7 @@ class NgramIndex:
     lengths: tuple[int, ...]  # window lengths looked up: n, plus whole short texts (min_words..n-1)
     vocab: pa.Array  # string; word id = position + 1 (0 = not an evaluation word)
     hashes: np.ndarray  # uint64, sorted, unique
-    example_offsets: np.ndarray  # int64, len(hashes) + 1
+    example_offsets: np.ndarray  # int32 (int64 past 2**31 pairs), len(hashes) + 1
     example_index: np.ndarray  # int32, into examples
     examples: list[tuple[str, str]]  # (task, example id)
     stats: dict[str, Any]
@@ -148,7 +148,7 @@ class NgramIndex:
         uniq, starts, counts = np.unique(pairs[:, 0], return_index=True, return_counts=True)
         keep = counts <= max_examples_per_ngram
         kept_starts, kept_counts = starts[keep], counts[keep]
-        example_offsets = np.concatenate([[0], np.cumsum(kept_counts)]).astype(np.int64)
+        example_offsets = np.concatenate([[0], np.cumsum(kept_counts)]).astype(np.int32 if len(pairs) < 2**31 else np.int64)
         take = np.concatenate([np.arange(s, s + c) for s, c in zip(kept_starts, kept_counts)]) if len(kept_starts) else np.zeros(0, np.int64)
         example_index = pairs[take, 1].astype(np.int32)
         indexed = np.zeros(len(examples), dtype=bool)

@@ -39,10 +39,14 @@ class TokenizeConfig(StrictModel):
     seq_len: int = Field(default=2048, ge=1, description="tokens a model sees per sequence (shards hold seq_len + 1)")
     add_bos: bool = Field(default=False, description="prepend BOS to every document (EOS is always appended)")
     validation_fraction: float = Field(default=0.01, ge=0, lt=1, description="documents held out per source for validation")
+    min_validation_docs: int = Field(default=1, ge=0, description="per source, hold out at least this many documents (if it has more)")
     mixture: Optional[dict[str, float]] = Field(
         default=None, description="train token share per source (normalised); sources not listed are left out. None: natural mix"
     )
     total_tokens: Optional[int] = Field(default=None, ge=1, description="train tokens after mixing (default: the train tokens before)")
+    max_copies: Optional[float] = Field(
+        default=None, gt=0, description="cap on copies of one document when upsampling (the achieved share then falls short)"
+    )
     shard_sequences: int = Field(default=8192, ge=1, description="sequences per Arrow shard")
     batch_rows: int = Field(default=1024, ge=1, description="documents per encode_batch call (bounds memory)")
     threads_per_worker: Optional[int] = Field(default=None, ge=1, description="tokenizer threads per worker (default: its CPUs)")
@@ -126,8 +130,15 @@ class Tokenize(DatasetStage):
         t0 = time.perf_counter()
 
         # 1. encode
-        job = pk.EncodeJob(tok_uri, int(info["eos_id"]), int(info["bos_id"]) if c.add_bos else None, c.validation_fraction, self.seed, c.batch_rows)
         files = docs_in.files()
+        thresholds: dict[str, float] = {}
+        if c.min_validation_docs > 0 and c.validation_fraction > 0:  # needs every id once (two small columns)
+            keys = docs_in.read_table(["id", "source"])
+            thresholds = pk.validation_thresholds(keys.column("id").to_pylist(), keys.column("source").to_pylist(),
+                                                  c.validation_fraction, c.min_validation_docs, self.seed)
+            del keys
+        job = pk.EncodeJob(tok_uri, int(info["eos_id"]), int(info["bos_id"]) if c.add_bos else None, c.validation_fraction, thresholds,
+                           self.seed, c.batch_rows)
         encoded = map_tasks(pk.encode_part, [(ctx.storage, f, st.join(work, "encoded", f"part-{i:05d}.arrow"), job) for i, f in enumerate(files)],
                             res.num_cpus, res.max_workers, env)
         timings["encode"] = time.perf_counter() - t0
@@ -140,6 +151,9 @@ class Tokenize(DatasetStage):
                     cur["tokens"] += n["tokens"]
         train_tokens = {s: v["tokens"] for s, v in counts.get(pk.TRAIN, {}).items()}
         rates = mixture_rates(train_tokens, c.mixture, c.total_tokens)
+        capped = sorted(s for s, r in rates.items() if c.max_copies is not None and r > c.max_copies)
+        if c.max_copies is not None:
+            rates = {s: min(r, c.max_copies) for s, r in rates.items()}
 
         # 2. pack parts, then all tails together
         t1 = time.perf_counter()
@@ -209,6 +223,7 @@ class Tokenize(DatasetStage):
             "mixture": {
                 "weights": c.mixture,
                 "rates": {s: round(r, 6) for s, r in rates.items()},
+                "capped_by_max_copies": capped,
                 "target_shares": ({s: w / sum(c.mixture.values()) for s, w in c.mixture.items()} if c.mixture else None),
                 "achieved_shares": {s: n / train_total for s, n in mixed_tokens[pk.TRAIN].items()} if train_total else {},
             },

@@ -45,8 +45,30 @@ def sequence_schema(seq_len: int, dtype: pa.DataType) -> pa.Schema:
     ])
 
 
-def is_validation(doc_id: str, fraction: float, seed: int) -> bool:
-    return fraction > 0 and keep_score(doc_id, seed ^ 0x5EED_0FF5) < fraction
+def validation_score(doc_id: str, seed: int) -> float:
+    return keep_score(doc_id, seed ^ 0x5EED_0FF5)
+
+
+def validation_thresholds(ids: list[str], sources: list[str], fraction: float, min_docs: int, seed: int) -> dict[str, float]:
+    """Per source, the score below which a document is held out: ``fraction`` of the documents,
+    but at least ``min_docs`` of them (and never all of a source's documents)."""
+    scores: dict[str, list[float]] = {}
+    for i, s in zip(ids, sources):
+        scores.setdefault(s, []).append(validation_score(i, seed))
+    out = {}
+    for s, sc in scores.items():
+        sc.sort()
+        if len(sc) < 2:
+            out[s] = 0.0  # a source's only document trains
+            continue
+        k = min(min_docs, len(sc) - 1)
+        threshold = max(fraction, float(np.nextafter(sc[k - 1], 1.0)) if k > 0 else 0.0)
+        out[s] = min(threshold, sc[-1])  # the highest-scoring document always trains
+    return out
+
+
+def is_validation(doc_id: str, threshold: float, seed: int) -> bool:
+    return threshold > 0 and validation_score(doc_id, seed) < threshold
 
 
 def copies_of(doc_id: str, rate: float, seed: int) -> int:
@@ -96,6 +118,7 @@ class EncodeJob:
     eos_id: int
     bos_id: Optional[int]  # None: no BOS
     validation_fraction: float
+    validation_thresholds: dict[str, float]  # per source (see validation_thresholds); others use the fraction
     seed: int
     batch_rows: int
 
@@ -121,7 +144,8 @@ def encode_part(storage: st.Storage, input_uri: str, out_uri: str, job: EncodeJo
                 start += 1
             values[start : end - 1] = e.ids
             values[end - 1] = job.eos_id
-        split = [VALIDATION if is_validation(i, job.validation_fraction, job.seed) else TRAIN for i in ids]
+        sources = batch.column("source").to_pylist()
+        split = [VALIDATION if is_validation(i, job.validation_thresholds.get(s, job.validation_fraction), job.seed) else TRAIN for i, s in zip(ids, sources)]
         tokens = pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values))
         tables.append(pa.table({"id": batch.column("id"), "source": batch.column("source"), "split": pa.array(split, pa.string()),
                                 "tokens": tokens}))

@@ -216,3 +216,16 @@ def test_loader_reads_the_stage_output(natural):
     x, y = next(iter(TokenShardLoader(files, batch_size=4, seed=0)))
     assert x.shape == (4, 128) and (x[:, 1:] == y[:, :-1]).all()
     assert shard_files(Storage(), st.stage_dir, "validation")
+
+
+def test_validation_thresholds_hold_out_at_least_min_docs_per_source():
+    from stages.tokenize.packing import is_validation, validation_thresholds
+
+    ids = [f"a{i}" for i in range(5)] + [f"b{i}" for i in range(300)] + ["c0"]
+    sources = ["a"] * 5 + ["b"] * 300 + ["c"]
+    th = validation_thresholds(ids, sources, 0.05, 2, seed=1)
+    held = {s: sum(is_validation(i, th[s], 1) for i, src in zip(ids, sources) if src == s) for s in th}
+    assert held["a"] == 2  # 5% of 5 rounds to none: the minimum applies
+    assert 5 <= held["b"] <= 30  # ~5% of 300
+    assert held["c"] == 0  # a source's only document trains
+    assert validation_thresholds(["x0", "x1"], ["x", "x"], 0.99, 5, 1)["x"] < 1  # never all of a source
