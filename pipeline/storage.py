@@ -164,6 +164,10 @@ def _s3fs_options(opts: dict[str, Any]) -> dict[str, Any]:
     if client_kwargs:
         out["client_kwargs"] = client_kwargs
     out.setdefault("use_listings_cache", False)
+    # Throttling and 5xx answers are retried with exponential backoff and jitter by botocore.
+    config_kwargs = dict(out.pop("config_kwargs", {}) or {})
+    config_kwargs.setdefault("retries", {"max_attempts": 10, "mode": "standard"})
+    out["config_kwargs"] = config_kwargs
     return out
 
 
