@@ -57,8 +57,16 @@ def main(work: str, out_json: str) -> None:
     import torch
 
     os.makedirs(work, exist_ok=True)
-    ray.init(address="local", num_cpus=2, include_dashboard=True, log_to_driver=False,
-             object_store_memory=256 * 1024 * 1024, _temp_dir=os.path.join(work, "ray"))
+    from tests.conftest import free_port
+
+    common = dict(address="local", num_cpus=2, log_to_driver=False, object_store_memory=256 * 1024 * 1024,
+                  _temp_dir=os.path.join(work, "ray"))
+    try:  # a free port: other Ray dashboards may run on this machine
+        ray.init(include_dashboard=True, dashboard_port=free_port(), **common)
+    except Exception as e:  # the dashboard is for speed and quiet logs, not correctness
+        print(f"Ray with dashboard failed ({str(e).splitlines()[0] if str(e) else type(e).__name__}); without it", file=sys.stderr)
+        ray.shutdown()
+        ray.init(include_dashboard=False, **common)
     os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address  # Train's helper actors join this cluster
 
     from mlflow import MlflowClient
