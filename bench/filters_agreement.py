@@ -95,18 +95,23 @@ def cached_datatrove(docs: dict[str, list[str]], refresh: bool = False) -> dict:
 
 
 def lmpipe_decisions(texts: list[str], family: str | None, batch: int = 2048) -> list:
-    """lmpipe's reasons per document: one family alone (others disabled), or the chain (None)."""
+    """lmpipe's reason per document through the quality_filter stage (a quarantine reason counts
+    as a drop): one family alone (the others disabled), or all four (``family=None``)."""
     import pyarrow as pa
 
-    from stages.filters.quality import QualityConfig, score_and_decide
+    from stages.filters import QualityFilter
+    from stages.filters.quality import QualityConfig
 
     if family is None:
         cfg = QualityConfig()
     else:
         cfg = QualityConfig(**{f: {"enabled": f == family} for f in FAMILIES})
+    stage = QualityFilter(cfg)
     out: list = []
     for i in range(0, len(texts), batch):
-        out.extend(score_and_decide(pa.array(texts[i : i + batch], pa.string()), cfg).reason.tolist())
+        res = stage.process_batch(pa.table({"text": pa.array(texts[i : i + batch], pa.string())}))
+        drop, quarantine = res.column("drop_reason").to_pylist(), res.column("quarantine_reason").to_pylist()
+        out.extend(d or (f"quarantine:{q}" if q else None) for d, q in zip(drop, quarantine))
     return out
 
 

@@ -121,7 +121,7 @@ class PiiMasker(RowStage):
 
     def process_batch(self, batch: pa.Table) -> pa.Table:
         prep = common.prepare(batch)
-        masked, counts = pii.mask_all(prep.texts.to_pylist(), self.config)
+        masked, counts = pii.mask_all(prep.texts, self.config)
         total = sum(counts.values()) if counts else None
         drop = [None] * len(masked)
         if self.config.max_pii_spans is not None:

@@ -1,8 +1,9 @@
 """PII masking: e-mail addresses, phone numbers, IP addresses (v4, v6) and payment card numbers.
 
 Each span is replaced by a typed placeholder (Dolma's convention, e.g. ``|||EMAIL_ADDRESS|||``)
-and counted per kind. One alternation scans each document once; candidates that a regex
-alone cannot judge are checked in code: card numbers must pass the Luhn check and have a known
+and counted per kind. A loose RE2 gate per kind runs over the whole batch in Arrow, and only the
+documents it flags are searched with that kind's exact pattern; candidates that a regex alone
+cannot judge are checked in code: card numbers must pass the Luhn check and have a known
 issuer prefix, IPv6 candidates must parse, IPv4 candidates right after "version"/"v" are left
 alone (``v1.2.3.4``). Boundaries are strict so that version numbers, dates, decimal numbers and
 ``user@host`` inside URLs are not masked and text around a span is never touched.
@@ -15,6 +16,8 @@ import re
 from typing import Optional
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import Field
 
 from pipeline.config import StrictModel
@@ -29,22 +32,34 @@ KINDS = tuple(PLACEHOLDERS)
 
 _OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
 _H = r"[0-9A-Fa-f]{1,4}"
-PII_RE = re.compile(
-    "|".join(
-        [
-            # not preceded by a character that would make it part of a URL's user:pass@ or a path
-            r"(?P<email>(?<![\w.%+\-/:@])[A-Za-z0-9][A-Za-z0-9._%+\-]*@"
-            r"(?:[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?\.)+(?!(?:png|jpe?g|gif|svg|webp)\b)[A-Za-z]{2,24}(?![\w@\-]|\.\w))",
-            r"(?P<card>(?<![\w.,\-+])\d(?:[ \-]?\d){12,18}(?![\w\-]|[.,]\d))",
-            r"(?P<ipv4>(?<![\w.\-])" + _OCTET + r"(?:\." + _OCTET + r"){3}(?![\w\-]|\.\d))",
-            r"(?P<ipv6>(?<![\w:.])(?:(?:" + _H + r":){7}" + _H + r"|(?:" + _H + r":){1,7}:(?:" + _H + r"(?::" + _H + r"){0,6})?|::" + _H + r"(?::" + _H + r"){0,6})(?![\w:]))",
-            # North American numbers with separators: (555) 123-4567, 555-123-4567, +1 555.123.4567
-            r"(?P<phone>(?<![\w+.\-/])(?:\+?1[ .\-]?)?(?:\(\d{3}\) ?|\d{3}[ .\-])\d{3}[ .\-]\d{4}(?![\w\-]|[.,]\d))",
-            # international: +CC then 2-5 groups, 8-15 digits in all
-            r"(?P<intl>(?<![\w+])\+\d{1,3}(?:[ .\-]?\(?\d{1,4}\)?){2,5}(?![\w\-]|[.,]\d))",
-        ]
-    )
-)
+# One pattern per kind, applied in this order (earlier kinds win: a card number is never read as
+# a phone number; placeholders hold no digits, so later passes cannot match inside them).
+PATTERNS = {
+    # not preceded by a character that would make it part of a URL's user:pass@ or a path
+    "email": re.compile(
+        r"(?<![\w.%+\-/:@])[A-Za-z0-9][A-Za-z0-9._%+\-]*@"
+        r"(?:[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?\.)+(?!(?:png|jpe?g|gif|svg|webp)\b)[A-Za-z]{2,24}(?![\w@\-]|\.\w)"
+    ),
+    "card": re.compile(r"(?<![\w.,\-+])\d(?:[ \-]?\d){12,18}(?![\w\-]|[.,]\d)"),
+    "ipv4": re.compile(r"(?<![\w.\-])" + _OCTET + r"(?:\." + _OCTET + r"){3}(?![\w\-]|\.\d)"),
+    "ipv6": re.compile(
+        r"(?<![\w:.])(?:(?:" + _H + r":){7}" + _H + r"|(?:" + _H + r":){1,7}:(?:" + _H + r"(?::" + _H + r"){0,6})?|::" + _H + r"(?::" + _H + r"){0,6})(?![\w:])"
+    ),
+    # North American numbers with separators: (555) 123-4567, 555-123-4567, +1 555.123.4567
+    "phone": re.compile(r"(?<![\w+.\-/])(?:\+?1[ .\-]?)?(?:\(\d{3}\) ?|\d{3}[ .\-])\d{3}[ .\-]\d{4}(?![\w\-]|[.,]\d)"),
+    # international: +CC then 2-5 groups, 8-15 digits in all
+    "intl": re.compile(r"(?<![\w+])\+\d{1,3}(?:[ .\-]?\(?\d{1,4}\)?){2,5}(?![\w\-]|[.,]\d)"),
+}
+# Loose RE2 versions (no look-arounds) that Arrow evaluates over a whole batch: a document is
+# searched with a kind's real pattern only if it matches the loose one (most documents match none).
+GATES = {
+    "email": r"[A-Za-z0-9]@[A-Za-z0-9]",
+    "card": r"\d(?:[ \-]?\d){12}",
+    "ipv4": r"\d\.\d{1,3}\.\d{1,3}\.\d",
+    "ipv6": r"[0-9A-Fa-f]:[0-9A-Fa-f]{0,4}:",
+    "phone": r"\d{3}\)? ?[ .\-]?\d{3}[ .\-]\d{4}",
+    "intl": r"\+\d",
+}
 _VERSION_BEFORE = re.compile(r"(?i)(?:\bv|version|release|build|ver\.?)\s*$")
 _CARD_PREFIX = re.compile(r"^(?:4|5[1-5]|2[2-7]|3[47]|6(?:011|5|4[4-9])|3(?:0[0-5]|[68])|35)")
 
@@ -80,35 +95,34 @@ class PiiConfig(StrictModel):
     max_pii_spans: Optional[int] = Field(default=None, ge=0, description="drop documents with more spans than this; null keeps all")
 
 
-def mask(text: str, kinds: frozenset[str]) -> tuple[str, dict[str, int]]:
+def _accept(kind: str, m: re.Match, text: str) -> Optional[str]:
+    """The PII kind of a regex match after the checks a regex cannot do, or None."""
+    span = m.group()
+    if kind == "card":
+        return "credit_card" if is_card(span) else None
+    if kind == "ipv4":
+        return None if _VERSION_BEFORE.search(text, max(0, m.start() - 10), m.start()) else "ip"
+    if kind == "ipv6":
+        return "ip" if _valid_ipv6(span) else None
+    if kind == "intl":
+        return "phone" if 8 <= sum(c.isdigit() for c in span) <= 15 else None
+    return kind
+
+
+def mask(text: str, kinds: frozenset[str], passes=tuple(PATTERNS)) -> tuple[str, dict[str, int]]:
     """The text with every PII span replaced by its placeholder, and counts per kind."""
     counts = dict.fromkeys(KINDS, 0)
+    for name in passes:
+        def replace(m: re.Match, name=name) -> str:
+            kind = _accept(name, m, text_now)
+            if kind is None or kind not in kinds:
+                return m.group()
+            counts[kind] += 1
+            return PLACEHOLDERS[kind]
 
-    def replace(m: re.Match) -> str:
-        kind = m.lastgroup
-        span = m.group()
-        if kind == "card":
-            if not is_card(span):
-                return span
-            kind = "credit_card"
-        elif kind == "ipv4":
-            if _VERSION_BEFORE.search(text, max(0, m.start() - 10), m.start()):
-                return span
-            kind = "ip"
-        elif kind == "ipv6":
-            if not _valid_ipv6(span):
-                return span
-            kind = "ip"
-        elif kind == "intl":
-            if not 8 <= sum(c.isdigit() for c in span) <= 15:
-                return span
-            kind = "phone"
-        if kind not in kinds:
-            return span
-        counts[kind] += 1
-        return PLACEHOLDERS[kind]
-
-    return PII_RE.sub(replace, text), counts
+        text_now = text
+        text = PATTERNS[name].sub(replace, text)
+    return text, counts
 
 
 def _valid_ipv6(span: str) -> bool:
@@ -121,13 +135,19 @@ def _valid_ipv6(span: str) -> bool:
     return len(groups) >= 3 or (len(groups) >= 2 and any(len(g) == 4 for g in groups))
 
 
-def mask_all(texts: list[str], cfg: PiiConfig) -> tuple[list[str], dict[str, np.ndarray]]:
+def mask_all(texts: pa.Array, cfg: PiiConfig) -> tuple[list[str], dict[str, np.ndarray]]:
     kinds = frozenset(cfg.kinds)
-    out: list[str] = []
-    counts = {k: np.zeros(len(texts), np.int64) for k in KINDS}
-    for i, text in enumerate(texts):
-        masked, c = mask(text, kinds)
-        out.append(masked)
+    wanted = [k for k in PATTERNS if ("ip" if k.startswith("ip") else "phone" if k == "intl" else "credit_card" if k == "card" else k) in kinds]
+    n = len(texts)
+    gates = {k: pc.match_substring_regex(texts, GATES[k]).to_numpy(zero_copy_only=False) for k in wanted} if n else {}
+    any_gate = np.zeros(n, bool)
+    for g in gates.values():
+        any_gate |= g
+    out = texts.to_pylist()
+    counts = {k: np.zeros(n, np.int64) for k in KINDS}
+    for i in np.flatnonzero(any_gate).tolist():
+        masked, c = mask(out[i], kinds, tuple(k for k in wanted if gates[k][i]))
+        out[i] = masked
         for k, v in c.items():
             if v:
                 counts[k][i] = v

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
@@ -175,43 +176,50 @@ def duplicate_stats(items: pa.Array, offsets: np.ndarray) -> tuple[np.ndarray, n
 
 
 def occurrence_counts(keys: np.ndarray) -> np.ndarray:
-    """How often each element's value occurs in the array (hash-based, Arrow)."""
+    """How often each element's value occurs in the array (a hash table, not a sort)."""
     if len(keys) == 0:
         return np.zeros(0, np.int64)
-    idx = np_of(pc.dictionary_encode(pa.array(keys)).indices, np.int64)
-    return np.bincount(idx)[idx]
+    codes, _ = pd.factorize(keys)
+    return np.bincount(codes)[codes]
 
 
 # --------------------------------------------------------------------------------------------
 @dataclass
 class Tokens:
-    """Word tokens of a batch, by line and by document."""
+    """Word tokens of a batch, by line and by document, with per-vocabulary attributes."""
 
-    tokens: pa.Array
-    line_offsets: np.ndarray  # token offsets per splitlines() line
+    batch: words.TokenBatch  # tokens of the splitlines() lines
     doc_offsets: np.ndarray  # token offsets per document
     lines: pa.Array  # splitlines() lines, flat
     doc_line_offsets: np.ndarray
 
+    @property
+    def ids(self) -> np.ndarray:
+        return self.batch.ids
+
+    @property
+    def line_offsets(self) -> np.ndarray:
+        return self.batch.offsets
+
+    def vocab_flag(self, pattern: str) -> np.ndarray:
+        """A regex test per vocabulary entry, gathered per token."""
+        vocab = self.batch.vocab
+        return self.batch.per_token(np_of(pc.match_substring_regex(vocab, pattern))) if len(vocab) else np.zeros(0, bool)
+
+    def lengths(self) -> np.ndarray:
+        vocab = self.batch.vocab
+        return self.batch.per_token(np_of(pc.utf8_length(vocab), np.int64)) if len(vocab) else np.zeros(0, np.int64)
+
 
 def tokenize_docs(texts: pa.Array) -> Tokens:
     lines, doc_line_offsets = split_lines(texts, SPLITLINES, drop_trailing_empty=True)
-    tokens, line_offsets = words.tokenize(lines)
-    return Tokens(tokens, line_offsets, line_offsets[doc_line_offsets], lines, doc_line_offsets)
+    batch = words.tokenize(lines)
+    return Tokens(batch, batch.offsets[doc_line_offsets], lines, doc_line_offsets)
 
 
 _K1 = np.uint64(0x9E3779B97F4A7C15)
 _K2 = np.uint64(0xC2B2AE3D27D4EB4F)
 _K3 = np.uint64(0x165667B19E3779F9)
-
-
-def ngram_hashes(ids: np.ndarray, n: int, prev: Optional[np.ndarray]) -> np.ndarray:
-    """Rolling 64-bit hashes of the n-grams starting at each position (length len(ids)-n+1)."""
-    base = ids.astype(np.uint64) * _K1 + np.uint64(1)
-    if prev is None:
-        return base[: len(ids) - n + 1] if n == 1 else ngram_hashes(ids, n, base)
-    with np.errstate(over="ignore"):
-        return prev[: len(ids) - n + 1] * _K2 + base[n - 1 :]
 
 
 def score_gopher_repetition(texts: pa.Array, toks: Tokens, text_len: np.ndarray, cfg: GopherRepetitionConfig) -> dict[str, np.ndarray]:
@@ -226,47 +234,64 @@ def score_gopher_repetition(texts: pa.Array, toks: Tokens, text_len: np.ndarray,
     out["gopher_dup_line_frac"] = ratio(dup, np.diff(line_off))
     out["gopher_dup_line_char_frac"] = ratio(dup_chars, text_len)
 
-    tok = toks.tokens
+    out.update(_ngram_scores(toks, text_len, n))
+    return out
+
+
+def _ngram_scores(toks: Tokens, text_len: np.ndarray, n: int) -> dict[str, np.ndarray]:
+    """Top 2-4-gram and duplicated 5-10-gram character fractions.
+
+    Only 2-grams are counted over every position. An n-gram can only occur twice where its
+    leading (n-1)-gram occurs twice, so each larger n is counted over the positions whose
+    (n-1)-gram repeats -- a few percent of them in natural text."""
+    out: dict[str, np.ndarray] = {}
     offs = toks.doc_offsets
     n_tok = np.diff(offs)
     total = int(offs[-1])
+    if total == 0:
+        for size in range(2, 5):
+            out[f"gopher_top_{size}_gram_frac"] = np.zeros(n)
+        for size in range(5, 11):
+            out[f"gopher_dup_{size}_gram_frac"] = np.zeros(n)
+        return out
     own = owner(offs)
-    ids = np_of(pc.dictionary_encode(tok).indices, np.int64) if total else np.zeros(0, np.int64)
-    cum = np.concatenate([[0], np.cumsum(np_of(pc.utf8_length(tok), np.int64))]) if total else np.zeros(1, np.int64)
-    local = np.arange(total) - offs[own] if total else np.zeros(0, np.int64)
+    ids = toks.ids
+    cum = np.concatenate([[0], np.cumsum(toks.lengths())])
+    local = np.arange(total) - offs[own]
+    base = ids.astype(np.uint64) * _K1 + np.uint64(1)
     salt = own.astype(np.uint64) * _K3
-    hashes = None
-    for size in range(1, 11):
-        hashes = ngram_hashes(ids, size, hashes) if total >= size else np.zeros(0, np.uint64)
-        if size < 2:
-            continue
-        m = len(hashes)
-        valid = np.flatnonzero(local[:m] <= (n_tok[own[:m]] - size)) if m else np.zeros(0, np.int64)
-        keys = hashes[valid] ^ salt[valid]
-        chars = cum[valid + size] - cum[valid]  # "".join(ngram)
-        vown = own[valid]
+    pos = np.flatnonzero(local <= n_tok[own] - 2)
+    with np.errstate(over="ignore"):
+        h = base[pos] * _K2 + base[pos + 1]
+    repeated = None
+    for size in range(2, 11):
+        if size > 2:
+            keep = repeated & (local[pos] <= n_tok[own[pos]] - size)
+            pos = pos[keep]
+            with np.errstate(over="ignore"):
+                h = h[keep] * _K2 + base[pos + size - 1]
+        counts = occurrence_counts(h ^ salt[pos])
+        repeated = counts > 1
         if size <= 4:
-            counts = occurrence_counts(keys)
+            # the most common n-gram, the first one among equals (Counter.most_common); where no
+            # n-gram repeats that is the document's first n-gram
             best = np.zeros(n, np.float64)
-            if len(valid):
-                # the most common n-gram, the first one among equals (Counter.most_common)
-                rank = counts * (1 << 32) + ((1 << 32) - 1 - local[valid])
-                order = np.lexsort((-rank, vown))
-                first = order[np.concatenate([[True], vown[order][1:] != vown[order][:-1]])]
-                best[vown[first]] = counts[first] * (chars[first] + size - 1)
+            has = n_tok >= size
+            first = offs[:-1][has]
+            best[has] = cum[first + size] - cum[first] + size - 1
+            if repeated.any():
+                rp, rc = pos[repeated], counts[repeated]
+                rown = own[rp]
+                rank = rc.astype(np.int64) * (1 << 32) + ((1 << 32) - 1 - local[rp])
+                starts = np.concatenate([[0], np.flatnonzero(np.diff(rown)) + 1])
+                top = np.maximum.reduceat(rank, starts)
+                at = offs[rown[starts]] + ((1 << 32) - 1 - (top & ((1 << 32) - 1)))
+                best[rown[starts]] = (top >> 32) * (cum[at + size] - cum[at] + size - 1)
             out[f"gopher_top_{size}_gram_frac"] = ratio(best, text_len)
         else:
-            if size == 5:
-                counts = occurrence_counts(keys)
-                repeated5 = counts > 1
-                cand_valid = valid[repeated5]
-            # an n-gram (n > 5) can only repeat where its leading 5-gram repeats
-            sel = np.isin(valid, cand_valid, assume_unique=True) if size > 5 else repeated5
-            k, c, pos, ow = keys[sel], chars[sel], valid[sel], vown[sel]
-            cnt = occurrence_counts(k) if size > 5 else counts[sel]
-            rep = cnt > 1
+            rp = pos[repeated]
             out[f"gopher_dup_{size}_gram_frac"] = ratio(
-                _greedy_duplicate_chars(k[rep], c[rep], local[pos[rep]], ow[rep], size, n), text_len
+                _greedy_duplicate_chars((h ^ salt[pos])[repeated], cum[rp + size] - cum[rp], local[rp], own[rp], size, n), text_len
             )
     return out
 
@@ -301,17 +326,17 @@ def _greedy_duplicate_chars(keys, chars, local_pos, owners, size: int, n: int) -
 
 def score_gopher_quality(texts: pa.Array, toks: Tokens, cfg: GopherQualityConfig) -> dict[str, np.ndarray]:
     n = len(texts)
-    tok = toks.tokens
     own = owner(toks.doc_offsets)
     n_tok = np.diff(toks.doc_offsets).astype(np.float64)
-    if len(tok):
-        symbol = np_of(pc.match_substring_regex(tok, SYMBOL_TOKEN))
-        lengths = np_of(pc.utf8_length(tok), np.int64)
-        alpha = np_of(pc.match_substring_regex(tok, r"\pL"))
-        stop_idx = np_of(pc.fill_null(pc.index_in(tok, value_set=pa.array(list(cfg.stop_words), pa.string())), -1), np.int64)
+    vocab = toks.batch.vocab
+    symbol = toks.vocab_flag(SYMBOL_TOKEN)
+    lengths = toks.lengths()
+    alpha = toks.vocab_flag(r"\pL")
+    if len(vocab):
+        stop_vocab = np_of(pc.fill_null(pc.index_in(vocab, value_set=pa.array(list(cfg.stop_words), pa.string())), -1), np.int64)
+        stop_idx = toks.batch.per_token(stop_vocab)
     else:
-        symbol = alpha = np.zeros(0, bool)
-        lengths = stop_idx = np.zeros(0, np.int64)
+        stop_idx = np.zeros(0, np.int64)
     words_ = per_owner_sum(own, ~symbol, n)
     stop = np.zeros(n, np.int64)
     for k in range(len(cfg.stop_words)):
@@ -336,15 +361,16 @@ def score_gopher_quality(texts: pa.Array, toks: Tokens, cfg: GopherQualityConfig
     }
 
 
-def sentence_counts(tokens: pa.Array, offsets: np.ndarray) -> np.ndarray:
+def sentence_counts(batch: words.TokenBatch) -> np.ndarray:
     """Sentences per item as spaCy's sentencizer splits them: a new sentence starts at a
     non-punctuation token whose last non-punctuation-or-sentence-end predecessor is a
     sentence-end token ('.', '!', '?', ...)."""
+    offsets = batch.offsets
     items = len(offsets) - 1
-    if len(tokens) == 0:
+    if len(batch.ids) == 0:
         return np.zeros(items, np.int64)
-    is_end = np_of(pc.is_in(tokens, value_set=SENTENCE_PUNCT))
-    is_punct = np_of(pc.match_substring_regex(tokens, IS_PUNCT_TOKEN))
+    is_end = batch.per_token(np_of(pc.is_in(batch.vocab, value_set=SENTENCE_PUNCT)))
+    is_punct = batch.per_token(np_of(pc.match_substring_regex(batch.vocab, IS_PUNCT_TOKEN)))
     code = np.where(is_end, 2, np.where(is_punct, 0, 1))
     idx = np.arange(len(code))
     last = np.maximum.accumulate(np.where(code > 0, idx, -1))
@@ -401,16 +427,16 @@ def score_c4(texts: pa.Array, toks: Tokens, text_len: np.ndarray, cfg: C4Config)
 
     # sentences and word tokens of the kept lines, after citation removal
     line_tokens = np.diff(toks.line_offsets)
-    line_sents = sentence_counts(toks.tokens, toks.line_offsets)
+    line_sents = sentence_counts(toks.batch)
     if cfg.remove_citations and n_lines:
         changed = np.flatnonzero(np_of(pc.not_equal(cleaned, stripped)) & kept)
         if len(changed):
             sub = cleaned.take(pa.array(changed))
-            sub_tok, sub_off = words.tokenize(sub)
+            sub_batch = words.tokenize(sub)
             line_tokens = line_tokens.copy()
             line_sents = line_sents.copy()
-            line_tokens[changed] = np.diff(sub_off)
-            line_sents[changed] = sentence_counts(sub_tok, sub_off)
+            line_tokens[changed] = np.diff(sub_batch.offsets)
+            line_sents[changed] = sentence_counts(sub_batch)
     sentences = per_owner_sum(line_own, line_sents * kept, n).astype(np.int64)
     kept_words = per_owner_sum(line_own, line_tokens * kept, n).astype(np.int64)
 

@@ -6,9 +6,10 @@ implementation (datatrove) gets both from spaCy's English tokenizer and sentenci
 punctuation is split off, so this module follows spaCy's algorithm exactly (whitespace chunks,
 then prefixes/suffixes/special cases, then infixes) using spaCy's own English rules, exported
 to ``spacy_en_tokenizer.json`` (MIT licence) so spaCy is not needed at run time. Two things
-make it fast: whitespace splitting and all per-token attributes run as Arrow kernels over a
-whole batch, and only chunks that hold punctuation (about a third) go through the Python
-affix loop, memoised per distinct chunk as spaCy itself does.
+make it fast: whitespace splitting runs as an Arrow kernel over a whole batch, and only the
+*distinct* chunks that hold punctuation go through the Python affix loop (memoised, as spaCy
+itself does); tokens come out as ids into the batch's vocabulary, so per-token attributes are
+computed once per distinct token.
 
 The character sets below come from datatrove (Apache-2.0) and spaCy (MIT), so the rules mean
 the same thing here as there.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -165,36 +167,58 @@ def list_offsets(lists: pa.Array) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
 
 
-def tokenize(texts: pa.Array) -> tuple[pa.Array, np.ndarray]:
-    """spaCy-English word tokens of every text: (flat token array, per-text start offsets)."""
+@dataclass
+class TokenBatch:
+    """The word tokens of a batch of texts, as ids into the batch's vocabulary of distinct
+    token strings: per-token attributes are computed once per distinct token and gathered."""
+
+    vocab: pa.Array
+    ids: np.ndarray  # int64, one per token, in text order
+    offsets: np.ndarray  # per-text start offsets into ids (n + 1)
+
+    @property
+    def tokens(self) -> pa.Array:
+        return self.vocab.take(pa.array(self.ids, pa.int64()))
+
+    def per_token(self, values: np.ndarray) -> np.ndarray:
+        """A per-vocabulary-entry array, gathered to one value per token."""
+        return values[self.ids]
+
+
+def tokenize(texts: pa.Array) -> TokenBatch:
+    """spaCy-English word tokens of every text.
+
+    Whitespace splitting runs in Arrow; the distinct chunks are found with a hash table, and
+    only distinct chunks holding punctuation (or a special case) go through the affix rules."""
     chunk_lists = pc.utf8_split_whitespace(texts)
     chunks = chunk_lists.flatten()
     chunk_offsets = list_offsets(chunk_lists)
-    n_chunks = len(chunks)
-    if n_chunks == 0:
-        return pa.array([], pa.string()), np.zeros(len(texts) + 1, np.int64)
-    nonempty = pc.greater(pc.utf8_length(chunks), 0).to_numpy(zero_copy_only=False)
-    needs = pc.or_(pc.match_substring_regex(chunks, _NEEDS_AFFIX_RULES), pc.is_in(chunks, value_set=_PLAIN_SPECIALS))
-    needs = needs.to_numpy(zero_copy_only=False) & nonempty
-    needs_idx = np.flatnonzero(needs)
-    counts = nonempty.astype(np.int64)
+    if len(chunks) == 0:
+        return TokenBatch(pa.array([], pa.string()), np.zeros(0, np.int64), np.zeros(len(texts) + 1, np.int64))
+    encoded = pc.dictionary_encode(chunks)
+    uniq = encoded.dictionary
+    cid = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    n_uniq = len(uniq)
+    nonempty = pc.greater(pc.utf8_length(uniq), 0).to_numpy(zero_copy_only=False)
+    needs = pc.or_(pc.match_substring_regex(uniq, _NEEDS_AFFIX_RULES), pc.is_in(uniq, value_set=_PLAIN_SPECIALS))
+    needs_idx = np.flatnonzero(needs.to_numpy(zero_copy_only=False) & nonempty)
+    counts_u = nonempty.astype(np.int64)
+    start_u = np.arange(n_uniq, dtype=np.int64)  # where a chunk's tokens start in `combined`
     sub_tokens: list[str] = []
     if len(needs_idx):
         sub_counts = np.empty(len(needs_idx), np.int64)
         extend = sub_tokens.extend
-        for i, chunk in enumerate(chunks.take(pa.array(needs_idx)).to_pylist()):
+        for i, chunk in enumerate(uniq.take(pa.array(needs_idx)).to_pylist()):
             toks = _split_cached(chunk)
             sub_counts[i] = len(toks)
             extend(toks)
-        counts[needs_idx] = sub_counts
-    # Each chunk's tokens: itself (plain chunk) or its slice of sub_tokens (appended after chunks).
-    source_start = np.arange(n_chunks, dtype=np.int64)
-    if len(needs_idx):
-        source_start[needs_idx] = n_chunks + np.concatenate([[0], np.cumsum(sub_counts)[:-1]])
+        counts_u[needs_idx] = sub_counts
+        start_u[needs_idx] = n_uniq + np.concatenate([[0], np.cumsum(sub_counts)[:-1]])
+    combined = pc.dictionary_encode(pa.concat_arrays([uniq.cast(pa.string()), pa.array(sub_tokens, pa.string())]))
+    combined_ids = combined.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    counts = counts_u[cid]
     out_offsets = np.concatenate([[0], np.cumsum(counts)])
     total = int(out_offsets[-1])
     within = np.arange(total, dtype=np.int64) - np.repeat(out_offsets[:-1], counts)
-    take = np.repeat(source_start, counts) + within
-    combined = pa.concat_arrays([chunks.cast(pa.string()), pa.array(sub_tokens, pa.string())])
-    tokens = combined.take(pa.array(take))
-    return tokens, out_offsets[chunk_offsets]
+    ids = combined_ids[np.repeat(start_u[cid], counts) + within]
+    return TokenBatch(combined.dictionary, ids, out_offsets[chunk_offsets])

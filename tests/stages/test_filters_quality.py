@@ -171,9 +171,9 @@ def test_oversized_document_is_dropped_unscored():
     ],
 )
 def test_tokenizer_matches_spacy(text, expected):
-    tokens, offsets = words.tokenize(pa.array([text]))
-    assert tokens.to_pylist() == expected
-    assert offsets.tolist() == [0, len(expected)]
+    batch = words.tokenize(pa.array([text]))
+    assert batch.tokens.to_pylist() == expected
+    assert batch.offsets.tolist() == [0, len(expected)]
 
 
 def test_real_news_articles(news_sample):
