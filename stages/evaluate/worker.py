@@ -1,0 +1,108 @@
+"""One evaluation job -- one checkpoint x one task group -- as it runs on a Ray worker (or in
+process). Everything a job needs travels in :class:`EvalJob`; it returns plain Python values."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class TaskJob:
+    """A multiple-choice task, its requests already rendered (prompts are decided on the driver)."""
+
+    key: str  # e.g. "mmlu_0shot"
+    requests: tuple  # tuple[MCRequest, ...]
+
+
+@dataclass(frozen=True)
+class TextJob:
+    key: str  # "validation" or a text set's name
+    kind: str  # "validation" | "text"
+    tokens: Optional[np.ndarray] = None  # validation: [rows, seq_len + 1]
+    sources: tuple[str, ...] = ()
+    texts: tuple[str, ...] = ()
+    max_rows_per_domain: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class EvalJob:
+    checkpoint: str
+    tokenizer_json: str
+    prefix_token: int
+    tasks: tuple[TaskJob, ...] = ()
+    texts: tuple[TextJob, ...] = ()
+    storage: Any = None
+    device: str = "cpu"
+    dtype: str = "float32"
+    threads: int = 1
+    batch_tokens: int = 16384
+    max_batch_size: int = 256
+    share_context: bool = True
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def run_job(job: EvalJob) -> dict[str, Any]:
+    import torch
+    from tokenizers import Tokenizer
+
+    from stages.evaluate.lm import Scorer, load_checkpoint
+    from stages.evaluate.perplexity import text_bpb, token_byte_lengths, validation_bpb
+    from stages.evaluate.scoring import domain_metrics, score_example
+
+    if job.device == "cpu":
+        torch.set_num_threads(job.threads)
+    t0 = time.perf_counter()
+    tokenizer = Tokenizer.from_str(job.tokenizer_json)
+    loaded = load_checkpoint(job.checkpoint, job.storage, getattr(torch, job.dtype), job.device,
+                             vocab_size=tokenizer.get_vocab_size(with_added_tokens=True))
+    load_seconds = time.perf_counter() - t0
+    scorer = Scorer(loaded.model, tokenizer, job.device, job.batch_tokens, job.max_batch_size, job.prefix_token, job.share_context)
+    out: dict[str, Any] = {"checkpoint": job.checkpoint, "kind": loaded.kind, "step": loaded.step, "tokens_seen": loaded.tokens_seen,
+                           "load_seconds": load_seconds, "tasks": {}, "texts": {}, "node": os.uname().nodename, "device": job.device,
+                           **job.meta}
+    for task in job.tasks:
+        t = time.perf_counter()
+        reqs = task.requests
+        scores = scorer.loglikelihoods([r.context for r in reqs], [r.continuations for r in reqs])
+        results = [score_example(r.id, r.gold, r.choices, [s[0] for s in sc], [s[1] for s in sc]) for r, sc in zip(reqs, scores)]
+        seconds = time.perf_counter() - t
+        out["tasks"][task.key] = {"results": results, "seconds": seconds, "examples_per_second": len(reqs) / max(seconds, 1e-9)}
+    byte_lengths = None
+    for text in job.texts:
+        t = time.perf_counter()
+        if text.kind == "validation":
+            if byte_lengths is None:
+                byte_lengths = token_byte_lengths(tokenizer)
+            totals = validation_bpb(scorer, text.tokens, list(text.sources), byte_lengths, text.max_rows_per_domain)
+        else:
+            totals = text_bpb(scorer, list(text.texts), list(text.sources), job.prefix_token)
+        out["texts"][text.key] = {"domains": domain_metrics(totals), "seconds": time.perf_counter() - t}
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def run_jobs(jobs: list[EvalJob], num_cpus: float, num_gpus: float, max_parallel: Optional[int]) -> list[dict[str, Any]]:
+    """All jobs on Ray tasks (at most ``max_parallel`` at once), results in job order; in process
+    when Ray is not running."""
+    try:
+        import ray
+    except ImportError:  # pragma: no cover
+        ray = None
+    if ray is None or not ray.is_initialized():
+        return [run_job(j) for j in jobs]
+    env = {"OMP_NUM_THREADS": str(max(1, int(num_cpus))), "TOKENIZERS_PARALLELISM": "false"}
+    remote = ray.remote(run_job).options(num_cpus=num_cpus, num_gpus=num_gpus, runtime_env={"env_vars": env}, max_retries=1)
+    refs, pending = [], []
+    limit = max_parallel or len(jobs) or 1
+    for j in jobs:
+        if len(pending) >= limit:
+            _, pending = ray.wait(pending, num_returns=1)
+        ref = remote.remote(j)
+        refs.append(ref)
+        pending.append(ref)
+    return ray.get(refs)
