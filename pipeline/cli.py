@@ -170,6 +170,16 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval_table(args: argparse.Namespace) -> int:
+    from stages.evaluate.report import eval_table
+
+    target = args.target
+    is_path = os.path.exists(target) or "://" in target
+    storage = _load(args).storage if args.config else None
+    print(eval_table(target, storage, None if is_path else _tracking_uri(args), "csv" if args.csv else "markdown"), end="")
+    return 0
+
+
 def cmd_fetch_demo_data(args: argparse.Namespace) -> int:
     from stages.assets import prepare_demo_data
 
@@ -258,6 +268,13 @@ def build_parser() -> argparse.ArgumentParser:
     stt.add_argument("--tracking-uri")
     stt.add_argument("--limit", type=int, default=5)
     stt.set_defaults(func=cmd_status)
+
+    et = sub.add_parser("eval-table", help="print an evaluate stage's results: task x metric by checkpoint (tokens seen)")
+    et.add_argument("target", help="an evaluate stage's MLflow run id, its pipeline run id, or its output path")
+    et.add_argument("--config", help="pipeline file (for its tracking URI and storage options)")
+    et.add_argument("--tracking-uri")
+    et.add_argument("--csv", action="store_true", help="long-format CSV instead of the Markdown table")
+    et.set_defaults(func=cmd_eval_table)
 
     fd = sub.add_parser("fetch-demo-data", help="download (pip, checksummed) and write the demo corpus")
     fd.add_argument("--out", default="data/demo")

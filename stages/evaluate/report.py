@@ -59,7 +59,7 @@ def table_rows(rows: list[dict[str, Any]], metrics: tuple[str, ...] = TABLE_METR
             continue
         cells.setdefault((r["task"], r["metric"]), {})[r["checkpoint"]] = _fmt(r["value"], r.get("stderr"), r["metric"])
     body = []
-    for (task, metric), by_ckpt in sorted(cells.items(), key=lambda kv: (kv[0][0].startswith("bpb"), kv[0])):
+    for (task, metric), by_ckpt in sorted(cells.items(), key=lambda kv: (kv[0][1] == "bits_per_byte", kv[0])):
         unit = " (%)" if metric.startswith("acc") else ""
         body.append([task, metric + unit] + [by_ckpt.get(ckpt, "") for ckpt, _ in cols])
     return header, body

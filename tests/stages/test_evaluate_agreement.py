@@ -74,7 +74,7 @@ metric_list:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    return tiny_run(tmp_path_factory.mktemp("eval-agreement"))
+    return tiny_run(tmp_path_factory.getbasetemp() / "eval-tiny-run")  # shared with the other evaluate tests
 
 
 @pytest.fixture(scope="module")
