@@ -25,6 +25,9 @@ from pipeline.tracking import Tracker, code_version
 log = logging.getLogger("lmpipe")
 
 
+RAY_NOT_STARTED = "not started (every stage cached so far)"
+
+
 class StageFailed(RuntimeError):
     pass
 
@@ -117,7 +120,7 @@ class Runner:
         self.tracker: Optional[Tracker] = None
         if track:
             self.tracker = Tracker(loaded.resolved.tracking_uri(), loaded.resolved.mlflow.experiment, loaded.resolved.artifact_location())
-        self.ray_address = "in-process" if use_ray else "none (in-process)"
+        self.ray_address = RAY_NOT_STARTED if use_ray else "none (in-process)"
 
     # -- planning ---------------------------------------------------------------------------
     def _context(self, node: Node, fingerprint: str, input_datasets: list[InputDataset]) -> StageContext:
@@ -161,8 +164,6 @@ class Runner:
         else:
             selected = [n.name for n in self.order]
             forced = set(selected) if force else set()
-        if force and only is None and start_from is None:
-            forced = set(selected)
 
         fingerprints: dict[str, str] = {}
         externals: dict[str, list] = {}
@@ -249,7 +250,7 @@ class Runner:
 
     def _compute(self, node: Node, fp: str, inputs: list[InputDataset], externals: list,
                  run_id: Optional[str] = None) -> tuple[dict[str, Any], dict[str, bytes]]:
-        if self.use_ray and self.ray_address == "in-process":  # started only when something must run
+        if self.use_ray and self.ray_address == RAY_NOT_STARTED:  # started only when something must run
             self.ray_address = init_ray(self.loaded, self.address)
         config = self.loaded.resolved_stage_configs[node.name]
         ctx = self._context(node, fp, inputs)

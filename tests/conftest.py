@@ -62,6 +62,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def ray_node_port_args() -> list[str]:
+    """Free ports for everything a ``ray start`` node binds, so a node started by a test never
+    collides with another Ray on this machine (the session's local Ray, another test's cluster):
+    a collision kills the node's dashboard agent and job submission then fails with
+    "No available agent to submit job"."""
+    names = ["--node-manager-port", "--object-manager-port", "--metrics-export-port", "--dashboard-agent-listen-port",
+             "--dashboard-agent-grpc-port", "--runtime-env-agent-port"]
+    args: list[str] = []
+    for name in names:
+        args += [name, str(free_port())]
+    return args
+
+
 def wait_for_http(url: str, timeout: float = 60.0, proc=None) -> None:
     import time
     import urllib.error

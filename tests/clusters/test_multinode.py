@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import s3fs
 
-from tests.conftest import VENV_BIN, free_port, make_bucket, wait_for_http
+from tests.conftest import VENV_BIN, free_port, make_bucket, ray_node_port_args, wait_for_http
 
 SECRET = "multinode-secret-never-logged-9f3c"
 
@@ -57,17 +57,15 @@ def two_nodes(cluster_env, tmp_path_factory):
     port, dash = free_port(), free_port()
     head = _start(
         [str(VENV_BIN / "ray"), "start", "--head", "--block", "--port", str(port), "--dashboard-host", "127.0.0.1",
-         "--dashboard-port", str(dash), "--num-cpus", "1", "--resources", '{"head_node": 1}', "--disable-usage-stats"],
+         "--dashboard-port", str(dash), "--num-cpus", "1", "--resources", '{"head_node": 1}', "--disable-usage-stats",
+         *ray_node_port_args()],
         cluster_env, logs / "head.log",
     )
     url = f"http://127.0.0.1:{dash}"
     wait_for_http(f"{url}/api/version", timeout=120, proc=head)
-    worker_ports = [free_port() for _ in range(6)]
     worker_cmd = [
         str(VENV_BIN / "ray"), "start", "--block", "--address", f"127.0.0.1:{port}", "--num-cpus", "1",
-        "--resources", '{"worker_node": 1}', "--node-manager-port", str(worker_ports[0]), "--object-manager-port", str(worker_ports[1]),
-        "--metrics-export-port", str(worker_ports[2]), "--dashboard-agent-listen-port", str(worker_ports[3]),
-        "--dashboard-agent-grpc-port", str(worker_ports[4]), "--runtime-env-agent-port", str(worker_ports[5]), "--disable-usage-stats",
+        "--resources", '{"worker_node": 1}', "--disable-usage-stats", *ray_node_port_args(),
     ]
     worker = _start(worker_cmd, cluster_env, logs / "worker.log")
     state = {"head": head, "worker": worker, "worker_cmd": worker_cmd, "logs": logs}

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.conftest import VENV_BIN, free_port, wait_for_http
+from tests.conftest import VENV_BIN, free_port, ray_node_port_args, wait_for_http
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,7 @@ def ray_head(tmp_path_factory):
     proc = subprocess.Popen(
         [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
          "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "2", "--include-dashboard", "true",
-         "--disable-usage-stats"],
+         "--disable-usage-stats", *ray_node_port_args()],
         stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
     )
     url = f"http://127.0.0.1:{dash}"
