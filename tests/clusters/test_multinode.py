@@ -68,12 +68,11 @@ def two_nodes(cluster_env, tmp_path_factory):
         "--resources", '{"worker_node": 1}', "--disable-usage-stats", *ray_node_port_args(),
     ]
     worker = _start(worker_cmd, cluster_env, logs / "worker.log")
-    state = {"head": head, "worker": worker, "worker_cmd": worker_cmd, "logs": logs}
     _wait_for_nodes(f"127.0.0.1:{port}", 2, cluster_env)
     try:
-        yield {"dashboard": url, "gcs": f"127.0.0.1:{port}", **state}
+        yield {"dashboard": url, "gcs": f"127.0.0.1:{port}", "head": head, "worker": worker}
     finally:
-        _stop(state["worker"])
+        _stop(worker)
         _stop(head)
 
 
@@ -228,6 +227,3 @@ def test_node_killed_mid_stage_gives_exact_identical_output(submitted, two_nodes
             ref_files = {f["path"].split("/", 1)[1]: fs.cat(f"runs/multinode/{stage}/{ref[stage]['fingerprint']}/{f['path']}") for f in info["files"]}
             got_files = {f["path"].split("/", 1)[1]: fs.cat(f"runs/faulty/{stage}/{got[stage]['fingerprint']}/{f['path']}") for f in got[stage]["datasets"][ds]["files"]}
             assert got_files == ref_files, f"{stage}.{ds} differs after a node failure"
-
-    # bring the node back for any later test in this module
-    two_nodes["worker"] = _start(two_nodes["worker_cmd"], cluster_env, two_nodes["logs"] / "worker2.log")
