@@ -90,7 +90,7 @@ class EvaluateConfig(StrictModel):
     dtype: Literal["float32", "bfloat16"] = "float32"
     cpus_per_task: float = Field(default=1.0, gt=0)
     max_parallel: Optional[int] = Field(default=None, ge=1, description="evaluation tasks at once (default: as many as fit)")
-    batch_tokens: int = Field(default=16384, ge=64, description="tokens per forward pass (padded batch size x length)")
+    batch_tokens: int = Field(default=8192, ge=64, description="tokens per forward pass (padded batch size x length)")
     max_batch_size: int = Field(default=256, ge=1)
     share_context: bool = Field(default=True, description="score all choices of a question in one forward pass")
 

@@ -44,6 +44,12 @@ class CheckpointError(RuntimeError):
     pass
 
 
+try:
+    from torch.distributed.checkpoint.api import CheckpointException as _DCPException
+except ImportError:  # pragma: no cover
+    _DCPException = Exception
+
+
 # -- loading -------------------------------------------------------------------------------------------
 
 @dataclass
@@ -150,7 +156,7 @@ def load_checkpoint(uri: str, storage: Any = None, dtype: torch.dtype = torch.fl
                 model = _load_hf(local)
         except CheckpointError:
             raise
-        except Exception as e:  # DCP, safetensors and torch all raise their own types
+        except (Exception, _DCPException) as e:  # DCP (a BaseException), safetensors and torch raise their own types
             raise CheckpointError(f"checkpoint {uri} ({kind}) is corrupt or incompatible: {type(e).__name__}: {e}") from e
         if vocab_size is not None and vocab_size > model.cfg.vocab_size:
             raise CheckpointError(

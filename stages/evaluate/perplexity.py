@@ -69,6 +69,9 @@ def validation_bpb(scorer: Scorer, tokens: np.ndarray, sources: list[str], byte_
         if max_rows_per_domain is not None:
             idx = idx[:max_rows_per_domain]
         rows = tokens[idx].astype(np.int64)
+        if rows.size and int(rows.max()) >= len(byte_lengths):
+            raise ValueError(f"validation split ({domain}): token id {int(rows.max())} but the tokenizer has {len(byte_lengths)} tokens: "
+                             "these shards were not made with this tokenizer")
         windows = [(r[:-1].tolist(), r[1:].tolist()) for r in rows]
         nll = scorer.token_nll(windows)
         totals = TextTotals()

@@ -59,7 +59,7 @@ class LoadedTask:
 
 
 def _reason(record: Any, message: str) -> str:
-    if isinstance(record, dict):
+    if isinstance(record, dict) and "must be an integer" not in message:
         choices = record.get("choices")
         if isinstance(choices, list) and not choices:
             return "empty_choices"

@@ -40,7 +40,7 @@ class EvalJob:
     device: str = "cpu"
     dtype: str = "float32"
     threads: int = 1
-    batch_tokens: int = 16384
+    batch_tokens: int = 8192
     max_batch_size: int = 256
     share_context: bool = True
     meta: dict[str, Any] = field(default_factory=dict)
