@@ -1,0 +1,57 @@
+"""The in-loop hook: attached to the Trainer's ``on_step_end``, it logs validation bits per byte
+and a small task every N steps -- the numbers the evaluate stage gets for the same weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from stages.evaluate.hook import InLoopEval
+from stages.evaluate.scoring import aggregate
+from stages.evaluate.tasks import build_requests, load_mc_task
+from stages.evaluate.worker import EvalJob, TaskJob, TextJob, run_job
+from tests.stages.test_evaluate_support import SEQ_LEN, mmlu_like_records, tiny_run, write_task
+
+
+class Sink:
+    def __init__(self):
+        self.logged = []
+
+    def log(self, step, metrics):
+        self.logged.append((step, dict(metrics)))
+
+
+def test_hook_in_the_training_loop_matches_the_stage(tmp_path, tmp_path_factory):
+    import numpy as np
+
+    from stages.tokenize.loader import TokenShardLoader
+    from stages.train.data import validation_sets
+    from stages.train.model import model_config
+    from stages.train.trainer import LocalCheckpointer, TrainConfig, Trainer
+
+    run = tiny_run(tmp_path_factory.getbasetemp() / "eval-tiny-run")
+    task = write_task(tmp_path / "qa.jsonl", mmlu_like_records(16))
+    val = validation_sets(run["validation"], None, 0, 1, 8)
+    hook = InLoopEval.build(run["tokenizer"], every=4, val_rows=val, task=("qa", task), limit=None, prefix_token=0)
+    cfg = model_config("debug", vocab_size=512, dim=32, n_layers=2, n_heads=2, ffn_dim=64, max_seq_len=SEQ_LEN)
+    tcfg = TrainConfig(steps=8, micro_batch_size=8, lr=3e-3, warmup_steps=2, log_every=4, eval_every=0, norms_every=0, checkpoint_every=8)
+    trainer = Trainer(tcfg, cfg, TokenShardLoader(run["train"], 8, seed=0), SEQ_LEN, checkpointer=LocalCheckpointer(str(tmp_path / "ckpt")),
+                      sink=Sink())
+    trainer.train(on_step_end=hook.attach(trainer))
+    assert [h["step"] for h in hook.history] == [4, 8]
+    logged = dict(trainer.sink.logged)
+    final = hook.history[-1]
+    assert logged[8]["eval/qa_0shot/acc"] == final["eval/qa_0shot/acc"] and "eval/bits_per_byte/_macro" in logged[8]
+    assert trainer.model.training  # the hook hands the model back in training mode
+
+    rows = {d: v.numpy() for d, v in val.items()}
+    tokens = np.concatenate([rows[d] for d in sorted(rows)])
+    sources = tuple(d for d in sorted(rows) for _ in range(len(rows[d])))
+    res = run_job(EvalJob(checkpoint=str(tmp_path / "ckpt" / "step_00000008"), tokenizer_json=Path(run["tokenizer"]).read_text(),
+                          prefix_token=0, tasks=(TaskJob("qa", tuple(build_requests(load_mc_task("qa", task).task, "plain", 0))),),
+                          texts=(TextJob("validation", "validation", tokens=tokens, sources=sources),)))
+    assert aggregate(res["tasks"]["qa"]["results"])["acc"] == final["eval/qa_0shot/acc"]
+    for domain, m in res["texts"]["validation"]["domains"].items():
+        if domain != "_all":
+            assert final[f"eval/bits_per_byte/{domain}"] == pytest.approx(m["bits_per_byte"], rel=1e-5)
