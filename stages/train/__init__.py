@@ -139,6 +139,7 @@ class TrainStage(DatasetStage):
             parallel=ParallelConfig(cfg.activation_checkpointing, cfg.compile, cfg.mixed_precision), storage=ctx.storage,
             tracking_uri=ctx.tracking_uri, mlflow_run_id=ctx.mlflow_run_id, threads_per_worker=threads,
         )
+        self._check_cluster(ctx, cfg)
         result = launch_ray(
             spec, num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=dict(cfg.resources_per_worker),
             storage_path=st.join(ctx.work_dir, ctx.stage_name), name=ctx.fingerprint, max_failures=cfg.max_failures,
@@ -149,6 +150,28 @@ class TrainStage(DatasetStage):
         if result.checkpoint is None:
             raise RuntimeError("training finished without a checkpoint")
         self._record(ctx, cfg, result, model_cfg, info, src)
+
+    @staticmethod
+    def _check_cluster(ctx, cfg: "TrainStageConfig") -> None:
+        """Fail at once if the cluster cannot hold the training workers, instead of Ray Train
+        waiting forever for them (e.g. "train needs 8 GPUs; the cluster has 0")."""
+        import ray
+
+        from pipeline.runner import ResourcesUnavailable
+
+        cluster = ray.cluster_resources()
+        per_worker = {k: float(v) for k, v in cfg.resources_per_worker.items()}
+        if cfg.use_gpu:  # checked first: the scarce resource is the one worth naming
+            per_worker = {"GPU": max(per_worker.pop("GPU", 0.0), 1.0), **per_worker}
+        for key, amount in per_worker.items():
+            need = amount * cfg.num_workers
+            have = cluster.get(key, 0.0)
+            if need and have < need:
+                unit = {"CPU": "CPUs", "GPU": "GPUs"}.get(key, f"of resource {key!r}")
+                raise ResourcesUnavailable(
+                    f"stage {ctx.stage_name!r} needs {need:g} {unit} ({cfg.num_workers} workers x {amount:g});"
+                    f" the cluster has {have:g}"
+                )
 
     # -- after training, on the driver ------------------------------------------------------------
     def _record(self, ctx, cfg: TrainStageConfig, result, model_cfg: ModelConfig, info: dict[str, Any], src) -> None:

@@ -58,3 +58,17 @@ def test_missing_cluster_resources_fail_with_what_is_missing():
         check_cluster_resources("train", Resources(num_cpus=1, num_gpus=8), cluster)
     with pytest.raises(ResourcesUnavailable, match="needs 1 of resource 'tpu'"):
         check_cluster_resources("x", Resources(num_cpus=1, custom={"tpu": 1}), cluster)
+
+
+def test_train_stage_refuses_a_cluster_without_its_gpus(ray_local):
+    import pytest
+
+    from pipeline.runner import ResourcesUnavailable
+    from stages.train import TrainStage as Train
+
+    class Ctx:
+        stage_name = "train"
+
+    cfg = Train.Config.model_validate({"num_workers": 8, "use_gpu": True, "resources_per_worker": {"CPU": 1}})
+    with pytest.raises(ResourcesUnavailable, match=r"stage 'train' needs 8 GPUs \(8 workers x 1\); the cluster has 0"):
+        Train._check_cluster(Ctx(), cfg)
