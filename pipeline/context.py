@@ -93,6 +93,9 @@ class StageContext:
     artifacts: dict[str, bytes] = field(default_factory=dict)
     part_results: list[dict[str, Any]] = field(default_factory=list)
     extra_manifest: dict[str, Any] = field(default_factory=dict)
+    # A DatasetStage whose outputs are not documents (token sequences, checkpoints) reports the
+    # documents it consumed here: {"rows_in": n, "kept": k, "rejected": {reason: n}} (funnel, MLflow).
+    counts: dict[str, Any] = field(default_factory=dict)
     # The MLflow run of this stage and its tracking URI (None when tracking is off), for stages
     # whose workers log as they go (per-step training metrics from rank 0).
     mlflow_run_id: Optional[str] = None

@@ -343,11 +343,14 @@ class Runner:
         for ds in merged["files"]:
             if ds not in datasets:
                 raise StageFailed(f"stage {node.name!r} wrote dataset {ds!r} that it does not declare in outputs {node.cls.outputs}")
-        rows_in = merged["rows_in"]
+        rows_in = int(ctx.counts.get("rows_in", merged["rows_in"]))
+        rejected = dict(merged["reasons"].get("rejected", {}))
+        for reason, n in ctx.counts.get("rejected", {}).items():
+            rejected[reason] = rejected.get(reason, 0) + int(n)
         counts = {
             "rows_in": rows_in,
-            "kept": merged["rows"].get("data", 0),
-            "rejected": dict(sorted(merged["reasons"].get("rejected", {}).items())),
+            "kept": int(ctx.counts.get("kept", merged["rows"].get("data", 0))),
+            "rejected": dict(sorted(rejected.items())),
             "quarantined": dict(sorted(merged["reasons"].get("quarantine", {}).items())),
             "chars_rejected": dict(sorted(merged["reason_chars"].get("rejected", {}).items())),
             "chars_quarantined": dict(sorted(merged["reason_chars"].get("quarantine", {}).items())),

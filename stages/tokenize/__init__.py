@@ -230,6 +230,10 @@ class Tokenize(DatasetStage):
             "timings": {k: round(v, 3) for k, v in timings.items()},
         }
         ctx.extra_manifest["tokenize"] = summary
+        # documents in -> documents packed (the funnel counts documents, the shards count sequences)
+        docs_in = sum(v["docs"] for per in counts.values() for v in per.values())
+        unmixed = sum(v["docs"] for s, v in counts.get(pk.TRAIN, {}).items() if rates.get(s, 1.0) == 0)
+        ctx.counts = {"rows_in": docs_in, "kept": docs_in - unmixed, "rejected": {"not_in_mixture": unmixed} if unmixed else {}}
         for split, n in rows.items():
             ctx.log_metric(f"sequences.{split}", n)
         for src, share in summary["mixture"]["achieved_shares"].items():

@@ -72,3 +72,19 @@ def test_dockerfile_installs_lmpipe_without_credentials():
     assert "-c constraints.txt" in text
     instructions = [line for line in text.splitlines() if line and not line.startswith("#")]
     assert not [line for line in instructions if "AWS_" in line or "TOKEN" in line.upper()]  # no credentials baked in
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "cluster.yaml"])
+def test_shipped_pipeline_files_validate(name, monkeypatch):
+    from pipeline.config import load_config
+    from pipeline.dag import build_dag
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    loaded = load_config(CLUSTERS.parent / "examples" / name)
+    order = [n.name for n in build_dag(loaded)]
+    assert order[0] == "ingest" and order[-2:] == ["train", "evaluate"]
+    assert order.index("pii_masker") < order.index("exact_dedup") < order.index("decontaminate")  # filters, dedup, decontam
+    if name == "cluster.yaml":
+        assert loaded.resolved.work_dir.startswith("s3://")
+        assert loaded.declared.mlflow.tracking_uri == "${MLFLOW_TRACKING_URI}"
+        assert loaded.resolved_stage_configs["train"].use_gpu is True

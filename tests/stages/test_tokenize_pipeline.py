@@ -95,6 +95,8 @@ def test_pipeline_end_to_end(ray_local, pipeline_file, tmp_path):
     # every kept document is in exactly one split
     docs_by_split = {s: sum(v.values()) for s, v in t["documents"].items()}
     assert sum(docs_by_split.values()) == c["kept"]
+    # the stage's counts are documents (the funnel), not sequences
+    assert m["counts"]["rows_in"] == c["kept"] and m["counts"]["kept"] + sum(m["counts"]["rejected"].values()) == c["kept"]
     assert set(t["documents"]["validation"]) == {"news", "docs"}  # held out per source
     shares = t["mixture"]["achieved_shares"]
     assert abs(shares["news"] - 0.7) < 0.05 and abs(shares["docs"] - 0.3) < 0.05
