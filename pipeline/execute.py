@@ -177,24 +177,11 @@ def run_parts_on_ray(
         remote_args["num_gpus"] = resources.num_gpus
     if resources.custom:
         remote_args["resources"] = dict(resources.custom)
-    if resources.actors:
-        ds = ds.map_batches(
-            PartWorker,
-            fn_constructor_args=(stage_cls, config, job),
-            batch_size=1,
-            batch_format="pyarrow",
-            concurrency=workers,
-            **remote_args,
-        )
+    if resources.actors:  # long-lived workers: setup() once per actor
+        fn, fn_args, compute = PartWorker, {"fn_constructor_args": (stage_cls, config, job)}, ray.data.ActorPoolStrategy(size=workers)
     else:
-        ds = ds.map_batches(
-            _run_parts_task,
-            fn_args=(stage_cls, config, job),
-            batch_size=1,
-            batch_format="pyarrow",
-            concurrency=workers,
-            **remote_args,
-        )
+        fn, fn_args, compute = _run_parts_task, {"fn_args": (stage_cls, config, job)}, ray.data.TaskPoolStrategy(size=workers)
+    ds = ds.map_batches(fn, batch_size=1, batch_format="pyarrow", compute=compute, **fn_args, **remote_args)
     results = []
     for row in ds.iter_rows():
         result = json.loads(row["result"])

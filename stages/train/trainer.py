@@ -380,9 +380,12 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             self.optimizer.step()
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            # every finite step enters the window, skipped ones too: a lasting shift (grad norms grow
+            # after warmup) is absorbed within a few steps instead of being skipped forever
             self.state.window.append([loss, grad_norm])
             del self.state.window[: max(0, len(self.state.window) - cfg.spike_window)]
-        else:
+        if reason is not None:
             self.state.skipped.append({"step": step + 1, "loss": loss, "grad_norm": grad_norm, "reason": reason})
             if reason != "nonfinite":
                 log.warning("step %d: %s (loss %.4f, grad norm %.3f): skipped", step + 1, reason, loss, grad_norm)

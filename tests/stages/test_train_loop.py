@@ -121,6 +121,20 @@ def test_loss_spike_is_skipped(shards):
     assert trainer._spike(2.0, 50.0) == "grad_norm_spike"
 
 
+def test_a_lasting_grad_norm_shift_is_not_skipped_forever(shards):
+    """Grad norms grow after warmup: after a few skips the window has absorbed the new level
+    (skipped steps enter the window too), so training does not stall."""
+    cfg = TrainConfig(steps=40, micro_batch_size=4, checkpoint_every=0, eval_every=0, norms_every=0, spike_min_window=5, spike_std=6.0)
+    trainer = make_trainer(shards, cfg)
+    trainer.state.window = [[5.0, 1.0 + 0.01 * (i % 2)] for i in range(50)]
+    batches = iter(trainer.loader)
+    with torch.no_grad():  # make every gradient ~8x larger from now on: a lasting shift, not a spike
+        trainer.model.lm_head.weight.mul_(8.0)
+    records = [trainer.train_step(batches)[0] for _ in range(15)]
+    skipped = [r.step for r in records if r.skipped]
+    assert 1 <= len(skipped) <= 5 and records[-1].skipped is None, [(r.step, r.grad_norm, r.skipped) for r in records]
+
+
 def test_checkpoint_loads_with_weights_only_and_refuses_code(shards, tmp_path):
     cfg = TrainConfig(steps=1, micro_batch_size=4, checkpoint_every=1, eval_every=0, norms_every=0)
     trainer = make_trainer(shards, cfg, tmp_path)
