@@ -112,7 +112,7 @@ class TrainStageConfig(StrictModel):
 @register
 class TrainStage(DatasetStage):
     name: ClassVar[str] = "train"
-    version: ClassVar[str] = "1"
+    version: ClassVar[str] = "2"  # 2: skipped steps enter the spike window (v1 could stall)
     description: ClassVar[str] = "pretrain a LLaMA-style model with Ray Train + FSDP2; export to Hugging Face"
     Config = TrainStageConfig
     resources: ClassVar[Resources] = Resources(num_cpus=1)
