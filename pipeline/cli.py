@@ -296,7 +296,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     except Exception as e:  # a clear one-line reason first; the traceback with -v
         if args.verbose:
             raise
-        print(f"lmpipe: error: {type(e).__name__}: {e}", file=sys.stderr)
+        import traceback
+
+        frames = traceback.extract_tb(e.__traceback__)
+        where = f" (at {frames[-1].filename}:{frames[-1].lineno} in {frames[-1].name}; -v for the traceback)" if frames else ""
+        print(f"lmpipe: error: {type(e).__name__}: {e}{where}", file=sys.stderr)
         return 1
 
 

@@ -51,8 +51,14 @@ def submit(config_path: str, address: str, wait: bool = True, python: str = "pyt
     base_dir = os.path.dirname(os.path.abspath(config_path))
     staging = tempfile.mkdtemp(prefix="lmpipe-submit-")
     Path(staging, "pipeline.yaml").write_text(loaded.text)
-    cmd = [python, "-m", "pipeline.cli", "run", "pipeline.yaml", "--address", "auto", "--base-dir", base_dir, *(extra_args or [])]
-    entrypoint = " ".join(shlex.quote(c) for c in cmd)
+    cmd = [python, "-m", "pipeline.cli", "-v", "run", "pipeline.yaml", "--address", "auto", "--base-dir", base_dir, *(extra_args or [])]
+    # Run from a folder Ray does not manage: Ray may garbage-collect the job's unpacked working_dir
+    # while the job still runs (seen when Ray Train's controller exits), and code that calls
+    # os.getcwd() (torch._dynamo's config) then fails with FileNotFoundError.
+    entrypoint = (
+        'd="$(mktemp -d -t lmpipe-job-XXXXXX)" && cp pipeline.yaml "$d/" && cd "$d" && exec '
+        + " ".join(shlex.quote(c) for c in cmd)
+    )
     client = JobSubmissionClient(address, headers=auth_headers() or None)
     runtime_env = {
         "working_dir": staging,

@@ -120,8 +120,9 @@ def s3_corpus(s3_server, demo_corpus):
     return fs
 
 
-def pipeline_text(s3: dict, work: str, mlflow_url: str) -> str:
-    return f"""
+def pipeline_text(s3: dict, work: str, mlflow_url: str, data_stages_only: bool = False) -> str:
+    """The demo pipeline, every stage, at test size: data on S3, outputs and checkpoints on S3."""
+    text = f"""
 name: multinode
 work_dir: {work}
 mlflow: {{tracking_uri: "{mlflow_url}", experiment: multinode}}
@@ -137,10 +138,52 @@ stages:
       sources:
         - {{name: news, paths: ["s3://data/news/*.jsonl"]}}
         - {{name: docs, paths: ["s3://data/docs"], format: text}}
-  sample:
-    uses: sample
+  language_filter:
+    uses: language_filter
     inputs: [ingest]
-    config: {{fraction: 0.5}}
+    config: {{languages: [en]}}
+"""
+    if data_stages_only:
+        return text
+    return text + """
+  quality_filter: {uses: quality_filter, inputs: [language_filter]}
+  toxicity_filter: {uses: toxicity_filter, inputs: [quality_filter]}
+  pii_masker: {uses: pii_masker, inputs: [toxicity_filter]}
+  exact_dedup: {uses: exact_dedup, inputs: [pii_masker]}
+  minhash_dedup: {uses: minhash_dedup, inputs: [exact_dedup]}
+  decontaminate:
+    uses: decontaminate
+    inputs: [minhash_dedup]
+    config: {tasks: [mmlu], mode: redact}
+  train_tokenizer:
+    uses: train_tokenizer
+    inputs: [decontaminate]
+    config: {vocab_size: 1024, sample_chars: 1000000}
+  tokenize:
+    uses: tokenize
+    inputs: [decontaminate, train_tokenizer]
+    config: {seq_len: 64, validation_fraction: 0.02}
+  train:
+    uses: train
+    inputs: [tokenize.train]
+    config:
+      model: {size: debug, dim: 64, n_layers: 2, n_heads: 4}
+      steps: 12
+      micro_batch_size: 4
+      lr: 0.003
+      warmup_steps: 2
+      log_every: 4
+      eval_every: 6
+      checkpoint_every: 6
+      num_workers: 2
+      resources_per_worker: {CPU: 1}
+  evaluate:
+    uses: evaluate
+    inputs: [train]
+    config:
+      checkpoints: all
+      tasks: [{name: mmlu, shots: [0], limit: 40}]
+      validation_max_sequences: 8
 """
 
 
@@ -167,7 +210,9 @@ def test_submit_to_two_nodes_with_s3_and_mlflow_server(submitted, two_nodes, mlf
     fs = s3_corpus
     fs.invalidate_cache()
     manifests = {m.split("/")[2]: json.loads(fs.cat(m)) for m in fs.glob("runs/multinode/*/*/_manifest.json")}
-    assert set(manifests) == {"ingest", "sample"}
+    stages = ["ingest", "language_filter", "quality_filter", "toxicity_filter", "pii_masker", "exact_dedup", "minhash_dedup",
+              "decontaminate", "train_tokenizer", "tokenize", "train", "evaluate"]
+    assert set(manifests) == set(stages)
     assert manifests["ingest"]["counts"]["rows_in"] == 3824 + 79
     assert len(manifests["ingest"]["parts_per_node"]) == 2, manifests["ingest"]["parts_per_node"]  # both nodes worked
     for m in manifests.values():
@@ -179,10 +224,18 @@ def test_submit_to_two_nodes_with_s3_and_mlflow_server(submitted, two_nodes, mlf
     exp = client.get_experiment_by_name("multinode")
     parent = client.search_runs([exp.experiment_id], "tags.`lmpipe.kind` = 'pipeline'")[0]
     children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    assert {c.data.tags["lmpipe.stage"] for c in children} == {"ingest", "sample"}
+    by_stage = {c.data.tags["lmpipe.stage"]: c for c in children}
+    assert set(by_stage) == set(stages) and all(c.info.status == "FINISHED" for c in children)
     assert fs.glob("mlflow/artifacts/**/manifest.json")  # artifacts landed on S3 through the server
-    sample_run = next(c for c in children if c.data.tags["lmpipe.stage"] == "sample")
-    assert {d.dataset.name for d in sample_run.inputs.dataset_inputs} >= {"ingest.data", "sample.data"}
+    assert {d.dataset.name for d in by_stage["train"].inputs.dataset_inputs} >= {"tokenize.train", "train.data"}
+    assert {d.dataset.name for d in by_stage["language_filter"].inputs.dataset_inputs} >= {"ingest.data", "language_filter.rejected"}
+    assert len(client.get_metric_history(by_stage["train"].info.run_id, "loss")) >= 3  # per-step metrics from rank 0
+    assert any(k.startswith("mmlu") for k in by_stage["evaluate"].data.metrics), by_stage["evaluate"].data.metrics
+
+    # training checkpoints live on S3, and the evaluation read them from there
+    train = manifests["train"]
+    assert train["train"]["final_checkpoint"].startswith("s3://runs/multinode/train/")
+    assert fs.glob("runs/multinode/train/**/.metadata"), "no sharded DCP checkpoint on S3"
 
     # the secret in the cluster's environment appears nowhere: MLflow params, tags, metrics, artifacts, job metadata
     for run in [parent, *children]:
@@ -198,17 +251,17 @@ def test_submit_to_two_nodes_with_s3_and_mlflow_server(submitted, two_nodes, mlf
 
 
 def test_node_killed_mid_stage_gives_exact_identical_output(submitted, two_nodes, s3_corpus, s3_server, cluster_env, tmp_path):
-    """Kill the second Ray node while the sample stage runs: the stage still completes, with the
+    """Kill the second Ray node while the language_filter stage runs: the stage still completes, with the
     same counts and byte-identical files as the fault-free run (the submitted one)."""
     fs = s3_corpus
     env = {**cluster_env}
     run = [sys.executable, "-m", "pipeline.cli", "run", "--address", two_nodes["gcs"]]
     faulty = tmp_path / "faulty.yaml"
-    faulty.write_text(pipeline_text(s3_server, "s3://runs/faulty", f"sqlite:///{tmp_path}/faulty.db")
-                      .replace("config: {fraction: 0.5}", "config: {fraction: 0.5}\n    resources: {max_workers: 2}"))
+    faulty.write_text(pipeline_text(s3_server, "s3://runs/faulty", f"sqlite:///{tmp_path}/faulty.db", data_stages_only=True)
+                      .replace("config: {languages: [en]}", "config: {languages: [en]}\n    resources: {max_workers: 2}"))
     driver = subprocess.Popen([*run, str(faulty)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
-    while not (fs.invalidate_cache() or fs.glob("runs/faulty/sample/*/attempt-*/data/*.parquet")):
+    while not (fs.invalidate_cache() or fs.glob("runs/faulty/language_filter/*/attempt-*/data/*.parquet")):
         assert driver.poll() is None, driver.stdout.read()[-4000:]
         assert time.time() < deadline
         time.sleep(0.05)
@@ -221,7 +274,7 @@ def test_node_killed_mid_stage_gives_exact_identical_output(submitted, two_nodes
         return {m.split("/")[2]: json.loads(fs.cat(m)) for m in fs.glob(f"runs/{prefix}/*/*/_manifest.json")}
 
     ref, got = load("multinode"), load("faulty")
-    for stage in ("ingest", "sample"):
+    for stage in ("ingest", "language_filter"):
         assert got[stage]["counts"] == ref[stage]["counts"]
         for ds, info in ref[stage]["datasets"].items():
             ref_files = {f["path"].split("/", 1)[1]: fs.cat(f"runs/multinode/{stage}/{ref[stage]['fingerprint']}/{f['path']}") for f in info["files"]}
