@@ -17,10 +17,14 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def job(tmp_path_factory):
+def job(tmp_path_factory, s3_server):
+    from tests.conftest import make_bucket
+
     work = tmp_path_factory.mktemp("train-ray")
     out = work / "result.json"
-    env = {**os.environ, "RAY_DEDUP_LOGS": "0", "LMPIPE_PROGRESS": "0"}
+    make_bucket(s3_server, "trainckpt")
+    env = {**os.environ, "RAY_DEDUP_LOGS": "0", "LMPIPE_PROGRESS": "0", "LMPIPE_TEST_S3_ENDPOINT": s3_server["endpoint_url"],
+           "AWS_ACCESS_KEY_ID": s3_server["key"], "AWS_SECRET_ACCESS_KEY": s3_server["secret"], "AWS_DEFAULT_REGION": s3_server["region"]}
     proc = subprocess.run([sys.executable, "-m", "tests.stages.train_ray_job", str(work), str(out)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=540)
     if proc.returncode != 0:
@@ -61,3 +65,6 @@ def test_killed_worker_resumes_to_identical_weights(job):
     assert killed["marker"], "the fault was never injected"
     assert killed["step"] == 24
     assert killed["same_weights"] and killed["history_equal"]
+    # the restarted group resumed from checkpoints on S3 (moto's server), not from local disk
+    assert killed["checkpoint_path"].startswith("trainckpt/killed-run/"), killed
+    assert killed["checkpoint_filesystem"] == "PyFileSystem", killed  # pyarrow over s3fs

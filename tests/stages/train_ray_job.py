@@ -119,14 +119,22 @@ def main(work: str, out_json: str) -> None:
         val_files=[os.path.join(shards.stage_dir, f["path"]) for f in shards.manifest["datasets"]["validation"]["files"]],
         threads_per_worker=1, fault=FaultInjection(step=12, marker=os.path.join(work, "killed")),
     )
-    killed = launch_ray(spec, num_workers=2, use_gpu=False, resources_per_worker={"CPU": 1}, storage_path=os.path.join(work, "killed-run"),
-                        name="run", max_failures=1)
+    # its checkpoints go to S3 (moto's server) when the test gives one: a restart resumes from S3
+    endpoint = os.environ.get("LMPIPE_TEST_S3_ENDPOINT")
+    from pipeline.storage import Storage
+
+    storage = Storage({"s3": {"endpoint_url": endpoint}}) if endpoint else None
+    killed_path = "s3://trainckpt/killed-run" if endpoint else os.path.join(work, "killed-run")
+    killed = launch_ray(spec, num_workers=2, use_gpu=False, resources_per_worker={"CPU": 1}, storage_path=killed_path,
+                        name="run", max_failures=1, storage=storage)
     a = ckpt.load_full_model(manifest["train"]["final_checkpoint"]).state_dict()
     with killed.checkpoint.as_directory() as d:
         b = ckpt.load_full_model(d).state_dict()
         killed_extra = ckpt.load_extra(d, 0)
     result["killed"] = {
         "marker": os.path.exists(os.path.join(work, "killed")),
+        "checkpoint_path": killed.checkpoint.path,
+        "checkpoint_filesystem": type(killed.checkpoint.filesystem).__name__,
         "step": killed_extra["step"],
         "same_weights": all(torch.equal(a[k], b[k]) for k in a) and a.keys() == b.keys(),
         "history_equal": json.loads(killed_extra["trainer"])["history"] == json.loads(ckpt.load_extra(manifest["train"]["final_checkpoint"], 0)["trainer"])["history"],
