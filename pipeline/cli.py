@@ -222,7 +222,8 @@ def cmd_job(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lmpipe", description="Raw text to an evaluated language model, on Ray, with MLflow lineage.")
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging; raise errors with their traceback")
+    p.add_argument("--traceback", action="store_true", help="print the traceback of an error (without debug logging)")
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="run a pipeline (cached stages are skipped)")
@@ -293,10 +294,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     except KeyboardInterrupt:
         print("lmpipe: interrupted; committed stages are kept, the next run resumes after them", file=sys.stderr)
         return 130
-    except Exception as e:  # a clear one-line reason first; the traceback with -v
+    except Exception as e:  # a clear one-line reason first; the traceback with -v or --traceback
         if args.verbose:
             raise
         import traceback
+
+        if args.traceback:
+            traceback.print_exc()
 
         frames = traceback.extract_tb(e.__traceback__)
         where = f" (at {frames[-1].filename}:{frames[-1].lineno} in {frames[-1].name}; -v for the traceback)" if frames else ""

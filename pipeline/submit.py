@@ -51,7 +51,7 @@ def submit(config_path: str, address: str, wait: bool = True, python: str = "pyt
     base_dir = os.path.dirname(os.path.abspath(config_path))
     staging = tempfile.mkdtemp(prefix="lmpipe-submit-")
     Path(staging, "pipeline.yaml").write_text(loaded.text)
-    cmd = [python, "-m", "pipeline.cli", "-v", "run", "pipeline.yaml", "--address", "auto", "--base-dir", base_dir, *(extra_args or [])]
+    cmd = [python, "-m", "pipeline.cli", "--traceback", "run", "pipeline.yaml", "--address", "auto", "--base-dir", base_dir, *(extra_args or [])]
     # Run from a folder Ray does not manage: Ray may garbage-collect the job's unpacked working_dir
     # while the job still runs (seen when Ray Train's controller exits), and code that calls
     # os.getcwd() (torch._dynamo's config) then fails with FileNotFoundError.
