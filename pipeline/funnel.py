@@ -11,7 +11,9 @@ from typing import Any
 
 
 def funnel_rows(manifests: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per (stage, reason) removal plus one 'kept' row per stage, in run order."""
+    """One row per (stage, reason) removal plus one 'kept' row per stage, in run order; only
+    stages whose counts are documents (not checkpoints, tokenizers or metric rows)."""
+    manifests = [m for m in manifests if m.get("counts_unit", "documents") == "documents"]
     rows = []
     chars_of = {m["stage"]: m["datasets"].get("data", {}).get("chars", 0) for m in manifests}
     for m in manifests:

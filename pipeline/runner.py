@@ -372,6 +372,8 @@ class Runner:
             "external_inputs": [{"name": e.name, "uri": e.uri, "files": list(e.files)} for e in externals],
             "datasets": datasets,
             "counts": counts,
+            # what rows_in/kept count: documents (the funnel) or other rows (checkpoints, metrics)
+            "counts_unit": "documents" if (node.cls.measure_column or ctx.counts) else "rows",
             "counters": merged["counters"],
             "metrics": dict(ctx.metrics),
             "parts": num_parts,

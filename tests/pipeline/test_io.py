@@ -72,3 +72,25 @@ def test_train_stage_refuses_a_cluster_without_its_gpus(ray_local):
     cfg = Train.Config.model_validate({"num_workers": 8, "use_gpu": True, "resources_per_worker": {"CPU": 1}})
     with pytest.raises(ResourcesUnavailable, match=r"stage 'train' needs 8 GPUs \(8 workers x 1\); the cluster has 0"):
         Train._check_cluster(Ctx(), cfg)
+
+
+def test_funnel_counts_documents_only():
+    from pipeline.funnel import funnel_rows, to_markdown
+
+    def manifest(stage, unit, rows_in, kept, rejected, chars, inputs=()):
+        return {"stage": stage, "counts_unit": unit, "inputs": [{"stage": i} for i in inputs],
+                "counts": {"rows_in": rows_in, "kept": kept, "rejected": rejected, "quarantined": {},
+                           "chars_rejected": {k: 10 * v for k, v in rejected.items()}, "chars_quarantined": {}},
+                "datasets": {"data": {"chars": chars}}}
+
+    rows = funnel_rows([
+        manifest("ingest", "documents", 10, 10, {}, 1000),
+        manifest("quality", "documents", 10, 7, {"too_short": 3}, 700, ["ingest"]),
+        manifest("train", "rows", 500, 3, {}, 0, ["quality"]),  # checkpoints, not documents
+    ])
+    assert [(r["stage"], r["outcome"], r["reason"], r["docs"], r["chars"], r["chars_in"]) for r in rows] == [
+        ("ingest", "kept", "", 10, 1000, 1000),
+        ("quality", "rejected", "too_short", 3, 30, 1000),
+        ("quality", "kept", "", 7, 700, 1000),
+    ]
+    assert "| quality | rejected | too_short | 3 | 30.00% | 30 | 3.00% |" in to_markdown(rows)
