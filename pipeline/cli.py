@@ -122,18 +122,16 @@ def _tracking_uri(args: argparse.Namespace) -> str:
 def cmd_lineage(args: argparse.Namespace) -> int:
     from pipeline import lineage
 
-    target = args.target
-    if os.path.exists(target) or "://" in target:
-        storage = _load(args).storage if args.config else None
-        from pipeline.storage import Storage
+    from pipeline.storage import Storage
 
-        storage = storage or Storage()
+    target = args.target
+    loaded = _load(args) if args.config else None  # read once: storage options and tracking URI
+    storage = loaded.storage if loaded else Storage()
+    if os.path.exists(target) or "://" in target:
         stage_dir = lineage.find_stage_dir(storage, os.path.abspath(target) if os.path.exists(target) else target)
     else:
-        stage_dir = lineage.stage_dir_from_run(_tracking_uri(args), target)
-        from pipeline.storage import Storage
-
-        storage = _load(args).storage if args.config else Storage()
+        uri = loaded.resolved.tracking_uri() if loaded else _tracking_uri(args)
+        stage_dir = lineage.stage_dir_from_run(uri, target)
     tree = lineage.lineage_tree(storage, stage_dir)
     if args.json:
         print(json.dumps(tree, indent=2))

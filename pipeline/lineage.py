@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from pipeline import manifest as mf
 from pipeline import storage as st
@@ -40,7 +40,7 @@ def stage_dir_from_run(tracking_uri: str, run_id: str) -> str:
     return tags["lmpipe.output_uri"]
 
 
-def lineage_tree(storage: st.Storage, stage_dir: str, _seen: Optional[set[str]] = None) -> dict[str, Any]:
+def lineage_tree(storage: st.Storage, stage_dir: str) -> dict[str, Any]:
     manifest = mf.load_manifest(storage, stage_dir)
     if manifest is None:
         raise FileNotFoundError(f"{stage_dir}: no committed manifest")
@@ -57,7 +57,7 @@ def lineage_tree(storage: st.Storage, stage_dir: str, _seen: Optional[set[str]] 
         "inputs": [],
     }
     for inp in manifest.get("inputs", []):
-        child = lineage_tree(storage, inp["stage_dir"], _seen)
+        child = lineage_tree(storage, inp["stage_dir"])
         child["via"] = inp["dataset"]
         node["inputs"].append(child)
     return node
