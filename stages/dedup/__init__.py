@@ -22,7 +22,7 @@ from pipeline.registry import register
 from pipeline.stage import DatasetStage, Part, Resources
 from stages.dedup import engine
 from stages.dedup.lsh import band_keys, kind_key, optimal_param
-from stages.dedup.minhash import MinHasher, ShingleConfig, shingle_hashes
+from stages.dedup.minhash import MinHasher, ShingleConfig
 from stages.dedup.normalize import NormalizeConfig, normalize, normalized_join
 
 EXACT_DUPLICATE = "exact_duplicate"
@@ -129,10 +129,9 @@ def minhash_keys(config: MinhashDedupConfig, b: int, r: int, batch: pa.Table) ->
     hasher = _HASHERS.get((config.num_perm, config.seed))
     if hasher is None:
         hasher = _HASHERS[(config.num_perm, config.seed)] = MinHasher(config.num_perm, config.seed)
-    hashes, offsets = shingle_hashes(batch.column("text"), config.shingle)
-    sigs = hasher.signatures(hashes, offsets)
+    sigs, shingles = hasher.signatures_of_texts(batch.column("text"), config.shingle)
     keys = band_keys(sigs, b, r)
-    empty = np.diff(offsets) == 0  # no shingle at all: never a candidate (would all share buckets)
+    empty = shingles == 0  # no shingle at all: never a candidate (would all share buckets)
     keys = keys.view(np.int64)  # same bits; see engine's note on uint64 in Ray Data
     out = {f"band_{i:03d}": pa.array(keys[:, i], pa.int64(), mask=empty) for i in range(b)}
     if config.verify is not None:

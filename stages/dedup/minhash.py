@@ -1,10 +1,10 @@
-"""MinHash signatures equal to ``datasketch.MinHash``'s, computed for a whole batch in numpy.
+"""MinHash signatures equal to ``datasketch.MinHash``'s, computed for a whole batch at once.
 
-The pipeline of one batch: normalize (Arrow kernels) -> whitespace tokens -> one 64-bit hash per
-token (vectorised over the token bytes) -> one 32-bit hash per shingle (a keyed combination of its
-token hashes, vectorised with shifted slices) -> datasketch's ``affine32`` permutation
-(``fmix32(h) * a + b mod 2**32``) and a column-wise minimum per document. No per-shingle Python
-object is ever created.
+The pipeline of one batch: normalize (Arrow kernels) -> whitespace tokens, each hashed to 64 bits
+-> one 32-bit hash per shingle (a keyed combination of its token hashes) -> datasketch's
+``affine32`` permutation (``fmix32(h) * a + b mod 2**32``) and a minimum per document. Everything
+after normalization runs in compiled loops (``kernels.py``); no per-shingle Python object is ever
+created.
 
 "Equal to datasketch" means: ``datasketch.MinHash(num_perm, seed, hashfunc=shingle_hash32)``
 updated with every shingle of the document has the same ``hashvalues`` (see
@@ -26,10 +26,11 @@ import pyarrow.compute as pc
 from pydantic import Field
 
 from pipeline.config import StrictModel
+from stages.dedup.kernels import minhash_of_hashes, split_and_hash_ascii, window_hashes
 from stages.dedup.normalize import (
     MASK64,
     NormalizeConfig,
-    fmix64,
+    _string_buffers,
     hash_strings,
     normalize,
     normalized_join,
@@ -61,42 +62,22 @@ POSITION_CONSTANTS = _position_constants(MAX_SHINGLE)
 _POSITION_CONSTANTS_NP = np.array(POSITION_CONSTANTS, dtype=np.uint64)
 
 
-def _combine_windows(values: np.ndarray, offsets: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Hash every window of ``size`` consecutive values inside each document.
-
-    A document with fewer than ``size`` values (but at least one) gives one window of all its
-    values; an empty document gives none. Returns (32-bit shingle hashes, per-document offsets)."""
-    counts = np.diff(offsets)
-    n_docs = len(counts)
-    total = len(values)
-    per_doc = np.where(counts >= size, counts - size + 1, np.minimum(counts, 1))
-    out_offsets = np.zeros(n_docs + 1, dtype=np.int64)
-    np.cumsum(per_doc, out=out_offsets[1:])
-    result = np.empty(int(out_offsets[-1]), dtype=np.uint64)
-    # full windows: every start i with i + size <= end of its document
-    long_docs = counts >= size
-    if total >= size and long_docs.any():
-        acc = values[: total - size + 1] * _POSITION_CONSTANTS_NP[0]
-        for j in range(1, size):
-            acc += values[j : total - size + 1 + j] * _POSITION_CONSTANTS_NP[j]
-        # window k of long document d reads acc[offsets[d] + k] and lands in out_offsets[d] + k
-        n_windows = per_doc[long_docs]
-        before = np.cumsum(n_windows) - n_windows
-        k = np.arange(int(n_windows.sum()), dtype=np.int64) - np.repeat(before, n_windows)
-        result[np.repeat(out_offsets[:-1][long_docs], n_windows) + k] = acc[np.repeat(offsets[:-1][long_docs], n_windows) + k]
-    short_docs = (counts > 0) & (counts < size)
-    for d in np.flatnonzero(short_docs):  # rare: documents shorter than one shingle
-        s, e = offsets[d], offsets[d + 1]
-        result[out_offsets[d]] = np.sum(values[s:e] * _POSITION_CONSTANTS_NP[: e - s], dtype=np.uint64)
-    return (fmix64(result) >> np.uint64(32)).astype(np.uint32), out_offsets
-
-
 def hash_tokens(tokens: pa.Array) -> np.ndarray:
-    """:func:`hash_strings` of every token, computed once per distinct token of the batch."""
-    if len(tokens) == 0:
-        return np.zeros(0, np.uint64)
-    encoded = pc.dictionary_encode(tokens)
-    return hash_strings(encoded.dictionary)[encoded.indices.to_numpy(zero_copy_only=False)]
+    """:func:`hash_strings` of every token."""
+    return hash_strings(tokens) if len(tokens) else np.zeros(0, np.uint64)
+
+
+def word_units(normalized: pa.Array, cfg: NormalizeConfig) -> tuple[np.ndarray, np.ndarray]:
+    """64-bit hashes of every token of every document: (hashes, per-document offsets).
+
+    With punctuation stripped, the only whitespace left is ASCII (every other separator is a
+    symbol or control character, replaced by a space), so one compiled pass over the bytes splits
+    and hashes. Otherwise Arrow's Unicode whitespace split runs first."""
+    if cfg.strip_punctuation:
+        offsets, data = _string_buffers(normalized)
+        return split_and_hash_ascii(data, offsets)
+    tokens, offsets = tokenize(normalized)
+    return hash_tokens(tokens), offsets
 
 
 def _codepoints(joined: pa.Array) -> tuple[np.ndarray, np.ndarray]:
@@ -113,11 +94,15 @@ def shingle_hashes(texts, cfg: ShingleConfig) -> tuple[np.ndarray, np.ndarray]:
     normalized = normalize(texts, cfg.normalize)
     if cfg.hash == "sha1":
         return _sha1_shingle_hashes(normalized, cfg)
+    values, offsets = shingle_units(normalized, cfg)
+    return window_hashes(values, offsets, cfg.size, _POSITION_CONSTANTS_NP)
+
+
+def shingle_units(normalized: pa.Array, cfg: ShingleConfig) -> tuple[np.ndarray, np.ndarray]:
+    """What shingles are made of: token hashes (word) or code points + 1 (char), per document."""
     if cfg.kind == "word":
-        tokens, offsets = tokenize(normalized)
-        return _combine_windows(hash_tokens(tokens), offsets, cfg.size)
-    values, offsets = _codepoints(normalized_join(normalized))
-    return _combine_windows(values, offsets, cfg.size)
+        return word_units(normalized, cfg.normalize)
+    return _codepoints(normalized_join(normalized))
 
 
 def _sha1_shingle_hashes(normalized: pa.Array, cfg: ShingleConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -145,22 +130,8 @@ def _python_shingles(joined_text: str, cfg: ShingleConfig) -> list[str]:
     return [sep.join(units[i : i + cfg.size]) for i in range(len(units) - cfg.size + 1)]
 
 
-def fmix32(h: np.ndarray) -> np.ndarray:
-    h = h ^ (h >> np.uint32(16))
-    h = h * np.uint32(0x85EBCA6B)
-    h = h ^ (h >> np.uint32(13))
-    h = h * np.uint32(0xC2B2AE35)
-    return h ^ (h >> np.uint32(16))
-
-
 class MinHasher:
-    """datasketch's ``affine32`` MinHash, applied to many documents' shingle hashes at once.
-
-    The permutation matrix is built transposed (num_perm x shingles), so that the minimum per
-    document is a ``reduceat`` along contiguous memory; blocks of ``chunk_cols`` shingles keep it
-    in cache (measured: ~2x faster than shingles x num_perm, see BENCHMARKS.md)."""
-
-    chunk_cols = 4096
+    """datasketch's ``affine32`` MinHash, applied to many documents at once (compiled loops)."""
 
     def __init__(self, num_perm: int = 128, seed: int = 1):
         from datasketch import MinHash
@@ -168,48 +139,20 @@ class MinHasher:
         self.num_perm = num_perm
         self.seed = seed
         a, b = MinHash(num_perm=num_perm, seed=seed, scheme="affine32").permutations
-        self.a = np.ascontiguousarray(a, dtype=np.uint32)[:, None]
-        self.b = np.ascontiguousarray(b, dtype=np.uint32)[:, None]
-        self._buf = np.empty((num_perm, self.chunk_cols), dtype=np.uint32)
+        self.a = np.ascontiguousarray(a, dtype=np.uint32)
+        self.b = np.ascontiguousarray(b, dtype=np.uint32)
 
     def signatures(self, hashes: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-        """(documents x num_perm) uint32; a document without shingles gets the empty signature."""
-        n_docs = len(offsets) - 1
-        out = np.full((n_docs, self.num_perm), EMPTY_HASH, dtype=np.uint32)
-        if n_docs == 0 or len(hashes) == 0:
-            return out
-        hv = fmix32(np.asarray(hashes, dtype=np.uint32))
-        counts = np.diff(offsets)
-        docs = np.flatnonzero(counts > 0)
-        doc_ends = offsets[docs + 1]
-        cols = self.chunk_cols
-        i = 0
-        while i < len(docs):
-            d0 = docs[i]
-            start = offsets[d0]
-            if counts[d0] > cols:  # a huge document: stream it through the buffer
-                acc = out[d0]
-                for s in range(start, offsets[d0 + 1], cols):
-                    block = self._permute(hv[s : min(s + cols, offsets[d0 + 1])])
-                    np.minimum(acc, block.min(axis=1), out=acc)
-                i += 1
-                continue
-            j = max(int(np.searchsorted(doc_ends, start + cols, side="right")), i + 1)  # whole docs that fit
-            chunk_docs = docs[i:j]
-            block = self._permute(hv[start : offsets[chunk_docs[-1] + 1]])
-            out[chunk_docs] = np.minimum.reduceat(block, offsets[chunk_docs] - start, axis=1).T
-            i = j
-        return out
+        """(documents x num_perm) uint32 of precomputed shingle hashes; a document without
+        shingles gets the empty signature (all 0xFFFFFFFF, as datasketch)."""
+        return minhash_of_hashes(np.ascontiguousarray(hashes, dtype=np.uint32), np.ascontiguousarray(offsets, dtype=np.int64), self.a, self.b)
 
-    def _permute(self, hv: np.ndarray) -> np.ndarray:
-        block = self._buf[:, : len(hv)]
-        np.multiply(self.a, hv[None, :], out=block)
-        np.add(block, self.b, out=block)
-        return block
-
-    def signatures_of_texts(self, texts, cfg: ShingleConfig) -> np.ndarray:
+    def signatures_of_texts(self, texts, cfg: ShingleConfig) -> tuple[np.ndarray, np.ndarray]:
+        """Signatures of raw texts and each document's number of shingles. (Fusing the shingle
+        windows into the permutation loop measured 7% slower than storing the shingle hashes:
+        the separate permutation loop vectorises better.)"""
         hashes, offsets = shingle_hashes(texts, cfg)
-        return self.signatures(hashes, offsets)
+        return self.signatures(hashes, offsets), np.diff(offsets)
 
 
 # -- reference definitions (plain Python), for tests and for interop -----------------------------

@@ -97,49 +97,16 @@ def _string_buffers(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
 
 
 def hash_strings(arr: pa.Array) -> np.ndarray:
-    """A 64-bit hash of every string's UTF-8 bytes, vectorised over the whole array.
+    """A 64-bit hash of every string's UTF-8 bytes (compiled loop, see ``kernels.py``).
 
     ``fmix64(sum_i (byte_i + 1) * POLY_BASE**i  +  len * LENGTH_MIX)  mod 2**64``
     """
+    from stages.dedup.kernels import hash_spans
+
     offsets, data = _string_buffers(arr)
-    n = len(offsets) - 1
-    if n == 0:
+    if len(offsets) <= 1:
         return np.zeros(0, np.uint64)
-    lengths = np.diff(offsets)
-    total = int(offsets[-1] - offsets[0])
-    acc = np.zeros(n, dtype=np.uint64)
-    if total:
-        b = data[offsets[0] : offsets[-1]].astype(np.uint64) + np.uint64(1)
-        # position of each byte inside its string
-        pos = np.arange(total, dtype=np.int64) - np.repeat(offsets[:-1] - offsets[0], lengths)
-        powers = _powers(int(lengths.max()))
-        b *= powers[pos]
-        nonempty = lengths > 0
-        starts = (offsets[:-1] - offsets[0])[nonempty]
-        acc[nonempty] = np.add.reduceat(b, starts)
-    acc += lengths.astype(np.uint64) * np.uint64(LENGTH_MIX)
-    return fmix64(acc)
-
-
-_POWERS = np.ones(1, dtype=np.uint64)
-
-
-def _powers(n: int) -> np.ndarray:
-    """POLY_BASE**i mod 2**64 for i < n (cached; grows geometrically)."""
-    global _POWERS
-    if len(_POWERS) < n:
-        size = max(n, 2 * len(_POWERS), 64)
-        p = np.empty(size, dtype=np.uint64)
-        p[0] = 1
-        # doubling: p[k:2k] = p[0:k] * BASE**k
-        k, cur = 1, POLY_BASE
-        while k < size:
-            m = min(k, size - k)
-            p[k : k + m] = p[:m] * np.uint64(cur)
-            cur = (cur * cur) & MASK64
-            k += m
-        _POWERS = p
-    return _POWERS[:n]
+    return hash_spans(data, offsets)
 
 
 # -- reference (plain Python) definitions, for tests ---------------------------------------------

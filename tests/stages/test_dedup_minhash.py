@@ -28,14 +28,26 @@ def test_string_hash_matches_its_definition():
 
 @pytest.mark.parametrize(
     "cfg",
-    [ShingleConfig(), ShingleConfig(size=3, normalize=NormalizeConfig(strip_digits=True)), ShingleConfig(kind="char", size=5), ShingleConfig(hash="sha1")],
-    ids=["word5", "word3-digits", "char5", "sha1"],
+    [
+        ShingleConfig(),
+        ShingleConfig(size=3, normalize=NormalizeConfig(strip_digits=True)),
+        ShingleConfig(normalize=NormalizeConfig(strip_punctuation=False, lowercase=False)),  # Unicode whitespace split
+        ShingleConfig(kind="char", size=5),
+        ShingleConfig(hash="sha1"),
+    ],
+    ids=["word5", "word3-digits", "word5-keep-punctuation", "char5", "sha1"],
 )
 def test_signatures_equal_datasketch(texts, cfg):
+    """Both paths -- shingle hashes then permutations, and the fused one the stage uses -- equal
+    datasketch fed the reference shingles; texts with non-ASCII whitespace and symbols included."""
+    docs = texts[:15] + ["no\u00a0break\u3000ideographic\u2028line  \u00bfqué? — ünïcödé ☃ text here", "\u0085tab\tsep\x0bvt\x0cff end"]
     hasher = MinHasher(num_perm=128, seed=1)
-    sigs = hasher.signatures(*shingle_hashes(texts[:15], cfg))
-    for text, sig in zip(texts[:15], sigs):
+    two_step = hasher.signatures(*shingle_hashes(docs, cfg))
+    fused, shingles = hasher.signatures_of_texts(pa.array(docs), cfg)
+    assert (fused == two_step).all()
+    for text, sig, n in zip(docs, fused, shingles):
         assert (sig == reference_signature(text, cfg, 128, 1)).all()
+        assert n == len(reference_shingles(text, cfg))
 
 
 def test_sha1_mode_equals_plain_datasketch_defaults(texts):
@@ -49,7 +61,7 @@ def test_sha1_mode_equals_plain_datasketch_defaults(texts):
 
 def test_batch_equals_one_by_one_and_huge_documents(texts):
     """Batch composition never changes a signature (chunking, huge documents streamed)."""
-    huge = " ".join(texts) * 3  # > 4096 shingles: streamed through the buffer
+    huge = " ".join(texts) * 3  # ~100,000 shingles
     docs = [texts[0], "", huge, "two words", texts[1]]
     hasher = MinHasher()
     batch = hasher.signatures(*shingle_hashes(docs, ShingleConfig()))
@@ -64,6 +76,8 @@ def test_bad_inputs():
     hashes, offsets = shingle_hashes(pa.array(docs, pa.string()), cfg)
     assert list(np.diff(offsets)) == [0, 0, 0, 1, 0]  # shorter than one shingle: one shingle of all of it
     sigs = MinHasher().signatures(hashes, offsets)
+    fused, shingles = MinHasher().signatures_of_texts(pa.array(docs, pa.string()), cfg)
+    assert (fused == sigs).all() and list(shingles) == [0, 0, 0, 1, 0]
     assert (sigs[0] == np.uint32(0xFFFFFFFF)).all()  # empty: datasketch's empty signature
     assert (sigs[3] == reference_signature("short doc", cfg)).all()
 
