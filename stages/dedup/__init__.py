@@ -165,27 +165,26 @@ class _DedupStage(DatasetStage):
         return ["id", "text", "source"]
 
     def run(self, ctx) -> None:
-        import ray
-
         cfg = self.config
         work = st.join(ctx.attempt_uri, "_work")
         keys_fn, key_columns, extra, reason_fn = self._keys(ctx)
         rows = ctx.inputs[0].num_rows
-        # ~2 million key rows per shuffle partition: what one reducer holds in memory at once
+        # ~2 million key rows per partition: what one task of the shuffles holds at once
         partitions = cfg.num_partitions or max(1, min(256, rows * len(key_columns) // 2_000_000 + 1))
-        files = engine.build_nodes_and_edges(ctx, work, self._columns(), keys_fn, key_columns, partitions)
+        files = engine.build_nodes_and_keys(ctx, work, self._columns(), keys_fn, key_columns, partitions)
         verify = getattr(cfg, "verify", None)
         job = engine.ComponentJob(ctx.storage, work, cfg.keep, tuple(cfg.source_priority), extra,
                                   None if verify is None else cfg.threshold - verify)
-        stats = ray.get(ray.remote(num_cpus=1)(engine.components_and_removals).remote(job, reason_fn)) if files else {
-            "edges": 0, "members": 0, "components": 0, "removed": 0, "removed_per_source": {}, "component_sizes": {},
-            "documents_per_source": {}}
+        if files:
+            stats = engine.components_and_removals(job, reason_fn, partitions, engine.ray_shuffle, ctx.stage_name)
+        else:
+            stats = {"partitions": partitions, "rounds": 0, "edges": 0, "verified_edges": 0, "members": 0, "components": 0, "removed": 0,
+                     "removed_per_source": {}, "component_sizes": {}, "documents_per_source": {}}
         per_source = stats["documents_per_source"]
-        engine.log.info("[%s] components: %s", ctx.stage_name, {k: v for k, v in stats.items() if k != "component_sizes"})
         removed_dir = st.join(work, "removed")
         parts = []
         for i, uri in enumerate(files):
-            removed_uri = st.join(removed_dir, f"part-{i:05d}.parquet")
+            removed_uri = st.join(removed_dir, f"part-{i:05d}")
             parts.append(Part(f"{i:05d}", {"uri": uri, "removed": removed_uri if ctx.storage.exists(removed_uri) else None}))
         ctx.run_parts(parts)
         self._report(ctx, stats, per_source)
@@ -199,7 +198,7 @@ class _DedupStage(DatasetStage):
         from stages.dedup.plots import component_size_histogram
 
         total = sum(per_source.values())
-        for key in ("edges", "members", "components", "removed"):
+        for key in ("edges", "verified_edges", "members", "components", "removed", "rounds", "partitions"):
             ctx.log_metric(f"dedup.{key}", stats[key])
         ctx.log_metric("dedup.rate", stats["removed"] / total if total else 0.0)
         for source, n in sorted(per_source.items()):
@@ -214,7 +213,7 @@ class _DedupStage(DatasetStage):
 @register
 class ExactDedup(_DedupStage):
     name = "exact_dedup"
-    version = "1"
+    version = "2"
     description = "Remove documents whose normalized text (and optionally URL) equals another's; keep one per group."
     Config = ExactDedupConfig
 
@@ -229,7 +228,7 @@ class ExactDedup(_DedupStage):
 @register
 class MinhashDedup(_DedupStage):
     name = "minhash_dedup"
-    version = "1"
+    version = "2"
     description = "Remove near-duplicates: MinHash signatures (datasketch-equal), LSH buckets, connected components."
     Config = MinhashDedupConfig
 

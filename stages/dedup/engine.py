@@ -6,21 +6,27 @@ Python objects that Arrow cannot sort.
 1. **nodes and keys** (Ray Data ``map_batches`` over the input, in parallel): per document a
    64-bit ``uid`` (hash of its id), the input file (``part``) it came from, what the keep rule
    needs (id, source, length) and its grouping keys (text hash, URL hash, or one LSH bucket per
-   band). Node rows go to ``_work/nodes``; (key, uid) rows are written hash-partitioned by key
-   (``_work/keys/p=K``): a shuffle through storage, without Ray's aggregator actors (which cost
-   ~6 s of start-up per groupby on small inputs and turn uint64 keys into Python objects).
-2. **edges** (Ray Data over the P partitions): each reducer loads one partition (~2 M key rows
-   by default), sorts it, and turns every bucket of k >= 2 documents into a star of k - 1 edges
-   from its smallest uid -- never quadratic. Written to ``_work/edges``.
-3. **components** (one Ray task): connected components of the edges (scipy), the members' keep
-   information streamed from ``_work/nodes`` (filtered to the members), one keeper per component,
-   and one removal file per input part: ``_work/removed/part-XXXXX.parquet``. Memory is
-   O(duplicate documents + edges), not O(corpus).
-4. **routing** (``ctx.run_parts``, one part per input file): read the input file in batches, look
-   the rows up in that part's removal file, yield kept rows and rejected rows with reasons.
+   band). Node rows are written hash-partitioned by uid (``_work/nodes/p=K``); (key, uid) rows
+   hash-partitioned by key (``_work/keys/p=K``): shuffles through storage, without Ray's
+   aggregator actors (which cost ~6 s of start-up per groupby on small inputs and turn uint64
+   keys into Python objects).
+2. **edges** (one Ray task per key partition): sort the partition's ~2 M key rows and turn every
+   bucket of k >= 2 documents into a star of k - 1 edges from its smallest uid -- never quadratic.
+3. **verification** (optional, two shuffles): each edge meets the signature of its smaller end in
+   that node's partition, then the signature of its other end; edges whose estimated Jaccard is
+   below the threshold are dropped.
+4. **connected components** (``components.py``: large-star/small-star rounds, one shuffle each),
+   then **members** (each node partition joins its labels with its node rows) and **keepers**
+   (members shuffled by component; one kept per component by the keep rule; removal rows written
+   per input part: ``_work/removed/part-XXXXX/c-KKKKK.parquet``).
+5. **routing** (``ctx.run_parts``, one part per input file): read the input file in batches, look
+   the rows up in that part's removal files, yield kept rows and rejected rows with reasons.
 
-Everything is ordered by values (uids, ids), never by task completion order, so two runs give
-byte-identical outputs.
+Steps 2-4 are Ray tasks over P partitions exchanging numpy blocks / Arrow tables through Ray's
+object store (``ray_shuffle``); the driver holds object references and per-partition counts only.
+A task holds one partition: O((key rows + edges + nodes) / P), and P grows with the input
+(~2 M key rows per partition). Everything is ordered by values (uids, ids), never by task
+completion order, so two runs give byte-identical outputs.
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ import pyarrow.parquet as pq
 from pipeline import storage as st
 from pipeline.io import iter_parquet_batches
 from pipeline.stage import DROP_REASON
-from stages.dedup.components import connected_components, select_keepers
+from stages.dedup.components import both_ways, concat_rows, label_components, local_shuffle, pairs_of, route, select_keepers, unique_rows
 from stages.dedup.normalize import hash_strings
 
 log = logging.getLogger("lmpipe")
@@ -80,8 +86,8 @@ def list_parquet(storage: st.Storage, uri: str) -> list[str]:
 
 class NodeMapper:
     """Ray Data UDF over input rows (with ``path``): writes this batch's node rows to
-    ``_work/nodes`` (a name derived from the rows, so a retried task overwrites its own file) and
-    returns its (key, uid, p) rows, ``p`` being the key's shuffle partition."""
+    ``_work/nodes/p=K`` by uid partition (a name derived from the rows, so a retried task
+    overwrites its own file) and returns its (key, uid, p) rows, ``p`` being the key's partition."""
 
     def __init__(self, storage: st.Storage, work: str, path_index: dict[str, int], keys_fn, key_columns: Sequence[str], partitions: int):
         self.storage = storage
@@ -108,10 +114,12 @@ class NodeMapper:
         cols.update(self.keys_fn(batch))
         nodes = pa.table(cols)
         name = f"nodes-{int(part[0]):05d}-{int(uid[0]):016x}-{batch.num_rows}.parquet"
-        folder = st.join(self.work, "nodes")
-        self.storage.makedirs(folder)
-        fs, path = self.storage.arrow_fs(st.join(folder, name))
-        pq.write_table(nodes, path, filesystem=fs)
+        for k, piece in enumerate(route(nodes, uid, self.partitions)):
+            if piece.num_rows:
+                folder = st.join(self.work, "nodes", f"p={k}")
+                self.storage.makedirs(folder)
+                fs, path = self.storage.arrow_fs(st.join(folder, name))
+                pq.write_table(piece, path, filesystem=fs)
         keyed = explode_keys(nodes, self.key_columns)
         p = (keyed.column("key").to_numpy().view(np.uint64) % np.uint64(self.partitions)).astype(np.int32)
         return keyed.append_column("p", pa.array(p, pa.int32()))
@@ -147,37 +155,13 @@ def bucket_edges(key: np.ndarray, uid: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return center[keep], uid[keep]
 
 
-class PartitionReducer:
-    """Ray Data UDF over partition numbers: all key rows of one partition -> its star edges."""
-
-    def __init__(self, storage: st.Storage, work: str):
-        self.storage = storage
-        self.work = work
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        out = []
-        for p in batch.column("p").to_pylist():
-            files = list_parquet(self.storage, st.join(self.work, "keys", f"p={p}"))
-            keys, uids = [], []
-            for f in files:
-                fs, path = self.storage.arrow_fs(f)
-                t = pq.read_table(path, filesystem=fs, columns=["key", "uid"])
-                keys.append(t.column("key").to_numpy())
-                uids.append(t.column("uid").to_numpy())
-            src, dst = bucket_edges(np.concatenate(keys) if keys else np.zeros(0, np.int64), np.concatenate(uids) if uids else np.zeros(0, np.int64))
-            table = pa.table({"src": pa.array(src.view(np.int64), pa.int64()), "dst": pa.array(dst.view(np.int64), pa.int64())})
-            folder = st.join(self.work, "edges")
-            self.storage.makedirs(folder)
-            fs, path = self.storage.arrow_fs(st.join(folder, f"edges-{p:05d}.parquet"))
-            pq.write_table(table, path, filesystem=fs)
-            out.append(len(src))
-        return pa.table({"edges": pa.array(out, pa.int64())})
+def read_partition(storage: st.Storage, folder: str, columns: list[str], batch_rows: int) -> Iterator[pa.Table]:
+    for f in list_parquet(storage, folder):
+        yield from iter_parquet_batches(storage, f, batch_rows, columns=columns)
 
 
-def build_nodes_and_edges(ctx, work: str, columns: list[str], keys_fn, key_columns: Sequence[str], partitions: int) -> list[str]:
-    """Steps 1 and 2 (two Ray Data jobs). Returns the input files."""
-    import ray.data
-
+def build_nodes_and_keys(ctx, work: str, columns: list[str], keys_fn, key_columns: Sequence[str], partitions: int) -> list[str]:
+    """Step 1 (one Ray Data job). Returns the input files."""
     t0 = time.perf_counter()
     ds, files, index = read_input(ctx, columns)
     if not files:
@@ -189,10 +173,6 @@ def build_nodes_and_edges(ctx, work: str, columns: list[str], keys_fn, key_colum
     fs, path = ctx.storage.arrow_fs(keys_uri)
     keyed.write_parquet(path, filesystem=fs, partition_cols=["p"])
     log.info("[%s] nodes and keys written in %.1fs", ctx.stage_name, time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    reducers = ray.data.from_items([{"p": p} for p in range(partitions)], override_num_blocks=partitions)
-    reducers.map_batches(PartitionReducer(ctx.storage, work), batch_format="pyarrow", batch_size=1, num_cpus=1).materialize()
-    log.info("[%s] %d key partitions reduced to edges in %.1fs", ctx.stage_name, partitions, time.perf_counter() - t0)
     return files
 
 
@@ -207,16 +187,6 @@ class ComponentJob:
     batch_rows: int = 65536
 
 
-def unique_edges(src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Each undirected edge once (a pair of near-identical documents shares many bands)."""
-    lo, hi = np.minimum(src, dst), np.maximum(src, dst)
-    order = np.lexsort((hi, lo))
-    lo, hi = lo[order], hi[order]
-    keep = np.ones(len(lo), dtype=bool)
-    keep[1:] = (lo[1:] != lo[:-1]) | (hi[1:] != hi[:-1])
-    return lo[keep], hi[keep]
-
-
 def signature_matrix(col) -> np.ndarray:
     """A fixed_size_binary(4 * num_perm) column as a (rows x num_perm) uint32 matrix."""
     col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
@@ -225,100 +195,195 @@ def signature_matrix(col) -> np.ndarray:
     return data[col.offset * width : (col.offset + len(col)) * width].reshape(len(col), width)
 
 
-def verify_edges(job: "ComponentJob", src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Keep the edges whose MinHash-estimated Jaccard reaches ``job.verify_threshold``. Loads the
-    signatures of edge endpoints only (num_perm x 4 bytes each)."""
-    nodes = np.unique(np.concatenate([src, dst]))
-    wanted = pa.array(nodes.view(np.int64), pa.int64())
-    uids, sigs = [], []
-    for f in list_parquet(job.storage, st.join(job.work, "nodes")):
-        for batch in iter_parquet_batches(job.storage, f, job.batch_rows, columns=["uid", "signature"]):
-            mask = pc.is_in(batch.column("uid"), value_set=wanted)
-            if pc.any(mask).as_py():
-                batch = batch.filter(mask)
-                uids.append(batch.column("uid").to_numpy().view(np.uint64))
-                sigs.append(signature_matrix(batch.column("signature")))
+# -- the partition steps: fn(blocks, k, partitions, *args) -> (one block per partition, stats) -----
+
+def keys_step(blocks, k: int, partitions: int, job: ComponentJob) -> tuple[list, dict]:
+    """Key partition k -> star edges (smaller uid first); routed by the smaller end when they are
+    to be verified, else both directions by node for the first large-star."""
+    keys, uids = [], []
+    for t in read_partition(job.storage, st.join(job.work, "keys", f"p={k}"), ["key", "uid"], job.batch_rows):
+        keys.append(t.column("key").to_numpy())
+        uids.append(t.column("uid").to_numpy())
+    src, dst = bucket_edges(np.concatenate(keys) if keys else np.zeros(0, np.int64), np.concatenate(uids) if uids else np.zeros(0, np.int64))
+    pairs = pairs_of(src, dst)
+    if job.verify_threshold is not None:
+        return route(pairs, pairs[:, 0], partitions), {}
+    return both_ways(pairs, partitions), {}
+
+
+def partition_signatures(job: ComponentJob, k: int, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted uids, their signatures) of the wanted uids of node partition k."""
+    value_set = pa.array(wanted.view(np.int64), pa.int64())
+    uids, sigs = [np.zeros(0, np.uint64)], []
+    for batch in read_partition(job.storage, st.join(job.work, "nodes", f"p={k}"), ["uid", "signature"], job.batch_rows):
+        batch = batch.filter(pc.is_in(batch.column("uid"), value_set=value_set))
+        if batch.num_rows:
+            uids.append(batch.column("uid").to_numpy().view(np.uint64))
+            sigs.append(signature_matrix(batch.column("signature")))
     uid = np.concatenate(uids)
-    sig = np.concatenate(sigs)
     order = np.argsort(uid, kind="stable")
-    uid, sig = uid[order], sig[order]
-    keep = np.zeros(len(src), dtype=bool)
-    for s in range(0, len(src), 65536):
-        a = sig[np.searchsorted(uid, src[s : s + 65536])]
-        b = sig[np.searchsorted(uid, dst[s : s + 65536])]
-        keep[s : s + 65536] = (a == b).mean(axis=1) >= job.verify_threshold
-    return src[keep], dst[keep]
+    return uid[order], (np.concatenate(sigs)[order] if sigs else np.zeros((0, 0), np.uint32))
 
 
-def components_and_removals(job: ComponentJob, reason_fn: Callable[[pa.Table], pa.Array]) -> dict[str, Any]:
-    """Step 3 (runs as one Ray task). Writes one removal file per input part that has removals."""
-    edge_files = list_parquet(job.storage, st.join(job.work, "edges"))
-    src_parts, dst_parts = [], []
-    for f in edge_files:
-        for batch in iter_parquet_batches(job.storage, f, job.batch_rows):
-            src_parts.append(batch.column("src").to_numpy().view(np.uint64))
-            dst_parts.append(batch.column("dst").to_numpy().view(np.uint64))
-    src = np.concatenate(src_parts) if src_parts else np.zeros(0, np.uint64)
-    dst = np.concatenate(dst_parts) if dst_parts else np.zeros(0, np.uint64)
-    src, dst = unique_edges(src, dst)
-    edges = len(src)
-    if job.verify_threshold is not None and edges:
-        src, dst = verify_edges(job, src, dst)
-    verified = len(src)
-    nodes, component, size = connected_components(src, dst)
-    del src, dst
-    # the keep information of the members, streamed from the node files
-    wanted = pa.array(nodes.view(np.int64), pa.int64())
+def verify_source_step(blocks, k: int, partitions: int, job: ComponentJob) -> tuple[list, dict]:
+    """Edges (s, d) of the nodes s of partition k, deduplicated, each with s's signature; routed
+    by d."""
+    edges = unique_rows(concat_rows(blocks, 2))
+    uid, sig = partition_signatures(job, k, np.unique(edges[:, 0]))
+    sig_s = sig[np.searchsorted(uid, edges[:, 0])] if len(edges) else sig
+    index = route(np.arange(len(edges)), edges[:, 1], partitions)
+    return [(edges[i], sig_s[i]) for i in index], {"edges": int(len(edges))}
+
+
+def verify_target_step(blocks, k: int, partitions: int, job: ComponentJob) -> tuple[list, dict]:
+    """Compare with d's signature; keep the edges whose estimated Jaccard reaches the threshold."""
+    blocks = [b for b in blocks if len(b[0])]
+    if not blocks:
+        return both_ways(np.zeros((0, 2), np.uint64), partitions), {"verified": 0}
+    edges = np.concatenate([b[0] for b in blocks])
+    sig_s = np.concatenate([b[1] for b in blocks])
+    uid, sig = partition_signatures(job, k, np.unique(edges[:, 1]))
+    sig_d = sig[np.searchsorted(uid, edges[:, 1])]
+    keep = np.zeros(len(edges), dtype=bool)
+    for s in range(0, len(edges), 65536):  # bounded temporaries
+        keep[s : s + 65536] = (sig_s[s : s + 65536] == sig_d[s : s + 65536]).mean(axis=1) >= job.verify_threshold
+    return both_ways(edges[keep], partitions), {"verified": int(keep.sum())}
+
+
+def members_step(blocks, k: int, partitions: int, job: ComponentJob) -> tuple[list, dict]:
+    """Labels (node, component, size) of partition k joined with its node rows (what the keep
+    rule needs); routed by component. Also counts the partition's documents per source."""
+    labels = concat_rows(blocks, 3)
+    labels = labels[np.argsort(labels[:, 0], kind="stable")]
+    wanted = pa.array(labels[:, 0].view(np.int64), pa.int64())
     cols = ["uid", "part", "id", "source", "length", *job.extra_columns]
-    pieces = []
     per_source: dict[str, int] = {}
-    for f in list_parquet(job.storage, st.join(job.work, "nodes")):
-        for batch in iter_parquet_batches(job.storage, f, job.batch_rows, columns=cols):
-            for item in pc.value_counts(batch.column("source")).to_pylist():
-                per_source[item["values"]] = per_source.get(item["values"], 0) + int(item["counts"])
-            mask = pc.is_in(batch.column("uid"), value_set=wanted)
-            if pc.any(mask).as_py():
-                pieces.append(batch.filter(mask))
-    members = pa.concat_tables(pieces) if pieces else pa.table({c: pa.array([], pa.string()) for c in cols})
-    if members.num_rows:
-        pos = np.searchsorted(nodes, members.column("uid").to_numpy().view(np.uint64))
-        members = members.append_column("component", pa.array(component[pos].view(np.int64), pa.int64())).append_column("size", pa.array(size[pos], pa.int64()))
-        # a uid shared by two ids (a 64-bit collision, or a repeated id) counts once in `size`
-    decided = select_keepers(members, job.keep, job.priority) if members.num_rows else None
-    stats: dict[str, Any] = {"edges": int(edges), "verified_edges": int(verified), "members": int(members.num_rows), "components": 0, "removed": 0,
-                             "removed_per_source": {}, "component_sizes": {},
-                             "documents_per_source": dict(sorted(per_source.items()))}
-    if decided is None:
-        return stats
+    pieces = []
+    for batch in read_partition(job.storage, st.join(job.work, "nodes", f"p={k}"), cols, job.batch_rows):
+        for item in pc.value_counts(batch.column("source")).to_pylist():
+            per_source[item["values"]] = per_source.get(item["values"], 0) + int(item["counts"])
+        if len(labels):
+            batch = batch.filter(pc.is_in(batch.column("uid"), value_set=wanted))
+            if batch.num_rows:
+                pieces.append(batch)
+    stats = {"documents_per_source": per_source}
+    if not pieces:
+        return [None] * partitions, stats
+    members = pa.concat_tables(pieces)
+    pos = np.searchsorted(labels[:, 0], members.column("uid").to_numpy().view(np.uint64))
+    component = labels[pos, 1]
+    # a uid shared by two ids (a 64-bit collision, or a repeated id) counts once in `size`
+    members = members.append_column("component", pa.array(component.view(np.int64), pa.int64()))
+    members = members.append_column("size", pa.array(labels[pos, 2].astype(np.int64), pa.int64()))
+    return route(members, component, partitions), stats
+
+
+def keepers_step(blocks, k: int, partitions: int, job: ComponentJob, reason_fn: Callable[[pa.Table, pa.Table], pa.Array]) -> tuple[list, dict]:
+    """Whole components of partition k: one keeper each; removal rows written per input part."""
+    stats: dict[str, Any] = {"members": 0, "components": 0, "removed": 0, "removed_per_source": {}, "component_sizes": {}}
+    tables = [b for b in blocks if b is not None and b.num_rows]
+    if not tables:
+        return [None] * partitions, stats
+    decided = select_keepers(pa.concat_tables(tables), job.keep, job.priority)
     keepers = decided.filter(decided.column("keeper"))
     sizes, counts = np.unique(keepers.column("size").to_numpy(), return_counts=True)
-    stats["component_sizes"] = {int(s): int(c) for s, c in zip(sizes, counts)}
-    stats["components"] = int(keepers.num_rows)
+    stats.update(members=int(decided.num_rows), components=int(keepers.num_rows),
+                 component_sizes={int(s): int(c) for s, c in zip(sizes, counts)})
     removed = decided.filter(pc.invert(decided.column("keeper")))
     if removed.num_rows:
         # reason_fn compares each removed row with its keeper (e.g. same text hash or only same URL)
         keeper_index = pc.index_in(removed.column("duplicate_of"), value_set=keepers.column("id"))
         removed = removed.append_column(DROP_REASON, reason_fn(removed, keepers.take(keeper_index)))
-    stats["removed"] = int(removed.num_rows)
-    for item in pc.value_counts(removed.column("source")).to_pylist() if removed.num_rows else []:
-        stats["removed_per_source"][item["values"]] = int(item["counts"])
-    out_dir = st.join(job.work, "removed")
-    job.storage.makedirs(out_dir)
+        stats["removed"] = int(removed.num_rows)
+        stats["removed_per_source"] = {item["values"]: int(item["counts"]) for item in pc.value_counts(removed.column("source")).to_pylist()}
     parts = removed.column("part").to_numpy() if removed.num_rows else np.zeros(0, np.int32)
     for p in np.unique(parts):
         table = removed.filter(pa.array(parts == p)).sort_by([("id", "ascending")])
         table = table.select(["id", DROP_REASON, "duplicate_of", "component", "size"])
-        fs, path = job.storage.arrow_fs(st.join(out_dir, f"part-{int(p):05d}.parquet"))
+        folder = st.join(job.work, "removed", f"part-{int(p):05d}")
+        job.storage.makedirs(folder)
+        fs, path = job.storage.arrow_fs(st.join(folder, f"c-{k:05d}.parquet"))
         pq.write_table(table, path, filesystem=fs)
+    return [None] * partitions, stats
+
+
+# -- running the steps ------------------------------------------------------------------------------
+
+def _shuffle_task(fn, k: int, partitions: int, args: tuple, *blocks):
+    outs, stats = fn(list(blocks), k, partitions, *args)
+    return (*outs, stats)
+
+
+_REMOTE_TASKS: dict[int, Any] = {}
+
+
+def ray_shuffle(fn, inputs: list[list[Any]], partitions: int, *args) -> tuple[list[list[Any]], list[dict[str, Any]]]:
+    """One step as P Ray tasks; task k receives the blocks addressed to partition k (object refs,
+    resolved by Ray on the worker) and returns P blocks plus its stats. The driver keeps refs."""
+    import ray
+
+    task = _REMOTE_TASKS.get(partitions)
+    if task is None:
+        task = _REMOTE_TASKS[partitions] = ray.remote(num_cpus=1, num_returns=partitions + 1)(_shuffle_task)
+    refs = [task.remote(fn, k, partitions, args, *inputs[k]) for k in range(partitions)]
+    stats = ray.get([r[partitions] for r in refs])
+    return [[refs[k][j] for k in range(partitions)] for j in range(partitions)], stats
+
+
+def _merge_counts(dicts) -> dict:
+    out: dict = {}
+    for d in dicts:
+        for key, n in d.items():
+            out[key] = out.get(key, 0) + n
+    return dict(sorted(out.items()))
+
+
+def components_and_removals(job: ComponentJob, reason_fn, partitions: int, shuffle=local_shuffle, name: str = "dedup") -> dict[str, Any]:
+    """Steps 2-4 over ``partitions`` partitions (``ray_shuffle`` in the stage, ``local_shuffle``
+    in one process). Writes the removal files; returns the counts."""
+    t0 = time.perf_counter()
+    P = partitions
+    blocks, _ = shuffle(keys_step, [[] for _ in range(P)], P, job)
+    stats: dict[str, Any] = {"partitions": P}
+    if job.verify_threshold is not None:
+        forward, st1 = shuffle(verify_source_step, blocks, P, job)
+        blocks, st2 = shuffle(verify_target_step, forward, P, job)
+        stats["edges"] = sum(s["edges"] for s in st1)
+        stats["verified_edges"] = sum(s["verified"] for s in st2)
+        del forward
+
+    def on_round(rounds: int, edges: int) -> None:
+        if rounds == 1 and job.verify_threshold is None:
+            stats["edges"] = stats["verified_edges"] = edges
+        log.info("[%s] components: large-star round %d over %d edges", name, rounds, edges)
+
+    labels, stats["rounds"] = label_components(shuffle, blocks, P, on_round)
+    del blocks
+    members, st_members = shuffle(members_step, labels, P, job)
+    del labels
+    _, st_keep = shuffle(keepers_step, members, P, job, reason_fn)
+    stats["documents_per_source"] = _merge_counts(s["documents_per_source"] for s in st_members)
+    for key in ("members", "components", "removed"):
+        stats[key] = sum(s[key] for s in st_keep)
+    stats["removed_per_source"] = _merge_counts(s["removed_per_source"] for s in st_keep)
+    stats["component_sizes"] = _merge_counts(s["component_sizes"] for s in st_keep)
+    stats.setdefault("edges", 0)
+    stats.setdefault("verified_edges", stats["edges"])
+    log.info("[%s] %d partitions: %d candidate edges, %d verified, %d components, %d removed in %.1fs (%d rounds)",
+             name, P, stats["edges"], stats["verified_edges"], stats["components"], stats["removed"], time.perf_counter() - t0, stats["rounds"])
     return stats
 
 
 def route_part(storage: st.Storage, uri: str, removed_uri: Optional[str], batch_size: int, count) -> Iterator[pa.Table]:
-    """Step 4: yield the part's kept rows as they are, and its removed rows with reason columns."""
+    """Step 5: yield the part's kept rows as they are, and its removed rows with reason columns.
+    ``removed_uri``: the part's folder of removal files (one per component partition)."""
     removed = None
     if removed_uri:
-        fs, path = storage.arrow_fs(removed_uri)
-        removed = pq.read_table(path, filesystem=fs)
+        tables = []
+        for f in list_parquet(storage, removed_uri):
+            fs, path = storage.arrow_fs(f)
+            tables.append(pq.read_table(path, filesystem=fs))
+        removed = pa.concat_tables(tables) if tables else None
     for batch in iter_parquet_batches(storage, uri, batch_size):
         count("rows_in", batch.num_rows)
         if removed is None or removed.num_rows == 0:

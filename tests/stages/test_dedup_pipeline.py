@@ -61,11 +61,11 @@ stages:
   exact_dedup:
     uses: exact_dedup
     inputs: [ingest]
-    config: {{urls: true}}
+    config: {{urls: true, num_partitions: {parts}}}
   minhash_dedup:
     uses: minhash_dedup
     inputs: [exact_dedup]
-    config: {{threshold: 0.8}}
+    config: {{threshold: 0.8, num_partitions: {parts}}}
 """
 
 
@@ -85,8 +85,9 @@ def test_dedup_pipeline_counts_pointers_and_determinism(ray_local, pipeline_file
     data = tmp_path / "data"
     n = _corpus(data)["rows"]
     reports = []
-    for run in ("a", "b"):
-        path = pipeline_file(PIPELINE.format(work=tmp_path / f"work-{run}", data=data), name=f"p-{run}.yaml")
+    # run b shuffles through 4 partitions (distributed components, verification and keep rule)
+    for run, parts in (("a", 1), ("b", 4)):
+        path = pipeline_file(PIPELINE.format(work=tmp_path / f"work-{run}", data=data, parts=parts), name=f"p-{run}.yaml")
         reports.append(Runner(load_config(path)).run())
     report = reports[0]
     for stage in ("exact_dedup", "minhash_dedup"):
@@ -106,7 +107,8 @@ def test_dedup_pipeline_counts_pointers_and_determinism(ray_local, pipeline_file
         assert set(rejected.column("duplicate_of").to_pylist()) <= kept_ids
         assert not kept_ids & set(rejected.column("id").to_pylist())
         assert pc.all(pc.greater_equal(rejected.column("dup_component_size"), 2)).as_py()
-    # two runs: byte-identical outputs
+    # two runs, 1 and 4 partitions: byte-identical outputs
+    assert [r.stage("minhash_dedup").manifest["dedup"]["partitions"] for r in reports] == [1, 4]
     for stage in ("exact_dedup", "minhash_dedup"):
         for ds in ("data", "rejected"):
             a = [hashlib.sha256(p.read_bytes()).hexdigest() for p in _files(reports[0], stage, ds)]
