@@ -40,6 +40,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--docs", type=int, default=10000)
     ap.add_argument("--cpus", type=int, default=2)
+    ap.add_argument("--partitions", type=int, default=None, help="shuffle partitions (default: the stage's, from input size)")
     args = ap.parse_args()
     import ray
 
@@ -55,14 +56,14 @@ work_dir: {tmp}/work
 mlflow: {{tracking_uri: "sqlite:///{tmp}/mlflow.db"}}
 stages:
   ingest: {{uses: ingest, config: {{sources: [{{name: news, paths: ["{tmp}/data/*.jsonl"]}}]}}}}
-  minhash_dedup: {{uses: minhash_dedup, inputs: [ingest]}}
+  minhash_dedup: {{uses: minhash_dedup, inputs: [ingest], config: {{num_partitions: {json.dumps(args.partitions)}}}}}
 """)
     report = Runner(load_config(tmp / "p.yaml")).run()
     m = report.stage("minhash_dedup").manifest
     wall = m["timings"]["wall_seconds"]
     print(json.dumps({
         "docs": args.docs, "cpus": args.cpus, "wall_s": wall, "docs_per_s": round(args.docs / wall),
-        "removed": m["dedup"]["removed"], "edges": m["dedup"]["edges"],
+        "removed": m["dedup"]["removed"], "edges": m["dedup"]["edges"], "partitions": m["dedup"]["partitions"], "rounds": m["dedup"]["rounds"],
         "driver_peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         "workers_peak_rss_mib": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024),
     }))
