@@ -13,7 +13,6 @@ import os
 import random
 import resource
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("LMPIPE_PROGRESS", "0")

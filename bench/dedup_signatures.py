@@ -83,7 +83,7 @@ def main() -> None:
     print(f"datasketch update loop: {loop:,.0f} docs/s ({n_loop} docs, shingle strings prebuilt)")
     print(f"datasketch MinHash.bulk: {bulk:,.0f} docs/s ({n_bulk} docs, shingle strings prebuilt)")
     dt = datatrove_rate(texts[:300])
-    print(f"datatrove MinhashDedupSignature (get_shingles + get_signature, 16 x 8 = 128 hashes): " + (f"{dt:,.0f} docs/s (300 docs)" if dt else "not installed (pip install -e '.[bench]')"))
+    print("datatrove MinhashDedupSignature (get_shingles + get_signature, 16 x 8 = 128 hashes): " + (f"{dt:,.0f} docs/s (300 docs)" if dt else "not installed (pip install -e '.[bench]')"))
     print(f"speed-up vs bulk: {best / bulk:.1f}x; vs update loop: {best / loop:.1f}x")
     # equality on the same shingle hashes
     for t, sig in list(zip(texts, sigs))[:50]:

@@ -12,7 +12,6 @@ import argparse
 import bz2
 import json
 import os
-import re
 import sys
 import time
 import xml.etree.ElementTree as ET

@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 import time
-from typing import Any, Optional
+from typing import Optional
 
 from pipeline.config import ConfigError
 

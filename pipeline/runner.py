@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from pipeline import manifest as mf
-from pipeline import storage as st
 from pipeline.config import ConfigError, LoadedConfig
 from pipeline.context import InputDataset, StageContext
 from pipeline.dag import Node, build_dag, downstream_of, upstream_of

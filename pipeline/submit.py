@@ -40,7 +40,7 @@ def submit(config_path: str, address: str, wait: bool = True, python: str = "pyt
     """
     import tempfile
 
-    from ray.job_submission import JobStatus, JobSubmissionClient
+    from ray.job_submission import JobSubmissionClient
 
     import pipeline as pipeline_pkg
     import stages as stages_pkg

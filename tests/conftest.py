@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -94,22 +97,42 @@ def wait_for_http(url: str, timeout: float = 60.0, proc=None) -> None:
     raise TimeoutError(f"{url} did not answer within {timeout}s")
 
 
+def start_process(cmd: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
+    """A server (ray start, mlflow server, moto) in its own process group, output to ``log``."""
+    with open(log, "w") as out:
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    """Stop the server's whole process group (its workers included): SIGTERM, then SIGKILL. Never
+    ``ray stop`` or ``pkill``: they would stop every other Ray on this machine too."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@contextlib.contextmanager
+def server_process(cmd: list[str], log: Path, ready_url: str, env: dict | None = None, timeout: float = 60.0):
+    """Start a server, wait until ``ready_url`` answers, stop it on exit."""
+    proc = start_process(cmd, log, env)
+    try:
+        wait_for_http(ready_url, timeout=timeout, proc=proc)
+        yield proc
+    finally:
+        stop_process(proc)
+
+
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """A real S3 endpoint: moto's server on 127.0.0.1 (no AWS involved)."""
-    import subprocess
-
     port = free_port()
-    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")
-    proc = subprocess.Popen([str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
     endpoint = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_http(endpoint, proc=proc)
+    with server_process([str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], tmp_path_factory.mktemp("moto") / "moto.log", endpoint):
         yield {"endpoint_url": endpoint, "key": "testing-key", "secret": "testing-secret", "region": "us-east-1"}
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        log.close()
 
 
 @pytest.fixture
@@ -119,6 +142,13 @@ def s3_env(s3_server, monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server["secret"])
     monkeypatch.setenv("AWS_DEFAULT_REGION", s3_server["region"])
     return s3_server
+
+
+def s3_filesystem(s3: dict):
+    """An s3fs filesystem on the test endpoint, with explicit credentials."""
+    import s3fs
+
+    return s3fs.S3FileSystem(key=s3["key"], secret=s3["secret"], client_kwargs={"endpoint_url": s3["endpoint_url"]})
 
 
 def make_bucket(s3: dict, bucket: str) -> None:

@@ -31,7 +31,6 @@ completion order, so two runs give byte-identical outputs.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass

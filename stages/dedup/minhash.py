@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from typing import Literal, Optional
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 from pydantic import Field
 
 from pipeline.config import StrictModel

@@ -26,7 +26,6 @@ For the training loop there is :mod:`stages.evaluate.hook`: the same code, small
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from typing import Any, ClassVar, Literal, Optional

@@ -20,7 +20,6 @@ from __future__ import annotations
 import time
 from typing import Any, Callable, Optional
 
-import numpy as np
 from pydantic import Field, field_validator
 
 from pipeline import storage as st

@@ -19,7 +19,6 @@ import resource
 import shutil
 import tempfile
 import time
-from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator, Optional, Protocol
 

@@ -13,25 +13,10 @@ import time
 from pathlib import Path
 
 import pytest
-import s3fs
 
-from tests.conftest import VENV_BIN, free_port, make_bucket, ray_node_port_args, wait_for_http
+from tests.conftest import VENV_BIN, free_port, make_bucket, ray_node_port_args, s3_filesystem, server_process, start_process, stop_process
 
 SECRET = "multinode-secret-never-logged-9f3c"
-
-
-def _start(cmd: list[str], env: dict, log: Path) -> subprocess.Popen:
-    return subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -55,25 +40,23 @@ def cluster_env(s3_server):
 def two_nodes(cluster_env, tmp_path_factory):
     logs = tmp_path_factory.mktemp("cluster")
     port, dash = free_port(), free_port()
-    head = _start(
-        [str(VENV_BIN / "ray"), "start", "--head", "--block", "--port", str(port), "--dashboard-host", "127.0.0.1",
-         "--dashboard-port", str(dash), "--num-cpus", "1", "--resources", '{"head_node": 1}', "--disable-usage-stats",
-         *ray_node_port_args()],
-        cluster_env, logs / "head.log",
-    )
-    url = f"http://127.0.0.1:{dash}"
-    wait_for_http(f"{url}/api/version", timeout=120, proc=head)
+    head_cmd = [
+        str(VENV_BIN / "ray"), "start", "--head", "--block", "--port", str(port), "--dashboard-host", "127.0.0.1",
+        "--dashboard-port", str(dash), "--num-cpus", "1", "--resources", '{"head_node": 1}', "--disable-usage-stats",
+        *ray_node_port_args(),
+    ]
     worker_cmd = [
         str(VENV_BIN / "ray"), "start", "--block", "--address", f"127.0.0.1:{port}", "--num-cpus", "1",
         "--resources", '{"worker_node": 1}', "--disable-usage-stats", *ray_node_port_args(),
     ]
-    worker = _start(worker_cmd, cluster_env, logs / "worker.log")
-    _wait_for_nodes(f"127.0.0.1:{port}", 2, cluster_env)
-    try:
-        yield {"dashboard": url, "gcs": f"127.0.0.1:{port}", "head": head, "worker": worker}
-    finally:
-        _stop(worker)
-        _stop(head)
+    url = f"http://127.0.0.1:{dash}"
+    with server_process(head_cmd, logs / "head.log", f"{url}/api/version", cluster_env, timeout=120) as head:
+        worker = start_process(worker_cmd, logs / "worker.log", cluster_env)
+        try:
+            _wait_for_nodes(f"127.0.0.1:{port}", 2, cluster_env)
+            yield {"dashboard": url, "gcs": f"127.0.0.1:{port}", "head": head, "worker": worker}
+        finally:
+            stop_process(worker)
 
 
 def _wait_for_nodes(gcs: str, n: int, env: dict, timeout: float = 120) -> None:
@@ -92,24 +75,18 @@ def mlflow_on_s3(cluster_env, s3_server, tmp_path_factory):
     make_bucket(s3_server, "mlflow")
     root = tmp_path_factory.mktemp("mlflow")
     port = free_port()
-    proc = _start(
-        [str(VENV_BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", "s3://mlflow/artifacts"],
-        {**cluster_env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, root / "server.log",
-    )
+    cmd = [str(VENV_BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+           "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", "s3://mlflow/artifacts"]
     url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_http(f"{url}/health", timeout=90, proc=proc)
+    with server_process(cmd, root / "server.log", f"{url}/health", {**cluster_env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, timeout=90):
         yield url
-    finally:
-        _stop(proc)
 
 
 @pytest.fixture(scope="module")
 def s3_corpus(s3_server, demo_corpus):
     make_bucket(s3_server, "data")
     make_bucket(s3_server, "runs")
-    fs = s3fs.S3FileSystem(key=s3_server["key"], secret=s3_server["secret"], client_kwargs={"endpoint_url": s3_server["endpoint_url"]})
+    fs = s3_filesystem(s3_server)
     from stages.assets import news_articles
 
     articles = news_articles()

@@ -10,12 +10,10 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlparse
 
-import pytest
-import s3fs
 
 from pipeline.config import load_config
 from pipeline.runner import Runner
-from tests.conftest import make_bucket
+from tests.conftest import make_bucket, s3_filesystem
 
 SLOW_DOWN = b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
 
@@ -108,7 +106,7 @@ stages:
 """
 
 
-def _outputs(fs: s3fs.S3FileSystem, prefix: str) -> dict:
+def _outputs(fs, prefix: str) -> dict:
     fs.invalidate_cache()
     out = {}
     for m in fs.glob(f"{prefix}/*/*/_manifest.json"):
@@ -126,7 +124,7 @@ def test_transient_s3_failures_are_retried_without_loss(ray_local, s3_env, pipel
     from stages.assets import news_articles
 
     make_bucket(s3_env, "faultdata")
-    fs = s3fs.S3FileSystem(key=s3_env["key"], secret=s3_env["secret"], client_kwargs={"endpoint_url": s3_env["endpoint_url"]})
+    fs = s3_filesystem(s3_env)
     articles = news_articles()
     for i in range(6):
         fs.pipe(f"faultdata/news/news-{i}.jsonl", "".join(json.dumps(a) + "\n" for a in articles[i::6]).encode())

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
-import subprocess
 
 import pytest
 from mlflow import MlflowClient
 
 from pipeline.config import load_config
 from pipeline.runner import Runner
-from tests.conftest import VENV_BIN, free_port, wait_for_http
+from tests.conftest import VENV_BIN, free_port, server_process
 
 
 @pytest.fixture(scope="module")
@@ -18,20 +17,11 @@ def mlflow_server(tmp_path_factory):
     root = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    log = open(root / "server.log", "w")
-    proc = subprocess.Popen(
-        [str(VENV_BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts")],
-        stdout=log, stderr=subprocess.STDOUT, env=env,
-    )
+    cmd = [str(VENV_BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+           "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts")]
     url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_http(f"{url}/health", timeout=90, proc=proc)
+    with server_process(cmd, root / "server.log", f"{url}/health", env, timeout=90):
         yield url, root
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
-        log.close()
 
 
 def test_pipeline_lineage_in_mlflow_server(ray_local, demo_corpus, mlflow_server, pipeline_file, tmp_path):

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import json
 
-import s3fs
 
 from pipeline.config import load_config
 from pipeline.io import read_table
 from pipeline.runner import Runner
-from tests.conftest import make_bucket
+from tests.conftest import make_bucket, s3_filesystem
 
 
 def test_pipeline_reads_and_writes_s3(ray_local, demo_corpus, s3_env, pipeline_file, tmp_path):
     make_bucket(s3_env, "corpus")
     make_bucket(s3_env, "lmpipe")
-    fs = s3fs.S3FileSystem(key=s3_env["key"], secret=s3_env["secret"], client_kwargs={"endpoint_url": s3_env["endpoint_url"]})
+    fs = s3_filesystem(s3_env)
     for f in sorted((demo_corpus / "news").glob("*.jsonl.zst"))[:2]:
         fs.put(str(f), f"corpus/news/{f.name}")
     fs.put(str(demo_corpus / "python_docs"), "corpus/docs", recursive=True)

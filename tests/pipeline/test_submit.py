@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 
 import pytest
 
-from tests.conftest import VENV_BIN, free_port, ray_node_port_args, wait_for_http
+from tests.conftest import VENV_BIN, free_port, ray_node_port_args, server_process
 
 
 @pytest.fixture(scope="module")
@@ -19,24 +18,12 @@ def ray_head(tmp_path_factory):
     """A Ray head on 127.0.0.1, stopped by its own process group (``ray stop`` would stop every Ray here)."""
     port, dash = free_port(), free_port()
     env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
-    log = open(tmp_path_factory.mktemp("ray-head") / "head.log", "w")
-    proc = subprocess.Popen(
-        [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
-         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "2", "--include-dashboard", "true",
-         "--disable-usage-stats", *ray_node_port_args()],
-        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-    )
     url = f"http://127.0.0.1:{dash}"
-    try:
-        wait_for_http(f"{url}/api/version", timeout=120, proc=proc)
+    cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
+           "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "2", "--include-dashboard", "true",
+           "--disable-usage-stats", *ray_node_port_args()]
+    with server_process(cmd, tmp_path_factory.mktemp("ray-head") / "head.log", f"{url}/api/version", env, timeout=120):
         yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
 
 
 def test_submit_runs_the_pipeline_as_a_ray_job(ray_head, demo_corpus, tmp_path):

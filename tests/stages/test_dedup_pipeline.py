@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import pytest
 
 from pipeline.config import load_config
 from pipeline.runner import Runner

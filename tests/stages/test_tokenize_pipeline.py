@@ -7,9 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
-import pytest
 
 from pipeline.config import load_config
 from pipeline.io import read_table

@@ -5,7 +5,6 @@ from __future__ import annotations
 import sysconfig
 from pathlib import Path
 
-import pyarrow as pa
 import pytest
 
 from stages.assets import news_articles
