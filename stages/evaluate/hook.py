@@ -15,8 +15,9 @@ a metrics sink, so only rank 0 logs (``eval/bits_per_byte/<domain>``, ``eval/bit
 called as a whole (``model(tokens)``); an unwrapped :class:`~stages.train.model.Transformer` gets
 the stage's fast path (output head only at scored positions, shared contexts).
 
-It is not wired into the train stage itself: the train package owns its config and launch; a
-``eval_hook`` option there would build this object in ``run_training`` and pass ``attach(trainer)``.
+The train stage wires it from its ``in_loop_eval`` config (``stages/train``): the driver builds
+the task's requests and reads the tokenizer, every worker builds this object with
+:meth:`InLoopEval.from_parts` and the full validation set (the same on every rank).
 """
 
 from __future__ import annotations
@@ -35,6 +36,17 @@ from stages.evaluate.tasks import MCRequest, build_requests, load_mc_task
 from stages.train.model import Transformer
 
 
+def task_requests(task: Optional[tuple[str, Optional[str]]], shots: int = 0, limit: Optional[int] = 100,
+                  prompt: Optional[str] = None, storage: Any = None) -> tuple[list[MCRequest], str]:
+    """The scoring requests of a multiple-choice task and its metric key (``<name>_<shots>shot``)."""
+    if task is None:
+        return [], ""
+    name, path = task
+    lt = load_mc_task(name, path, storage)
+    fmt = prompt or ("mmlu" if name == "mmlu" and path is None else "plain")
+    return build_requests(lt.task, fmt, shots, limit), f"{name}_{shots}shot"
+
+
 @dataclass
 class InLoopEval:
     tokenizer: Any
@@ -51,19 +63,20 @@ class InLoopEval:
               task: Optional[tuple[str, Optional[str]]] = None, shots: int = 0, limit: Optional[int] = 100,
               prefix_token: int = 0, prompt: Optional[str] = None, batch_tokens: int = 8192) -> "InLoopEval":
         """``task``: (name, JSONL path or None for a built-in); ``limit`` examples spread over it."""
+        with open(tokenizer_file, encoding="utf-8") as f:
+            tokenizer_json = f.read()
+        requests, key = task_requests(task, shots, limit, prompt)
+        return cls.from_parts(tokenizer_json, every, val_rows, requests, key, prefix_token, batch_tokens)
+
+    @classmethod
+    def from_parts(cls, tokenizer_json: str, every: int, val_rows: Optional[dict[str, Any]], requests: Sequence[MCRequest],
+                   task_key: str, prefix_token: int, batch_tokens: int = 8192) -> "InLoopEval":
+        """From a tokenizer's JSON and requests built elsewhere (the train stage's driver)."""
         from tokenizers import Tokenizer
 
-        tok = Tokenizer.from_file(tokenizer_file)
-        requests: list[MCRequest] = []
-        key = ""
-        if task is not None:
-            name, path = task
-            lt = load_mc_task(name, path)
-            fmt = prompt or ("mmlu" if name == "mmlu" and path is None else "plain")
-            requests = build_requests(lt.task, fmt, shots, limit)
-            key = f"{name}_{shots}shot"
+        tok = Tokenizer.from_str(tokenizer_json)
         rows = {d: (v.cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)) for d, v in (val_rows or {}).items()}
-        return cls(tok, every, rows, requests, key, prefix_token, token_byte_lengths(tok), batch_tokens)
+        return cls(tok, every, rows, list(requests), task_key, prefix_token, token_byte_lengths(tok), batch_tokens)
 
     @torch.no_grad()
     def __call__(self, model: torch.nn.Module, device: torch.device | str = "cpu", autocast: Optional[torch.dtype] = None) -> dict[str, float]:

@@ -30,11 +30,11 @@ from pydantic import Field, model_validator
 
 from pipeline import manifest as mf
 from pipeline import storage as st
-from pipeline.config import StrictModel
+from pipeline.config import PathStr, StrictModel
 from pipeline.registry import register
 from pipeline.stage import DatasetStage, Resources
 from stages.train.data import tokenize_info
-from stages.train.launch import TrainSpec, launch_ray
+from stages.train.launch import InLoopEvalSpec, TrainSpec, launch_ray
 from stages.train.model import ModelConfig, model_config
 from stages.train.parallelize import ParallelConfig
 from stages.train.trainer import TrainConfig
@@ -61,6 +61,27 @@ class ModelSpec(StrictModel):
         return model_config(self.size, vocab_size=padded, max_seq_len=seq_len, **overrides)
 
 
+class InLoopEvalConfig(StrictModel):
+    """Evaluation inside the training loop (``stages/evaluate/hook.py``), logged to this stage's
+    MLflow run at the training step: ``eval/bits_per_byte/<domain>`` on the tokenize stage's
+    validation split and ``eval/<task>_<shots>shot/acc`` / ``acc_norm`` on a multiple-choice task,
+    with the evaluate stage's scoring."""
+
+    every: int = Field(default=100, ge=1, description="evaluate every N optimizer steps, and at the last step")
+    validation: bool = Field(default=True, description="bits per byte per domain on the validation split (eval_max_sequences per domain)")
+    task: Optional[str] = Field(default="mmlu", description="a built-in task (mmlu) or a name for the file in task_path; null: no task")
+    task_path: Optional[PathStr] = Field(default=None, description="JSONL task file (id, context, choices, gold), local or s3://")
+    shots: int = Field(default=0, ge=0)
+    limit: Optional[int] = Field(default=100, ge=1, description="questions per evaluation, spread evenly over the task")
+    prompt: Optional[Literal["plain", "mmlu"]] = Field(default=None, description="default mmlu for the built-in mmlu, else plain")
+
+    @model_validator(mode="after")
+    def _something(self):
+        if not self.validation and self.task is None:
+            raise ValueError("in_loop_eval needs validation: true or a task")
+        return self
+
+
 class TrainStageConfig(StrictModel):
     model: ModelSpec = Field(default_factory=ModelSpec)
     # optimisation
@@ -83,6 +104,7 @@ class TrainStageConfig(StrictModel):
     norms_every: int = Field(default=50, ge=0)
     eval_every: int = Field(default=50, ge=0)
     eval_max_sequences: int = Field(default=64, ge=1)
+    in_loop_eval: Optional[InLoopEvalConfig] = Field(default=None, description="bits per byte and a task inside the loop (default: off)")
     checkpoint_every: int = Field(default=100, ge=1)
     keep_checkpoints: Optional[int] = Field(default=None, ge=1, description="checkpoints Ray Train keeps (default: all)")
     peak_tflops: Optional[float] = Field(default=None, gt=0, description="device peak for MFU; default from the GPU name (H100 989, A100 312)")
@@ -138,6 +160,7 @@ class TrainStage(DatasetStage):
             train=cfg.train_config(ctx.seed), model=model_cfg, seq_len=seq_len, train_files=src.files(), val_files=val_files,
             parallel=ParallelConfig(cfg.activation_checkpointing, cfg.compile, cfg.mixed_precision), storage=ctx.storage,
             tracking_uri=ctx.tracking_uri, mlflow_run_id=ctx.mlflow_run_id, threads_per_worker=threads,
+            in_loop_eval=self._in_loop_eval(ctx, cfg, src, info),
         )
         self._check_cluster(ctx, cfg)
         result = launch_ray(
@@ -150,6 +173,24 @@ class TrainStage(DatasetStage):
         if result.checkpoint is None:
             raise RuntimeError("training finished without a checkpoint")
         self._record(ctx, cfg, result, model_cfg, info, src)
+
+    @staticmethod
+    def _in_loop_eval(ctx, cfg: "TrainStageConfig", src, info: dict[str, Any]) -> Optional[InLoopEvalSpec]:
+        """Tokenizer and task requests for the in-loop evaluation, read once on the driver."""
+        ev = cfg.in_loop_eval
+        if ev is None:
+            return None
+        from stages.evaluate.hook import task_requests
+
+        if not info.get("tokenizer_path"):
+            raise ValueError(f"stage {ctx.stage_name!r}: in_loop_eval needs the tokenizer, and input stage {src.manifest.get('stage')!r} records none")
+        tokenizer_json = ctx.storage.read_bytes(st.join(src.stage_dir, info["tokenizer_path"])).decode("utf-8")
+        prefix = info.get("bos_id") if info.get("bos_id") is not None else info.get("eos_id")
+        if prefix is None:
+            raise ValueError(f"stage {ctx.stage_name!r}: in_loop_eval needs a BOS or EOS token id in the tokenize manifest")
+        requests, key = task_requests((ev.task, ev.task_path) if ev.task else None, ev.shots, ev.limit, ev.prompt, ctx.storage)
+        return InLoopEvalSpec(every=ev.every, tokenizer_json=tokenizer_json, prefix_token=int(prefix), requests=tuple(requests),
+                              task_key=key, validation=ev.validation)
 
     @staticmethod
     def _check_cluster(ctx, cfg: "TrainStageConfig") -> None:

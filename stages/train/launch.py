@@ -47,6 +47,20 @@ class TrainSpec:
     mlflow_run_id: Optional[str] = None
     threads_per_worker: Optional[int] = None
     fault: Optional[FaultInjection] = None
+    in_loop_eval: Optional["InLoopEvalSpec"] = None
+
+
+@dataclass(frozen=True)
+class InLoopEvalSpec:
+    """What every rank needs to evaluate inside the loop (built on the driver: workers never
+    fetch tasks or tokenizers themselves)."""
+
+    every: int
+    tokenizer_json: str
+    prefix_token: int
+    requests: tuple = ()
+    task_key: str = ""
+    validation: bool = True
 
 
 def _fault_hook(fault: Optional[FaultInjection], rank: int):
@@ -79,7 +93,16 @@ def run_training(spec: TrainSpec, rank: int, world_size: int, device: torch.devi
     trainer = Trainer(spec.train, spec.model, loader, spec.seq_len, val_sets=val, parallel=spec.parallel,
                       checkpointer=checkpointer, sink=sink, device=device)
     trainer.restore()
-    return trainer.train(on_step_end=_fault_hook(spec.fault, rank))
+    on_step_end = _fault_hook(spec.fault, rank)
+    if spec.in_loop_eval is not None:
+        from stages.evaluate.hook import InLoopEval
+
+        ev = spec.in_loop_eval
+        # every rank scores the same sequences and questions: a sharded model's forward is collective
+        rows = validation_sets(spec.val_files, spec.storage, 0, 1, spec.train.eval_max_sequences) if ev.validation else {}
+        hook = InLoopEval.from_parts(ev.tokenizer_json, ev.every, rows, ev.requests, ev.task_key, ev.prefix_token)
+        on_step_end = hook.attach(trainer, chain=on_step_end)
+    return trainer.train(on_step_end=on_step_end)
 
 
 def ray_train_worker(config: dict[str, Any]) -> None:

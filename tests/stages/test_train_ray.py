@@ -54,6 +54,9 @@ def test_mlflow_gets_training_metrics_curve_and_model(job):
             "tokens_per_second_per_device", "step_time", "data_wait", "peak_memory_bytes", "param_norm",
             "optim_exp_avg_norm", "activation_rms/layer_00", "val_loss/news", "val_loss/code"} <= keys
     assert "mfu" not in keys  # CPU: n/a
+    # in-loop evaluation ran on both FSDP ranks (a sharded forward is collective) and rank 0 logged it
+    assert {"eval/qa_0shot/acc", "eval/qa_0shot/acc_norm", "eval/seconds"} <= keys
+    assert job["in_loop_acc_steps"] == [12, 24]
     assert "loss_curve.png" in job["artifacts"]
     model = job["logged_model"]
     assert model["status"].endswith("READY") and job["outputs"] == [job["manifest_train"]["mlflow_model_id"]]

@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import textwrap
+from pathlib import Path
 from typing import ClassVar
 
 from pipeline.config import load_config
@@ -76,6 +77,11 @@ def main(work: str, out_json: str) -> None:
     from stages.train import checkpoint as ckpt
     from stages.train.launch import FaultInjection, TrainSpec, launch_ray
 
+    # in-loop evaluation on both FSDP ranks: a small multiple-choice task every 12 steps
+    from tests.stages.test_evaluate_support import mmlu_like_records, write_task
+
+    task_file = write_task(Path(work) / "qa.jsonl", mmlu_like_records(8))
+    train_config = {**TRAIN_CONFIG, "in_loop_eval": {"every": 12, "validation": False, "task": "qa", "task_path": task_file}}
     yaml_path = os.path.join(work, "pipeline.yaml")
     with open(yaml_path, "w") as f:
         f.write(textwrap.dedent(f"""
@@ -88,7 +94,7 @@ def main(work: str, out_json: str) -> None:
               train:
                 uses: train
                 inputs: [tokenize.train]
-                config: {json.dumps(TRAIN_CONFIG)}
+                config: {json.dumps(train_config)}
             """))
     loaded = load_config(yaml_path)
     report = Runner(loaded).run()
@@ -101,6 +107,7 @@ def main(work: str, out_json: str) -> None:
         "rows": manifest["datasets"]["data"]["rows"],
         "metric_keys": sorted(run.data.metrics),
         "loss_history": [m.value for m in sorted(client.get_metric_history(stage.run_id, "loss"), key=lambda m: m.step)],
+        "in_loop_acc_steps": sorted(m.step for m in client.get_metric_history(stage.run_id, "eval/qa_0shot/acc")),
         "artifacts": sorted(a.path for a in client.list_artifacts(stage.run_id)),
         "outputs": [o.model_id for o in (run.outputs.model_outputs if run.outputs else [])],
     }
