@@ -4,7 +4,7 @@ Index: build time, size of the shared arrays (what every worker maps), and the b
 RSS growth. Check: documents/s and MB/s of ``check_batch`` on one core over the real news
 articles (3,824) and Python documentation topics, batches of 2,048, best of ``--rounds``.
 
-    .venv/bin/python bench/decontam_bench.py [--rounds 3] [--out bench/results/decontam.json]
+    .venv/bin/python bench/decontam_bench.py [--match ngram|paragraph] [--rounds 3] [--out bench/results/decontam.json]
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ def rss_mb() -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--match", choices=["ngram", "paragraph"], default="ngram", help="GPT-3 13-grams or Dolma paragraphs")
     ap.add_argument("--out", default=str(REPO / "bench/results/decontam.json"))
     args = ap.parse_args()
 
@@ -41,10 +42,10 @@ def main() -> None:
     mmlu = load_mmlu()
     before = rss_mb()
     t = time.perf_counter()
-    index = NgramIndex.build([mmlu])
+    index = NgramIndex.build([mmlu]) if args.match == "ngram" else NgramIndex.build_paragraphs([mmlu])
     build = time.perf_counter() - t
     rss_growth = rss_mb() - before
-    stage = Decontaminate(DecontaminateConfig(tasks=["mmlu"]))
+    stage = Decontaminate(DecontaminateConfig(tasks=["mmlu"], match=args.match))
     chars = sum(len(x) for x in texts)
     best = None
     for _ in range(args.rounds):
@@ -57,6 +58,7 @@ def main() -> None:
         dt = time.perf_counter() - t
         best = dt if best is None else min(best, dt)
     result = {
+        "match": args.match,
         "examples": len(mmlu.examples),
         "index": {k: index.stats[k] for k in ("ngrams_kept", "ngrams_ignored_too_common", "vocab_words")},
         "index_bytes": index.nbytes,
@@ -70,6 +72,8 @@ def main() -> None:
         "docs_per_s": len(texts) / best,
         "mb_per_s": chars / best / 1e6,
     }
+    if args.match == "paragraph":
+        args.out = args.out.replace(".json", "_paragraph.json")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))

@@ -1,4 +1,5 @@
-"""Decontaminate: remove evaluation-set text from the training corpus (GPT-3's 13-gram rule).
+"""Decontaminate: remove evaluation-set text from the training corpus (GPT-3's 13-gram rule, or
+Dolma's paragraph-level exact match with ``match: paragraph``).
 
 The driver builds one n-gram index over the configured evaluation tasks (see
 :mod:`stages.decontaminate.ngrams`), writes it as a few memory-mappable files under the attempt
@@ -50,6 +51,10 @@ ADDED_COLUMNS = {
 
 class DecontaminateConfig(StrictModel):
     tasks: list[Union[str, TaskSpec]] = Field(min_length=1, description="evaluation tasks: built-in names (mmlu) or {name, path}")
+    match: Literal["ngram", "paragraph"] = Field(
+        default="ngram", description="ngram: GPT-3's n-gram overlap; paragraph: Dolma's exact match of whole paragraphs (lines)"
+    )
+    min_paragraph_words: int = Field(default=13, ge=1, description="paragraph match: paragraphs with fewer words are ignored on both sides")
     n: int = Field(default=13, ge=3, le=64, description="words per n-gram")
     min_words: Optional[int] = Field(
         default=8, ge=3, description="eval texts shorter than n words but at least this long are matched as a whole (None: ignore them)"
@@ -84,7 +89,7 @@ def redact(text: str, spans: list[tuple[int, int]], margin: int, min_fragment: i
 class Decontaminate(DatasetStage):
     name = "decontaminate"
     version = "1"
-    description = "Drop or redact documents that contain evaluation-set n-grams (GPT-3 rule); contamination report per task."
+    description = "Drop or redact documents that contain evaluation-set n-grams (GPT-3 rule) or paragraphs (Dolma); contamination report per task."
     Config = DecontaminateConfig
     requires = ("id", "text", "source")
     produces = tuple(ADDED_COLUMNS)
@@ -117,7 +122,10 @@ class Decontaminate(DatasetStage):
 
         t0 = time.perf_counter()
         c = self.config
-        index = NgramIndex.build(self._tasks(ctx.storage), c.n, c.min_words, c.max_examples_per_ngram)
+        if c.match == "paragraph":
+            index = NgramIndex.build_paragraphs(self._tasks(ctx.storage), c.min_paragraph_words, c.max_examples_per_ngram)
+        else:
+            index = NgramIndex.build(self._tasks(ctx.storage), c.n, c.min_words, c.max_examples_per_ngram)
         index_uri = st.join(ctx.attempt_uri, INDEX_FOLDER)
         index.save(ctx.storage, index_uri)
         build_seconds = time.perf_counter() - t0
@@ -167,7 +175,7 @@ class Decontaminate(DatasetStage):
             r["example_ids"] = sorted(found[name])
             r["examples_found"] = len(found[name])
             r["fraction_found"] = r["examples_found"] / max(r["examples"], 1)
-        return {"mode": self.config.mode, "n": self.config.n, "tasks": tasks}
+        return {"mode": self.config.mode, "match": self.config.match, "n": self.config.n, "tasks": tasks}
 
     # -- workers ---------------------------------------------------------------------------------
     def _load_index(self, storage: st.Storage, uri: str) -> NgramIndex:
@@ -187,21 +195,11 @@ class Decontaminate(DatasetStage):
     def check_batch(self, batch: pa.Table, index: NgramIndex) -> pa.Table:
         """Add the contamination columns and ``drop_reason`` to one batch (every row kept once)."""
         texts = batch.column("text").combine_chunks()
-        words, offsets = split_words(texts)
-        ids = word_ids(words, index.vocab)
-        candidates: set[int] = set()
-        for where, _k, _rows in index.hits(ids, offsets):
-            candidates.update((np.searchsorted(offsets, where, side="right") - 1).tolist())
         n = batch.num_rows
         cols: dict[str, list] = {name: [None] * n for name in ADDED_COLUMNS}
         reasons: list[Optional[str]] = [None] * n
         new_text: Optional[list] = None
-        for i in sorted(candidates):
-            text = texts[i].as_py()
-            match = self.match_document(text, index)
-            if match is None:
-                continue
-            spans, examples = match
+        for i, text, (spans, examples) in self._matches(texts, index):
             cols["contaminated_examples"][i] = [f"{index.examples[e][0]}:{index.examples[e][1]}" for e in examples]
             cols["contaminated_tasks"][i] = sorted({index.examples[e][0] for e in examples})
             covered = _union_length(spans)
@@ -226,6 +224,29 @@ class Decontaminate(DatasetStage):
         for name, typ in ADDED_COLUMNS.items():
             out = out.append_column(name, pa.array(cols[name], typ))
         return out.append_column(DROP_REASON, pa.array(reasons, pa.string()))
+
+    def _matches(self, texts: pa.Array, index: NgramIndex) -> Iterator[tuple[int, str, tuple[list[tuple[int, int]], list[int]]]]:
+        """(row, text, (character spans, eval examples)) of every contaminated row, in row order.
+        One vectorised pass over the batch finds the candidates; only those are looked at in Python."""
+        if index.kind == "paragraph":
+            doc_of, rows, line, line_offsets = index.paragraph_hits(texts)
+            for i in np.unique(doc_of).tolist():
+                text = texts[i].as_py()
+                starts = np.concatenate([[0], np.cumsum([len(p) + 1 for p in text.split("\n")])])
+                mine = doc_of == i
+                spans = [(int(starts[k]), int(starts[k + 1] - 1)) for k in (line[mine] - line_offsets[i]).tolist()]
+                yield i, text, (spans, index.examples_of(rows[mine]).tolist())
+            return
+        words, offsets = split_words(texts)
+        ids = word_ids(words, index.vocab)
+        candidates: set[int] = set()
+        for where, _k, _rows in index.hits(ids, offsets):
+            candidates.update((np.searchsorted(offsets, where, side="right") - 1).tolist())
+        for i in sorted(candidates):
+            text = texts[i].as_py()
+            match = self.match_document(text, index)
+            if match is not None:
+                yield i, text, match
 
     @staticmethod
     def match_document(text: str, index: NgramIndex) -> Optional[tuple[list[tuple[int, int]], list[int]]]:

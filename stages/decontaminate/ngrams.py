@@ -8,6 +8,12 @@ the index is a sorted ``uint64`` array (8 bytes per distinct n-gram) plus, per n
 evaluation examples it came from (CSR arrays). All of it is numpy/Arrow, so one worker checks a
 whole batch of documents with a few vectorised passes, and the slow per-document path (which
 finds character spans for the report and for redaction) runs only on the rare matching documents.
+
+A second kind of index, Dolma's paragraph-level exact match (``kind="paragraph"``), holds one hash
+per evaluation paragraph (a line of a context or choice, as normalised words, at least
+``min_words`` long); a training paragraph (a line) matches when its whole word sequence equals
+one. It catches copied passages whose lines are shorter than ``n`` words (lists, dialogue,
+verse) and never flags an overlap that is only part of a paragraph.
 """
 
 from __future__ import annotations
@@ -66,6 +72,41 @@ def kgram_hashes(ids: np.ndarray, k: int) -> np.ndarray:
         return _mix(h ^ np.uint64(k))
 
 
+def paragraph_hashes(ids: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Hash of each segment's whole word-id sequence (segment i = ids[offsets[i]:offsets[i+1]]):
+    ``mix(sum_j mix(id_j + C) * C**j  xor  (len << 32 | 0xD01A))``."""
+    lengths = np.diff(offsets)
+    out = np.zeros(len(lengths), dtype=np.uint64)
+    if len(ids):
+        with np.errstate(over="ignore"):
+            pos = np.arange(len(ids), dtype=np.int64) - np.repeat(offsets[:-1], lengths)
+            powers = _powers_of_mul(int(lengths.max()))
+            terms = _mix(ids.astype(np.uint64) + _MUL) * powers[pos]
+            nonempty = lengths > 0
+            out[nonempty] = np.add.reduceat(terms, offsets[:-1][nonempty])
+    with np.errstate(over="ignore"):
+        return _mix(out ^ ((lengths.astype(np.uint64) << np.uint64(32)) | np.uint64(0xD01A)))
+
+
+_POWERS = np.ones(1, dtype=np.uint64)
+
+
+def _powers_of_mul(n: int) -> np.ndarray:
+    """C**j mod 2**64 for j < n (cached; extended by doubling)."""
+    global _POWERS
+    with np.errstate(over="ignore"):
+        while len(_POWERS) < n:
+            _POWERS = np.concatenate([_POWERS, _POWERS * (_POWERS[-1] * _MUL)])  # C**(k + j) = C**j * C**k
+    return _POWERS[:n]
+
+
+def paragraphs_of(texts: pa.Array) -> tuple[pa.Array, np.ndarray]:
+    """Every line of every text: (flat array of lines, per-text offsets into it)."""
+    lists = pc.split_pattern(pc.fill_null(texts, ""), "\n")
+    offsets = np.asarray(lists.offsets, dtype=np.int64)
+    return pc.list_flatten(lists), offsets - offsets[0]
+
+
 def valid_windows(ids: np.ndarray, offsets: np.ndarray, k: int) -> np.ndarray:
     """Mask of windows that lie inside one document and contain no unknown word (id 0)."""
     m = len(ids) - k + 1
@@ -90,6 +131,7 @@ class NgramIndex:
     examples: list[tuple[str, str]]  # (task, example id)
     stats: dict[str, Any]
     bitmap: Optional[np.ndarray] = None  # uint64 words: a one-hash Bloom filter in front of the sorted array
+    kind: str = "ngram"  # or "paragraph" (then n = the fewest words a paragraph needs to count)
 
     def __post_init__(self) -> None:
         if self.bitmap is None:
@@ -99,17 +141,7 @@ class NgramIndex:
     # -- building --------------------------------------------------------------------------------
     @classmethod
     def build(cls, tasks: list[Any], n: int = 13, min_words: Optional[int] = 8, max_examples_per_ngram: int = 10) -> "NgramIndex":
-        examples: list[tuple[str, str]] = []
-        texts: list[str] = []
-        owner: list[int] = []
-        per_task: dict[str, dict[str, int]] = {}
-        for task in tasks:
-            for ex in (*task.examples, *task.fewshot):
-                examples.append((task.name, ex.id))
-                for t in ex.texts():
-                    texts.append(t)
-                    owner.append(len(examples) - 1)
-            per_task[task.name] = {"examples": len(task.examples) + len(task.fewshot)}
+        examples, texts, owner, per_task = _example_texts(tasks)
         words, offsets = split_words(pa.array(texts, pa.string()))
         vocab = pc.unique(words)
         vocab = vocab.filter(pc.not_equal(vocab, ""))
@@ -143,6 +175,29 @@ class NgramIndex:
                 pair_owner.append(owner_arr[sel])
         hashes = np.concatenate(pair_hashes) if pair_hashes else np.zeros(0, np.uint64)
         owners = np.concatenate(pair_owner) if pair_owner else np.zeros(0, np.int64)
+        stats = {"n": n, "min_words": min_words, "texts": len(texts)}
+        return cls._from_pairs(hashes, owners, examples, per_task, vocab, max_examples_per_ngram, stats, n, tuple([n, *short_lengths]))
+
+    @classmethod
+    def build_paragraphs(cls, tasks: list[Any], min_words: int = 13, max_examples_per_ngram: int = 10) -> "NgramIndex":
+        """Dolma-style: one entry per evaluation paragraph (a line of a context or choice) of at
+        least ``min_words`` normalised words."""
+        examples, texts, owner, per_task = _example_texts(tasks)
+        lines, line_offsets = paragraphs_of(pa.array(texts, pa.string()))
+        words, offsets = split_words(lines)
+        vocab = pc.unique(words)
+        vocab = vocab.filter(pc.not_equal(vocab, ""))
+        ids = word_ids(words, vocab)
+        keep = np.diff(offsets) >= min_words
+        text_of_line = np.searchsorted(line_offsets, np.arange(len(lines)), side="right") - 1
+        hashes = paragraph_hashes(ids, offsets)[keep]
+        owners = np.asarray(owner, dtype=np.int64)[text_of_line[keep]]
+        stats = {"min_words": min_words, "texts": len(texts), "paragraphs": int(len(lines)), "paragraphs_indexed": int(keep.sum())}
+        return cls._from_pairs(hashes, owners, examples, per_task, vocab, max_examples_per_ngram, stats, min_words, (), kind="paragraph")
+
+    @classmethod
+    def _from_pairs(cls, hashes, owners, examples, per_task, vocab, max_examples_per_ngram, stats, n, lengths, kind="ngram") -> "NgramIndex":
+        """(hash, example) pairs -> the sorted hash array and its CSR lists of examples."""
         # distinct (hash, example) pairs, then drop n-grams shared by too many examples
         pairs = np.unique(np.stack([hashes, owners.astype(np.uint64)], axis=1), axis=0) if len(hashes) else np.zeros((0, 2), np.uint64)
         uniq, starts, counts = np.unique(pairs[:, 0], return_index=True, return_counts=True)
@@ -157,17 +212,16 @@ class NgramIndex:
             sel = np.array([t == name for t, _ in examples])
             per_task[name]["examples_indexed"] = int(indexed[sel].sum())
         stats = {
-            "n": n,
-            "min_words": min_words,
+            "kind": kind,
+            **stats,
             "max_examples_per_ngram": max_examples_per_ngram,
-            "texts": len(texts),
             "vocab_words": len(vocab),
             "ngrams": int(len(uniq)),
             "ngrams_kept": int(keep.sum()),
             "ngrams_ignored_too_common": int((~keep).sum()),
             "tasks": per_task,
         }
-        index = cls(n, tuple([n, *short_lengths]), vocab, uniq[keep].astype(np.uint64), example_offsets, example_index, examples, stats)
+        index = cls(n, lengths, vocab, uniq[keep].astype(np.uint64), example_offsets, example_index, examples, stats, kind=kind)
         index.stats["memory_bytes"] = index.nbytes
         return index
 
@@ -200,6 +254,29 @@ class NgramIndex:
                 out.append((where[found], k, pos[found]))
         return out
 
+    def lookup(self, h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(positions in ``h`` found in the index, their index rows)."""
+        where = np.nonzero(self.maybe_contains(h))[0] if len(h) else np.zeros(0, np.int64)
+        if len(where) == 0 or len(self.hashes) == 0:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        pos = np.searchsorted(self.hashes, h[where])
+        pos[pos == len(self.hashes)] = 0
+        found = self.hashes[pos] == h[where]
+        return where[found], pos[found]
+
+    def paragraph_hits(self, texts: pa.Array) -> tuple[np.ndarray, np.ndarray, pa.Array, np.ndarray]:
+        """Paragraph index: (text of each matching line, index row, all lines, per-text line offsets)."""
+        lines, line_offsets = paragraphs_of(texts)
+        words, offsets = split_words(lines)
+        ids = word_ids(words, self.vocab)
+        lengths = np.diff(offsets)
+        cum = np.concatenate([[0], np.cumsum(ids == 0)])
+        unknown = cum[offsets[1:]] - cum[offsets[:-1]]
+        candidate = np.nonzero((lengths >= self.n) & (unknown == 0))[0]
+        where, rows = self.lookup(paragraph_hashes(ids, offsets)[candidate])
+        line = candidate[where]
+        return np.searchsorted(line_offsets, line, side="right") - 1, rows, line, line_offsets
+
     def examples_of(self, rows: np.ndarray) -> np.ndarray:
         if len(rows) == 0:
             return np.zeros(0, np.int32)
@@ -222,7 +299,7 @@ class NgramIndex:
         with pa.ipc.new_file(sink, pa.schema([("word", pa.string())])) as w:
             w.write_table(pa.table({"word": self.vocab}))
         storage.write_bytes_atomic(st.join(folder, "vocab.arrow"), sink.getvalue().to_pybytes())
-        meta = {"n": self.n, "lengths": list(self.lengths), "examples": self.examples, "stats": self.stats}
+        meta = {"n": self.n, "lengths": list(self.lengths), "examples": self.examples, "stats": self.stats, "kind": self.kind}
         storage.write_bytes_atomic(st.join(folder, "index.json"), json.dumps(meta).encode())
 
     @classmethod
@@ -242,7 +319,23 @@ class NgramIndex:
             vocab = pa.ipc.open_file(pa.memory_map(vocab_uri)).read_all().column("word").combine_chunks()
         meta = json.loads(storage.read_bytes(st.join(folder, "index.json")))
         return cls(meta["n"], tuple(meta["lengths"]), vocab, arr("hashes.npy"), arr("example_offsets.npy"), arr("example_index.npy"),
-                   [tuple(e) for e in meta["examples"]], meta["stats"], arr("bitmap.npy"))
+                   [tuple(e) for e in meta["examples"]], meta["stats"], arr("bitmap.npy"), meta.get("kind", "ngram"))
+
+
+def _example_texts(tasks: list[Any]) -> tuple[list[tuple[str, str]], list[str], list[int], dict[str, dict[str, int]]]:
+    """(examples as (task, id), every text of every example, the example of each text, per-task counts)."""
+    examples: list[tuple[str, str]] = []
+    texts: list[str] = []
+    owner: list[int] = []
+    per_task: dict[str, dict[str, int]] = {}
+    for task in tasks:
+        for ex in (*task.examples, *task.fewshot):
+            examples.append((task.name, ex.id))
+            for t in ex.texts():
+                texts.append(t)
+                owner.append(len(examples) - 1)
+        per_task[task.name] = {"examples": len(task.examples) + len(task.fewshot)}
+    return examples, texts, owner, per_task
 
 
 def make_bitmap(hashes: np.ndarray, bits_per_entry: int = 32) -> np.ndarray:

@@ -154,6 +154,51 @@ def test_short_n_and_custom_task_file(tmp_path):
     assert Decontaminate.match_document("the quick brown fox sleeps", idx) is None
 
 
+@pytest.fixture(scope="module")
+def paragraph_index(mmlu) -> NgramIndex:
+    return NgramIndex.build_paragraphs([mmlu])
+
+
+def test_paragraph_mode_finds_copied_paragraphs_only_whole(mmlu, paragraph_index, articles):
+    """Dolma's rule: a training line whose normalised words equal an evaluation paragraph's is a
+    match (case and punctuation aside); part of a paragraph, or a paragraph inside a longer line,
+    is not -- while the 13-gram rule flags both."""
+    exs = planted(mmlu, 6)
+    texts = []
+    for k, ex in enumerate(exs):
+        art = articles[k]
+        quoted = ex.context.upper().replace(",", " ,") if k % 2 else ex.context
+        texts.append(art[:800] + "\n" + quoted + "\n" + art[800:1600])
+    partial = articles[10][:800] + "\n" + " ".join(exs[0].context.split()[:-3]) + "\n" + articles[10][800:1600]
+    inline = articles[11][:800] + " " + exs[1].context + " " + articles[11][800:1600]  # no line break around it
+    clean = [a["text"] for a in news_articles()[:1500]] + list(python_doc_topics().values())
+    paragraph = Decontaminate(DecontaminateConfig(tasks=["mmlu"], match="paragraph"))
+    out = paragraph.check_batch(batch(texts + [partial, inline] + clean), paragraph_index)
+    reasons = out.column("drop_reason").to_pylist()
+    assert reasons[:6] == [CONTAMINATED] * 6
+    assert reasons[6:] == [None] * (len(reasons) - 6)  # partial, inline and all the clean real text
+    for k, (ex, found) in enumerate(zip(exs, out.column("contaminated_examples").to_pylist()[:6])):
+        assert found == [f"mmlu:{ex.id}"]
+        line_start = texts[k].index("\n") + 1
+        assert out.column("contaminated_chars").to_pylist()[k] == texts[k].index("\n", line_start) - line_start
+    ngram = stage().check_batch(batch([partial, inline]), NgramIndex.build([mmlu]))
+    assert ngram.column("drop_reason").to_pylist() == [CONTAMINATED, CONTAMINATED]
+    # redact mode removes the matched line (with the margin)
+    red = Decontaminate(DecontaminateConfig(tasks=["mmlu"], match="paragraph", mode="redact", redact_margin=0, min_fragment_chars=50))
+    text = red.check_batch(batch(texts[:1]), paragraph_index).column("text").to_pylist()[0]
+    assert exs[0].context not in text and articles[0][:800] in text
+
+
+def test_paragraph_index_counts_and_survives_save_load(paragraph_index, tmp_path):
+    from pipeline.storage import Storage
+
+    stats = paragraph_index.stats
+    assert stats["kind"] == "paragraph" and stats["min_words"] == 13 and 0 < stats["paragraphs_indexed"] < stats["paragraphs"]
+    paragraph_index.save(Storage(), str(tmp_path / "pidx"))
+    again = NgramIndex.load(Storage(), str(tmp_path / "pidx"))
+    assert again.kind == "paragraph" and again.n == 13 and (again.hashes == paragraph_index.hashes).all()
+
+
 def test_task_format_errors():
     with pytest.raises(TaskFormatError, match="gold"):
         parse_task_jsonl("t", [json.dumps({"id": 1, "context": "c", "choices": ["a"], "gold": 3})], "t.jsonl")

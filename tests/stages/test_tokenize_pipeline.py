@@ -35,6 +35,10 @@ stages:
     uses: decontaminate
     inputs: [ingest]
     config: {{tasks: [mmlu], mode: redact}}
+  decontaminate_paragraphs:  # Dolma's rule, beside the GPT-3 one: the planted questions are whole lines
+    uses: decontaminate
+    inputs: [ingest]
+    config: {{tasks: [mmlu], match: paragraph}}
   train_tokenizer:
     uses: train_tokenizer
     inputs: [decontaminate]
@@ -84,6 +88,9 @@ def test_pipeline_end_to_end(ray_local, pipeline_file, tmp_path):
     flagged = [r for r in rows if r["contaminated_examples"]]
     assert len(flagged) == 2 and all(r["redacted_chars"] > 0 for r in flagged)
     assert {f"mmlu:{i}" for i in info["planted"]} <= {e for r in flagged for e in r["contaminated_examples"]}
+    para = report.stage("decontaminate_paragraphs").manifest
+    assert para["counts"]["rejected"] == {"contaminated": 2} and para["counts"]["kept"] == info["docs"] - 2
+    assert para["decontaminate"]["tasks"]["mmlu"]["examples_found"] == 2
 
     tok = report.stage("tokenize")
     m = tok.manifest
