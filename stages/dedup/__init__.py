@@ -36,7 +36,7 @@ class KeepConfig(StrictModel):
         description="which document of a duplicate group is kept: best source then smallest id, or longest text",
     )
     source_priority: list[str] = Field(default_factory=list, description="preferred sources first; unlisted sources after")
-    num_partitions: Optional[int] = Field(default=None, ge=1, description="shuffle partitions for grouping keys (default: from input size)")
+    num_partitions: Optional[int] = Field(default=None, ge=1, description="shuffle partitions (default: ~2 M key rows each, at least one per CPU up to 32)")
     batch_rows: int = Field(default=8192, ge=1, description="rows per batch when routing the output")
     keep_work: bool = Field(default=False, description="keep the intermediate files under <attempt>/_work")
 
@@ -152,6 +152,16 @@ def near_reason(removed: pa.Table, keepers: pa.Table) -> pa.Array:
 
 # -- stages -------------------------------------------------------------------------------------
 
+def default_partitions(key_rows: int) -> int:
+    """~2 million key rows per partition (what one shuffle task holds at once), and at least one
+    per CPU of the cluster (up to 32), so that every step of the shuffles keeps the cluster busy.
+    The outputs do not depend on it."""
+    import ray
+
+    cpus = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else 1
+    return max(1, min(256, max(key_rows // 2_000_000 + 1, min(cpus, 32))))
+
+
 class _DedupStage(DatasetStage):
     outputs = ("data", "rejected")
     row_preserving = True
@@ -169,8 +179,7 @@ class _DedupStage(DatasetStage):
         work = st.join(ctx.attempt_uri, "_work")
         keys_fn, key_columns, extra, reason_fn = self._keys(ctx)
         rows = ctx.inputs[0].num_rows
-        # ~2 million key rows per partition: what one task of the shuffles holds at once
-        partitions = cfg.num_partitions or max(1, min(256, rows * len(key_columns) // 2_000_000 + 1))
+        partitions = cfg.num_partitions or default_partitions(rows * len(key_columns))
         files = engine.build_nodes_and_keys(ctx, work, self._columns(), keys_fn, key_columns, partitions)
         verify = getattr(cfg, "verify", None)
         job = engine.ComponentJob(ctx.storage, work, cfg.keep, tuple(cfg.source_priority), extra,
