@@ -37,26 +37,6 @@ import pyarrow.compute as pc
 MAX_ROUNDS = 200  # large-star/small-star rounds; O(log^2 n) bounds real graphs far below this
 
 
-def star_edges(groups: pa.ListArray) -> tuple[np.ndarray, np.ndarray]:
-    """Each group of uids (a bucket) becomes a star from its smallest uid to every other member:
-    k - 1 edges for k members, so a bucket of 100,000 identical documents costs 100,000 edges,
-    not 5 billion pairs. Returns (centers, members) uint64 arrays."""
-    lengths = pc.list_value_length(groups).to_numpy(zero_copy_only=False)
-    multi = lengths > 1
-    if not multi.any():
-        empty = np.zeros(0, np.uint64)
-        return empty, empty
-    groups = groups.filter(pa.array(multi))
-    lengths = lengths[multi].astype(np.int64)
-    values = groups.flatten().to_numpy(zero_copy_only=False).view(np.uint64)
-    starts = np.zeros(len(lengths), dtype=np.int64)
-    np.cumsum(lengths[:-1], out=starts[1:])
-    centers = np.minimum.reduceat(values, starts)
-    center_of_value = np.repeat(centers, lengths)
-    keep = values != center_of_value
-    return center_of_value[keep], values[keep]
-
-
 # -- shuffle primitives ---------------------------------------------------------------------------
 
 def pairs_of(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -248,9 +228,3 @@ def select_keepers(members: pa.Table, keep: str, priority: Sequence[str]) -> pa.
     keeper_row = np.maximum.accumulate(np.where(first, np.arange(len(comp)), 0))
     keeper_ids = members.column("id").take(pa.array(keeper_row))
     return members.append_column("keeper", pa.array(first)).append_column("duplicate_of", keeper_ids)
-
-
-def size_histogram(sizes: np.ndarray) -> dict[int, int]:
-    """Components per size (one entry per component)."""
-    values, counts = np.unique(sizes, return_counts=True)
-    return {int(v): int(c) for v, c in zip(values, counts)}

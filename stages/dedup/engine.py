@@ -56,11 +56,6 @@ def uids_of(ids: pa.Array) -> np.ndarray:
     return hash_strings(ids)
 
 
-def _arrow_path(storage: st.Storage, uri: str) -> tuple[Any, str]:
-    fs, path = storage.arrow_fs(uri)
-    return fs, path
-
-
 def read_input(ctx, columns: list[str]):
     """The input dataset with a ``part`` column (index of the input file each row came from)."""
     import ray.data

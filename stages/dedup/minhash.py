@@ -39,7 +39,6 @@ from stages.dedup.normalize import (
     tokenize,
 )
 
-EMPTY_HASH = np.uint32(0xFFFFFFFF)  # datasketch's value of an empty signature
 MAX_SHINGLE = 64
 
 
@@ -202,7 +201,3 @@ def reference_signature(text: str, cfg: ShingleConfig, num_perm: int = 128, seed
     for sh in shingles:
         m.update(CharShingle(sh) if cfg.kind == "char" else sh)
     return m.hashvalues
-
-
-def estimated_jaccard(sig_a: np.ndarray, sig_b: np.ndarray) -> np.ndarray:
-    return np.mean(sig_a == sig_b, axis=-1)
