@@ -68,6 +68,9 @@ class Stage:
     produces: ClassVar[tuple[str, ...]] = ()
     # Columns this stage removes from its input (for the static column check downstream).
     removes: ClassVar[tuple[str, ...]] = ()
+    # True when the output rows are new records holding exactly ``produces`` (a source, packed
+    # token sequences, a checkpoint table), not the input rows with columns added or removed.
+    new_rows: ClassVar[bool] = False
     resources: ClassVar[Resources] = Resources()
     # (min, max) number of upstream inputs; None = unbounded.
     num_inputs: ClassVar[tuple[int, Optional[int]]] = (1, 1)
@@ -102,6 +105,8 @@ class Stage:
     @classmethod
     def output_columns(cls, input_columns: Optional[set[str]]) -> Optional[set[str]]:
         """Columns of the ``data`` output given the input's; None when unknown."""
+        if cls.new_rows:
+            return set(cls.produces)
         if input_columns is None:
             return set(cls.produces) if cls.produces else None
         return (input_columns - set(cls.removes)) | set(cls.produces)
@@ -121,16 +126,13 @@ class SourceStage(Stage):
 
     num_inputs = (0, 0)
     outputs = ("data", "quarantine")
+    new_rows = True
 
     def plan(self, ctx: "StageContext") -> list[Part]:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def read_part(self, part: Part, ctx: "PartContext") -> Iterator[pa.Table]:  # pragma: no cover
         raise NotImplementedError
-
-    @classmethod
-    def output_columns(cls, input_columns: Optional[set[str]]) -> Optional[set[str]]:
-        return set(cls.produces)
 
 
 class DatasetStage(Stage):

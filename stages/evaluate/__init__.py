@@ -106,10 +106,7 @@ class Evaluate(DatasetStage):
     resources: ClassVar[Resources] = Resources(num_cpus=1)
     requires: ClassVar[tuple[str, ...]] = ("step", "tokens_seen", "path")
     produces: ClassVar[tuple[str, ...]] = report.ROW_FIELDS
-
-    @classmethod
-    def output_columns(cls, input_columns):
-        return set(cls.produces)
+    new_rows: ClassVar[bool] = True
 
     def external_inputs(self, ctx: StageContext) -> list[ExternalInput]:
         from stages.evalsets import builtin_source

@@ -101,16 +101,13 @@ class Tokenize(DatasetStage):
     Config = TokenizeConfig
     requires = ("id", "text", "source")
     produces = ("tokens", "source", "doc_ids", "doc_offsets", "doc_copies", "seq_id")
+    new_rows = True
     num_inputs = (2, 2)
     outputs = ("train", "validation")
     output_formats = {"train": "arrow", "validation": "arrow"}
     uses_seed = True
     measure_column = None
     resources = Resources(num_cpus=1)
-
-    @classmethod
-    def output_columns(cls, input_columns):
-        return set(cls.produces)
 
     def run(self, ctx: StageContext) -> None:
         c = self.config

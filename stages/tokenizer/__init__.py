@@ -104,15 +104,12 @@ class TrainTokenizer(DatasetStage):
     Config = TrainTokenizerConfig
     requires = ("id", "text")
     produces = ("tokenizer_path", "vocab_size", "bos_id", "eos_id", "pad_id", "sha256")
+    new_rows = True
     removes = ()
     num_inputs = (0, 1)
     uses_seed = True
     measure_column = None
     resources = Resources(num_cpus=1)
-
-    @classmethod
-    def output_columns(cls, input_columns):
-        return set(cls.produces)
 
     def external_inputs(self, ctx: StageContext) -> list[ExternalInput]:
         if self.config.path is None:

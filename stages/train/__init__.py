@@ -143,10 +143,7 @@ class TrainStage(DatasetStage):
     measure_column: ClassVar[Optional[str]] = None
     requires: ClassVar[tuple[str, ...]] = ("tokens", "source")
     produces: ClassVar[tuple[str, ...]] = ("step", "tokens_seen", "path", "loss", "val_loss", "final")
-
-    @classmethod
-    def output_columns(cls, input_columns):
-        return set(cls.produces)
+    new_rows: ClassVar[bool] = True
 
     def run(self, ctx) -> None:
         cfg: TrainStageConfig = self.config

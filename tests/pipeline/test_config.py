@@ -109,3 +109,27 @@ def test_dag_helpers(pipeline_file):
     order = build_dag(load_config(pipeline_file(body)))
     assert downstream_of(order, "sample") == ["sample", "tail"]
     assert upstream_of(order, "tail") == ["ingest", "sample"]
+
+
+def test_column_contracts_are_checked_before_running(pipeline_file):
+    """A stage whose rows are new records (``new_rows``: tokenizer, tokenize, train, evaluate,
+    sources) passes on only what it produces; row stages pass the input's columns through."""
+    ok = GOOD + """
+  tokenizer:
+    uses: train_tokenizer
+    inputs: [sample]
+  quality:
+    uses: quality_filter
+    inputs: [sample]
+"""
+    assert [n.name for n in build_dag(load_config(pipeline_file(ok)))][-2:] == ["tokenizer", "quality"]
+    bad = GOOD + """
+  tokenizer:
+    uses: train_tokenizer
+    inputs: [sample]
+  quality:
+    uses: quality_filter
+    inputs: [tokenizer]
+"""
+    with pytest.raises(ConfigError, match=r"stages\.quality: stage 'quality_filter' requires column\(s\) \['text'\] that 'tokenizer' does not produce"):
+        build_dag(load_config(pipeline_file(bad)))
