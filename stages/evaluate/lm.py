@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from stages.train.model import ModelConfig, Transformer, apply_rope
+from stages.train.model import ModelConfig, Transformer
 
 
 class CheckpointError(RuntimeError):
@@ -182,9 +182,9 @@ def hidden_states(model: Transformer, tokens: torch.Tensor, positions: Optional[
     optional per-token ``positions [B, T]`` and a boolean attention ``mask [B, T, T]`` (True =
     may attend). Without them this is exactly :meth:`Transformer.forward` minus the output head.
 
-    It re-uses the model's own modules (their weights and norms) and only changes what is fed to
-    attention; a test pins it to ``Transformer.forward`` so a change in the model shows."""
-    b, t = tokens.shape
+    It runs the model's own blocks and only changes what is fed to attention (positions, mask);
+    a test pins it to ``Transformer.forward``."""
+    t = tokens.shape[1]
     h = model.embed_tokens(tokens)
     if positions is None:
         cos, sin = model.rope_cos[:t].to(h.dtype), model.rope_sin[:t].to(h.dtype)
@@ -192,19 +192,7 @@ def hidden_states(model: Transformer, tokens: torch.Tensor, positions: Optional[
         cos, sin = model.rope_cos[positions].to(h.dtype)[:, None], model.rope_sin[positions].to(h.dtype)[:, None]
     attn_mask = mask[:, None] if mask is not None else None
     for layer in model.layers:
-        attn = layer.self_attn
-        x = layer.input_layernorm(h)
-        q = attn.q_proj(x).view(b, t, attn.n_heads, attn.head_dim)
-        k = attn.k_proj(x).view(b, t, attn.kv_heads, attn.head_dim)
-        v = attn.v_proj(x).view(b, t, attn.kv_heads, attn.head_dim)
-        if attn.q_norm is not None:
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        q, k, v = (y.transpose(1, 2) for y in (q, k, v))
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
-                                             enable_gqa=attn.kv_heads != attn.n_heads)
-        h = h + attn.o_proj(out.transpose(1, 2).reshape(b, t, -1))
-        h = h + layer.mlp(layer.post_attention_layernorm(h))
+        h = layer(h, cos, sin, attn_mask)
     return model.norm(h)
 
 
