@@ -6,9 +6,10 @@ so the same config and input give byte-identical files however many workers ran 
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -192,3 +193,16 @@ def read_table(storage: st.Storage, uris: list[str], columns: Optional[list[str]
     if not tables:
         return pa.table({})
     return pa.concat_tables(tables, promote_options="permissive")
+
+
+def json_lines(lines: Iterable[str], where: str, error: type[Exception] = ValueError) -> Iterator[tuple[str, Any]]:
+    """(``where:line`` location, parsed value) of every non-blank JSON line; invalid JSON raises
+    ``error`` naming the file and line."""
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise error(f"{where}:{n}: invalid JSON: {e}") from None
+        yield f"{where}:{n}", record

@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterable, Optional
 from pydantic import Field
 
 from pipeline.config import PathStr, StrictModel
+from pipeline.io import json_lines
 
 
 @dataclass(frozen=True)
@@ -80,16 +81,10 @@ def parse_example(record: Any, where: str) -> tuple[Example, str]:
 
 def parse_task_jsonl(name: str, lines: Iterable[str], where: str = "", version: str = "") -> Task:
     examples, fewshot, seen = [], [], set()
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise TaskFormatError(f"{where}:{n}: invalid JSON: {e}") from None
-        ex, split = parse_example(record, f"{where}:{n}")
+    for loc, record in json_lines(lines, where, TaskFormatError):
+        ex, split = parse_example(record, loc)
         if ex.id in seen:
-            raise TaskFormatError(f"{where}:{n}: duplicate id {ex.id!r}")
+            raise TaskFormatError(f"{loc}: duplicate id {ex.id!r}")
         seen.add(ex.id)
         (fewshot if split == "fewshot" else examples).append(ex)
     return Task(name, tuple(examples), tuple(fewshot), version=version)

@@ -21,6 +21,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from pipeline.io import json_lines
 from stages.evaluate.lm import Scorer, rolling_windows
 from stages.evaluate.scoring import TextTotals
 
@@ -134,15 +135,9 @@ def read_text_set(path: str, storage: Any, text_field: str, domain_field: Option
 
             data = gzip.decompress(data)
         texts, domains = [], []
-        for n, line in enumerate(data.decode("utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: invalid JSON: {e}") from None
+        for loc, record in json_lines(data.decode("utf-8").splitlines(), path):
             if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                raise ValueError(f"{path}:{n}: needs a string field {text_field!r}")
+                raise ValueError(f"{loc}: needs a string field {text_field!r}")
             texts.append(record[text_field])
             domains.append(str(record.get(domain_field, default_domain)) if domain_field else default_domain)
     if max_docs is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pyarrow as pa
+import pytest
 
 from pipeline.execute import split_by_reason
 from pipeline.io import PartOutputs, read_table
@@ -94,3 +95,18 @@ def test_funnel_counts_documents_only():
         ("quality", "kept", "", 7, 700, 1000),
     ]
     assert "| quality | rejected | too_short | 3 | 30.00% | 30 | 3.00% |" in to_markdown(rows)
+
+
+def test_text_sets_name_the_bad_line(tmp_path):
+    """JSONL text sets (evaluate) fail on the first bad line, naming file and line."""
+    from stages.evaluate.perplexity import read_text_set
+
+    path = tmp_path / "texts.jsonl"
+    path.write_text('{"text": "fine"}\n\n{"text": 3}\n')
+    with pytest.raises(ValueError, match=rf"^{path}:3: needs a string field 'text'"):
+        read_text_set(str(path), None, "text", None, "all")
+    path.write_text('{"text": "fine"}\n{"text": \n')
+    with pytest.raises(ValueError, match=rf"^{path}:2: invalid JSON"):
+        read_text_set(str(path), None, "text", None, "all")
+    path.write_text('{"text": "a", "d": "x"}\n{"text": "b"}\n')
+    assert read_text_set(str(path), None, "text", "d", "all")[:2] == (["a", "b"], ["x", "all"])

@@ -204,6 +204,8 @@ def test_task_format_errors():
         parse_task_jsonl("t", [json.dumps({"id": 1, "context": "c", "choices": ["a"], "gold": 3})], "t.jsonl")
     with pytest.raises(TaskFormatError, match="duplicate"):
         parse_task_jsonl("t", [json.dumps({"id": 1, "question": "c"})] * 2, "t.jsonl")
+    with pytest.raises(TaskFormatError, match=r"^t\.jsonl:3: invalid JSON"):  # blank lines still count
+        parse_task_jsonl("t", [json.dumps({"id": 1, "question": "c"}), "", "{not json"], "t.jsonl")
     t = parse_task_jsonl("t", [json.dumps({"id": "a", "question": "q?", "choices": ["x", "y"], "gold": 1}),
                                json.dumps({"id": "b", "context": "shot", "choices": ["x"], "gold": 0, "split": "fewshot"})])
     assert [e.id for e in t.examples] == ["a"] and [e.id for e in t.fewshot] == ["b"]
