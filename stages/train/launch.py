@@ -14,7 +14,7 @@ from typing import Any, Optional
 import torch
 
 from pipeline import storage as st
-from stages.train.data import validation_sets
+from stages.train.data import rank_share, read_validation
 from stages.train.model import ModelConfig
 from stages.train.parallelize import ParallelConfig
 from stages.train.trainer import Checkpointer, MlflowSink, TrainConfig, Trainer
@@ -88,7 +88,8 @@ def run_training(spec: TrainSpec, rank: int, world_size: int, device: torch.devi
         torch.set_num_threads(spec.threads_per_worker)
     loader = TokenShardLoader(spec.train_files, spec.train.micro_batch_size, rank=rank, world_size=world_size,
                               seed=spec.train.seed, storage=spec.storage)
-    val = validation_sets(spec.val_files, spec.storage, rank, world_size, spec.train.eval_max_sequences)
+    all_val = read_validation(spec.val_files, spec.storage, spec.train.eval_max_sequences)
+    val = rank_share(all_val, rank, world_size)
     sink = MlflowSink(spec.tracking_uri, spec.mlflow_run_id) if rank == 0 and spec.mlflow_run_id and spec.tracking_uri else None
     trainer = Trainer(spec.train, spec.model, loader, spec.seq_len, val_sets=val, parallel=spec.parallel,
                       checkpointer=checkpointer, sink=sink, device=device)
@@ -99,7 +100,7 @@ def run_training(spec: TrainSpec, rank: int, world_size: int, device: torch.devi
 
         ev = spec.in_loop_eval
         # every rank scores the same sequences and questions: a sharded model's forward is collective
-        rows = validation_sets(spec.val_files, spec.storage, 0, 1, spec.train.eval_max_sequences) if ev.validation else {}
+        rows = all_val if ev.validation else {}
         hook = InLoopEval.from_parts(ev.tokenizer_json, ev.every, rows, ev.requests, ev.task_key, ev.prefix_token)
         on_step_end = hook.attach(trainer, chain=on_step_end)
     return trainer.train(on_step_end=on_step_end)

@@ -12,7 +12,7 @@ import torch
 
 from stages.train import checkpoint as ckpt
 from stages.tokenize.loader import TokenShardLoader
-from stages.train.data import validation_sets
+from stages.train.data import rank_share, read_validation, validation_sets
 from stages.train.model import model_config
 from stages.train.trainer import LocalCheckpointer, NonFiniteLoss, TrainConfig, Trainer, lr_at
 from tests.stages.train_support import SEQ_LEN, token_table, write_shards
@@ -33,6 +33,23 @@ def make_trainer(shards, cfg: TrainConfig, root=None) -> Trainer:
     loader = TokenShardLoader(shards["train"], cfg.micro_batch_size, seed=cfg.seed)
     val = validation_sets(shards["validation"], None, 0, 1, cfg.eval_max_sequences)
     return Trainer(cfg, MODEL, loader, SEQ_LEN, val_sets=val, checkpointer=LocalCheckpointer(str(root)) if root else None)
+
+
+def test_validation_is_dealt_evenly_over_ranks(shards):
+    """Each rank gets the same number of sequences per domain, round-robin from the first
+    ``max``; the in-loop evaluator's full set is what the ranks' shares were dealt from."""
+    full = read_validation(shards["validation"], None, 7)
+    assert full and all(len(v) == min(7, len(v)) for v in full.values())
+    for world in (1, 2, 3):
+        shares = [rank_share(full, r, world) for r in range(world)]
+        for domain, rows in full.items():
+            n = len(rows) // world
+            assert all(len(s[domain]) == n for s in shares) if n else all(domain not in s for s in shares)
+            if n:
+                dealt = torch.stack([shares[r][domain][i] for i in range(n) for r in range(world)])
+                assert torch.equal(dealt, rows[: n * world])
+        assert all(torch.equal(a, b) for r in range(world) for a, b in zip(shares[r].values(),
+                   validation_sets(shards["validation"], None, r, world, 7).values()))
 
 
 def weights(trainer: Trainer) -> dict[str, torch.Tensor]:
