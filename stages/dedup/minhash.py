@@ -25,7 +25,6 @@ import pyarrow as pa
 from pydantic import Field
 
 from pipeline.config import StrictModel
-from stages.dedup.kernels import minhash_of_hashes, split_and_hash_ascii, window_hashes
 from stages.dedup.normalize import (
     MASK64,
     NormalizeConfig,
@@ -60,11 +59,6 @@ POSITION_CONSTANTS = _position_constants(MAX_SHINGLE)
 _POSITION_CONSTANTS_NP = np.array(POSITION_CONSTANTS, dtype=np.uint64)
 
 
-def hash_tokens(tokens: pa.Array) -> np.ndarray:
-    """:func:`hash_strings` of every token."""
-    return hash_strings(tokens) if len(tokens) else np.zeros(0, np.uint64)
-
-
 def word_units(normalized: pa.Array, cfg: NormalizeConfig) -> tuple[np.ndarray, np.ndarray]:
     """64-bit hashes of every token of every document: (hashes, per-document offsets).
 
@@ -73,9 +67,11 @@ def word_units(normalized: pa.Array, cfg: NormalizeConfig) -> tuple[np.ndarray, 
     and hashes. Otherwise Arrow's Unicode whitespace split runs first."""
     if cfg.strip_punctuation:
         offsets, data = _string_buffers(normalized)
+        from stages.dedup.kernels import split_and_hash_ascii  # numba: loaded on first use, not at stage discovery
+
         return split_and_hash_ascii(data, offsets)
     tokens, offsets = tokenize(normalized)
-    return hash_tokens(tokens), offsets
+    return hash_strings(tokens), offsets
 
 
 def _codepoints(joined: pa.Array) -> tuple[np.ndarray, np.ndarray]:
@@ -93,6 +89,8 @@ def shingle_hashes(texts, cfg: ShingleConfig) -> tuple[np.ndarray, np.ndarray]:
     if cfg.hash == "sha1":
         return _sha1_shingle_hashes(normalized, cfg)
     values, offsets = shingle_units(normalized, cfg)
+    from stages.dedup.kernels import window_hashes
+
     return window_hashes(values, offsets, cfg.size, _POSITION_CONSTANTS_NP)
 
 
@@ -143,6 +141,8 @@ class MinHasher:
     def signatures(self, hashes: np.ndarray, offsets: np.ndarray) -> np.ndarray:
         """(documents x num_perm) uint32 of precomputed shingle hashes; a document without
         shingles gets the empty signature (all 0xFFFFFFFF, as datasketch)."""
+        from stages.dedup.kernels import minhash_of_hashes
+
         return minhash_of_hashes(np.ascontiguousarray(hashes, dtype=np.uint32), np.ascontiguousarray(offsets, dtype=np.int64), self.a, self.b)
 
     def signatures_of_texts(self, texts, cfg: ShingleConfig) -> tuple[np.ndarray, np.ndarray]:

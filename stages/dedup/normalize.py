@@ -101,7 +101,7 @@ def hash_strings(arr: pa.Array) -> np.ndarray:
 
     ``fmix64(sum_i (byte_i + 1) * POLY_BASE**i  +  len * LENGTH_MIX)  mod 2**64``
     """
-    from stages.dedup.kernels import hash_spans
+    from stages.dedup.kernels import hash_spans  # numba: loaded on first use, not at stage discovery
 
     offsets, data = _string_buffers(arr)
     if len(offsets) <= 1:
