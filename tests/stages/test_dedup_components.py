@@ -131,3 +131,12 @@ def test_planted_near_duplicates_recall_and_precision():
     recall = len(truth & removed) / len(truth)
     precision = sum(jaccard(d, keeper_of[d]) >= 0.7 for d in removed) / max(1, len(removed))
     assert recall >= 0.95 and precision >= 0.95, (recall, precision, len(truth), len(removed))
+
+
+def test_default_partitions_follow_input_size_and_cluster_cpus(ray_local):
+    """~2 M key rows per partition, but at least one per CPU of the cluster (2 in the tests)."""
+    from stages.dedup import default_partitions
+
+    assert default_partitions(10) == 2
+    assert default_partitions(11_000_000) == 6
+    assert default_partitions(10**12) == 256
