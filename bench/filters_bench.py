@@ -137,19 +137,22 @@ def bench_score_vs_decide(texts: list[str]) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from stages.filters import quality as q
+    from stages.filters.fineweb import decide_fineweb
+    from stages.filters.gopher_quality import decide_gopher_quality
+    from stages.filters.gopher_repetition import decide_gopher_repetition
+    from stages.filters.quality import QualityConfig, score_and_decide
 
-    cfg = q.QualityConfig()
+    cfg = QualityConfig()
     batches = [pa.array(texts[i : i + 2048], pa.string()) for i in range(0, len(texts), 2048)]
     t0 = time.perf_counter()
-    results = [q.score_and_decide(b, cfg) for b in batches]
+    results = [score_and_decide(b, cfg) for b in batches]
     score = time.perf_counter() - t0
     t0 = time.perf_counter()
     for r in results:
         reason = np.full(len(r.reason), None, dtype=object)
-        q.decide_gopher_repetition(r.scores, cfg.gopher_repetition, reason)
-        q.decide_gopher_quality(r.scores, cfg.gopher_quality, reason)
-        q.decide_fineweb(r.scores, cfg.fineweb, reason)
+        decide_gopher_repetition(r.scores, cfg.gopher_repetition, reason)
+        decide_gopher_quality(r.scores, cfg.gopher_quality, reason)
+        decide_fineweb(r.scores, cfg.fineweb, reason)
     decide = time.perf_counter() - t0
     t0 = time.perf_counter()
     for r in results:
