@@ -48,6 +48,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_explain(args: argparse.Namespace) -> int:
+    from pipeline.explain import explain, format_explanations
+    from pipeline.runner import Runner
+
+    loaded = _load(args)
+    runner = Runner(loaded, use_ray=False, track=False)
+    if args.stage is not None and args.stage not in runner.by_name:
+        raise ConfigError(f"{loaded.path}: --stage {args.stage}: no such stage (stages: {', '.join(runner.by_name)})")
+    items = explain(runner, only=args.stage)
+    if args.json:
+        print(json.dumps([e.to_json() for e in items], indent=2))
+    else:
+        print(format_explanations(items))
+    return 0
+
+
 def cmd_stages(args: argparse.Namespace) -> int:
     from pipeline.registry import all_stages
 
@@ -233,6 +249,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--address", help="Ray address (default: the config's, else a local Ray)")
     r.add_argument("--base-dir", help="resolve relative paths in the config against this folder (used by submit)")
     r.set_defaults(func=cmd_run)
+
+    ex = sub.add_parser("explain", help="for each stage: cached, or why it would run (config, code, inputs, version)")
+    ex.add_argument("config")
+    ex.add_argument("--stage", help="only this stage and its upstream")
+    ex.add_argument("--json", action="store_true")
+    ex.set_defaults(func=cmd_explain)
 
     s = sub.add_parser("submit", help="submit a pipeline run to a Ray cluster as a Ray job")
     s.add_argument("config")

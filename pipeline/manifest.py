@@ -20,31 +20,42 @@ from typing import Any, Optional
 from pipeline import storage as st
 
 MANIFEST = "_manifest.json"
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 2  # 2: fingerprints include the stage's code digest (fingerprint_payload)
 
 
 def canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
 
 
-def fingerprint(
+def fingerprint_payload(
     uses: str,
     version: str,
     config: dict[str, Any],
     inputs: list[tuple[str, str]],
     extras: dict[str, Any],
     seed: Optional[int],
-) -> str:
-    """hash(stage name + version + canonical config + input fingerprints [+ extras, seed])."""
-    payload = {
+    code: str,
+) -> dict[str, Any]:
+    """Everything a stage's output depends on. Stored in the manifest, so that ``lmpipe explain``
+    can say which part changed when a stage has to run again."""
+    return {
         "uses": uses,
         "version": version,
+        "code": code,
         "config": config,
         "inputs": sorted(inputs),
         "extras": extras,
         "seed": seed,
     }
+
+
+def fingerprint_of(payload: dict[str, Any]) -> str:
     return hashlib.sha256(canonical_json(payload).encode()).hexdigest()[:16]
+
+
+def digest(obj: Any) -> str:
+    """A short content digest of any JSON-able value (e.g. an external input's file list)."""
+    return hashlib.sha256(canonical_json(obj).encode()).hexdigest()[:16]
 
 
 def stage_uri(work_dir: str, stage: str, fp: str) -> str:
@@ -53,6 +64,16 @@ def stage_uri(work_dir: str, stage: str, fp: str) -> str:
 
 def manifest_uri(stage_dir: str) -> str:
     return st.join(stage_dir, MANIFEST)
+
+
+def stage_manifests(storage: st.Storage, work_dir: str, stage: str) -> list[dict[str, Any]]:
+    """Every committed manifest of a stage name under ``work_dir``, newest first."""
+    found = []
+    for fp in storage.ls_dirs(st.join(work_dir, stage)):
+        m = load_manifest(storage, st.join(work_dir, stage, fp))
+        if m is not None:
+            found.append(m)
+    return sorted(found, key=lambda m: m.get("timings", {}).get("started_at", ""), reverse=True)
 
 
 def load_manifest(storage: st.Storage, stage_dir: str) -> Optional[dict[str, Any]]:

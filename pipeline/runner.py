@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from pipeline import manifest as mf
+from pipeline.code_digest import code_digests, combined as combined_digest
 from pipeline.config import ConfigError, LoadedConfig
 from pipeline.context import InputDataset, StageContext
 from pipeline.dag import Node, build_dag, downstream_of, upstream_of
@@ -50,6 +51,16 @@ def check_cluster_resources(stage_name: str, resources: Resources, cluster: dict
 
 class CountsMismatch(StageFailed):
     pass
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """A stage's fingerprint and what it was computed from."""
+
+    value: str
+    payload: dict[str, Any]  # mf.fingerprint_payload: version, code digest, config, inputs, extras, seed
+    code_files: dict[str, str]  # file -> digest of the stage's code (pipeline.code_digest)
+    externals: list  # ExternalInput
 
 
 @dataclass
@@ -136,7 +147,7 @@ class Runner:
             resources=effective_resources(node, self.loaded),
         )
 
-    def fingerprint_of(self, node: Node, fingerprints: dict[str, str]) -> tuple[str, list]:
+    def fingerprint_of(self, node: Node, fingerprints: dict[str, str]) -> "Fingerprint":
         stage = node.cls(self.loaded.resolved_stage_configs[node.name])
         probe = self._context(node, "", [])
         externals = stage.external_inputs(probe)
@@ -146,8 +157,17 @@ class Runner:
         declared = self.loaded.declared_stage_configs[node.name].model_dump(mode="json")
         inputs = [(str(r), fingerprints[r.stage]) for r in node.inputs]
         seed = self.loaded.resolved.seed if node.cls.uses_seed else None
-        fp = mf.fingerprint(node.cls.name, node.cls.version, declared, inputs, extras, seed)
-        return fp, externals
+        code_files = code_digests(node.cls.__module__)
+        payload = mf.fingerprint_payload(node.cls.name, node.cls.version, declared, inputs, extras, seed, combined_digest(code_files))
+        return Fingerprint(mf.fingerprint_of(payload), payload, code_files, externals)
+
+    def fingerprints(self) -> dict[str, "Fingerprint"]:
+        """Every stage's fingerprint, in pipeline order (nothing runs, nothing is read but the
+        external inputs' sizes and dates)."""
+        out: dict[str, Fingerprint] = {}
+        for node in self.order:
+            out[node.name] = self.fingerprint_of(node, {name: f.value for name, f in out.items()})
+        return out
 
     # -- running ----------------------------------------------------------------------------
     def run(self, only: Optional[str] = None, start_from: Optional[str] = None, force: bool = False, argv: Optional[list[str]] = None) -> RunReport:
@@ -164,10 +184,8 @@ class Runner:
             selected = [n.name for n in self.order]
             forced = set(selected) if force else set()
 
-        fingerprints: dict[str, str] = {}
-        externals: dict[str, list] = {}
-        for node in self.order:
-            fingerprints[node.name], externals[node.name] = self.fingerprint_of(node, fingerprints)
+        computed = self.fingerprints()
+        fingerprints = {name: f.value for name, f in computed.items()}
 
         if only:  # upstream must already be committed: --stage never rebuilds upstream silently
             for name in selected[:-1]:
@@ -196,7 +214,7 @@ class Runner:
         try:
             for name in selected:
                 node = self.by_name[name]
-                report.stages.append(self._run_stage(node, fingerprints, externals[name], name in forced, report))
+                report.stages.append(self._run_stage(node, fingerprints, computed[name], name in forced, report))
             status = "FINISHED"
         finally:
             if self.tracker:
@@ -218,7 +236,7 @@ class Runner:
             out.append(InputDataset(ref, sd, manifest, self.storage))
         return out
 
-    def _run_stage(self, node: Node, fingerprints: dict[str, str], externals: list, forced: bool, report: RunReport) -> StageReport:
+    def _run_stage(self, node: Node, fingerprints: dict[str, str], why: "Fingerprint", forced: bool, report: RunReport) -> StageReport:
         fp = fingerprints[node.name]
         stage_dir = mf.stage_uri(self.work_dir, node.name, fp)
         existing = None if forced else mf.load_manifest(self.storage, stage_dir)
@@ -237,7 +255,7 @@ class Runner:
                 log.info("[%s] cached (fingerprint %s): %s", node.name, fp, stage_dir)
                 artifacts: dict[str, bytes] = {}
             else:
-                manifest, artifacts = self._compute(node, fp, inputs, externals, run_id)
+                manifest, artifacts = self._compute(node, why, inputs, run_id)
             if run_id:
                 refs = [{"ref": f"{r.ref.stage}.{r.ref.dataset}", "uri": r.uri, "fingerprint": r.fingerprint} for r in inputs]
                 self.tracker.finish_stage(run_id, manifest, stage_dir, refs, artifacts)
@@ -247,8 +265,9 @@ class Runner:
             raise
         return StageReport(node.name, fp, cached, stage_dir, manifest, run_id)
 
-    def _compute(self, node: Node, fp: str, inputs: list[InputDataset], externals: list,
+    def _compute(self, node: Node, why: "Fingerprint", inputs: list[InputDataset],
                  run_id: Optional[str] = None) -> tuple[dict[str, Any], dict[str, bytes]]:
+        fp = why.value
         if self.use_ray and self.ray_address == RAY_NOT_STARTED:  # started only when something must run
             self.ray_address = init_ray(self.loaded, self.address)
         config = self.loaded.resolved_stage_configs[node.name]
@@ -292,7 +311,7 @@ class Runner:
             raise TypeError(f"{node.cls.__name__} is not a RowStage, SourceStage or DatasetStage")
         wall = time.perf_counter() - t0
         merged = merge_results(results)
-        manifest = self._manifest(node, fp, ctx, inputs, externals, merged, len(parts), started, wall)
+        manifest = self._manifest(node, why, ctx, inputs, merged, len(parts), started, wall)
         self._check_counts(node, manifest)
         stage.check(manifest)  # a stage's own acceptance rule (e.g. ingest's max_bad_fraction)
         self.storage.write_json_atomic(mf.manifest_uri(ctx.stage_dir), manifest)  # the commit
@@ -327,8 +346,9 @@ class Runner:
             return run_parts_on_ray(stage_cls, config, parts, job, resources, on_result=progress)
         return run_parts_locally(stage_cls, config, parts, job, on_result=progress)
 
-    def _manifest(self, node: Node, fp: str, ctx: StageContext, inputs: list[InputDataset], externals: list,
+    def _manifest(self, node: Node, why: "Fingerprint", ctx: StageContext, inputs: list[InputDataset],
                   merged: dict[str, Any], num_parts: int, started: float, wall: float) -> dict[str, Any]:
+        fp, externals = why.value, why.externals
         datasets = {}
         for ds in node.cls.outputs:
             files = merged["files"].get(ds, [])
@@ -385,6 +405,9 @@ class Runner:
                 "rows_per_second": round(rows_in / wall, 1) if wall > 0 else 0.0,
             },
             "code_version": code_version(),
+            # what the fingerprint was computed from, for `lmpipe explain`
+            "fingerprint_payload": why.payload,
+            "code_files": why.code_files,
             **ctx.extra_manifest,
         }
 

@@ -255,7 +255,7 @@ class Tracker:
 
         inputs = []
         for ext in manifest.get("external_inputs", []):
-            digest = mf.fingerprint("external", "1", {}, [], {"files": ext["files"]}, None)
+            digest = mf.digest({"files": ext["files"]})
             inputs.append(make(f"source:{ext['name']}", ext["uri"], digest, "input"))
         for ref in input_refs:
             inputs.append(make(ref["ref"], ref["uri"], ref["fingerprint"], "input"))

@@ -20,12 +20,18 @@ SECRET = "multinode-secret-never-logged-9f3c"
 
 
 @pytest.fixture(scope="module")
-def cluster_env(s3_server):
-    """What every node and client of the cluster sees: token auth, S3 credentials from the environment."""
+def cluster_env(s3_server, tmp_path_factory):
+    """What every node and client of the cluster sees: token auth (a token of its own, so the test
+    never depends on a ``~/.ray/auth_token`` left by another Ray), S3 credentials from the environment."""
+    import secrets
+
+    token = tmp_path_factory.mktemp("ray-auth") / "auth_token"
+    token.write_text(secrets.token_hex(32))
     return {
         **os.environ,
         "PATH": f"{VENV_BIN}:{os.environ['PATH']}",
         "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(token),
         "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
         "AWS_ACCESS_KEY_ID": s3_server["key"],
         "AWS_SECRET_ACCESS_KEY": s3_server["secret"],
@@ -145,15 +151,11 @@ stages:
     inputs: [tokenize.train]
     config:
       model: {size: debug, dim: 64, n_layers: 2, n_heads: 4}
-      steps: 12
-      micro_batch_size: 4
-      lr: 0.003
-      warmup_steps: 2
-      log_every: 4
-      eval_every: 6
-      checkpoint_every: 6
-      num_workers: 2
-      resources_per_worker: {CPU: 1}
+      optimizer: {lr: 0.003}
+      schedule: {warmup_steps: 2}
+      loop: {steps: 12, micro_batch_size: 4, log_every: 4, eval_every: 6}
+      checkpoint: {every: 6}
+      cluster: {num_workers: 2, resources_per_worker: {CPU: 1}}
   evaluate:
     uses: evaluate
     inputs: [train]
@@ -176,11 +178,14 @@ def submitted(two_nodes, mlflow_on_s3, s3_corpus, s3_server, cluster_env, tmp_pa
     return {"config": config, "job_id": proc.stdout.split("submitted job ")[1].split()[0]}
 
 
-def test_submit_to_two_nodes_with_s3_and_mlflow_server(submitted, two_nodes, mlflow_on_s3, s3_corpus, s3_server, tmp_path):
+def test_submit_to_two_nodes_with_s3_and_mlflow_server(submitted, two_nodes, mlflow_on_s3, s3_corpus, s3_server, cluster_env, tmp_path,
+                                                     monkeypatch):
     from mlflow import MlflowClient
     from ray.job_submission import JobSubmissionClient
 
     from pipeline.submit import auth_headers
+
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", cluster_env["RAY_AUTH_TOKEN_PATH"])
 
     job_id = submitted["job_id"]
 

@@ -1,0 +1,144 @@
+"""The digest of a stage's own code, part of its fingerprint: editing a stage can never reuse an
+output that older code wrote, whether or not its ``version`` was bumped.
+
+What is hashed: every module of the stage's top-level package that the stage's module can import
+(found statically, lazy imports inside functions included), the data files next to those
+modules (word lists, tokenizer tables), and the two framework modules that turn a stage's tables
+into bytes (:mod:`pipeline.io`, :mod:`pipeline.execute`). A module is hashed as its syntax tree
+without docstrings, so comments, formatting and documentation can be edited without recomputing
+a corpus, while any change to what the code does recomputes the stage and everything after it.
+
+The per-module digests are recorded in the manifest, so ``lmpipe explain`` can name the file
+whose change made a stage run again.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import importlib.util
+import os
+from functools import lru_cache
+from typing import Optional
+
+# Framework modules whose code decides the bytes of every stage's output files.
+WRITER_MODULES = ("pipeline.io", "pipeline.execute")
+DATA_SUFFIXES_IGNORED = (".pyc", ".pyo", ".md")
+
+
+def _strip_docstrings(tree: ast.AST) -> ast.AST:
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            body = node.body
+            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
+                node.body = body[1:] or [ast.Pass()]
+    return tree
+
+
+def source_digest(source: str, filename: str = "<source>") -> str:
+    """sha256 of the code's syntax tree without docstrings (comments and layout never reach the AST)."""
+    return _tree_digest(ast.parse(source, filename))
+
+
+def _tree_digest(tree: ast.AST) -> str:
+    return hashlib.sha256(ast.dump(_strip_docstrings(tree), include_attributes=False).encode()).hexdigest()[:16]
+
+
+@lru_cache(maxsize=None)
+def _parsed(origin: str, mtime_ns: int, size: int) -> tuple[str, ast.AST]:
+    """(digest, syntax tree) of one file, parsed once per process and version of the file."""
+    with open(origin, encoding="utf-8") as f:
+        tree = ast.parse(f.read(), origin)
+    return _tree_digest(tree), tree  # stripping docstrings leaves the imports alone
+
+
+def _parse(origin: str) -> tuple[str, ast.AST]:
+    stat = os.stat(origin)
+    return _parsed(origin, stat.st_mtime_ns, stat.st_size)
+
+
+def _origin(module: str) -> Optional[str]:
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):  # a parent that fails to import, or a __main__ without spec
+        return None
+    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+        return None
+    return spec.origin
+
+
+def _imported_modules(tree: ast.AST, module: str, is_package: bool) -> set[str]:
+    """Every module name an import statement in the file may refer to (``from a import b``: ``a``
+    and ``a.b``, since ``b`` may be a submodule)."""
+    names: set[str] = set()
+    package = module if is_package else module.rpartition(".")[0]
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                parts = alias.name.split(".")
+                names.update(".".join(parts[: i + 1]) for i in range(len(parts)))
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base_parts = package.split(".")
+                base_parts = base_parts[: len(base_parts) - (node.level - 1)]
+                base = ".".join(base_parts + ([node.module] if node.module else []))
+            else:
+                base = node.module or ""
+            if not base:
+                continue
+            parts = base.split(".")
+            names.update(".".join(parts[: i + 1]) for i in range(len(parts)))
+            names.update(f"{base}.{alias.name}" for alias in node.names if alias.name != "*")
+    return names
+
+
+def module_closure(module: str) -> tuple[tuple[str, str], ...]:
+    """(module name, file path) of ``module`` and of every module of its top-level package that it
+    imports, directly or through other such modules, plus the writer modules."""
+    top = module.split(".")[0]
+    seen: dict[str, str] = {}
+    todo = [module, *WRITER_MODULES]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        origin = _origin(name)
+        if origin is None:
+            continue
+        seen[name] = origin
+        _, tree = _parse(origin)
+        for dep in _imported_modules(tree, name, origin.endswith("__init__.py")):
+            if dep.split(".")[0] == top and dep not in seen:
+                todo.append(dep)
+    return tuple(sorted(seen.items()))
+
+
+def _display_name(module: str, origin: str) -> str:
+    """``stages/tokenize/packing.py``: the module's path inside its package tree."""
+    tail = module.replace(".", "/")
+    return f"{tail}/__init__.py" if origin.endswith("__init__.py") else f"{tail}.py"
+
+
+def code_digests(module: str) -> dict[str, str]:
+    """{file: digest} for the stage module's closure and the data files beside those modules."""
+    out: dict[str, str] = {}
+    folders: dict[str, str] = {}
+    for name, origin in module_closure(module):
+        out[_display_name(name, origin)] = _parse(origin)[0]
+        if origin.endswith("__init__.py"):
+            folders[os.path.dirname(origin)] = name.replace(".", "/")
+    for folder, display in folders.items():
+        for entry in sorted(os.listdir(folder)):
+            path = os.path.join(folder, entry)
+            if entry.endswith(".py") or entry.endswith(DATA_SUFFIXES_IGNORED) or entry.startswith(".") or not os.path.isfile(path):
+                continue
+            with open(path, "rb") as f:
+                out[f"{display}/{entry}"] = hashlib.sha256(f.read()).hexdigest()[:16]
+    return dict(sorted(out.items()))
+
+
+def combined(digests: dict[str, str]) -> str:
+    h = hashlib.sha256()
+    for name, digest in sorted(digests.items()):
+        h.update(f"{name}={digest}\n".encode())
+    return h.hexdigest()[:16]

@@ -1,0 +1,160 @@
+"""``lmpipe explain``: for each stage, whether ``lmpipe run`` would reuse its cached output and,
+if not, exactly why -- by comparing what its fingerprint is computed from now with what the
+last committed output of that stage recorded (``fingerprint_payload`` and ``code_files`` in
+its manifest)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from pipeline import manifest as mf
+from pipeline.tracking import flatten
+
+MAX_LISTED = 5
+
+
+@dataclass
+class Explanation:
+    stage: str
+    fingerprint: str
+    status: str  # "cached" | "will run" | "never built"
+    stage_dir: str
+    reasons: list[str] = field(default_factory=list)
+    previous: Optional[dict[str, Any]] = None  # {"fingerprint", "started_at", "stage_dir"} of the output compared with
+
+    def to_json(self) -> dict[str, Any]:
+        return {"stage": self.stage, "fingerprint": self.fingerprint, "status": self.status, "stage_dir": self.stage_dir,
+                "reasons": self.reasons, "previous": self.previous}
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = "(absent)" if value is None else str(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _listed(items: list[str]) -> str:
+    more = len(items) - MAX_LISTED
+    return ", ".join(items[:MAX_LISTED]) + (f" and {more} more" if more > 0 else "")
+
+
+def _config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    a, b = flatten(old, "config"), flatten(new, "config")
+    out = []
+    for key in sorted(set(a) | set(b)):
+        if a.get(key) != b.get(key):
+            out.append(f"{key}: {_short(a.get(key))} -> {_short(b.get(key))}")
+    return out
+
+
+def _code_changes(old: dict[str, str], new: dict[str, str]) -> list[str]:
+    changed = sorted(f for f in set(old) & set(new) if old[f] != new[f])
+    added = sorted(set(new) - set(old))
+    removed = sorted(set(old) - set(new))
+    out = []
+    if changed:
+        out.append(f"code changed: {_listed(changed)}")
+    if added:
+        out.append(f"code added: {_listed(added)}")
+    if removed:
+        out.append(f"code removed: {_listed(removed)}")
+    return out
+
+
+def _file_key(f: dict[str, Any]) -> tuple:
+    return tuple(sorted((k, str(v)) for k, v in f.items()))
+
+
+def _external_changes(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[str]:
+    a = {e["name"]: e["files"] for e in old}
+    b = {e["name"]: e["files"] for e in new}
+    out = []
+    for name in sorted(set(a) | set(b)):
+        if name not in a:
+            out.append(f"external input {name} added")
+        elif name not in b:
+            out.append(f"external input {name} removed")
+        elif a[name] != b[name]:
+            old_files = {f.get("uri", str(i)): _file_key(f) for i, f in enumerate(a[name])}
+            new_files = {f.get("uri", str(i)): _file_key(f) for i, f in enumerate(b[name])}
+            differ = sorted(u for u in set(old_files) | set(new_files) if old_files.get(u) != new_files.get(u))
+            out.append(f"external input {name}: {len(differ)} file(s) added, removed or modified: {_listed(differ)}")
+    return out
+
+
+def differences(old_payload: dict[str, Any], new_payload: dict[str, Any], old_code: dict[str, str], new_code: dict[str, str]) -> list[str]:
+    """Why two fingerprint payloads differ, one reason per line, most fundamental first."""
+    reasons: list[str] = []
+    if old_payload.get("uses") != new_payload.get("uses"):
+        reasons.append(f"stage type changed: {old_payload.get('uses')} -> {new_payload.get('uses')}")
+    if old_payload.get("version") != new_payload.get("version"):
+        reasons.append(f"version changed: {old_payload.get('version')} -> {new_payload.get('version')}")
+    if old_payload.get("code") != new_payload.get("code"):
+        reasons += _code_changes(old_code, new_code) or [f"code digest changed: {old_payload.get('code')} -> {new_payload.get('code')}"]
+    reasons += _config_changes(old_payload.get("config", {}), new_payload.get("config", {}))
+    old_inputs = {ref: fp for ref, fp in old_payload.get("inputs", [])}
+    new_inputs = {ref: fp for ref, fp in new_payload.get("inputs", [])}
+    for ref in sorted(set(old_inputs) | set(new_inputs)):
+        if old_inputs.get(ref) != new_inputs.get(ref):
+            if ref not in old_inputs:
+                reasons.append(f"input {ref} added")
+            elif ref not in new_inputs:
+                reasons.append(f"input {ref} removed")
+            else:
+                reasons.append(f"input {ref} changed: {old_inputs[ref]} -> {new_inputs[ref]}")
+    old_extras, new_extras = dict(old_payload.get("extras", {})), dict(new_payload.get("extras", {}))
+    reasons += _external_changes(old_extras.pop("external_inputs", []), new_extras.pop("external_inputs", []))
+    for key in sorted(set(old_extras) | set(new_extras)):
+        if old_extras.get(key) != new_extras.get(key):
+            reasons.append(f"{key} changed: {_short(old_extras.get(key))} -> {_short(new_extras.get(key))}")
+    if old_payload.get("seed") != new_payload.get("seed"):
+        reasons.append(f"seed changed: {old_payload.get('seed')} -> {new_payload.get('seed')}")
+    return reasons or ["the fingerprint differs but its recorded inputs do not (a manifest edited by hand?)"]
+
+
+def explain(runner, only: Optional[str] = None) -> list[Explanation]:
+    """What ``runner.run()`` would do, stage by stage (``only``: that stage and its upstream)."""
+    from pipeline.dag import upstream_of
+
+    computed = runner.fingerprints()
+    names = [n.name for n in runner.order]
+    if only is not None:
+        names = upstream_of(runner.order, only) + [only]
+    storage, work_dir = runner.storage, runner.work_dir
+    pipeline_name = runner.loaded.declared.name
+    out = []
+    for name in names:
+        fp = computed[name]
+        stage_dir = mf.stage_uri(work_dir, name, fp.value)
+        if mf.load_manifest(storage, stage_dir) is not None:
+            out.append(Explanation(name, fp.value, "cached", stage_dir))
+            continue
+        history = mf.stage_manifests(storage, work_dir, name)
+        ours = [m for m in history if m.get("pipeline") == pipeline_name] or history
+        if not ours:
+            out.append(Explanation(name, fp.value, "never built", stage_dir, ["no committed output of this stage in the work dir"]))
+            continue
+        last = ours[0]
+        previous = {"fingerprint": last["fingerprint"], "started_at": last.get("timings", {}).get("started_at"),
+                    "stage_dir": mf.stage_uri(work_dir, name, last["fingerprint"])}
+        if "fingerprint_payload" not in last:
+            reasons = ["the last output was written by an lmpipe that did not record its fingerprint's inputs"]
+        else:
+            reasons = differences(last["fingerprint_payload"], fp.payload, last.get("code_files", {}), fp.code_files)
+        out.append(Explanation(name, fp.value, "will run", stage_dir, reasons, previous))
+    return out
+
+
+def format_explanations(items: list[Explanation]) -> str:
+    width = max((len(e.stage) for e in items), default=5)
+    lines = []
+    for e in items:
+        head = f"{e.stage:<{width}}  {e.status:<11}  {e.fingerprint}"
+        if e.status == "cached":
+            lines.append(f"{head}  {e.stage_dir}")
+            continue
+        if e.previous:
+            head += f"  (last built: {e.previous['fingerprint']} at {e.previous['started_at']})"
+        lines.append(head)
+        lines += [f"{'':<{width}}    - {r}" for r in e.reasons]
+    return "\n".join(lines)
