@@ -105,8 +105,8 @@ def main() -> None:
         path.write_text(PIPELINE.format(work=work, data=data, tokenizer=tok_path, workers=workers))
         report = Runner(load_config(str(path))).run()
         m = report.stage("tokenize").manifest
-        tokens = sum(sum(v.values()) for v in m["tokenize"]["tokens_encoded"].values())
-        stage.setdefault(workers, []).append({"seconds": m["timings"]["wall_seconds"], "tokens": tokens, "phases": m["tokenize"]["timings"]})
+        tokens = sum(sum(v.values()) for v in m["summary"]["data"]["tokens_encoded"].values())
+        stage.setdefault(workers, []).append({"seconds": m["timings"]["wall_seconds"], "tokens": tokens, "phases": m["summary"]["data"]["timings"]})
     ray.shutdown()
 
     def tps(r):

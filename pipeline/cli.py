@@ -157,27 +157,20 @@ def cmd_lineage(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from mlflow import MlflowClient
+    from pipeline.tracking import recent_pipeline_runs
 
     uri = _tracking_uri(args)
-    client = MlflowClient(tracking_uri=uri)
-    exps = [e.experiment_id for e in client.search_experiments()]
-    runs = client.search_runs(exps, filter_string="tags.`lmpipe.kind` = 'pipeline'", order_by=["attributes.start_time DESC"], max_results=args.limit)
+    runs = recent_pipeline_runs(uri, args.limit)
     if not runs:
         print(f"no pipeline runs in {uri}")
         return 0
     for run in runs:
-        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run.info.start_time / 1000))
-        print(f"{run.info.run_id}  {run.data.tags.get('lmpipe.pipeline', run.info.run_name)}  {run.info.status}  started {started}")
-        children = client.search_runs(
-            [run.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run.info.run_id}'", order_by=["attributes.start_time ASC"]
-        )
-        for child in children:
-            t = child.data.tags
-            m = child.data.metrics
-            cached = "cached" if t.get("lmpipe.cached") == "true" else "ran"
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run.start_time_ms / 1000))
+        print(f"{run.run_id}  {run.pipeline}  {run.status}  started {started}")
+        for s in run.stages:
+            m = s.metrics
             print(
-                f"    {t.get('lmpipe.stage', child.info.run_name):<16} {child.info.status:<9} {cached:<6} {t.get('lmpipe.fingerprint', '')}"
+                f"    {s.stage:<16} {s.status:<9} {'cached' if s.cached else 'ran':<6} {s.fingerprint}"
                 f"  in {int(m.get('rows_in', 0))}  kept {int(m.get('kept', 0))}  rejected {int(m.get('rejected', 0))}"
                 f"  quarantined {int(m.get('quarantined', 0))}  {m.get('wall_seconds', 0):.1f}s"
             )

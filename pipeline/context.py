@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, TypeVar
 
 import pyarrow as pa
+from pydantic import ValidationError
 
 from pipeline import manifest as mf
 from pipeline import storage as st
 from pipeline.dag import InputRef
+from pipeline.fanout import FanOut
 from pipeline.io import PartOutputs, read_table
+from pipeline.stage import StageSummary
+from pipeline.tracking import DatasetRef, ModelRecord, RunLogger
+
+S = TypeVar("S", bound=StageSummary)
 
 
 @dataclass(frozen=True)
@@ -46,19 +52,37 @@ class InputDataset:
     def files(self) -> list[str]:
         return mf.dataset_files(self.manifest, self.stage_dir, self.ref.dataset)
 
+    def dataset_files(self, dataset: str) -> list[str]:
+        """The files of another dataset of the same stage (e.g. a tokenize stage's validation split)."""
+        return mf.dataset_files(self.manifest, self.stage_dir, dataset)
+
     def read_table(self, columns: Optional[list[str]] = None) -> pa.Table:
         return read_table(self.storage, self.files(), columns)
 
-    def ray_dataset(self, columns: Optional[list[str]] = None):
-        """A Ray Dataset over the committed files (streaming, never collected on the driver)."""
-        import ray.data
+    def summary(self, cls: type[S]) -> S:
+        """This input's stage summary, validated as ``cls``."""
+        found = _summary_of(self.manifest, cls)
+        if found is None:
+            raise UpstreamMissing(f"input {self.ref} (stage {self.manifest.get('uses')!r}) has no {cls.kind} summary")
+        return found
 
-        files = self.files()
-        fs = None
-        if files and st.is_remote(files[0]):
-            fs, _ = self.storage.arrow_fs(files[0])
-            files = [f.split("://", 1)[1] for f in files]
-        return ray.data.read_parquet(files, filesystem=fs, columns=columns, override_num_blocks=max(1, len(files)))
+    def path(self, relative: str) -> str:
+        """A file of this stage's output named relative to its folder (as summaries name them)."""
+        return st.join(self.stage_dir, relative)
+
+
+class UpstreamMissing(ValueError):
+    """A stage needs what no stage upstream of it produced (a tokenize stage before train)."""
+
+
+def _summary_of(manifest: dict[str, Any], cls: type[S]) -> Optional[S]:
+    summary = manifest.get("summary")
+    if not summary or summary.get("kind") != cls.kind:
+        return None
+    try:
+        return cls.model_validate(summary["data"])
+    except ValidationError as e:
+        raise ValueError(f"stage {manifest.get('stage')!r}: its {cls.kind} summary does not validate: {e}") from None
 
 
 @dataclass
@@ -96,17 +120,72 @@ class StageContext:
     # A DatasetStage whose outputs are not documents (token sequences, checkpoints) reports the
     # documents it consumed here: {"rows_in": n, "kept": k, "rejected": {reason: n}} (funnel, MLflow).
     counts: dict[str, Any] = field(default_factory=dict)
-    # The MLflow run of this stage and its tracking URI (None when tracking is off), for stages
-    # whose workers log as they go (per-step training metrics from rank 0).
+    # The MLflow run of this stage and its tracking URI (None when tracking is off).
     mlflow_run_id: Optional[str] = None
     tracking_uri: Optional[str] = None
+    fan_out: FanOut = field(default=None, repr=False)  # set by the runner
+    summary: Optional[StageSummary] = None  # set by the stage (ctx.set_summary)
+    _logger: Optional[RunLogger] = field(default=None, repr=False)
 
     @property
     def attempt_uri(self) -> str:
         return st.join(self.stage_dir, self.attempt)
 
+    # -- what downstream stages need ------------------------------------------------------------
+    def set_summary(self, summary: StageSummary, declared: Optional[type[StageSummary]] = None) -> None:
+        if declared is not None and not isinstance(summary, declared):
+            raise TypeError(f"stage {self.stage_name!r} declares a {declared.__name__} summary, got {type(summary).__name__}")
+        self.summary = summary
+
+    def upstream(self, cls: type[S]) -> tuple[S, InputDataset]:
+        """The nearest stage upstream (breadth first, through any number of stages) whose summary
+        is a ``cls``: its validated summary and a handle on its output."""
+        queue = list(self.inputs)
+        seen: set[str] = set()
+        while queue:
+            item = queue.pop(0)
+            if item.stage_dir in seen:
+                continue
+            seen.add(item.stage_dir)
+            found = _summary_of(item.manifest, cls)
+            if found is not None:
+                return found, item
+            for ref in item.manifest.get("inputs", []):
+                manifest = mf.load_manifest(self.storage, ref["stage_dir"])
+                if manifest is not None:
+                    queue.append(InputDataset(InputRef(ref["stage"], ref["dataset"]), ref["stage_dir"], manifest, self.storage))
+        names = ", ".join(str(i.ref) for i in self.inputs) or "none"
+        raise UpstreamMissing(f"stage {self.stage_name!r} needs a {cls.kind} stage upstream; none of its inputs ({names}) has one")
+
+    # -- tracking (all MLflow calls go through pipeline.tracking) ---------------------------------
+    @property
+    def run_logger(self) -> Optional[RunLogger]:
+        """This stage's MLflow run, to hand to workers that log as they go (None: tracking off)."""
+        if self._logger is None and self.mlflow_run_id and self.tracking_uri:
+            self._logger = RunLogger(self.tracking_uri, self.mlflow_run_id)
+        return self._logger
+
     def log_metric(self, key: str, value: float) -> None:
+        """A summary number of the stage: in the manifest and in the stage run's metrics."""
         self.metrics[key] = float(value)
+
+    def log_metrics(self, metrics: dict[str, Optional[float]], step: int = 0, model_id: Optional[str] = None,
+                    dataset: Optional[DatasetRef] = None) -> None:
+        """Metrics over time (step = training step or tokens seen), optionally linked to a logged
+        model and the dataset they were measured on. MLflow only: not in the manifest."""
+        logger = self.run_logger
+        if logger is not None:
+            logger.log_metrics(metrics, step=step, model_id=model_id, dataset=dataset)
+
+    def log_inputs(self, datasets: list[DatasetRef], context: str = "input", model_ids: tuple[str, ...] = ()) -> None:
+        logger = self.run_logger
+        if logger is not None:
+            logger.log_inputs(datasets, context, model_ids)
+
+    def log_model(self, model: ModelRecord) -> Optional[str]:
+        """Log a produced model (LoggedModel); returns its id, None when tracking is off."""
+        logger = self.run_logger
+        return logger.log_model(model) if logger is not None else None
 
     def log_artifact(self, name: str, data: bytes | str) -> None:
         """Attach a file to the stage's MLflow run (a report, a plot, a tokenizer)."""

@@ -22,22 +22,9 @@ def find_stage_dir(storage: st.Storage, path: str) -> str:
 
 
 def stage_dir_from_run(tracking_uri: str, run_id: str) -> str:
-    from mlflow import MlflowClient
+    from pipeline.tracking import stage_output_of_run
 
-    client = MlflowClient(tracking_uri=tracking_uri)
-    run = client.get_run(run_id)
-    tags = run.data.tags
-    if tags.get("lmpipe.kind") == "pipeline":  # a pipeline run: follow its last stage
-        children = client.search_runs(
-            [run.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run_id}'", order_by=["attributes.start_time DESC"]
-        )
-        children = [c for c in children if c.data.tags.get("lmpipe.output_uri")]
-        if not children:
-            raise LookupError(f"pipeline run {run_id} has no finished stage runs")
-        return children[0].data.tags["lmpipe.output_uri"]
-    if "lmpipe.output_uri" not in tags:
-        raise LookupError(f"run {run_id} is not a finished lmpipe stage run (no lmpipe.output_uri tag)")
-    return tags["lmpipe.output_uri"]
+    return stage_output_of_run(tracking_uri, run_id)
 
 
 def lineage_tree(storage: st.Storage, stage_dir: str) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from pipeline.config import ConfigError, LoadedConfig
 from pipeline.context import InputDataset, StageContext
 from pipeline.dag import Node, build_dag, downstream_of, upstream_of
 from pipeline.funnel import funnel_artifacts
+from pipeline.fanout import FanOut
 from pipeline.execute import PartJob, merge_results, run_parts_locally, run_parts_on_ray
 from pipeline.stage import DatasetStage, Resources, RowStage, SourceStage, Part, stage_seed
 from pipeline.tracking import Tracker, code_version
@@ -145,6 +146,7 @@ class Runner:
             attempt="",
             inputs=input_datasets,
             resources=effective_resources(node, self.loaded),
+            fan_out=FanOut(node.name, self.use_ray),
         )
 
     def fingerprint_of(self, node: Node, fingerprints: dict[str, str]) -> "Fingerprint":
@@ -408,8 +410,21 @@ class Runner:
             # what the fingerprint was computed from, for `lmpipe explain`
             "fingerprint_payload": why.payload,
             "code_files": why.code_files,
+            "summary": self._summary(node, ctx),
             **ctx.extra_manifest,
         }
+
+    @staticmethod
+    def _summary(node: Node, ctx: StageContext) -> Optional[dict[str, Any]]:
+        declared = node.cls.Summary
+        if ctx.summary is None:
+            if declared is not None:
+                raise StageFailed(f"stage {node.name!r} declares a {declared.__name__} summary but did not set one (ctx.set_summary)")
+            return None
+        if declared is None or not isinstance(ctx.summary, declared):
+            raise StageFailed(f"stage {node.name!r} set a {type(ctx.summary).__name__} summary; it declares"
+                              f" {declared.__name__ if declared else 'none'} (Summary = ...)")
+        return {"kind": declared.kind, "data": ctx.summary.model_dump(mode="json")}
 
     def _check_counts(self, node: Node, manifest: dict[str, Any]) -> None:
         """in = kept + rejected + quarantined, for every stage that maps rows to rows."""

@@ -11,9 +11,12 @@ produces, and the resources it needs; then it implements exactly one method:
 * :class:`SourceStage` – ``plan(ctx)`` lists independent parts (e.g. input files) and
   ``read_part(part, ctx)`` yields Arrow tables for one part; the runner writes them the same way.
 * :class:`DatasetStage` – ``run(ctx)`` for whole-dataset work (dedup, tokenize, train,
-  evaluate), using Ray directly and writing through ``ctx``.
+  evaluate): parallel work through ``ctx.fan_out`` (or ``ctx.run_parts`` for output parts),
+  outputs through ``ctx``, what downstream needs as a typed :class:`StageSummary`.
 
-Stages never count, time, write manifests or talk to MLflow themselves.
+Stages never count, time, write manifests, start Ray work by hand or talk to MLflow themselves:
+the context does (``ctx.log_metric``, ``ctx.log_metrics(step=...)``, ``ctx.log_artifact``,
+``ctx.log_inputs``, ``ctx.log_model``).
 """
 
 from __future__ import annotations
@@ -59,6 +62,16 @@ class EmptyConfig(StrictModel):
     pass
 
 
+class StageSummary(StrictModel):
+    """What a stage tells the stages after it (a tokenizer's special ids, a tokenize stage's
+    sequence length and splits, a training run's checkpoints), declared as a model. The runner
+    stores it in the manifest under its ``kind``; a consumer asks its context for it by type
+    (``ctx.upstream(TokenizeSummary)``), through any number of stages in between, and gets it
+    validated -- no stage reads another stage's manifest by hand."""
+
+    kind: ClassVar[str] = ""
+
+
 class Stage:
     name: ClassVar[str] = ""
     version: ClassVar[str] = "1"
@@ -82,6 +95,8 @@ class Stage:
     uses_seed: ClassVar[bool] = False
     # The string column whose characters the runner counts per dataset (None: no such column).
     measure_column: ClassVar[Optional[str]] = "text"
+    # The summary this stage hands downstream (set with ctx.set_summary), if any.
+    Summary: ClassVar[Optional[type[StageSummary]]] = None
 
     def __init__(self, config: StrictModel, seed: int = 0):
         self.config = config
@@ -138,7 +153,7 @@ class SourceStage(Stage):
 class DatasetStage(Stage):
     """A stage that needs the whole dataset at once (dedup, tokenize, train, evaluate).
 
-    ``run(ctx)`` does the global work with Ray directly (``ctx.inputs[i].ray_dataset()``), and
+    ``run(ctx)`` does the global work, in parallel through ``ctx.fan_out``, and
     writes its outputs either through ``ctx.run_parts(parts)`` -- which calls the stage's
     ``process_part(part, part_ctx)`` on Ray workers and routes the yielded tables by
     ``drop_reason``/``quarantine_reason`` exactly like a row stage -- or, for small outputs, through

@@ -17,6 +17,7 @@ import subprocess
 import tempfile
 import time
 import warnings
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Optional
 
@@ -75,7 +76,8 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _metric_key(text: str) -> str:
+def metric_key(text: str) -> str:
+    """The one rule for metric names: MLflow accepts letters, digits, ``_ - . / :`` and spaces."""
     return "".join(ch if ch.isalnum() or ch in "_-./ :" else "_" for ch in text)
 
 
@@ -93,17 +95,17 @@ def stage_metrics(manifest: dict[str, Any]) -> dict[str, float]:
         "parts": manifest.get("parts", 0),
     }
     for reason, n in counts["rejected"].items():
-        metrics[_metric_key(f"rejected.{reason}")] = n
+        metrics[metric_key(f"rejected.{reason}")] = n
     for reason, n in counts["quarantined"].items():
-        metrics[_metric_key(f"quarantined.{reason}")] = n
+        metrics[metric_key(f"quarantined.{reason}")] = n
     for ds, info in manifest["datasets"].items():
-        metrics[_metric_key(f"{ds}.rows")] = info["rows"]
-        metrics[_metric_key(f"{ds}.bytes")] = info["bytes"]
+        metrics[metric_key(f"{ds}.rows")] = info["rows"]
+        metrics[metric_key(f"{ds}.bytes")] = info["bytes"]
         if "chars" in info:
-            metrics[_metric_key(f"{ds}.chars")] = info["chars"]
+            metrics[metric_key(f"{ds}.chars")] = info["chars"]
     for key, value in manifest.get("metrics", {}).items():
         if isinstance(value, (int, float)):
-            metrics[_metric_key(key)] = value
+            metrics[metric_key(key)] = value
     return metrics
 
 
@@ -242,16 +244,7 @@ class Tracker:
             self.client.log_batch(run_id, params=items[i : i + 100])
 
     def _log_datasets(self, run_id: str, manifest: dict[str, Any], stage_dir: str, input_refs: list[dict[str, Any]]) -> None:
-        from mlflow.data.dataset_source_registry import resolve_dataset_source
-        from mlflow.data.meta_dataset import MetaDataset
-        from mlflow.entities import DatasetInput, InputTag
-
-        def make(name: str, uri: str, digest: str, context: str) -> DatasetInput:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                source = resolve_dataset_source(uri)
-            ds = MetaDataset(source=source, name=name[:500], digest=digest[:36])
-            return DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])
+        make = _dataset_input
 
         inputs = []
         for ext in manifest.get("external_inputs", []):
@@ -264,3 +257,174 @@ class Tracker:
             inputs.append(make(f"{manifest['stage']}.{ds_name}", uri, manifest["fingerprint"], "output"))
         if inputs:
             self.client.log_inputs(run_id, datasets=inputs)
+
+
+# -- what stages record while they run (through their context) ------------------------------------
+
+@dataclass(frozen=True)
+class DatasetRef:
+    """A dataset a stage read, for MLflow's Datasets panel: name, where it is, a content digest."""
+
+    name: str
+    uri: str
+    digest: str
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    """A model a stage produced, logged as an MLflow LoggedModel of the stage run."""
+
+    name: str
+    local_dir: str  # its files (e.g. a Hugging Face export), uploaded as the model's artifacts
+    model_type: str
+    step: int
+    params: dict[str, str] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)  # logged against the model and ``dataset``
+    dataset: Optional[DatasetRef] = None
+
+
+class RunLogger:
+    """Logs to one MLflow run: metrics by step (optionally linked to a model and a dataset),
+    input datasets and models, and LoggedModels. Holds only the tracking URI and run id, so it
+    pickles to Ray workers (a training rank logs its per-step metrics with it); the client is
+    made where it is used."""
+
+    def __init__(self, tracking_uri: str, run_id: str):
+        self.tracking_uri = tracking_uri
+        self.run_id = run_id
+        self._client = None
+
+    def __getstate__(self):
+        return {"tracking_uri": self.tracking_uri, "run_id": self.run_id, "_client": None}
+
+    @property
+    def client(self):
+        if self._client is None:
+            from mlflow import MlflowClient
+
+            self._client = MlflowClient(tracking_uri=self.tracking_uri)
+        return self._client
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        """The training loop's sink: every finite metric at ``step``."""
+        self.log_metrics(metrics, step=step)
+
+    def log_metrics(self, metrics: dict[str, Optional[float]], step: int = 0, model_id: Optional[str] = None,
+                    dataset: Optional[DatasetRef] = None) -> None:
+        import math
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        finite = {metric_key(k): float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
+        if model_id or dataset:  # linked metrics: one call each (log_batch has no model or dataset fields)
+            for key, value in finite.items():
+                self.client.log_metric(self.run_id, key, value, timestamp=now, step=step, model_id=model_id,
+                                       dataset_name=dataset.name if dataset else None,
+                                       dataset_digest=dataset.digest[:36] if dataset else None)
+            return
+        items = [Metric(k, v, now, step) for k, v in finite.items()]
+        for i in range(0, len(items), 1000):
+            self.client.log_batch(self.run_id, metrics=items[i : i + 1000])
+
+    def log_inputs(self, datasets: list[DatasetRef], context: str = "input", model_ids: tuple[str, ...] = ()) -> None:
+        """Datasets (with their digests) and models the stage read. A model id from another
+        tracking server cannot be linked: the datasets are still logged."""
+        from mlflow.entities import LoggedModelInput
+
+        entities = [_dataset_input(d.name, d.uri, d.digest, context) for d in datasets]
+        models = [LoggedModelInput(m) for m in model_ids]
+        try:
+            self.client.log_inputs(self.run_id, datasets=entities or None, models=models or None)
+        except Exception as e:
+            if not models:
+                raise
+            log.warning("could not link model(s) %s in MLflow: %s", list(model_ids), e)
+            if entities:
+                self.client.log_inputs(self.run_id, datasets=entities)
+
+    def log_model(self, model: ModelRecord) -> str:
+        """A LoggedModel of this run with its files, metrics linked to it, and READY; returns its id."""
+        from mlflow.entities import LoggedModelOutput
+
+        run = self.client.get_run(self.run_id)
+        logged = self.client.create_logged_model(run.info.experiment_id, name=model.name, source_run_id=self.run_id,
+                                                 model_type=model.model_type, params=dict(model.params), tags=dict(model.tags))
+        self.client.log_model_artifacts(logged.model_id, model.local_dir)
+        if model.metrics:
+            self.log_metrics(model.metrics, step=model.step, model_id=logged.model_id, dataset=model.dataset)
+        self.client.log_outputs(self.run_id, [LoggedModelOutput(logged.model_id, model.step)])
+        self.client.finalize_logged_model(logged.model_id, "READY")
+        return logged.model_id
+
+
+def _dataset_input(name: str, uri: str, digest: str, context: str):
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        source = resolve_dataset_source(uri)
+    ds = MetaDataset(source=source, name=name[:500], digest=digest[:36])
+    return DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])
+
+
+# -- reading runs back (the CLI's status, lineage and eval-table) -----------------------------------
+
+def stage_output_of_run(tracking_uri: str, run_id: str, uses: Optional[str] = None) -> str:
+    """The output folder of a stage run; for a pipeline run, of its latest finished stage run
+    (of stage type ``uses``, when given)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    run = client.get_run(run_id)
+    tags = run.data.tags
+    if tags.get("lmpipe.kind") == "pipeline":
+        children = client.search_runs([run.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run_id}'",
+                                      order_by=["attributes.start_time DESC"])
+        children = [c for c in children if c.data.tags.get("lmpipe.output_uri") and (uses is None or c.data.tags.get("lmpipe.uses") == uses)]
+        if not children:
+            what = f"finished {uses} stage" if uses else "finished stage runs"
+            raise LookupError(f"pipeline run {run_id} has no {what}")
+        return children[0].data.tags["lmpipe.output_uri"]
+    if "lmpipe.output_uri" not in tags:
+        raise LookupError(f"run {run_id} is not a finished lmpipe stage run (no lmpipe.output_uri tag)")
+    return tags["lmpipe.output_uri"]
+
+
+@dataclass(frozen=True)
+class StageRunInfo:
+    stage: str
+    status: str
+    cached: bool
+    fingerprint: str
+    metrics: dict[str, float]
+
+
+@dataclass(frozen=True)
+class PipelineRunInfo:
+    run_id: str
+    pipeline: str
+    status: str
+    start_time_ms: int
+    stages: list[StageRunInfo]
+
+
+def recent_pipeline_runs(tracking_uri: str, limit: int) -> list[PipelineRunInfo]:
+    """The latest pipeline runs of every experiment in the store, newest first, with their stages."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    exps = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(exps, filter_string="tags.`lmpipe.kind` = 'pipeline'", order_by=["attributes.start_time DESC"], max_results=limit)
+    out = []
+    for run in runs:
+        children = client.search_runs([run.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run.info.run_id}'",
+                                      order_by=["attributes.start_time ASC"])
+        stages = [StageRunInfo(c.data.tags.get("lmpipe.stage", c.info.run_name), c.info.status, c.data.tags.get("lmpipe.cached") == "true",
+                               c.data.tags.get("lmpipe.fingerprint", ""), dict(c.data.metrics)) for c in children]
+        out.append(PipelineRunInfo(run.info.run_id, run.data.tags.get("lmpipe.pipeline", run.info.run_name), run.info.status,
+                                   run.info.start_time, stages))
+    return out

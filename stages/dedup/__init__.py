@@ -185,7 +185,7 @@ class _DedupStage(DatasetStage):
         job = engine.ComponentJob(ctx.storage, work, cfg.keep, tuple(cfg.source_priority), extra,
                                   None if verify is None else cfg.threshold - verify)
         if files:
-            stats = engine.components_and_removals(job, reason_fn, partitions, engine.ray_shuffle, ctx.stage_name)
+            stats = engine.components_and_removals(job, reason_fn, partitions, ctx.fan_out.exchange, ctx.stage_name)
         else:
             stats = {"partitions": partitions, "rounds": 0, "edges": 0, "verified_edges": 0, "members": 0, "components": 0, "removed": 0,
                      "removed_per_source": {}, "component_sizes": {}, "documents_per_source": {}}

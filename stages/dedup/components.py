@@ -22,8 +22,8 @@ directions in large-star) and nothing else: O(edges / P). The driver holds objec
 ``P`` grows with the input, so per-task memory stays bounded as the corpus grows.
 
 The step functions take one partition's blocks and return one block per destination partition;
-``local_shuffle`` runs them in this process (tests, small graphs) and the dedup engine runs the
-same functions as Ray tasks (``engine.ray_shuffle``).
+``local_shuffle`` runs them in this process (tests, small graphs) and the dedup stage runs the
+same functions as Ray tasks (``ctx.fan_out.exchange``).
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
+from pipeline.fanout import FanOut
 
 MAX_ROUNDS = 200  # large-star/small-star rounds; O(log^2 n) bounds real graphs far below this
 
@@ -153,17 +155,8 @@ def finish(blocks: Sequence[np.ndarray], k: int, partitions: int) -> tuple[list[
 Shuffle = Callable[..., tuple[list[list[Any]], list[dict[str, Any]]]]
 
 
-def local_shuffle(fn, inputs: list[list[Any]], partitions: int, *args) -> tuple[list[list[Any]], list[dict[str, Any]]]:
-    """Run ``fn(blocks, k, partitions, *args)`` for every partition k in this process; return the
-    blocks each destination partition receives and every partition's stats."""
-    received: list[list[Any]] = [[] for _ in range(partitions)]
-    stats = []
-    for k in range(partitions):
-        outs, st = fn(inputs[k], k, partitions, *args)
-        for j in range(partitions):
-            received[j].append(outs[j])
-        stats.append(st)
-    return received, stats
+# The exchange step run in this process (tests, small graphs); stages use ctx.fan_out.exchange.
+local_shuffle = FanOut("dedup", on_ray=False).exchange
 
 
 def label_components(shuffle: Shuffle, inputs: list[list[Any]], partitions: int,

@@ -3,7 +3,7 @@
 64-bit hashes are stored as int64 (the same bits): Ray 2.60 turns uint64 group keys into pickled
 Python objects that Arrow cannot sort.
 
-1. **nodes and keys** (Ray Data ``map_batches`` over the input, in parallel): per document a
+1. **nodes and keys** (one task per input file, through ``ctx.fan_out``): per document a
    64-bit ``uid`` (hash of its id), the input file (``part``) it came from, what the keep rule
    needs (id, source, length) and its grouping keys (text hash, URL hash, or one LSH bucket per
    band). Node rows are written hash-partitioned by uid (``_work/nodes/p=K``); (key, uid) rows
@@ -23,7 +23,7 @@ Python objects that Arrow cannot sort.
    the rows up in that part's removal files, yield kept rows and rejected rows with reasons.
 
 Steps 2-4 are Ray tasks over P partitions exchanging numpy blocks / Arrow tables through Ray's
-object store (``ray_shuffle``); the driver holds object references and per-partition counts only.
+object store (``ctx.fan_out.exchange``); the driver holds object references and per-partition counts only.
 A task holds one partition: O((key rows + edges + nodes) / P), and P grows with the input
 (~2 M key rows per partition). Everything is ordered by values (uids, ids), never by task
 completion order, so two runs give byte-identical outputs.
@@ -56,67 +56,47 @@ def uids_of(ids: pa.Array) -> np.ndarray:
     return hash_strings(ids)
 
 
-def read_input(ctx, columns: list[str]):
-    """The input dataset with a ``part`` column (index of the input file each row came from)."""
-    import ray.data
-
-    files = ctx.inputs[0].files()
-    fs = None
-    paths = files
-    if files and st.is_remote(files[0]):
-        fs, _ = ctx.storage.arrow_fs(files[0])
-        paths = [f.split("://", 1)[1] for f in files]
-    ds = ray.data.read_parquet(paths, filesystem=fs, include_paths=True, override_num_blocks=max(1, len(files)))
-    ds = ds.select_columns([*columns, "path"])
-    index = {p: i for i, p in enumerate(paths)}
-    return ds, files, index
-
-
 def list_parquet(storage: st.Storage, uri: str) -> list[str]:
     if not storage.exists(uri):
         return []
     return sorted(f for f in storage.find_files(uri) if f.endswith(".parquet"))
 
 
-class NodeMapper:
-    """Ray Data UDF over input rows (with ``path``): writes this batch's node rows to
-    ``_work/nodes/p=K`` by uid partition (a name derived from the rows, so a retried task
-    overwrites its own file) and returns its (key, uid, p) rows, ``p`` being the key's partition."""
-
-    def __init__(self, storage: st.Storage, work: str, path_index: dict[str, int], keys_fn, key_columns: Sequence[str], partitions: int):
-        self.storage = storage
-        self.work = work
-        self.path_index = path_index
-        self.keys_fn = keys_fn
-        self.key_columns = list(key_columns)
-        self.partitions = partitions
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
+def nodes_and_keys_of_part(storage: st.Storage, uri: str, part: int, work: str, columns: list[str], keys_fn,
+                           key_columns: Sequence[str], partitions: int, batch_rows: int) -> dict[str, int]:
+    """One input file, batch by batch: its node rows to ``_work/nodes/p=K`` by uid partition and
+    its (key, uid) rows to ``_work/keys/p=K`` by key partition. File names come from the part
+    and batch number, so a retried task overwrites its own files."""
+    rows = 0
+    for b, batch in enumerate(iter_parquet_batches(storage, uri, batch_rows, columns=columns)):
         if batch.num_rows == 0:
-            return pa.table({"key": pa.array([], pa.int64()), "uid": pa.array([], pa.int64()), "p": pa.array([], pa.int32())})
-        paths = batch.column("path").to_pylist()
-        part = np.array([self.path_index[p] for p in paths], dtype=np.int32)
+            continue
+        rows += batch.num_rows
         ids = batch.column("id")
         uid = uids_of(ids)
         cols: dict[str, Any] = {
             "uid": pa.array(uid.view(np.int64), pa.int64()),
-            "part": pa.array(part, pa.int32()),
+            "part": pa.array(np.full(batch.num_rows, part, np.int32), pa.int32()),
             "id": ids,
             "source": batch.column("source"),
             "length": pc.utf8_length(pc.fill_null(batch.column("text"), "")).cast(pa.int64()),
         }
-        cols.update(self.keys_fn(batch))
+        cols.update(keys_fn(batch))
         nodes = pa.table(cols)
-        name = f"nodes-{int(part[0]):05d}-{int(uid[0]):016x}-{batch.num_rows}.parquet"
-        for k, piece in enumerate(route(nodes, uid, self.partitions)):
-            if piece.num_rows:
-                folder = st.join(self.work, "nodes", f"p={k}")
-                self.storage.makedirs(folder)
-                fs, path = self.storage.arrow_fs(st.join(folder, name))
-                pq.write_table(piece, path, filesystem=fs)
-        keyed = explode_keys(nodes, self.key_columns)
-        p = (keyed.column("key").to_numpy().view(np.uint64) % np.uint64(self.partitions)).astype(np.int32)
-        return keyed.append_column("p", pa.array(p, pa.int32()))
+        name = f"part-{part:05d}-{b:05d}.parquet"
+        _write_routed(storage, st.join(work, "nodes"), name, route(nodes, uid, partitions))
+        keyed = explode_keys(nodes, key_columns)
+        _write_routed(storage, st.join(work, "keys"), name, route(keyed, keyed.column("key").to_numpy().view(np.uint64), partitions))
+    return {"rows": rows}
+
+
+def _write_routed(storage: st.Storage, folder: str, name: str, pieces: list[pa.Table]) -> None:
+    for k, piece in enumerate(pieces):
+        if piece.num_rows:
+            sub = st.join(folder, f"p={k}")
+            storage.makedirs(sub)
+            fs, path = storage.arrow_fs(st.join(sub, name))
+            pq.write_table(piece, path, filesystem=fs)
 
 
 def explode_keys(batch: pa.Table, key_columns: Sequence[str]) -> pa.Table:
@@ -155,17 +135,12 @@ def read_partition(storage: st.Storage, folder: str, columns: list[str], batch_r
 
 
 def build_nodes_and_keys(ctx, work: str, columns: list[str], keys_fn, key_columns: Sequence[str], partitions: int) -> list[str]:
-    """Step 1 (one Ray Data job). Returns the input files."""
+    """Step 1: one task per input file. Returns the input files."""
     t0 = time.perf_counter()
-    ds, files, index = read_input(ctx, columns)
-    if not files:
-        return files
-    mapper = NodeMapper(ctx.storage, work, index, keys_fn, key_columns, partitions)
-    keyed = ds.map_batches(mapper, batch_format="pyarrow", batch_size=ctx.resources.batch_size, num_cpus=ctx.resources.num_cpus or 1)
-    keys_uri = st.join(work, "keys")
-    ctx.storage.makedirs(keys_uri)
-    fs, path = ctx.storage.arrow_fs(keys_uri)
-    keyed.write_parquet(path, filesystem=fs, partition_cols=["p"])
+    files = ctx.inputs[0].files()
+    res = ctx.resources
+    items = [(ctx.storage, uri, i, work, columns, keys_fn, list(key_columns), partitions, res.batch_size) for i, uri in enumerate(files)]
+    ctx.fan_out.map(nodes_and_keys_of_part, items, step="nodes and keys", num_cpus=res.num_cpus or 1, max_parallel=res.max_workers)
     log.info("[%s] nodes and keys written in %.1fs", ctx.stage_name, time.perf_counter() - t0)
     return files
 
@@ -303,27 +278,6 @@ def keepers_step(blocks, k: int, partitions: int, job: ComponentJob, reason_fn: 
 
 # -- running the steps ------------------------------------------------------------------------------
 
-def _shuffle_task(fn, k: int, partitions: int, args: tuple, *blocks):
-    outs, stats = fn(list(blocks), k, partitions, *args)
-    return (*outs, stats)
-
-
-_REMOTE_TASKS: dict[int, Any] = {}
-
-
-def ray_shuffle(fn, inputs: list[list[Any]], partitions: int, *args) -> tuple[list[list[Any]], list[dict[str, Any]]]:
-    """One step as P Ray tasks; task k receives the blocks addressed to partition k (object refs,
-    resolved by Ray on the worker) and returns P blocks plus its stats. The driver keeps refs."""
-    import ray
-
-    task = _REMOTE_TASKS.get(partitions)
-    if task is None:
-        task = _REMOTE_TASKS[partitions] = ray.remote(num_cpus=1, num_returns=partitions + 1)(_shuffle_task)
-    refs = [task.remote(fn, k, partitions, args, *inputs[k]) for k in range(partitions)]
-    stats = ray.get([r[partitions] for r in refs])
-    return [[refs[k][j] for k in range(partitions)] for j in range(partitions)], stats
-
-
 def _merge_counts(dicts) -> dict:
     out: dict = {}
     for d in dicts:
@@ -333,8 +287,8 @@ def _merge_counts(dicts) -> dict:
 
 
 def components_and_removals(job: ComponentJob, reason_fn, partitions: int, shuffle=local_shuffle, name: str = "dedup") -> dict[str, Any]:
-    """Steps 2-4 over ``partitions`` partitions (``ray_shuffle`` in the stage, ``local_shuffle``
-    in one process). Writes the removal files; returns the counts."""
+    """Steps 2-4 over ``partitions`` partitions (``ctx.fan_out.exchange`` in the stage,
+    ``local_shuffle`` in one process). Writes the removal files; returns the counts."""
     t0 = time.perf_counter()
     P = partitions
     blocks, _ = shuffle(keys_step, [[] for _ in range(P)], P, job)

@@ -36,14 +36,17 @@ from pydantic import Field, field_validator
 from pipeline import manifest as mf
 from pipeline import storage as st
 from pipeline.config import PathStr, StrictModel
-from pipeline.context import ExternalInput, StageContext
+from pipeline.context import ExternalInput, InputDataset, StageContext, UpstreamMissing
 from pipeline.registry import register
 from pipeline.stage import DatasetStage, Resources
+from pipeline.tracking import DatasetRef
 from stages.evaluate import report
-from stages.evaluate.lm import CheckpointError
 from stages.evaluate.scoring import aggregate
 from stages.evaluate.tasks import PromptFormat, build_requests, load_mc_task
-from stages.evaluate.worker import EvalJob, TaskJob, TextJob, run_jobs
+from stages.evaluate.summary import EvaluateSummary
+from stages.evaluate.worker import EvalJob, TaskJob, TextJob, run_job
+from stages.tokenize.summary import TokenizeSummary
+from stages.train.summary import TrainSummary
 
 log = logging.getLogger("lmpipe")
 
@@ -107,6 +110,7 @@ class Evaluate(DatasetStage):
     requires: ClassVar[tuple[str, ...]] = ("step", "tokens_seen", "path")
     produces: ClassVar[tuple[str, ...]] = report.ROW_FIELDS
     new_rows: ClassVar[bool] = True
+    Summary = EvaluateSummary
 
     def external_inputs(self, ctx: StageContext) -> list[ExternalInput]:
         from stages.evalsets import builtin_source
@@ -130,14 +134,12 @@ class Evaluate(DatasetStage):
         c: EvaluateConfig = self.config
         t0 = time.perf_counter()
         train_in = ctx.inputs[0]
-        train_info = train_in.manifest.get("train")
-        if train_info is None:
-            raise ValueError(f"stage {ctx.stage_name!r}: its first input {train_in.ref} is not a train stage (no 'train' in its manifest)")
-        tokenize_dir, tokenize_manifest = self._tokenize_stage(ctx)
+        train_info = train_in.summary(TrainSummary)
+        tokenize = self._tokenize_stage(ctx)
         checkpoints = self._checkpoints(ctx, train_in, train_info)
         if not checkpoints:
             raise ValueError(f"stage {ctx.stage_name!r}: no checkpoints selected (checkpoints: {c.checkpoints}, paths: {c.paths})")
-        tokenizer_json, tok_info = self._tokenizer(ctx, tokenize_dir, tokenize_manifest, checkpoints)
+        tokenizer_json, tok_info = self._tokenizer(ctx, tokenize, checkpoints)
 
         loaded_tasks = [(entry, load_mc_task(entry.name, entry.path, ctx.storage)) for entry in c.tasks]
         bad_report = self._report_bad_lines(ctx, loaded_tasks)
@@ -146,7 +148,7 @@ class Evaluate(DatasetStage):
             jobs = tuple(TaskJob(f"{entry.name}_{k}shot", tuple(build_requests(lt.task, entry.prompt_format(), k, entry.limit)))
                          for k in entry.shots)
             task_groups.append(jobs)
-        text_jobs, text_digests = self._text_jobs(ctx, tokenize_dir, tokenize_manifest)
+        text_jobs, text_digests = self._text_jobs(ctx, tokenize)
 
         device, num_gpus = self._device()
         common = dict(tokenizer_json=tokenizer_json, prefix_token=tok_info["prefix_token"], storage=ctx.storage, device=device,
@@ -160,12 +162,14 @@ class Evaluate(DatasetStage):
                 jobs.append(EvalJob(checkpoint=ck["path"], texts=tuple(text_jobs), meta=ck, **common))
         log.info("[%s] %d checkpoint(s) x %d task group(s) = %d evaluation task(s) on %s", ctx.stage_name, len(checkpoints),
                  len(task_groups) + bool(text_jobs), len(jobs), device)
-        results = _run(jobs, c.cpus_per_task, num_gpus, c.max_parallel)
+        env = {"OMP_NUM_THREADS": str(max(1, int(c.cpus_per_task))), "TOKENIZERS_PARALLELISM": "false"}
+        results = ctx.fan_out.map(run_job, [(j,) for j in jobs], step="evaluate", num_cpus=c.cpus_per_task, num_gpus=num_gpus,
+                                  env=env, max_parallel=c.max_parallel)
 
         rows, example_rows, timings = self._collect(results, train_info)
         self._write(ctx, rows, example_rows)
         digests = {f"{e.name}": lt.digest for e, lt in loaded_tasks} | text_digests
-        self._track(ctx, rows, checkpoints, train_info, loaded_tasks, digests)
+        self._track(ctx, rows, checkpoints, loaded_tasks)
         table_md = report.markdown_table(rows)
         ctx.log_artifact("eval_table.md", table_md)
         ctx.log_artifact("eval_table.csv", report.csv_table(rows))
@@ -174,29 +178,24 @@ class Evaluate(DatasetStage):
             ctx.log_artifact("eval_metrics.png", png)
         ctx.log_metric("checkpoints_evaluated", len(checkpoints))
         ctx.log_metric("evaluation_tasks", len(jobs))
-        ctx.extra_manifest["evaluate"] = {
-            "checkpoints": checkpoints, "device": device, "tokenizer": tok_info["source"],
-            "tasks": {e.name: {"source": lt.source, "digest": lt.digest, "examples": len(lt.task.examples), "shots": e.shots,
-                               "prompt": e.prompt_format(), "limit": e.limit, "skipped_lines": lt.skipped} for e, lt in loaded_tasks},
-            "bad_lines": bad_report, "text_sets": text_digests, "timings": timings,
-            "wall_seconds": round(time.perf_counter() - t0, 3), "table": table_md,
-        }
+        ctx.set_summary(EvaluateSummary(
+            checkpoints=checkpoints, device=device, tokenizer=tok_info["source"],
+            tasks={e.name: {"source": lt.source, "digest": lt.digest, "examples": len(lt.task.examples), "shots": e.shots,
+                            "prompt": e.prompt_format(), "limit": e.limit, "skipped_lines": lt.skipped} for e, lt in loaded_tasks},
+            bad_lines=bad_report, text_sets=text_digests, timings=timings,
+            wall_seconds=round(time.perf_counter() - t0, 3), table=table_md,
+        ))
         log.info("[%s] results:\n%s", ctx.stage_name, table_md)
 
     # -- inputs ------------------------------------------------------------------------------------
-    def _tokenize_stage(self, ctx: StageContext) -> tuple[Optional[str], Optional[dict[str, Any]]]:
-        if len(ctx.inputs) > 1:
-            second = ctx.inputs[1]
-            if "tokenize" not in second.manifest:
-                raise ValueError(f"stage {ctx.stage_name!r}: its second input {second.ref} is not a tokenize stage")
-            return second.stage_dir, second.manifest
-        for ref in ctx.inputs[0].manifest.get("inputs", []):
-            m = mf.load_manifest(ctx.storage, ref["stage_dir"])
-            if m is not None and "tokenize" in m:
-                return ref["stage_dir"], m
-        return None, None
+    def _tokenize_stage(self, ctx: StageContext) -> Optional[tuple[TokenizeSummary, InputDataset]]:
+        """The tokenize stage upstream (a second input, or the one the train stage read), if any."""
+        try:
+            return ctx.upstream(TokenizeSummary)
+        except UpstreamMissing:
+            return None
 
-    def _checkpoints(self, ctx: StageContext, train_in, train_info: dict[str, Any]) -> list[dict[str, Any]]:
+    def _checkpoints(self, ctx: StageContext, train_in, train_info: TrainSummary) -> list[dict[str, Any]]:
         c = self.config
         rows = sorted(train_in.read_table().to_pylist(), key=lambda r: r["step"]) if train_in.files() else []
         if c.checkpoints == "final":
@@ -209,31 +208,31 @@ class Evaluate(DatasetStage):
         else:
             chosen = []
         out = [{"path": r["path"], "step": int(r["step"]), "tokens_seen": int(r["tokens_seen"]), "final": bool(r.get("final")),
-                "model_id": train_info.get("mlflow_model_id") if r.get("final") else None} for r in chosen]
+                "model_id": train_info.mlflow_model_id if r.get("final") else None} for r in chosen]
         for p in c.paths:
-            is_export = p.rstrip("/") == (train_info.get("hf_export") or "").rstrip("/")
-            out.append({"path": p, "step": train_info.get("steps") if is_export else None,
-                        "tokens_seen": train_info.get("tokens_seen") if is_export else None, "final": is_export,
-                        "model_id": train_info.get("mlflow_model_id") if is_export else None})
+            is_export = p.rstrip("/") == (train_info.hf_export or "").rstrip("/")
+            out.append({"path": p, "step": train_info.steps if is_export else None,
+                        "tokens_seen": train_info.tokens_seen if is_export else None, "final": is_export,
+                        "model_id": train_info.mlflow_model_id if is_export else None})
         return out
 
-    def _tokenizer(self, ctx: StageContext, tokenize_dir, tokenize_manifest, checkpoints) -> tuple[str, dict[str, Any]]:
+    def _tokenizer(self, ctx: StageContext, tokenize, checkpoints) -> tuple[str, dict[str, Any]]:
         from tokenizers import Tokenizer
 
         c = self.config
-        info = (tokenize_manifest or {}).get("tokenize", {})
+        summary, stage = tokenize if tokenize else (None, None)
         if c.tokenizer:
             source = c.tokenizer
-        elif tokenize_dir and info.get("tokenizer_path"):
-            source = st.join(tokenize_dir, info["tokenizer_path"])
+        elif summary is not None:
+            source = stage.path(summary.tokenizer_path)
         else:
             source = next((st.join(ck["path"], "tokenizer.json") for ck in checkpoints if ctx.storage.exists(st.join(ck["path"], "tokenizer.json"))), None)
             if source is None:
                 raise ValueError(f"stage {ctx.stage_name!r}: no tokenizer: set config.tokenizer, or evaluate a train stage fed by a tokenize stage")
         text = ctx.storage.read_bytes(source).decode("utf-8")
         tok = Tokenizer.from_str(text)
-        bos = info.get("bos_id")
-        eos = info.get("eos_id")
+        bos = summary.bos_id if summary is not None else None
+        eos = summary.eos_id if summary is not None else None
         if bos is None:
             bos = tok.token_to_id("<|bos|>")
         if eos is None:
@@ -243,7 +242,7 @@ class Evaluate(DatasetStage):
             raise ValueError(f"tokenizer {source}: has neither a BOS nor an EOS token to condition empty contexts and documents on")
         return text, {"source": source, "prefix_token": int(prefix)}
 
-    def _text_jobs(self, ctx: StageContext, tokenize_dir, tokenize_manifest) -> tuple[list[TextJob], dict[str, str]]:
+    def _text_jobs(self, ctx: StageContext, tokenize) -> tuple[list[TextJob], dict[str, str]]:
         import numpy as np
 
         from stages.evaluate.perplexity import read_text_set
@@ -251,19 +250,19 @@ class Evaluate(DatasetStage):
         c = self.config
         jobs, digests = [], {}
         if c.validation:
-            if tokenize_manifest is None or "validation" not in tokenize_manifest["datasets"]:
+            if tokenize is None or "validation" not in tokenize[1].manifest["datasets"]:
                 raise ValueError(f"stage {ctx.stage_name!r}: validation: true but no tokenize stage with a validation split was found upstream")
-            from stages.train.data import read_token_table
+            from stages.tokenize.shards import read_token_table
 
-            files = mf.dataset_files(tokenize_manifest, tokenize_dir, "validation")
-            table = read_token_table(files, ctx.storage, ["tokens", "source"])
+            stage = tokenize[1]
+            table = read_token_table(stage.dataset_files("validation"), ctx.storage, ["tokens", "source"])
             sources = table.column("source").to_pylist()
             keep = _first_per_domain(sources, c.validation_max_sequences)
             col = table.column("tokens").combine_chunks()
             width = col.type.list_size
             tokens = col.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)[keep].astype(np.int32)
             jobs.append(TextJob("validation", "validation", tokens=tokens, sources=tuple(sources[i] for i in keep)))
-            digests["validation"] = tokenize_manifest["fingerprint"]
+            digests["validation"] = stage.fingerprint
         for s in c.text_sets:
             texts, domains, digest = read_text_set(s.path, ctx.storage, s.text_field, s.domain_field, s.name, s.max_docs)
             jobs.append(TextJob(s.name, "text", sources=tuple(domains), texts=tuple(texts)))
@@ -341,61 +340,25 @@ class Evaluate(DatasetStage):
                 ("greedy", pa.list_(pa.bool_()))])))
         ctx.add_part_result(out.close(rows_in=len(example_rows)))
 
-    def _track(self, ctx: StageContext, rows, checkpoints, train_info, loaded_tasks, digests: dict[str, str]) -> None:
+    def _track(self, ctx: StageContext, rows, checkpoints, loaded_tasks) -> None:
         """Metrics with step = tokens seen, the task data as inputs, the final model linked."""
-        if not (ctx.mlflow_run_id and ctx.tracking_uri):
-            return
-        import math
-        import warnings
-
-        from mlflow import MlflowClient
-        from mlflow.data.dataset_source_registry import resolve_dataset_source
-        from mlflow.data.meta_dataset import MetaDataset
-        from mlflow.entities import DatasetInput, InputTag, LoggedModelInput, Metric
-
-        client = MlflowClient(tracking_uri=ctx.tracking_uri)
         datasets = []
         for entry, lt in loaded_tasks:
             uri = lt.source if not lt.source.startswith("builtin:") else _builtin_path(entry.name)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                source = resolve_dataset_source(uri)
-            ds = MetaDataset(source=source, name=f"task:{entry.name}", digest=lt.digest.removeprefix("sha256:")[:36])
-            datasets.append(DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "evaluation")]))
-        models = [LoggedModelInput(ck["model_id"]) for ck in checkpoints if ck.get("model_id")]
-        try:
-            client.log_inputs(ctx.mlflow_run_id, datasets=datasets or None, models=models or None)
-        except Exception as e:  # a LoggedModel from another tracking server: keep the metrics
-            log.warning("[%s] could not link inputs in MLflow: %s", ctx.stage_name, e)
-            models = []
-            if datasets:
-                client.log_inputs(ctx.mlflow_run_id, datasets=datasets)
-        model_of = {ck["path"]: ck.get("model_id") for ck in checkpoints} if models else {}
-        task_digests = {e.name: lt.digest for e, lt in loaded_tasks}
-        now = int(time.time() * 1000)
-        plain = []
+            datasets.append(DatasetRef(f"task:{entry.name}", uri, lt.digest.removeprefix("sha256:")))
+        model_ids = tuple(ck["model_id"] for ck in checkpoints if ck.get("model_id"))
+        ctx.log_inputs(datasets, context="evaluation", model_ids=model_ids)
+        model_of = {ck["path"]: ck.get("model_id") for ck in checkpoints}
+        by_task = {d.name: d for d in datasets}
+        stderrs: dict[int, dict[str, Optional[float]]] = {}
         for r in rows:
-            if r["value"] is None or not math.isfinite(r["value"]):
-                continue
-            key = _metric_key(f"{r['task']}/{r['metric']}")
             step = int(r["tokens_seen"] or 0)
-            model_id = model_of.get(r["checkpoint"])
             task_name = r["task"].rsplit("_", 1)[0]
-            digest = task_digests.get(task_name) if r["metric"].startswith("acc") else None
-            if model_id:  # linked: one call per metric (log_batch has no model/dataset fields)
-                client.log_metric(ctx.mlflow_run_id, key, float(r["value"]), timestamp=now, step=step, model_id=model_id,
-                                  dataset_name=f"task:{task_name}" if digest else None,
-                                  dataset_digest=digest.removeprefix("sha256:")[:36] if digest else None)
-            else:
-                plain.append(Metric(key, float(r["value"]), now, step))
-            if r.get("stderr") is not None and math.isfinite(r["stderr"]):
-                plain.append(Metric(_metric_key(f"{r['task']}/{r['metric']}_stderr"), float(r["stderr"]), now, step))
-        for i in range(0, len(plain), 1000):
-            client.log_batch(ctx.mlflow_run_id, metrics=plain[i : i + 1000])
-
-
-def _metric_key(text: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "_-./ " else "_" for ch in text)
+            dataset = by_task.get(f"task:{task_name}") if r["metric"].startswith("acc") else None
+            ctx.log_metrics({f"{r['task']}/{r['metric']}": r["value"]}, step=step, model_id=model_of.get(r["checkpoint"]), dataset=dataset)
+            stderrs.setdefault(step, {})[f"{r['task']}/{r['metric']}_stderr"] = r.get("stderr")
+        for step, metrics in sorted(stderrs.items()):
+            ctx.log_metrics(metrics, step=step)
 
 
 def _builtin_path(name: str) -> str:
@@ -414,14 +377,3 @@ def _first_per_domain(sources: list[str], limit: Optional[int]) -> list[int]:
             seen[s] = seen.get(s, 0) + 1
             keep.append(i)
     return keep
-
-
-def _run(jobs: list[EvalJob], num_cpus: float, num_gpus: float, max_parallel: Optional[int]) -> list[dict[str, Any]]:
-    """Run the jobs; a checkpoint that cannot be loaded surfaces as the CheckpointError naming it."""
-    try:
-        return run_jobs(jobs, num_cpus, num_gpus, max_parallel)
-    except Exception as e:
-        cause = getattr(e, "cause", None)
-        if isinstance(cause, CheckpointError):
-            raise CheckpointError(str(cause)) from None
-        raise

@@ -143,18 +143,9 @@ def stage_dir_for(target: str, storage, tracking_uri: Optional[str]) -> str:
         return lineage.find_stage_dir(storage, os.path.abspath(target) if os.path.exists(target) else target)
     if not tracking_uri:
         raise ValueError(f"{target!r} is not a path; to look up an MLflow run give --config or --tracking-uri (or set MLFLOW_TRACKING_URI)")
-    from mlflow import MlflowClient
+    from pipeline.tracking import stage_output_of_run
 
-    client = MlflowClient(tracking_uri=tracking_uri)
-    run = client.get_run(target)
-    if run.data.tags.get("lmpipe.kind") == "pipeline":
-        children = client.search_runs([run.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{target}'",
-                                      order_by=["attributes.start_time DESC"])
-        evals = [c for c in children if c.data.tags.get("lmpipe.uses") == "evaluate" and c.data.tags.get("lmpipe.output_uri")]
-        if not evals:
-            raise LookupError(f"pipeline run {target} has no finished evaluate stage")
-        return evals[0].data.tags["lmpipe.output_uri"]
-    return lineage.stage_dir_from_run(tracking_uri, target)
+    return stage_output_of_run(tracking_uri, target, uses="evaluate")
 
 
 def eval_table(target: str, storage=None, tracking_uri: Optional[str] = None, fmt: str = "markdown") -> str:

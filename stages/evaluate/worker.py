@@ -84,25 +84,3 @@ def run_job(job: EvalJob) -> dict[str, Any]:
         out["texts"][text.key] = {"domains": domain_metrics(totals), "seconds": time.perf_counter() - t}
     out["seconds"] = time.perf_counter() - t0
     return out
-
-
-def run_jobs(jobs: list[EvalJob], num_cpus: float, num_gpus: float, max_parallel: Optional[int]) -> list[dict[str, Any]]:
-    """All jobs on Ray tasks (at most ``max_parallel`` at once), results in job order; in process
-    when Ray is not running."""
-    try:
-        import ray
-    except ImportError:  # pragma: no cover
-        ray = None
-    if ray is None or not ray.is_initialized():
-        return [run_job(j) for j in jobs]
-    env = {"OMP_NUM_THREADS": str(max(1, int(num_cpus))), "TOKENIZERS_PARALLELISM": "false"}
-    remote = ray.remote(run_job).options(num_cpus=num_cpus, num_gpus=num_gpus, runtime_env={"env_vars": env}, max_retries=1)
-    refs, pending = [], []
-    limit = max_parallel or len(jobs) or 1
-    for j in jobs:
-        if len(pending) >= limit:
-            _, pending = ray.wait(pending, num_returns=1)
-        ref = remote.remote(j)
-        refs.append(ref)
-        pending.append(ref)
-    return ray.get(refs)

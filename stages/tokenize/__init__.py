@@ -18,7 +18,7 @@ shares, and the tokenizer (copied next to the shards) go into the manifest under
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from pydantic import Field, field_validator
 
@@ -29,7 +29,8 @@ from pipeline.execute import empty_result
 from pipeline.registry import register
 from pipeline.stage import DatasetStage, Resources
 from stages.tokenize import packing as pk
-from stages.tokenizer import tokenizer_uri
+from stages.tokenize.summary import MixtureReport, TokenizeSummary
+from stages.tokenizer.summary import TokenizerSummary
 
 WORK = "_work"
 
@@ -72,27 +73,6 @@ def mixture_rates(train_tokens: dict[str, int], mixture: Optional[dict[str, floa
     return {s: (mixture.get(s, 0.0) / weight_sum) * target / n for s, n in train_tokens.items()}
 
 
-def map_tasks(fn: Callable, args: list[tuple], num_cpus: float, max_workers: Optional[int], env: dict[str, str]) -> list[Any]:
-    """Run fn(*a) for every a on Ray tasks (at most max_workers at once), in order; in-process without Ray."""
-    try:
-        import ray
-    except ImportError:  # pragma: no cover
-        ray = None
-    if ray is None or not ray.is_initialized():
-        return [fn(*a) for a in args]
-    remote = ray.remote(fn).options(num_cpus=num_cpus, runtime_env={"env_vars": env}, max_retries=1)
-    limit = max_workers or len(args) or 1
-    refs: list[Any] = []
-    pending: list[Any] = []
-    for a in args:
-        if len(pending) >= limit:
-            _, pending = ray.wait(pending, num_returns=1)
-        ref = remote.remote(*a)
-        refs.append(ref)
-        pending.append(ref)
-    return ray.get(refs)
-
-
 @register
 class Tokenize(DatasetStage):
     name = "tokenize"
@@ -108,24 +88,73 @@ class Tokenize(DatasetStage):
     uses_seed = True
     measure_column = None
     resources = Resources(num_cpus=1)
+    Summary = TokenizeSummary
 
     def run(self, ctx: StageContext) -> None:
         c = self.config
-        docs_in, tok_in = ctx.inputs
-        if "tokenizer" not in tok_in.manifest:
-            raise ValueError(f"stage {ctx.stage_name!r}: its second input {tok_in.ref} is not a train_tokenizer stage")
-        info = tok_in.manifest["tokenizer"]
-        tok_uri = tokenizer_uri(ctx.storage, tok_in.stage_dir, tok_in.manifest)
-        vocab_size = int(info["vocab_size"])
-        dtype = pk.token_dtype(vocab_size)
+        docs_in = ctx.inputs[0]
+        tok, tok_stage = ctx.upstream(TokenizerSummary)
+        tok_uri = tok_stage.path(tok.path)
         res = ctx.resources
         threads = c.threads_per_worker or max(1, int(res.num_cpus or 1))
-        env = pk.threads_env(threads)
+        fan = dict(num_cpus=res.num_cpus, max_parallel=res.max_workers, env=pk.threads_env(threads))
         work = st.join(ctx.attempt_uri, WORK)
         timings: dict[str, float] = {}
-        t0 = time.perf_counter()
 
-        # 1. encode
+        t0 = time.perf_counter()
+        encoded = self._encode(ctx, docs_in, tok_uri, tok, work, fan)
+        counts = _encoded_counts(encoded)
+        train_tokens = {s: v["tokens"] for s, v in counts.get(pk.TRAIN, {}).items()}
+        rates = mixture_rates(train_tokens, c.mixture, c.total_tokens)
+        capped = sorted(s for s, r in rates.items() if c.max_copies is not None and r > c.max_copies)
+        if c.max_copies is not None:
+            rates = {s: min(r, c.max_copies) for s, r in rates.items()}
+        timings["encode"] = time.perf_counter() - t0
+
+        t1 = time.perf_counter()
+        dtype = pk.token_dtype(tok.vocab_size)
+        split_files, mixed_tokens, dropped_tail = self._pack(ctx, encoded, rates, dtype, work, fan, num_files=len(docs_in.files()))
+        timings["pack"] = time.perf_counter() - t1
+
+        t2 = time.perf_counter()
+        rows = self._shuffle_write(ctx, split_files, fan)
+        timings["shuffle_write"] = time.perf_counter() - t2
+        ctx.add_part_result({**empty_result("docs"), "rows_in": 0, "bytes_in": sum(e["bytes_in"] for e in encoded)})
+
+        # the tokenizer travels with the shards: a training job needs nothing else
+        rel_tok = f"{ctx.attempt}/tokenizer.json"
+        ctx.storage.write_bytes_atomic(st.join(ctx.stage_dir, rel_tok), ctx.storage.read_bytes(tok_uri))
+        train_total = sum(mixed_tokens[pk.TRAIN].values())
+        summary = TokenizeSummary(
+            seq_len=c.seq_len, vocab_size=tok.vocab_size, dtype=str(dtype), eos_id=tok.eos_id, bos_id=tok.bos_id,
+            pad_id=tok.pad_id, add_bos=c.add_bos, tokenizer_path=rel_tok, tokenizer_sha256=tok.sha256,
+            documents={split: {s: v["docs"] for s, v in per.items()} for split, per in counts.items()},
+            tokens_encoded={split: {s: v["tokens"] for s, v in per.items()} for split, per in counts.items()},
+            tokens=mixed_tokens, sequences=rows, tokens_in_sequences={s: n * (c.seq_len + 1) for s, n in rows.items()},
+            dropped_tail_tokens=dropped_tail,
+            mixture=MixtureReport(
+                weights=c.mixture, rates={s: round(r, 6) for s, r in rates.items()}, capped_by_max_copies=capped,
+                target_shares=({s: w / sum(c.mixture.values()) for s, w in c.mixture.items()} if c.mixture else None),
+                achieved_shares={s: n / train_total for s, n in mixed_tokens[pk.TRAIN].items()} if train_total else {},
+            ),
+            timings={k: round(v, 3) for k, v in timings.items()},
+        )
+        ctx.set_summary(summary)
+        # documents in -> documents packed (the funnel counts documents, the shards count sequences)
+        docs_total = sum(v["docs"] for per in counts.values() for v in per.values())
+        unmixed = sum(v["docs"] for s, v in counts.get(pk.TRAIN, {}).items() if rates.get(s, 1.0) == 0)
+        ctx.counts = {"rows_in": docs_total, "kept": docs_total - unmixed, "rejected": {"not_in_mixture": unmixed} if unmixed else {}}
+        for split, n in rows.items():
+            ctx.log_metric(f"sequences.{split}", n)
+        for src, share in summary.mixture.achieved_shares.items():
+            ctx.log_metric(f"share.{src}", share)
+        ctx.log_metric("tokens.train", train_total)
+        self._cleanup(ctx, work)
+
+    # -- the phases ----------------------------------------------------------------------------------
+    def _encode(self, ctx: StageContext, docs_in, tok_uri: str, tok: TokenizerSummary, work: str, fan: dict) -> list[dict[str, Any]]:
+        """Every input file encoded in parallel, each document's split decided before packing."""
+        c = self.config
         files = docs_in.files()
         thresholds: dict[str, float] = {}
         if c.min_validation_docs > 0 and c.validation_fraction > 0:  # needs every id once (two small columns)
@@ -133,30 +162,19 @@ class Tokenize(DatasetStage):
             thresholds = pk.validation_thresholds(keys.column("id").to_pylist(), keys.column("source").to_pylist(),
                                                   c.validation_fraction, c.min_validation_docs, self.seed)
             del keys
-        job = pk.EncodeJob(tok_uri, int(info["eos_id"]), int(info["bos_id"]) if c.add_bos else None, c.validation_fraction, thresholds,
-                           self.seed, c.batch_rows)
-        encoded = map_tasks(pk.encode_part, [(ctx.storage, f, st.join(work, "encoded", f"part-{i:05d}.arrow"), job) for i, f in enumerate(files)],
-                            res.num_cpus, res.max_workers, env)
-        timings["encode"] = time.perf_counter() - t0
-        counts: dict[str, dict[str, dict[str, int]]] = {}
-        for e in encoded:
-            for split, per_source in e["counts"].items():
-                for src, n in per_source.items():
-                    cur = counts.setdefault(split, {}).setdefault(src, {"docs": 0, "tokens": 0})
-                    cur["docs"] += n["docs"]
-                    cur["tokens"] += n["tokens"]
-        train_tokens = {s: v["tokens"] for s, v in counts.get(pk.TRAIN, {}).items()}
-        rates = mixture_rates(train_tokens, c.mixture, c.total_tokens)
-        capped = sorted(s for s, r in rates.items() if c.max_copies is not None and r > c.max_copies)
-        if c.max_copies is not None:
-            rates = {s: min(r, c.max_copies) for s, r in rates.items()}
+        if tok.eos_id is None:
+            raise ValueError(f"stage {ctx.stage_name!r}: the tokenizer has no EOS token to end documents with")
+        job = pk.EncodeJob(tok_uri, tok.eos_id, tok.bos_id if c.add_bos else None, c.validation_fraction, thresholds, self.seed, c.batch_rows)
+        items = [(ctx.storage, f, st.join(work, "encoded", f"part-{i:05d}.arrow"), job) for i, f in enumerate(files)]
+        return ctx.fan_out.map(pk.encode_part, items, step="encode", **fan)
 
-        # 2. pack parts, then all tails together
-        t1 = time.perf_counter()
+    def _pack(self, ctx: StageContext, encoded: list[dict[str, Any]], rates: dict[str, float], dtype, work: str, fan: dict,
+              num_files: int) -> tuple[dict[str, list[dict[str, Any]]], dict[str, dict[str, int]], dict[str, int]]:
+        """Each encoded part packed (seeded order, deterministic copies), then all parts' tails together."""
+        c = self.config
         pjob = pk.PackJob(c.seq_len, str(dtype), self.seed, rates)
-        parts = [(i, e["uri"]) for i, e in enumerate(encoded) if e["uri"]]
-        packed = map_tasks(pk.pack_part, [(ctx.storage, uri, i, st.join(work, "packed", f"part-{i:05d}"), pjob) for i, uri in parts],
-                           res.num_cpus, res.max_workers, env)
+        items = [(ctx.storage, e["uri"], i, st.join(work, "packed", f"part-{i:05d}"), pjob) for i, e in enumerate(encoded) if e["uri"]]
+        packed = ctx.fan_out.map(pk.pack_part, items, step="pack", **fan)
         split_files: dict[str, list[dict[str, Any]]] = {pk.TRAIN: [], pk.VALIDATION: []}
         mixed_tokens: dict[str, dict[str, int]] = {pk.TRAIN: {}, pk.VALIDATION: {}}
         dropped_tail: dict[str, int] = {}
@@ -168,16 +186,17 @@ class Tokenize(DatasetStage):
                     mixed_tokens[split][src] = mixed_tokens[split].get(src, 0) + n
         for split in (pk.TRAIN, pk.VALIDATION):
             tails = pk.Stream.concat([p["tails"][split] for p in packed if split in p["tails"]])
-            table, rest = pk.pack_stream(tails, c.seq_len, dtype, seq_id_base=(len(files) + 1) << 32)
+            table, rest = pk.pack_stream(tails, c.seq_len, dtype, seq_id_base=(num_files + 1) << 32)
             if table.num_rows:
                 uri = st.join(work, "packed", f"tails-{split}.arrow")
                 pk.write_ipc(ctx.storage, uri, table)
                 split_files[split].append({"uri": uri, "rows": table.num_rows})
             dropped_tail[split] = int(len(rest.tokens))
-        timings["pack"] = time.perf_counter() - t1
+        return split_files, mixed_tokens, dropped_tail
 
-        # 3. global shuffle and shards
-        t2 = time.perf_counter()
+    def _shuffle_write(self, ctx: StageContext, split_files: dict[str, list[dict[str, Any]]], fan: dict) -> dict[str, int]:
+        """A seeded global permutation per split, written as shards by parallel writers."""
+        c = self.config
         rows: dict[str, int] = {}
         for split, packed_files in split_files.items():
             n = sum(f["rows"] for f in packed_files)
@@ -187,56 +206,24 @@ class Tokenize(DatasetStage):
             order = pk.permutation(n, self.seed, split)
             n_shards = -(-n // c.shard_sequences)
             per_task = c.shard_sequences * -(-n_shards // min(n_shards, 16))  # at most 16 writer tasks per split
-            args = [(ctx.storage, split, packed_files, order[a : a + per_task], f"{a // c.shard_sequences:05d}", ctx.attempt_uri, ctx.attempt,
-                     c.shard_sequences) for a in range(0, n, per_task)]
-            for result in map_tasks(pk.write_shards, args, res.num_cpus, res.max_workers, env):
+            items = [(ctx.storage, split, packed_files, order[a : a + per_task], f"{a // c.shard_sequences:05d}", ctx.attempt_uri,
+                      ctx.attempt, c.shard_sequences) for a in range(0, n, per_task)]
+            for result in ctx.fan_out.map(pk.write_shards, items, step=f"write {split} shards", **fan):
                 ctx.add_part_result(result)
-        timings["shuffle_write"] = time.perf_counter() - t2
-        ctx.add_part_result({**empty_result("docs"), "rows_in": 0, "bytes_in": sum(e["bytes_in"] for e in encoded)})
-
-        # the tokenizer travels with the shards: a training job needs nothing else
-        tok_bytes = ctx.storage.read_bytes(tok_uri)
-        rel_tok = f"{ctx.attempt}/tokenizer.json"
-        ctx.storage.write_bytes_atomic(st.join(ctx.stage_dir, rel_tok), tok_bytes)
-        L = c.seq_len + 1
-        train_total = sum(mixed_tokens[pk.TRAIN].values())
-        summary = {
-            "seq_len": c.seq_len,
-            "vocab_size": vocab_size,
-            "dtype": str(dtype),
-            "eos_id": int(info["eos_id"]),
-            "bos_id": int(info["bos_id"]),
-            "pad_id": int(info["pad_id"]),
-            "add_bos": c.add_bos,
-            "tokenizer_path": rel_tok,
-            "tokenizer_sha256": info.get("sha256"),
-            "documents": {split: {s: v["docs"] for s, v in per.items()} for split, per in counts.items()},
-            "tokens_encoded": {split: {s: v["tokens"] for s, v in per.items()} for split, per in counts.items()},
-            "tokens": mixed_tokens,
-            "sequences": rows,
-            "tokens_in_sequences": {s: n * L for s, n in rows.items()},
-            "dropped_tail_tokens": dropped_tail,
-            "mixture": {
-                "weights": c.mixture,
-                "rates": {s: round(r, 6) for s, r in rates.items()},
-                "capped_by_max_copies": capped,
-                "target_shares": ({s: w / sum(c.mixture.values()) for s, w in c.mixture.items()} if c.mixture else None),
-                "achieved_shares": {s: n / train_total for s, n in mixed_tokens[pk.TRAIN].items()} if train_total else {},
-            },
-            "timings": {k: round(v, 3) for k, v in timings.items()},
-        }
-        ctx.extra_manifest["tokenize"] = summary
-        # documents in -> documents packed (the funnel counts documents, the shards count sequences)
-        docs_in = sum(v["docs"] for per in counts.values() for v in per.values())
-        unmixed = sum(v["docs"] for s, v in counts.get(pk.TRAIN, {}).items() if rates.get(s, 1.0) == 0)
-        ctx.counts = {"rows_in": docs_in, "kept": docs_in - unmixed, "rejected": {"not_in_mixture": unmixed} if unmixed else {}}
-        for split, n in rows.items():
-            ctx.log_metric(f"sequences.{split}", n)
-        for src, share in summary["mixture"]["achieved_shares"].items():
-            ctx.log_metric(f"share.{src}", share)
-        ctx.log_metric("tokens.train", train_total)
-        self._cleanup(ctx, work)
+        return rows
 
     @staticmethod
     def _cleanup(ctx: StageContext, work: str) -> None:
         ctx.storage.rm(work)  # intermediate encoded/packed files: the shards hold everything
+
+
+def _encoded_counts(encoded: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, int]]]:
+    """split -> source -> {docs, tokens}, summed over the encoded parts."""
+    counts: dict[str, dict[str, dict[str, int]]] = {}
+    for e in encoded:
+        for split, per_source in e["counts"].items():
+            for src, n in per_source.items():
+                cur = counts.setdefault(split, {}).setdefault(src, {"docs": 0, "tokens": 0})
+                cur["docs"] += n["docs"]
+                cur["tokens"] += n["tokens"]
+    return counts

@@ -18,7 +18,6 @@ from typing import Any, Iterator, Optional
 import pyarrow as pa
 from pydantic import Field, model_validator
 
-from pipeline import manifest as mf
 from pipeline import storage as st
 from pipeline.config import PathStr, StrictModel
 from pipeline.context import ExternalInput, StageContext
@@ -26,6 +25,7 @@ from pipeline.io import iter_parquet_batches
 from pipeline.registry import register
 from pipeline.stage import DatasetStage, Resources
 from stages.sample import keep_score
+from stages.tokenizer.summary import TokenizerSummary
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -110,6 +110,7 @@ class TrainTokenizer(DatasetStage):
     uses_seed = True
     measure_column = None
     resources = Resources(num_cpus=1)
+    Summary = TokenizerSummary
 
     def external_inputs(self, ctx: StageContext) -> list[ExternalInput]:
         if self.config.path is None:
@@ -151,21 +152,13 @@ class TrainTokenizer(DatasetStage):
         info.update({"path": rel, "sha256": hashlib.sha256(data).hexdigest(), **origin})
         ctx.log_artifact(TOKENIZER_FILE, data)
         ctx.log_metric("vocab_size", info["vocab_size"])
-        ctx.extra_manifest["tokenizer"] = info
+        ctx.set_summary(TokenizerSummary(**info))
         out = ctx.part_outputs("00000", measure_column=None)
         out.write("data", pa.table({
             "tokenizer_path": [rel], "vocab_size": [info["vocab_size"]], "bos_id": [info["bos_id"]], "eos_id": [info["eos_id"]],
             "pad_id": [info["pad_id"]], "sha256": [info["sha256"]],
         }))
         ctx.add_part_result(out.close(rows_in=self._sampled["docs"] if c.path is None else 0))
-
-
-def tokenizer_uri(storage: st.Storage, stage_dir: str, manifest: Optional[dict[str, Any]] = None) -> str:
-    """Where a committed train_tokenizer stage keeps its tokenizer.json."""
-    manifest = manifest or mf.load_manifest(storage, stage_dir)
-    if manifest is None or "tokenizer" not in manifest:
-        raise FileNotFoundError(f"{stage_dir}: no committed train_tokenizer output")
-    return st.join(stage_dir, manifest["tokenizer"]["path"])
 
 
 def load_tokenizer(storage: st.Storage, uri: str):

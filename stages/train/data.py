@@ -8,20 +8,10 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-import pyarrow as pa
 import torch
 
 from pipeline import storage as st
-
-def read_token_table(files: list[str], storage: Optional[st.Storage], columns: list[str]) -> pa.Table:
-    storage = storage or st.Storage()
-    tables = []
-    for uri in files:
-        fs, path = storage.arrow_fs(uri)
-        with fs.open_input_file(path) as f:
-            tables.append(pa.ipc.open_file(f).read_all().select(columns))
-    return pa.concat_tables(tables) if tables else pa.table({c: [] for c in columns})
-
+from stages.tokenize.shards import read_token_table
 
 def read_validation(files: list[str], storage: Optional[st.Storage], max_sequences_per_domain: int) -> dict[str, torch.Tensor]:
     """Every rank's validation sequences per domain: the first ``max`` of each, ``[n, seq_len + 1]`` int64."""

@@ -166,7 +166,7 @@ def test_bits_per_byte_matches_lm_eval_rolling_loglikelihood(run):
 def test_validation_bits_per_byte_matches_a_direct_transformers_computation(run):
     from tokenizers import Tokenizer
 
-    from stages.train.data import read_token_table
+    from stages.tokenize.shards import read_token_table
 
     table = read_token_table(run["validation"], None, ["tokens", "source"])
     width = table.column("tokens").type.list_size

@@ -3,7 +3,7 @@ byte) as Ray tasks, results in the data output, MLflow metrics keyed by tokens s
 the model and the task's digest, the table and plot as artifacts, ``lmpipe eval-table``.
 
 The train and tokenize stages are stood in for by two small fixture stages that commit what the
-real ones do (checkpoint rows + ``train`` manifest, validation shards + ``tokenize`` manifest)
+real ones do (checkpoint rows + a train summary, validation shards + a tokenize summary)
 for a tiny model trained in-process, so the test needs no Ray Train run (~25 s)."""
 
 from __future__ import annotations
@@ -20,6 +20,9 @@ from pipeline import storage as st
 from pipeline.config import StrictModel
 from pipeline.registry import register
 from pipeline.stage import DatasetStage
+from pipeline.tracking import ModelRecord
+from stages.tokenize.summary import TokenizeSummary
+from stages.train.summary import TrainSummary
 from tests.stages.test_evaluate_support import mmlu_like_records, tiny_run, write_task
 
 
@@ -35,9 +38,10 @@ class EvalFixtureTokenize(DatasetStage):
     outputs = ("train", "validation")
     output_formats = {"train": "arrow", "validation": "arrow"}
     measure_column = None
+    Summary = TokenizeSummary
 
     def run(self, ctx) -> None:
-        from stages.train.data import read_token_table
+        from stages.tokenize.shards import read_token_table
 
         info = json.loads((Path(self.config.run_dir) / "run.json").read_text())
         out = ctx.part_outputs("shards", measure_column=None, formats=dict(self.output_formats))
@@ -46,8 +50,7 @@ class EvalFixtureTokenize(DatasetStage):
         ctx.add_part_result(out.close(rows_in=0))
         rel = f"{ctx.attempt}/tokenizer.json"
         shutil.copyfile(info["tokenizer"], st.join(ctx.stage_dir, rel))
-        ctx.extra_manifest["tokenize"] = {"seq_len": 64, "vocab_size": 512, "bos_id": 0, "eos_id": 1, "pad_id": 2, "add_bos": False,
-                                          "tokenizer_path": rel}
+        ctx.set_summary(TokenizeSummary(seq_len=64, vocab_size=512, dtype="uint16", bos_id=0, eos_id=1, pad_id=2, tokenizer_path=rel))
 
 
 @register
@@ -55,10 +58,9 @@ class EvalFixtureTrain(DatasetStage):
     name: ClassVar[str] = "eval_fixture_train"
     Config = FixtureConfig
     measure_column = None
+    Summary = TrainSummary
 
     def run(self, ctx) -> None:
-        from mlflow import MlflowClient
-
         info = json.loads((Path(self.config.run_dir) / "run.json").read_text())
         steps = [int(Path(p).name.split("_")[1]) for p in info["checkpoints"]]
         rows = [{"step": s, "tokens_seen": s * info["tokens_per_step"], "path": p, "final": i == len(steps) - 1}
@@ -66,10 +68,9 @@ class EvalFixtureTrain(DatasetStage):
         out = ctx.part_outputs("checkpoints", measure_column=None)
         out.write("data", pa.Table.from_pylist(rows))
         ctx.add_part_result(out.close(rows_in=0))
-        client = MlflowClient(tracking_uri=ctx.tracking_uri)
-        model = client.create_logged_model(client.get_run(ctx.mlflow_run_id).info.experiment_id, name="train", source_run_id=ctx.mlflow_run_id)
-        ctx.extra_manifest["train"] = {"hf_export": info["hf"], "final_checkpoint": info["checkpoints"][-1], "steps": steps[-1],
-                                       "tokens_seen": rows[-1]["tokens_seen"], "mlflow_model_id": model.model_id}
+        model_id = ctx.log_model(ModelRecord(name="train", local_dir=info["hf"], model_type="LlamaForCausalLM", step=steps[-1]))
+        ctx.set_summary(TrainSummary(hf_export=info["hf"], final_checkpoint=info["checkpoints"][-1], steps=steps[-1],
+                                     tokens_seen=rows[-1]["tokens_seen"], mlflow_model_id=model_id))
 
 
 PIPELINE = """
@@ -120,7 +121,7 @@ def test_every_checkpoint_and_task_group_is_scored(pipeline_run):
 
     stage = pipeline_run["report"].stage("evaluate")
     m = stage.manifest
-    ev = m["evaluate"]
+    ev = m["summary"]["data"]
     assert [c["step"] for c in ev["checkpoints"]] == [15, 30]
     rows = read_table(st.Storage(), [st.join(stage.stage_dir, f["path"]) for f in m["datasets"]["data"]["files"]]).to_pylist()
     by = {(r["step"], r["task"], r["metric"]): r for r in rows}
@@ -151,7 +152,7 @@ def test_mlflow_gets_metrics_by_tokens_seen_linked_to_model_and_task(pipeline_ru
     assert run.data.tags["mlflow.parentRunId"] == pipeline_run["report"].pipeline_run_id
     names = {d.dataset.name: d.dataset.digest for d in run.inputs.dataset_inputs}
     assert "task:qa" in names and len(names["task:qa"]) == 36
-    model_id = pipeline_run["report"].stage("train").manifest["train"]["mlflow_model_id"]
+    model_id = pipeline_run["report"].stage("train").manifest["summary"]["data"]["mlflow_model_id"]
     assert [m.model_id for m in run.inputs.model_inputs] == [model_id]
     linked = client.get_logged_model(model_id).metrics or []
     assert any(m.key == "qa_0shot/acc" and m.dataset_name == "task:qa" for m in linked)

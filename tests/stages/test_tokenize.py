@@ -90,7 +90,7 @@ def reassemble(table: pa.Table, seq_len: int) -> dict[tuple[str, int], list[int]
 def test_packing_round_trip_returns_the_documents(natural):
     from tokenizers import Tokenizer
 
-    m = natural.stage("tokenize").manifest["tokenize"]
+    m = natural.stage("tokenize").manifest["summary"]["data"]
     tok = Tokenizer.from_file(str(Path(natural.stage("tokenize").stage_dir) / m["tokenizer_path"]))
     tok.encode_special_tokens = True
     docs = documents(natural)
@@ -121,7 +121,7 @@ def test_packing_round_trip_returns_the_documents(natural):
 
 
 def test_validation_is_held_out_per_source_by_document(natural):
-    m = natural.stage("tokenize").manifest["tokenize"]
+    m = natural.stage("tokenize").manifest["summary"]["data"]
     assert set(m["documents"]["validation"]) == {"news", "docs"}
     total = sum(sum(v.values()) for v in m["documents"].values())
     assert total == len(documents(natural))
@@ -132,7 +132,7 @@ def test_validation_is_held_out_per_source_by_document(natural):
 
 def test_sequences_are_shuffled_and_the_manifest_says_what_training_needs(natural):
     st = natural.stage("tokenize")
-    m = st.manifest["tokenize"]
+    m = st.manifest["summary"]["data"]
     for key in ("seq_len", "vocab_size", "dtype", "eos_id", "bos_id", "pad_id", "tokenizer_path", "tokens", "mixture"):
         assert key in m
     seq_ids = read_table(Storage(), [str(p) for p in shards(natural, "train")]).column("seq_id").to_numpy()
@@ -154,7 +154,7 @@ def test_same_seed_same_bytes_other_seed_other_order(tmp_path, data, natural):
 
 def test_mixture_shares_within_tolerance(tmp_path, data):
     report = run(tmp_path, data, extra=", mixture: {news: 0.5, docs: 0.5}")
-    m = report.stage("tokenize").manifest["tokenize"]
+    m = report.stage("tokenize").manifest["summary"]["data"]
     shares = m["mixture"]["achieved_shares"]
     assert abs(shares["news"] - 0.5) < 0.03 and abs(shares["docs"] - 0.5) < 0.03
     assert m["mixture"]["rates"]["docs"] > 1 > m["mixture"]["rates"]["news"]  # docs upsampled, news downsampled

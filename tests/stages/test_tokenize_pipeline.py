@@ -94,7 +94,7 @@ def test_pipeline_end_to_end(ray_local, pipeline_file, tmp_path):
 
     tok = report.stage("tokenize")
     m = tok.manifest
-    t = m["tokenize"]
+    t = m["summary"]["data"]
     assert t["dtype"] == "uint16" and t["seq_len"] == 256 and t["vocab_size"] == 2048
     assert {t["bos_id"], t["eos_id"], t["pad_id"]} == {0, 1, 2}
     # every kept document is in exactly one split

@@ -1,0 +1,137 @@
+"""The one way a dataset stage runs work in parallel (``ctx.fan_out``).
+
+Two shapes cover the stages' needs:
+
+* :meth:`FanOut.map` -- ``fn(*args)`` for every item, as Ray tasks with the resources of one
+  task, at most ``max_parallel`` at once, retried when a worker dies, results in item order,
+  progress logged as items finish. Encode/pack/shard writers, evaluation jobs, dedup's key pass.
+* :meth:`FanOut.exchange` -- an all-to-all step over P partitions: task k receives the blocks
+  addressed to partition k, returns one block per destination partition plus its stats. Blocks
+  stay in Ray's object store between steps; the driver holds references and stats only
+  (dedup's shuffles and connected components).
+
+Without Ray (``Runner(use_ray=False)``, unit tests) both run the same functions in this process.
+A task's exception reaches the stage as itself (not wrapped in Ray's error), so a stage's
+user-facing errors (a corrupt checkpoint, a bad file) stay one clear line.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable, Optional, Sequence
+
+log = logging.getLogger("lmpipe")
+
+PROGRESS_EVERY_S = 5.0
+
+
+class _Progress:
+    def __init__(self, stage: str, step: str, total: int):
+        self.stage, self.step, self.total = stage, step, total
+        self.started = self.last = time.perf_counter()
+        self.done = 0
+
+    def tick(self) -> None:
+        self.done += 1
+        now = time.perf_counter()
+        if self.done != self.total and now - self.last < PROGRESS_EVERY_S:
+            return
+        self.last = now
+        elapsed = now - self.started
+        eta = elapsed / self.done * (self.total - self.done)
+        log.info("[%s] %s: %d/%d tasks done in %.1fs, ETA %.0fs", self.stage, self.step, self.done, self.total, elapsed, eta)
+
+
+def _unwrap(error: BaseException) -> BaseException:
+    """The exception a task raised, without Ray's wrapper (its traceback text stays in the logs)."""
+    cause = getattr(error, "cause", None)
+    return cause if isinstance(cause, BaseException) else error
+
+
+class FanOut:
+    """Parallel work of one stage: on Ray when the runner runs on Ray, else in this process."""
+
+    def __init__(self, stage_name: str, on_ray: bool):
+        self.stage_name = stage_name
+        self.on_ray = on_ray
+
+    def map(self, fn: Callable[..., Any], items: Sequence[tuple], *, step: str, num_cpus: float = 1.0, num_gpus: float = 0.0,
+            resources: Optional[dict[str, float]] = None, env: Optional[dict[str, str]] = None,
+            max_parallel: Optional[int] = None, retries: int = 1) -> list[Any]:
+        """``[fn(*item) for item in items]``, in parallel; ``retries``: times a task is rerun when
+        its worker dies (a task that raises is not rerun: data errors are not transient)."""
+        progress = _Progress(self.stage_name, step, len(items))
+        if not self.on_ray:
+            out = []
+            for item in items:
+                out.append(fn(*item))
+                progress.tick()
+            return out
+        import ray
+
+        options: dict[str, Any] = {"num_cpus": num_cpus, "max_retries": retries, "name": f"{self.stage_name}.{step}"}
+        if num_gpus:
+            options["num_gpus"] = num_gpus
+        if resources:
+            options["resources"] = dict(resources)
+        if env:
+            options["runtime_env"] = {"env_vars": dict(env)}
+        remote = ray.remote(fn).options(**options)
+        limit = max_parallel or len(items) or 1
+        refs: list[Any] = []
+        pending: list[Any] = []
+        try:
+            for item in items:
+                while len(pending) >= limit:
+                    ready, pending = ray.wait(pending, num_returns=1)
+                    ray.get(ready)  # fail fast: a failed task stops the submission of more
+                    progress.tick()
+                ref = remote.remote(*item)
+                refs.append(ref)
+                pending.append(ref)
+            while pending:
+                ready, pending = ray.wait(pending, num_returns=1)
+                ray.get(ready)
+                progress.tick()
+            return ray.get(refs)
+        except ray.exceptions.RayTaskError as e:
+            for ref in pending:
+                ray.cancel(ref, force=False)
+            raise _unwrap(e) from None
+
+    def exchange(self, fn: Callable[..., tuple[list, dict]], inputs: list[list[Any]], partitions: int, *args: Any,
+                 step: Optional[str] = None, num_cpus: float = 1.0) -> tuple[list[list[Any]], list[dict[str, Any]]]:
+        """One all-to-all step: ``fn(blocks, k, partitions, *args) -> (one block per partition, stats)``
+        for every partition k; returns the blocks each partition receives and every task's stats.
+        ``step`` names the tasks (default: the function's name)."""
+        step = step or getattr(fn, "__name__", "exchange")
+        if not self.on_ray:
+            received: list[list[Any]] = [[] for _ in range(partitions)]
+            stats = []
+            for k in range(partitions):
+                outs, st = fn(inputs[k], k, partitions, *args)
+                for j in range(partitions):
+                    received[j].append(outs[j])
+                stats.append(st)
+            return received, stats
+        import ray
+
+        global _EXCHANGE_TASK
+        if _EXCHANGE_TASK is None:  # exported to the cluster once per driver, not once per step
+            _EXCHANGE_TASK = ray.remote(_exchange_task)
+        task = _EXCHANGE_TASK.options(num_cpus=num_cpus, num_returns=partitions + 1, name=f"{self.stage_name}.{step}")
+        refs = [task.remote(fn, k, partitions, args, *inputs[k]) for k in range(partitions)]
+        try:
+            stats = ray.get([r[partitions] for r in refs])
+        except ray.exceptions.RayTaskError as e:
+            raise _unwrap(e) from None
+        return [[refs[k][j] for k in range(partitions)] for j in range(partitions)], stats
+
+
+_EXCHANGE_TASK = None
+
+
+def _exchange_task(fn, k: int, partitions: int, args: tuple, *blocks):
+    outs, stats = fn(list(blocks), k, partitions, *args)
+    return (*outs, stats)

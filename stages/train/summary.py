@@ -1,0 +1,28 @@
+"""What a ``train`` stage tells the stages after it (evaluation, export, release)."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from pipeline.stage import StageSummary
+
+
+class TrainSummary(StageSummary):
+    kind = "train"
+
+    final_checkpoint: str
+    steps: int
+    tokens_seen: int
+    hf_export: Optional[str] = None  # the Hugging Face export of the final checkpoint (None: not exportable)
+    hf_export_error: Optional[str] = None
+    mlflow_model_id: Optional[str] = None  # the export's LoggedModel, when tracked
+    tokenizer: Optional[str] = None  # the tokenizer's file name inside the export
+    ray_train_run: Optional[str] = None
+    world_size: int = 1
+    model: dict[str, Any] = {}  # the model's shape (ModelConfig.to_dict())
+    num_params: Optional[int] = None
+    flops_per_token: Optional[float] = None
+    final_loss: Optional[float] = None
+    final_val_loss: Optional[float] = None
+    skipped_steps: list[dict[str, Any]] = []
+    clip_events: int = 0
