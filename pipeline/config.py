@@ -18,46 +18,19 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Any, Optional
 
 import yaml
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    ValidationInfo,
-    field_validator,
-)
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from pipeline import storage as st
+from pipeline.dag import build_dag
+from pipeline.registry import StageNotFound, get_stage_class
+from pipeline.types import ENV_REF, ConfigError, PathStr, StrictModel
 
-ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+__all__ = ["ConfigError", "LoadedConfig", "PathStr", "PipelineConfig", "StrictModel", "load_config"]
+
 STAGE_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
-
-
-class ConfigError(ValueError):
-    """A pipeline file is invalid. The message names the file and the YAML path."""
-
-
-def _resolve_path(value: str, info: ValidationInfo) -> str:
-    base = (info.context or {}).get("base_dir")
-    if base is None or value is None or st.is_remote(value) or ENV_REF.search(value):
-        return value
-    if value.startswith("file://"):
-        value = value[len("file://") :]
-    return os.path.normpath(os.path.join(base, os.path.expanduser(value)))
-
-
-# A path in a config: relative paths are relative to the pipeline file's folder; s3:// kept.
-PathStr = Annotated[str, AfterValidator(_resolve_path)]
-
-
-class StrictModel(BaseModel):
-    """Base for every config model: unknown keys are errors, instances are immutable."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class ResourcesConfig(StrictModel):
@@ -191,7 +164,6 @@ def substitute_env(obj: Any, path: str, env: Optional[dict[str, str]] = None) ->
 
 def load_config(path: str | os.PathLike, overrides: Optional[dict[str, Any]] = None, base_dir: Optional[str] = None) -> LoadedConfig:
     """Read, validate and resolve a pipeline file; raise ConfigError naming the key on any problem."""
-    from pipeline.registry import get_stage_class, StageNotFound
 
     path = os.path.abspath(os.fspath(path))
     try:
@@ -231,7 +203,5 @@ def load_config(path: str | os.PathLike, overrides: Optional[dict[str, Any]] = N
         resolved_stage_cfgs[name] = validate(cls.Config, resolved.stages[name].config, prefix, resolve_paths=True)
 
     loaded = LoadedConfig(path, text, declared, resolved, declared_stage_cfgs, resolved_stage_cfgs)
-    from pipeline.dag import build_dag  # validates inputs, cycles and column contracts
-
-    build_dag(loaded)
+    build_dag(loaded)  # validates inputs, cycles and column contracts
     return loaded

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
-from pipeline.config import ConfigError
+from pipeline.types import ConfigError
 from pipeline.registry import get_stage_class
 from pipeline.stage import Stage
 

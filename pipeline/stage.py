@@ -27,14 +27,13 @@ from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Optional
 
 import pyarrow as pa
 
-from pipeline.config import StrictModel
+from pipeline.types import DROP_REASON, QUARANTINE_REASON, REASON_COLUMNS, StrictModel
 
 if TYPE_CHECKING:  # pragma: no cover
     from pipeline.context import ExternalInput, PartContext, StageContext
 
-DROP_REASON = "drop_reason"
-QUARANTINE_REASON = "quarantine_reason"
-REASON_COLUMNS = (DROP_REASON, QUARANTINE_REASON)
+__all__ = ["DROP_REASON", "QUARANTINE_REASON", "REASON_COLUMNS", "DatasetStage", "Part", "Resources", "RowStage", "SourceStage",
+           "Stage", "StageSummary", "stage_seed"]
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import pyarrow.compute as pc
 import pytest
 
 from stages.assets import news_articles, python_doc_topics
-from stages.decontaminate import (CONTAMINATED, CONTAMINATED_FULLY_REDACTED, CONTAMINATED_SPLIT, Decontaminate,
+from stages.decontaminate.stage import (CONTAMINATED, CONTAMINATED_FULLY_REDACTED, CONTAMINATED_SPLIT, Decontaminate,
                                   DecontaminateConfig, redact)
 from stages.decontaminate.ngrams import NgramIndex
 from stages.evalsets import Example, Task, TaskFormatError, load_mmlu, load_task, parse_task_jsonl, task_to_jsonl

@@ -1,0 +1,43 @@
+"""The ground floor of ``pipeline/``: types every other module shares, importing nothing of
+``pipeline`` but :mod:`pipeline.storage`. Keeping them here is what lets ``config`` import the
+registry and the DAG, and ``stage`` and ``io`` share the reason columns, without cycles."""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationInfo
+
+from pipeline import storage as st
+
+ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+# Row routing: a row stage sets one of these per row (null keeps the row).
+DROP_REASON = "drop_reason"  # rejected by a rule, with the rule's name
+QUARANTINE_REASON = "quarantine_reason"  # bad input, with what is wrong with it
+REASON_COLUMNS = (DROP_REASON, QUARANTINE_REASON)
+
+
+class ConfigError(ValueError):
+    """A pipeline file is invalid. The message names the file and the YAML path."""
+
+
+class StrictModel(BaseModel):
+    """Base for every config model: unknown keys are errors, instances are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _resolve_path(value: str, info: ValidationInfo) -> str:
+    base = (info.context or {}).get("base_dir")
+    if base is None or value is None or st.is_remote(value) or ENV_REF.search(value):
+        return value
+    if value.startswith("file://"):
+        value = value[len("file://") :]
+    return os.path.normpath(os.path.join(base, os.path.expanduser(value)))
+
+
+# A path in a config: relative paths are relative to the pipeline file's folder; s3:// kept.
+PathStr = Annotated[str, AfterValidator(_resolve_path)]

