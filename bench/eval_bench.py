@@ -62,7 +62,8 @@ def build_checkpoint(work: Path, steps: int) -> dict:
     from stages.tokenize.loader import TokenShardLoader
     from stages.train.export import export_checkpoint
     from stages.train.model import model_config
-    from stages.train.trainer import LocalCheckpointer, TrainConfig, Trainer
+    from stages.train.config import TrainConfig
+    from stages.train.trainer import LocalCheckpointer, Trainer
 
     work.mkdir(parents=True, exist_ok=True)
     texts = [a["text"] for a in news_articles()[:1500]]
@@ -83,9 +84,9 @@ def build_checkpoint(work: Path, steps: int) -> dict:
     with pa.OSFile(str(shard), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
         w.write_table(table)
     cfg = model_config("debug", vocab_size=16384, dim=128, n_layers=2, n_heads=4, max_seq_len=seq)
-    tcfg = TrainConfig(steps=steps, micro_batch_size=4, lr=2e-3, warmup_steps=2, log_every=10, eval_every=0, norms_every=0,
-                       checkpoint_every=steps, seed=0)
-    Trainer(tcfg, cfg, TokenShardLoader([str(shard)], 4, seed=0), seq, checkpointer=LocalCheckpointer(str(work / "ckpt"))).train()
+    tcfg = TrainConfig(loop={"steps": steps, "micro_batch_size": 4, "log_every": 10, "eval_every": 0, "norms_every": 0},
+                       optimizer={"lr": 2e-3}, schedule={"warmup_steps": 2}, checkpoint={"every": steps})
+    Trainer(tcfg, cfg, TokenShardLoader([str(shard)], 4, seed=0), seq, checkpointer=LocalCheckpointer(str(work / "ckpt")), seed=0).train()
     ckpt = str(sorted((work / "ckpt").iterdir())[-1])
     export_checkpoint(ckpt, str(work / "hf"), str(work / "tokenizer.json"), {"bos_id": 0, "eos_id": 1, "pad_id": 2})
     info = {"checkpoint": ckpt, "hf": str(work / "hf"), "tokenizer": str(work / "tokenizer.json"), "steps": steps}

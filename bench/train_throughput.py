@@ -25,9 +25,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+from stages.train.config import TrainConfig  # noqa: E402
 from stages.train.model import model_config  # noqa: E402
-from stages.train.parallelize import ParallelConfig  # noqa: E402
-from stages.train.trainer import TrainConfig, Trainer  # noqa: E402
+from stages.train.parallelize import param_dtype  # noqa: E402
+from stages.train.trainer import Trainer  # noqa: E402
 
 
 class RandomTokens:
@@ -51,10 +52,10 @@ class RandomTokens:
 def measure(size: str, seq_len: int, micro_batch: int, compile_: bool, ac: bool, device: torch.device, warmup: int, steps: int) -> dict[str, Any]:
     world = dist.get_world_size() if dist.is_initialized() else 1
     mcfg = model_config(size, max_seq_len=seq_len)
-    tcfg = TrainConfig(steps=warmup + steps, micro_batch_size=micro_batch, warmup_steps=1, log_every=10**9, norms_every=0,
-                       eval_every=0, checkpoint_every=0, spike_std=0, deterministic=False)
-    trainer = Trainer(tcfg, mcfg, RandomTokens(micro_batch, seq_len, mcfg.vocab_size, device), seq_len,
-                      parallel=ParallelConfig(activation_checkpointing=ac, compile=compile_, mixed_precision="auto"), device=device)
+    tcfg = TrainConfig(loop={"steps": warmup + steps, "micro_batch_size": micro_batch, "log_every": 10**9, "norms_every": 0, "eval_every": 0,
+                             "spike_std": 0, "deterministic": False},
+                       schedule={"warmup_steps": 1}, parallel={"activation_checkpointing": ac, "compile": compile_, "mixed_precision": "auto"})
+    trainer = Trainer(tcfg, mcfg, RandomTokens(micro_batch, seq_len, mcfg.vocab_size, device), seq_len, device=device)
     batches = iter(trainer.loader)
     for _ in range(warmup):
         trainer.train_step(batches)
@@ -70,7 +71,7 @@ def measure(size: str, seq_len: int, micro_batch: int, compile_: bool, ac: bool,
     tps = trainer.tokens_per_step * steps / elapsed
     out = {
         "size": size, "params": trainer.num_params, "seq_len": seq_len, "micro_batch": micro_batch, "world": world,
-        "compile": compile_, "activation_checkpointing": ac, "dtype": str(trainer.parallel.param_dtype(device)).removeprefix("torch."),
+        "compile": compile_, "activation_checkpointing": ac, "dtype": str(param_dtype(trainer.parallel, device)).removeprefix("torch."),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
         "tokens_per_s": round(tps, 1), "tokens_per_s_per_device": round(tps / world, 1), "step_s": round(elapsed / steps, 4),
         "gflop_per_token": round(trainer.flops_per_token / 1e9, 3), "final_loss": round(record.loss, 4),

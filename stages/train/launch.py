@@ -14,10 +14,10 @@ from typing import Any, Optional
 import torch
 
 from pipeline import storage as st
+from stages.train.config import ClusterConfig, TrainConfig
 from stages.train.data import rank_share, read_validation
 from stages.train.model import ModelConfig
-from stages.train.parallelize import ParallelConfig
-from stages.train.trainer import Checkpointer, MlflowSink, TrainConfig, Trainer
+from stages.train.trainer import Checkpointer, MlflowSink, Trainer
 
 log = logging.getLogger("lmpipe.train")
 
@@ -41,7 +41,7 @@ class TrainSpec:
     seq_len: int
     train_files: list[str]
     val_files: list[str] = field(default_factory=list)
-    parallel: ParallelConfig = ParallelConfig()
+    seed: int = 0  # model init and data order
     storage: st.Storage = st.Storage()
     tracking_uri: Optional[str] = None
     mlflow_run_id: Optional[str] = None
@@ -86,13 +86,14 @@ def run_training(spec: TrainSpec, rank: int, world_size: int, device: torch.devi
 
     if spec.threads_per_worker:
         torch.set_num_threads(spec.threads_per_worker)
-    loader = TokenShardLoader(spec.train_files, spec.train.micro_batch_size, rank=rank, world_size=world_size,
-                              seed=spec.train.seed, storage=spec.storage)
-    all_val = read_validation(spec.val_files, spec.storage, spec.train.eval_max_sequences)
+    loop = spec.train.loop
+    loader = TokenShardLoader(spec.train_files, loop.micro_batch_size, rank=rank, world_size=world_size,
+                              seed=spec.seed, storage=spec.storage)
+    all_val = read_validation(spec.val_files, spec.storage, loop.eval_max_sequences)
     val = rank_share(all_val, rank, world_size)
     sink = MlflowSink(spec.tracking_uri, spec.mlflow_run_id) if rank == 0 and spec.mlflow_run_id and spec.tracking_uri else None
-    trainer = Trainer(spec.train, spec.model, loader, spec.seq_len, val_sets=val, parallel=spec.parallel,
-                      checkpointer=checkpointer, sink=sink, device=device)
+    trainer = Trainer(spec.train, spec.model, loader, spec.seq_len, val_sets=val, checkpointer=checkpointer, sink=sink,
+                      device=device, seed=spec.seed)
     trainer.restore()
     on_step_end = _fault_hook(spec.fault, rank)
     if spec.in_loop_eval is not None:
@@ -119,12 +120,11 @@ def ray_train_worker(config: dict[str, Any]) -> None:
     run_training(spec, context.get_world_rank(), context.get_world_size(), ray.train.torch.get_device(), RayCheckpointer())
 
 
-def launch_ray(spec: TrainSpec, *, num_workers: int, use_gpu: bool, resources_per_worker: dict[str, float],
-               storage_path: str, name: str, max_failures: int, keep_checkpoints: Optional[int] = None,
-               storage: Optional[st.Storage] = None):
-    """Run ``ray_train_worker`` on ``num_workers`` workers. Re-running with the same ``storage_path``
-    and ``name`` resumes from the latest checkpoint; a failed worker group is restarted from it
-    up to ``max_failures`` times. Returns Ray Train's ``Result``."""
+def launch_ray(spec: TrainSpec, cluster: ClusterConfig, *, storage_path: str, name: str, storage: Optional[st.Storage] = None):
+    """Run ``ray_train_worker`` on ``cluster.num_workers`` workers. Re-running with the same
+    ``storage_path`` and ``name`` resumes from the latest checkpoint; a failed worker group is
+    restarted from it up to ``cluster.max_failures`` times; Ray Train keeps the latest
+    ``spec.train.checkpoint.keep`` checkpoints. Returns Ray Train's ``Result``."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -135,13 +135,14 @@ def launch_ray(spec: TrainSpec, *, num_workers: int, use_gpu: bool, resources_pe
     trainer = TorchTrainer(
         ray_train_worker,
         train_loop_config={"spec": spec},
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources_per_worker),
+        scaling_config=ScalingConfig(num_workers=cluster.num_workers, use_gpu=cluster.use_gpu,
+                                     resources_per_worker=dict(cluster.resources_per_worker)),
         run_config=RunConfig(
             name=name,
             storage_path=path,
             storage_filesystem=fs,
-            failure_config=FailureConfig(max_failures=max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
+            failure_config=FailureConfig(max_failures=cluster.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=spec.train.checkpoint.keep),
         ),
     )
     return trainer.fit()

@@ -9,27 +9,21 @@ Parameter names never change: checkpoint wrappers and compiled modules are strip
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import nn
 
+from stages.train.config import ParallelConfig
 from stages.train.model import Transformer
 
 
-@dataclass(frozen=True)
-class ParallelConfig:
-    activation_checkpointing: bool = False
-    compile: bool = False
-    # "bf16" on GPU: bf16 parameters and compute, fp32 gradient reduction (the OLMo team saw
-    # bf16 all-reduce lose precision). "fp32" everywhere else (CPU/gloo tests are exact).
-    mixed_precision: str = "auto"
-
-    def param_dtype(self, device: torch.device) -> torch.dtype:
-        if self.mixed_precision == "auto":
-            return torch.bfloat16 if device.type == "cuda" else torch.float32
-        return {"bf16": torch.bfloat16, "fp32": torch.float32}[self.mixed_precision]
+def param_dtype(cfg: ParallelConfig, device: torch.device) -> torch.dtype:
+    """Parameter and compute dtype. "auto" keeps CPU in fp32 so that CPU/gloo runs are exact;
+    gradients are reduced in fp32 whatever this returns (see ``apply_fsdp``)."""
+    if cfg.mixed_precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[cfg.mixed_precision]
 
 
 def apply_activation_checkpointing(model: Transformer) -> None:
@@ -71,7 +65,7 @@ def parallelize(model: Transformer, cfg: ParallelConfig, device: torch.device, w
         from torch.distributed.device_mesh import init_device_mesh
 
         mesh = mesh or init_device_mesh(device.type, (world_size,))
-        apply_fsdp(model, mesh, cfg.param_dtype(device), torch.float32)
+        apply_fsdp(model, mesh, param_dtype(cfg, device), torch.float32)
     return model
 
 
@@ -96,5 +90,5 @@ def autocast_dtype(model: nn.Module, cfg: ParallelConfig, device: torch.device) 
     """The dtype to autocast to when FSDP's policy does not already cast (single process)."""
     if is_sharded(model):
         return None
-    dtype = cfg.param_dtype(device)
+    dtype = param_dtype(cfg, device)
     return dtype if dtype != torch.float32 else None

@@ -27,8 +27,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from stages.train import checkpoint as ckpt
+from stages.train.config import TrainConfig
 from stages.train.model import ModelConfig, Transformer, count_parameters
-from stages.train.parallelize import ParallelConfig, autocast_dtype, parallelize, reshard
+from stages.train.parallelize import autocast_dtype, parallelize, reshard
 
 log = logging.getLogger("lmpipe.train")
 
@@ -40,41 +41,14 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    steps: int = 100
-    micro_batch_size: int = 8  # sequences per rank per forward/backward
-    global_batch_tokens: Optional[int] = None  # None: one micro-batch per rank per step
-    lr: float = 3e-4
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 10
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    grad_clip: float = 1.0
-    z_loss: float = 0.0  # weight of mean(logsumexp(logits)^2) (PaLM uses 1e-4)
-    spike_std: float = 6.0  # 0 disables spike skipping
-    spike_window: int = 100
-    spike_min_window: int = 20
-    on_nonfinite: str = "stop"  # "stop" | "skip"
-    max_nonfinite_skips: int = 10
-    log_every: int = 10
-    norms_every: int = 50  # parameter / optimizer-state / activation norms
-    eval_every: int = 50
-    eval_max_sequences: int = 64  # per domain, over all ranks
-    checkpoint_every: int = 100
-    seed: int = 0
-    deterministic: bool = True  # deterministic kernels (exact resume on CPU)
-    peak_flops: Optional[float] = None  # None: from the device name (H100, A100); unknown -> MFU n/a
-
-
 def lr_at(cfg: TrainConfig, step: int) -> float:
     """Learning rate for step ``step`` (0-based): linear warmup, then cosine to min_lr_ratio * lr."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
-    min_lr = cfg.lr * cfg.min_lr_ratio
-    return min_lr + (cfg.lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    lr, warmup, steps = cfg.optimizer.lr, cfg.schedule.warmup_steps, cfg.loop.steps
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+    min_lr = lr * cfg.schedule.min_lr_ratio
+    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 class Loader(Protocol):
@@ -221,10 +195,10 @@ class TrainState:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, model_cfg: ModelConfig, train_loader: Loader, seq_len: int,
-                 val_sets: Optional[dict[str, torch.Tensor]] = None, parallel: ParallelConfig = ParallelConfig(),
-                 checkpointer: Optional[Checkpointer] = None, sink: Optional[MetricsSink] = None,
-                 device: Optional[torch.device] = None):
-        self.cfg, self.model_cfg, self.parallel = cfg, model_cfg, parallel
+                 val_sets: Optional[dict[str, torch.Tensor]] = None, checkpointer: Optional[Checkpointer] = None,
+                 sink: Optional[MetricsSink] = None, device: Optional[torch.device] = None, seed: int = 0):
+        self.cfg, self.model_cfg, self.parallel = cfg, model_cfg, cfg.parallel
+        loop = cfg.loop
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.device = device or torch.device("cpu")
@@ -235,8 +209,8 @@ class Trainer:
         self.sink = sink if self.rank == 0 else None
         self.state = TrainState()
 
-        tokens_per_micro = cfg.micro_batch_size * seq_len * self.world
-        target = cfg.global_batch_tokens or tokens_per_micro
+        tokens_per_micro = loop.micro_batch_size * seq_len * self.world
+        target = loop.global_batch_tokens or tokens_per_micro
         if target % tokens_per_micro:
             raise ValueError(
                 f"global_batch_tokens {target} is not a multiple of micro_batch_size * seq_len * world_size = {tokens_per_micro}"
@@ -244,20 +218,21 @@ class Trainer:
         self.grad_accum = target // tokens_per_micro
         self.tokens_per_step = target
 
-        if cfg.deterministic and self.device.type == "cpu":
+        if loop.deterministic and self.device.type == "cpu":
             torch.use_deterministic_algorithms(True)
         with torch.device("meta"):
             model = Transformer(model_cfg)
         model.to_empty(device=self.device)
-        model.init_weights(cfg.seed)  # same weights on every rank, whatever the world size
-        self.model = parallelize(model, parallel, self.device, self.world)
+        model.init_weights(seed)  # same weights on every rank, whatever the world size
+        self.model = parallelize(model, cfg.parallel, self.device, self.world)
         self.sharded = self.world > 1
-        self.autocast = autocast_dtype(self.model, parallel, self.device)
+        self.autocast = autocast_dtype(self.model, cfg.parallel, self.device)
         self.num_params = count_parameters(model)
         self.flops_per_token = model_cfg.flops_per_token(seq_len)
-        self.peak_flops = device_peak_flops(self.device, cfg.peak_flops)
+        self.peak_flops = device_peak_flops(self.device, loop.peak_tflops * 1e12 if loop.peak_tflops else None)
+        opt = cfg.optimizer
         self.optimizer = torch.optim.AdamW(
-            optimizer_param_groups(self.model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+            optimizer_param_groups(self.model, opt.weight_decay), lr=opt.lr, betas=opt.betas, eps=opt.eps,
             fused=self.device.type == "cuda",
         )
         self._act_norms: dict[int, float] = {}
@@ -272,7 +247,7 @@ class Trainer:
             "step": s.step,
             "tokens_seen": s.tokens_seen,
             "world_size": self.world,
-            "scheduler": {"step": s.step, "lr": self.cfg.lr, "warmup_steps": self.cfg.warmup_steps, "steps": self.cfg.steps},
+            "scheduler": {"step": s.step, "lr": self.cfg.optimizer.lr, "warmup_steps": self.cfg.schedule.warmup_steps, "steps": self.cfg.loop.steps},
             "loader": json.dumps(_plain(self.loader.state_dict())),
             "trainer": json.dumps({k: v for k, v in asdict(s).items() if k not in ("step", "tokens_seen")}),
         }
@@ -312,7 +287,7 @@ class Trainer:
             logits = self.model(inputs)
         logits = logits.float()
         ce = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1))
-        z = torch.logsumexp(logits, dim=-1).pow(2).mean() if self.cfg.z_loss > 0 else torch.zeros((), device=logits.device)
+        z = torch.logsumexp(logits, dim=-1).pow(2).mean() if self.cfg.loop.z_loss > 0 else torch.zeros((), device=logits.device)
         return ce, z
 
     def _all_mean(self, value: torch.Tensor) -> torch.Tensor:
@@ -323,7 +298,7 @@ class Trainer:
         return value
 
     def _spike(self, loss: float, grad_norm: float) -> Optional[str]:
-        cfg, window = self.cfg, self.state.window
+        cfg, window = self.cfg.loop, self.state.window
         if cfg.spike_std <= 0 or len(window) < cfg.spike_min_window:
             return None
         for i, (name, value) in enumerate((("loss", loss), ("grad_norm", grad_norm))):
@@ -336,7 +311,7 @@ class Trainer:
 
     def train_step(self, batches: Iterator) -> tuple[StepRecord, float]:
         """One optimizer step; returns its record and the seconds spent waiting for data."""
-        cfg, step = self.cfg, self.state.step
+        cfg, step = self.cfg.loop, self.state.step
         data_wait = 0.0
         ce_sum = torch.zeros((), device=self.device)
         self._capture_activations = cfg.norms_every > 0 and (step + 1) % cfg.norms_every == 0
@@ -355,7 +330,7 @@ class Trainer:
             grad_norm_t = grad_norm_t.full_tensor()
         loss = float(self._all_mean(ce_sum / self.grad_accum))
         grad_norm = float(grad_norm_t)
-        lr = lr_at(cfg, step)
+        lr = lr_at(self.cfg, step)
 
         reason = None
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
@@ -372,9 +347,10 @@ class Trainer:
             reason = self._spike(loss, grad_norm)
 
         if reason is None:
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grads_with_norm_(grads, cfg.grad_clip, grad_norm_t)
-                if grad_norm > cfg.grad_clip:
+            clip = self.cfg.optimizer.grad_clip
+            if clip > 0:
+                torch.nn.utils.clip_grads_with_norm_(grads, clip, grad_norm_t)
+                if grad_norm > clip:
                     self.state.clip_events += 1
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
@@ -394,8 +370,8 @@ class Trainer:
         return StepRecord(step + 1, loss, grad_norm, lr, reason), data_wait
 
     def _last_checkpoint_step(self) -> int:
-        every = self.cfg.checkpoint_every
-        return (self.state.step // every) * every if every > 0 else 0
+        every = self.cfg.checkpoint.every
+        return (self.state.step // every) * every
 
     # -- evaluation and norms ------------------------------------------------------------------------
     @torch.no_grad()
@@ -408,8 +384,9 @@ class Trainer:
         for domain in sorted(self.val_sets):
             rows = self.val_sets[domain]
             loss_sum = torch.zeros((), device=self.device)
-            for i in range(0, rows.shape[0], self.cfg.micro_batch_size):
-                batch = rows[i : i + self.cfg.micro_batch_size].to(self.device)
+            micro = self.cfg.loop.micro_batch_size
+            for i in range(0, rows.shape[0], micro):
+                batch = rows[i : i + micro].to(self.device)
                 ce, _ = self._forward_loss(batch[:, :-1], batch[:, 1:])
                 loss_sum += ce * batch.shape[0]
             totals.append(loss_sum / max(1, rows.shape[0]))
@@ -439,7 +416,7 @@ class Trainer:
 
     # -- the loop ---------------------------------------------------------------------------------------
     def train(self, on_step_end: Optional[Callable[[int], None]] = None) -> dict[str, Any]:
-        cfg = self.cfg
+        cfg = self.cfg.loop
         self.model.train()
         batches = iter(self.loader)
         started = time.perf_counter()
@@ -490,7 +467,7 @@ class Trainer:
                     self.state.history.append({"step": step, **{k: v for k, v in metrics.items() if k in ("loss", "val_loss", "lr")}})
                 if self.sink is not None:
                     self.sink.log(step, metrics)
-            if (cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0) or step == cfg.steps:
+            if step % self.cfg.checkpoint.every == 0 or step == cfg.steps:
                 self.save_checkpoint({k: v for k, v in last.items() if k in ("loss", "val_loss")})
             if on_step_end is not None:
                 on_step_end(step)

@@ -87,4 +87,4 @@ def test_shipped_pipeline_files_validate(name, monkeypatch):
     if name == "cluster.yaml":
         assert loaded.resolved.work_dir.startswith("s3://")
         assert loaded.declared.mlflow.tracking_uri == "${MLFLOW_TRACKING_URI}"
-        assert loaded.resolved_stage_configs["train"].use_gpu is True
+        assert loaded.resolved_stage_configs["train"].cluster.use_gpu is True

@@ -70,7 +70,7 @@ def test_train_stage_refuses_a_cluster_without_its_gpus(ray_local):
     class Ctx:
         stage_name = "train"
 
-    cfg = Train.Config.model_validate({"num_workers": 8, "use_gpu": True, "resources_per_worker": {"CPU": 1}})
+    cfg = Train.Config.model_validate({"cluster": {"num_workers": 8, "use_gpu": True, "resources_per_worker": {"CPU": 1}}})
     with pytest.raises(ResourcesUnavailable, match=r"stage 'train' needs 8 GPUs \(8 workers x 1\); the cluster has 0"):
         Train._check_cluster(Ctx(), cfg)
 

@@ -28,14 +28,16 @@ def test_hook_in_the_training_loop_matches_the_stage(tmp_path, tmp_path_factory)
     from stages.tokenize.loader import TokenShardLoader
     from stages.train.data import validation_sets
     from stages.train.model import model_config
-    from stages.train.trainer import LocalCheckpointer, TrainConfig, Trainer
+    from stages.train.config import TrainConfig
+    from stages.train.trainer import LocalCheckpointer, Trainer
 
     run = tiny_run(tmp_path_factory.getbasetemp() / "eval-tiny-run")
     task = write_task(tmp_path / "qa.jsonl", mmlu_like_records(16))
     val = validation_sets(run["validation"], None, 0, 1, 8)
     hook = InLoopEval.build(run["tokenizer"], every=4, val_rows=val, task=("qa", task), limit=None, prefix_token=0)
     cfg = model_config("debug", vocab_size=512, dim=32, n_layers=2, n_heads=2, ffn_dim=64, max_seq_len=SEQ_LEN)
-    tcfg = TrainConfig(steps=8, micro_batch_size=8, lr=3e-3, warmup_steps=2, log_every=4, eval_every=0, norms_every=0, checkpoint_every=8)
+    tcfg = TrainConfig(loop={"steps": 8, "micro_batch_size": 8, "log_every": 4, "eval_every": 0, "norms_every": 0}, optimizer={"lr": 3e-3},
+                       schedule={"warmup_steps": 2}, checkpoint={"every": 8})
     trainer = Trainer(tcfg, cfg, TokenShardLoader(run["train"], 8, seed=0), SEQ_LEN, checkpointer=LocalCheckpointer(str(tmp_path / "ckpt")),
                       sink=Sink())
     trainer.train(on_step_end=hook.attach(trainer))

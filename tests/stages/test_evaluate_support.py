@@ -60,7 +60,8 @@ def tiny_run(root: Path, steps: int = 30, checkpoint_every: int = 15) -> dict:
     from stages.tokenize.loader import TokenShardLoader
     from stages.train.export import export_checkpoint
     from stages.train.model import model_config
-    from stages.train.trainer import LocalCheckpointer, TrainConfig, Trainer
+    from stages.train.config import TrainConfig
+    from stages.train.trainer import LocalCheckpointer, Trainer
     from tests.stages.train_support import write_shards
 
     root.mkdir(parents=True, exist_ok=True)
@@ -72,10 +73,10 @@ def tiny_run(root: Path, steps: int = 30, checkpoint_every: int = 15) -> dict:
     train_files = write_shards(str(root / "train"), train)
     val_files = write_shards(str(root / "validation"), val)
     cfg = model_config("debug", vocab_size=512, dim=32, n_layers=2, n_heads=2, ffn_dim=64, max_seq_len=SEQ_LEN)
-    tcfg = TrainConfig(steps=steps, micro_batch_size=8, lr=3e-3, warmup_steps=3, log_every=10, eval_every=0, norms_every=0,
-                       checkpoint_every=checkpoint_every, seed=0)
+    tcfg = TrainConfig(loop={"steps": steps, "micro_batch_size": 8, "log_every": 10, "eval_every": 0, "norms_every": 0},
+                       optimizer={"lr": 3e-3}, schedule={"warmup_steps": 3}, checkpoint={"every": checkpoint_every})
     torch.manual_seed(0)
-    trainer = Trainer(tcfg, cfg, TokenShardLoader(train_files, 8, seed=0), SEQ_LEN, checkpointer=LocalCheckpointer(str(root / "ckpt")))
+    trainer = Trainer(tcfg, cfg, TokenShardLoader(train_files, 8, seed=0), SEQ_LEN, checkpointer=LocalCheckpointer(str(root / "ckpt")), seed=0)
     trainer.train()
     checkpoints = sorted(str(p) for p in (root / "ckpt").iterdir())
     export_checkpoint(checkpoints[-1], str(root / "hf"), tok_path, {"bos_id": 0, "eos_id": 1, "pad_id": 2})

@@ -13,8 +13,9 @@ import torch
 from stages.train import checkpoint as ckpt
 from stages.tokenize.loader import TokenShardLoader
 from stages.train.data import rank_share, read_validation, validation_sets
+from stages.train.config import TrainConfig
 from stages.train.model import model_config
-from stages.train.trainer import LocalCheckpointer, NonFiniteLoss, TrainConfig, Trainer, lr_at
+from stages.train.trainer import LocalCheckpointer, NonFiniteLoss, Trainer, lr_at
 from tests.stages.train_support import SEQ_LEN, token_table, write_shards
 
 MODEL = model_config("debug", dim=32, n_layers=2, n_heads=2, ffn_dim=64, max_seq_len=SEQ_LEN)
@@ -30,8 +31,8 @@ def shards(tmp_path_factory):
 
 
 def make_trainer(shards, cfg: TrainConfig, root=None) -> Trainer:
-    loader = TokenShardLoader(shards["train"], cfg.micro_batch_size, seed=cfg.seed)
-    val = validation_sets(shards["validation"], None, 0, 1, cfg.eval_max_sequences)
+    loader = TokenShardLoader(shards["train"], cfg.loop.micro_batch_size, seed=0)
+    val = validation_sets(shards["validation"], None, 0, 1, cfg.loop.eval_max_sequences)
     return Trainer(cfg, MODEL, loader, SEQ_LEN, val_sets=val, checkpointer=LocalCheckpointer(str(root)) if root else None)
 
 
@@ -57,7 +58,7 @@ def weights(trainer: Trainer) -> dict[str, torch.Tensor]:
 
 
 def test_schedule_warms_up_then_decays_to_min():
-    cfg = TrainConfig(steps=100, warmup_steps=10, lr=1e-3, min_lr_ratio=0.1)
+    cfg = TrainConfig(loop={"steps": 100}, schedule={"warmup_steps": 10, "min_lr_ratio": 0.1}, optimizer={"lr": 1e-3})
     assert lr_at(cfg, 0) == pytest.approx(1e-4)
     assert lr_at(cfg, 9) == pytest.approx(1e-3)
     assert lr_at(cfg, 99) == pytest.approx(1e-4, rel=1e-2)
@@ -65,8 +66,8 @@ def test_schedule_warms_up_then_decays_to_min():
 
 
 def test_tiny_model_loss_goes_down(shards):
-    cfg = TrainConfig(steps=60, micro_batch_size=8, lr=3e-3, warmup_steps=5, log_every=10, eval_every=30, norms_every=30,
-                      checkpoint_every=0, z_loss=1e-4)
+    cfg = TrainConfig(loop={"steps": 60, "micro_batch_size": 8, "log_every": 10, "eval_every": 30, "norms_every": 30, "z_loss": 1e-4},
+                      optimizer={"lr": 3e-3}, schedule={"warmup_steps": 5})
     out = make_trainer(shards, cfg).train()
     losses = [h["loss"] for h in out["history"] if "loss" in h]
     assert losses[0] == pytest.approx(math.log(512), rel=0.1)
@@ -77,17 +78,17 @@ def test_tiny_model_loss_goes_down(shards):
 
 
 def test_grad_accumulation_reaches_global_batch(shards):
-    cfg = TrainConfig(steps=2, micro_batch_size=4, global_batch_tokens=4 * SEQ_LEN * 3, checkpoint_every=0, eval_every=0)
+    cfg = TrainConfig(loop={"steps": 2, "micro_batch_size": 4, "global_batch_tokens": 4 * SEQ_LEN * 3, "eval_every": 0}, schedule={"warmup_steps": 1})
     trainer = make_trainer(shards, cfg)
     assert trainer.grad_accum == 3
     assert trainer.train()["tokens_seen"] == 2 * 12 * SEQ_LEN
     with pytest.raises(ValueError, match="not a multiple"):
-        make_trainer(shards, TrainConfig(micro_batch_size=4, global_batch_tokens=100))
+        make_trainer(shards, TrainConfig(loop={"micro_batch_size": 4, "global_batch_tokens": 100}))
 
 
 def test_resume_is_exact(shards, tmp_path):
-    cfg = TrainConfig(steps=12, micro_batch_size=8, lr=3e-3, warmup_steps=3, log_every=1, eval_every=0, norms_every=0,
-                      checkpoint_every=5, spike_min_window=3)
+    cfg = TrainConfig(loop={"steps": 12, "micro_batch_size": 8, "log_every": 1, "eval_every": 0, "norms_every": 0, "spike_min_window": 3},
+                      optimizer={"lr": 3e-3}, schedule={"warmup_steps": 3}, checkpoint={"every": 5})
     straight = make_trainer(shards, cfg, tmp_path / "a")
     full = straight.train()
     # A fresh process picks up the step-10 checkpoint and trains steps 11-12 again.
@@ -103,7 +104,8 @@ def test_resume_is_exact(shards, tmp_path):
 
 
 def test_nonfinite_loss_stops_without_touching_weights(shards, tmp_path):
-    cfg = TrainConfig(steps=3, micro_batch_size=4, checkpoint_every=1, eval_every=0, norms_every=0)
+    cfg = TrainConfig(loop={"steps": 3, "micro_batch_size": 4, "eval_every": 0, "norms_every": 0}, schedule={"warmup_steps": 1},
+                      checkpoint={"every": 1})
     trainer = make_trainer(shards, cfg, tmp_path)
     trainer.train_step(iter(trainer.loader))
     before = weights(trainer)
@@ -119,7 +121,8 @@ def test_nonfinite_loss_stops_without_touching_weights(shards, tmp_path):
 
 
 def test_nonfinite_skip_mode_records_and_continues(shards):
-    cfg = TrainConfig(steps=3, micro_batch_size=4, checkpoint_every=0, eval_every=0, norms_every=0, on_nonfinite="skip")
+    cfg = TrainConfig(loop={"steps": 3, "micro_batch_size": 4, "eval_every": 0, "norms_every": 0, "on_nonfinite": "skip"},
+                      schedule={"warmup_steps": 1})
     trainer = make_trainer(shards, cfg)
     before = weights(trainer)
     handle = trainer.model.lm_head.register_forward_hook(lambda m, i, o: o * float("inf"))
@@ -130,7 +133,7 @@ def test_nonfinite_skip_mode_records_and_continues(shards):
 
 
 def test_loss_spike_is_skipped(shards):
-    cfg = TrainConfig(steps=30, micro_batch_size=4, checkpoint_every=0, eval_every=0, norms_every=0, spike_min_window=5, spike_std=3.0)
+    cfg = TrainConfig(loop={"steps": 30, "micro_batch_size": 4, "eval_every": 0, "norms_every": 0, "spike_min_window": 5, "spike_std": 3.0})
     trainer = make_trainer(shards, cfg)
     trainer.state.window = [[2.0 + 0.01 * (i % 2), 1.0] for i in range(10)]
     assert trainer._spike(2.0, 1.0) is None
@@ -141,7 +144,7 @@ def test_loss_spike_is_skipped(shards):
 def test_a_lasting_grad_norm_shift_is_not_skipped_forever(shards):
     """Grad norms grow after warmup: after a few skips the window has absorbed the new level
     (skipped steps enter the window too), so training does not stall."""
-    cfg = TrainConfig(steps=40, micro_batch_size=4, checkpoint_every=0, eval_every=0, norms_every=0, spike_min_window=5, spike_std=6.0)
+    cfg = TrainConfig(loop={"steps": 40, "micro_batch_size": 4, "eval_every": 0, "norms_every": 0, "spike_min_window": 5, "spike_std": 6.0})
     trainer = make_trainer(shards, cfg)
     trainer.state.window = [[5.0, 1.0 + 0.01 * (i % 2)] for i in range(50)]
     batches = iter(trainer.loader)
@@ -153,7 +156,8 @@ def test_a_lasting_grad_norm_shift_is_not_skipped_forever(shards):
 
 
 def test_checkpoint_loads_with_weights_only_and_refuses_code(shards, tmp_path):
-    cfg = TrainConfig(steps=1, micro_batch_size=4, checkpoint_every=1, eval_every=0, norms_every=0)
+    cfg = TrainConfig(loop={"steps": 1, "micro_batch_size": 4, "eval_every": 0, "norms_every": 0}, schedule={"warmup_steps": 0},
+                      checkpoint={"every": 1})
     trainer = make_trainer(shards, cfg, tmp_path)
     trainer.train()
     path = str(tmp_path / "step_00000001")

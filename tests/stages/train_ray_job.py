@@ -21,8 +21,11 @@ from tests.stages.train_support import SEQ_LEN, VOCAB, token_table
 
 TRAIN_CONFIG = dict(
     model={"size": "debug", "dim": 32, "n_layers": 2, "n_heads": 2, "ffn_dim": 64},
-    steps=24, micro_batch_size=4, lr=3e-3, warmup_steps=3, log_every=4, eval_every=12, norms_every=12,
-    checkpoint_every=8, num_workers=2, max_failures=1, threads_per_worker=1,
+    optimizer={"lr": 3e-3},
+    schedule={"warmup_steps": 3},
+    loop={"steps": 24, "micro_batch_size": 4, "log_every": 4, "eval_every": 12, "norms_every": 12},
+    checkpoint={"every": 8},
+    cluster={"num_workers": 2, "max_failures": 1, "threads_per_worker": 1},
 )
 
 
@@ -121,10 +124,10 @@ def main(work: str, out_json: str) -> None:
     shards = report.stage("tokenize")
     cfg = TrainStageConfig(**TRAIN_CONFIG)
     spec = TrainSpec(
-        train=cfg.train_config(stage_seed(7, "train")), model=cfg.model.build(VOCAB, SEQ_LEN), seq_len=SEQ_LEN,
+        train=cfg, model=cfg.model.build(VOCAB, SEQ_LEN), seq_len=SEQ_LEN, seed=stage_seed(7, "train"),
         train_files=[os.path.join(shards.stage_dir, f["path"]) for f in shards.manifest["datasets"]["train"]["files"]],
         val_files=[os.path.join(shards.stage_dir, f["path"]) for f in shards.manifest["datasets"]["validation"]["files"]],
-        threads_per_worker=1, fault=FaultInjection(step=12, marker=os.path.join(work, "killed")),
+        threads_per_worker=cfg.cluster.worker_threads(), fault=FaultInjection(step=12, marker=os.path.join(work, "killed")),
     )
     # its checkpoints go to S3 (moto's server) when the test gives one: a restart resumes from S3
     endpoint = os.environ.get("LMPIPE_TEST_S3_ENDPOINT")
@@ -132,8 +135,7 @@ def main(work: str, out_json: str) -> None:
 
     storage = Storage({"s3": {"endpoint_url": endpoint}}) if endpoint else None
     killed_path = "s3://trainckpt/killed-run" if endpoint else os.path.join(work, "killed-run")
-    killed = launch_ray(spec, num_workers=2, use_gpu=False, resources_per_worker={"CPU": 1}, storage_path=killed_path,
-                        name="run", max_failures=1, storage=storage)
+    killed = launch_ray(spec, cfg.cluster, storage_path=killed_path, name="run", storage=storage)
     a = ckpt.load_full_model(manifest["train"]["final_checkpoint"]).state_dict()
     with killed.checkpoint.as_directory() as d:
         b = ckpt.load_full_model(d).state_dict()

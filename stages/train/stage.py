@@ -1,0 +1,255 @@
+"""``train``: pretrain a LLaMA-style model on the tokenize stage's shards with Ray Train + FSDP2.
+
+The stage (on the driver) turns its config (:mod:`stages.train.config`: model, optimizer,
+schedule, loop, parallel, checkpoint, cluster) into a :class:`~stages.train.launch.TrainSpec`, runs
+it on ``cluster.num_workers`` Ray Train workers, then exports the final checkpoint to Hugging Face
+format and records the result. Ray Train keeps its checkpoints in this stage's own folder
+(``RunConfig(storage_path=<work_dir>/<stage>, name=<fingerprint>)``), so:
+
+* a failed worker group restarts from the latest checkpoint (``cluster.max_failures`` times), and
+* rerunning a stage that did not finish (crash, Ctrl-C, lost driver) resumes from its latest
+  checkpoint: same config, same fingerprint, same Ray Train run.
+
+Outputs: ``data`` lists the checkpoints Ray kept (step, tokens seen, path, losses) for the
+evaluation stage; ``manifest["train"]`` holds the export folder, the final checkpoint and the
+model's shape. The MLflow stage run gets per-step metrics from rank 0, a loss-curve PNG and a
+LoggedModel (the export) linked to the token shards it was trained on.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import shutil
+import tempfile
+from typing import TYPE_CHECKING, Any, ClassVar, Optional
+
+import pyarrow as pa
+
+from pipeline import manifest as mf
+from pipeline import storage as st
+from pipeline.registry import register
+from pipeline.stage import DatasetStage, Resources
+from stages.train.config import TrainStageConfig
+
+if TYPE_CHECKING:
+    from stages.train.launch import InLoopEvalSpec
+    from stages.train.model import ModelConfig
+
+log = logging.getLogger("lmpipe")
+
+
+@register
+class TrainStage(DatasetStage):
+    name: ClassVar[str] = "train"
+    version: ClassVar[str] = "2"  # 2: skipped steps enter the spike window (v1 could stall)
+    description: ClassVar[str] = "pretrain a LLaMA-style model with Ray Train + FSDP2; export to Hugging Face"
+    Config = TrainStageConfig
+    resources: ClassVar[Resources] = Resources(num_cpus=1)
+    uses_seed: ClassVar[bool] = True
+    outputs: ClassVar[tuple[str, ...]] = ("data",)
+    measure_column: ClassVar[Optional[str]] = None
+    requires: ClassVar[tuple[str, ...]] = ("tokens", "source")
+    produces: ClassVar[tuple[str, ...]] = ("step", "tokens_seen", "path", "loss", "val_loss", "final")
+    new_rows: ClassVar[bool] = True
+
+    def run(self, ctx) -> None:
+        # torch and Ray Train are imported here, not at module level: the registry imports this
+        # module whenever lmpipe starts (listing stages, validating a pipeline)
+        from stages.train.data import tokenize_info
+        from stages.train.launch import TrainSpec, launch_ray
+
+        cfg: TrainStageConfig = self.config
+        src = ctx.inputs[0]
+        info = tokenize_info(src.manifest)
+        seq_len, vocab = int(info["seq_len"]), int(info["vocab_size"])
+        model_cfg = cfg.model.build(vocab, seq_len)
+        val_files = mf.dataset_files(src.manifest, src.stage_dir, "validation") if "validation" in src.manifest["datasets"] else []
+        spec = TrainSpec(
+            train=cfg, model=model_cfg, seq_len=seq_len, train_files=src.files(), val_files=val_files, seed=ctx.seed,
+            storage=ctx.storage, tracking_uri=ctx.tracking_uri, mlflow_run_id=ctx.mlflow_run_id,
+            threads_per_worker=cfg.cluster.worker_threads(), in_loop_eval=self._in_loop_eval(ctx, cfg, src, info),
+        )
+        self._check_cluster(ctx, cfg)
+        result = launch_ray(spec, cfg.cluster, storage_path=st.join(ctx.work_dir, ctx.stage_name), name=ctx.fingerprint,
+                            storage=ctx.storage)
+        if result.error is not None:
+            raise RuntimeError(f"training failed: {result.error}") from result.error
+        if result.checkpoint is None:
+            raise RuntimeError("training finished without a checkpoint")
+        self._record(ctx, cfg, result, model_cfg, info, src)
+
+    @staticmethod
+    def _in_loop_eval(ctx, cfg: TrainStageConfig, src, info: dict[str, Any]) -> Optional[InLoopEvalSpec]:
+        """Tokenizer and task requests for the in-loop evaluation, read once on the driver."""
+        ev = cfg.in_loop_eval
+        if ev is None:
+            return None
+        from stages.evaluate.hook import task_requests
+        from stages.train.launch import InLoopEvalSpec
+
+        if not info.get("tokenizer_path"):
+            raise ValueError(f"stage {ctx.stage_name!r}: in_loop_eval needs the tokenizer, and input stage {src.manifest.get('stage')!r} records none")
+        tokenizer_json = ctx.storage.read_bytes(st.join(src.stage_dir, info["tokenizer_path"])).decode("utf-8")
+        prefix = info.get("bos_id") if info.get("bos_id") is not None else info.get("eos_id")
+        if prefix is None:
+            raise ValueError(f"stage {ctx.stage_name!r}: in_loop_eval needs a BOS or EOS token id in the tokenize manifest")
+        requests, key = task_requests((ev.task, ev.task_path) if ev.task else None, ev.shots, ev.limit, ev.prompt, ctx.storage)
+        return InLoopEvalSpec(every=ev.every, tokenizer_json=tokenizer_json, prefix_token=int(prefix), requests=tuple(requests),
+                              task_key=key, validation=ev.validation)
+
+    @staticmethod
+    def _check_cluster(ctx, cfg: TrainStageConfig) -> None:
+        """Fail at once if the cluster cannot hold the training workers, instead of Ray Train
+        waiting forever for them (e.g. "train needs 8 GPUs; the cluster has 0")."""
+        import ray
+
+        from pipeline.runner import ResourcesUnavailable
+
+        cluster = ray.cluster_resources()
+        workers = cfg.cluster
+        per_worker = {k: float(v) for k, v in workers.resources_per_worker.items()}
+        if workers.use_gpu:  # checked first: the scarce resource is the one worth naming
+            per_worker = {"GPU": max(per_worker.pop("GPU", 0.0), 1.0), **per_worker}
+        for key, amount in per_worker.items():
+            need = amount * workers.num_workers
+            have = cluster.get(key, 0.0)
+            if need and have < need:
+                unit = {"CPU": "CPUs", "GPU": "GPUs"}.get(key, f"of resource {key!r}")
+                raise ResourcesUnavailable(
+                    f"stage {ctx.stage_name!r} needs {need:g} {unit} ({workers.num_workers} workers x {amount:g});"
+                    f" the cluster has {have:g}"
+                )
+
+    # -- after training, on the driver ------------------------------------------------------------
+    def _record(self, ctx, cfg: TrainStageConfig, result, model_cfg: ModelConfig, info: dict[str, Any], src) -> None:
+        import torch
+
+        from stages.train import checkpoint as ckpt
+        from stages.train.export import ExportError, export_checkpoint
+
+        final_path = _uri(result.checkpoint.path, ctx.work_dir)
+        rows = []
+        for checkpoint, metrics in sorted(result.best_checkpoints, key=lambda cm: cm[1].get("step", 0)):
+            path = _uri(checkpoint.path, ctx.work_dir)
+            rows.append({"step": int(metrics.get("step", 0)), "tokens_seen": int(metrics.get("tokens_seen", 0)), "path": path,
+                         "loss": metrics.get("loss"), "val_loss": metrics.get("val_loss"), "final": path == final_path})
+        out = ctx.part_outputs("checkpoints", measure_column=None)
+        out.write("data", pa.Table.from_pylist(rows, schema=pa.schema([
+            ("step", pa.int64()), ("tokens_seen", pa.int64()), ("path", pa.string()), ("loss", pa.float64()),
+            ("val_loss", pa.float64()), ("final", pa.bool_())])))
+        ctx.add_part_result(out.close(rows_in=src.num_rows))
+
+        export_uri = st.join(ctx.attempt_uri, "hf")
+        export_error = None
+        with result.checkpoint.as_directory() as local_ckpt, tempfile.TemporaryDirectory() as tmp:
+            extra = ckpt.load_extra(local_ckpt, 0)
+            state = json.loads(extra["trainer"])
+            tokenizer = None
+            if info.get("tokenizer_path"):
+                tokenizer = os.path.join(tmp, "tokenizer.json")
+                with open(tokenizer, "wb") as f:
+                    f.write(ctx.storage.read_bytes(st.join(src.stage_dir, info["tokenizer_path"])))
+            hf_dir = os.path.join(tmp, "hf")
+            special = {k: info.get(k) for k in ("bos_id", "eos_id", "pad_id")}
+            try:
+                export_checkpoint(local_ckpt, hf_dir, tokenizer, special, getattr(torch, cfg.export_dtype))
+                _upload(ctx.storage, hf_dir, export_uri)
+            except ExportError as e:
+                export_error, export_uri = str(e), None
+                log.warning("[%s] no Hugging Face export: %s", ctx.stage_name, e)
+            png = loss_curve_png(state["history"], ctx.stage_name)
+            if png:
+                ctx.log_artifact("loss_curve.png", png)
+            ctx.log_artifact("train_history.json", json.dumps(state["history"], indent=1))
+            model_id = None
+            if ctx.mlflow_run_id and export_uri:
+                model_id = log_model(ctx, hf_dir, model_cfg, src, extra["step"], rows[-1] if rows else {})
+
+        last = rows[-1] if rows else {}
+        ctx.extra_manifest["train"] = {
+            "hf_export": export_uri, "hf_export_error": export_error, "final_checkpoint": final_path,
+            "ray_train_run": st.join(ctx.work_dir, ctx.stage_name, ctx.fingerprint),
+            "steps": int(extra["step"]), "tokens_seen": int(extra["tokens_seen"]), "world_size": int(extra["world_size"]),
+            "model": model_cfg.to_dict(), "num_params": model_cfg.num_params(), "flops_per_token": model_cfg.flops_per_token(model_cfg.max_seq_len),
+            "final_loss": last.get("loss"), "final_val_loss": last.get("val_loss"),
+            "skipped_steps": state["skipped"], "clip_events": state["clip_events"], "mlflow_model_id": model_id,
+            "tokenizer": "tokenizer.json" if export_uri and info.get("tokenizer_path") else None,
+        }
+        ctx.log_metric("steps", extra["step"])
+        ctx.log_metric("tokens_seen", extra["tokens_seen"])
+        ctx.log_metric("skipped_steps_total", len(state["skipped"]))
+        if last.get("loss") is not None:
+            ctx.log_metric("final_loss", last["loss"])
+        if last.get("val_loss") is not None:
+            ctx.log_metric("final_val_loss", last["val_loss"])
+
+
+def _uri(path: str, work_dir: str) -> str:
+    """Ray gives paths inside its filesystem; put the scheme back for remote work dirs."""
+    if st.is_remote(work_dir) and "://" not in path:
+        return f"{work_dir.split('://', 1)[0]}://{path}"
+    return path
+
+
+def _upload(storage: st.Storage, local_dir: str, uri: str) -> None:
+    if not st.is_remote(uri):
+        shutil.copytree(local_dir, uri, dirs_exist_ok=True)
+        return
+    for name in sorted(os.listdir(local_dir)):
+        with open(os.path.join(local_dir, name), "rb") as f:
+            storage.write_bytes_atomic(st.join(uri, name), f.read())
+
+
+def loss_curve_png(history: list[dict[str, float]], title: str) -> Optional[bytes]:
+    if not history:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    train = [(h["step"], h["loss"]) for h in history if h.get("loss") is not None]
+    val = [(h["step"], h["val_loss"]) for h in history if h.get("val_loss") is not None]
+    if train:
+        ax.plot(*zip(*train), label="train loss")
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(f"{title}: loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def log_model(ctx, hf_dir: str, model_cfg: ModelConfig, src, step: int, last: dict[str, Any]) -> Optional[str]:
+    """The export as an MLflow LoggedModel of the stage run, linked to the token shards: the
+    model's tags name the dataset, and its final losses are logged against that dataset."""
+    from mlflow import MlflowClient
+    from mlflow.entities import LoggedModelOutput
+
+    client = MlflowClient(tracking_uri=ctx.tracking_uri)
+    run = client.get_run(ctx.mlflow_run_id)
+    dataset_name = f"{src.ref.stage}.{src.ref.dataset}"
+    model = client.create_logged_model(
+        run.info.experiment_id, name=ctx.stage_name, source_run_id=ctx.mlflow_run_id, model_type="LlamaForCausalLM",
+        params={k: str(v) for k, v in model_cfg.to_dict().items()},
+        tags={"lmpipe.fingerprint": ctx.fingerprint, "lmpipe.train_dataset": dataset_name, "lmpipe.train_dataset_uri": src.uri,
+              "lmpipe.train_dataset_digest": src.fingerprint, "lmpipe.step": str(step), "lmpipe.format": "huggingface"},
+    )
+    client.log_model_artifacts(model.model_id, hf_dir)
+    for key in ("loss", "val_loss"):
+        if last.get(key) is not None:
+            client.log_metric(ctx.mlflow_run_id, f"final_{key}", float(last[key]), step=step, model_id=model.model_id,
+                              dataset_name=dataset_name, dataset_digest=src.fingerprint[:36])
+    client.log_outputs(ctx.mlflow_run_id, [LoggedModelOutput(model.model_id, step)])
+    client.finalize_logged_model(model.model_id, "READY")
+    return model.model_id
