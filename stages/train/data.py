@@ -6,7 +6,7 @@ small, so it is read whole here, grouped by the ``source`` column (one loss per 
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
@@ -40,10 +40,3 @@ def validation_sets(files: list[str], storage: Optional[st.Storage], rank: int, 
                     max_sequences_per_domain: int) -> dict[str, torch.Tensor]:
     """This rank's validation sequences per domain (see :func:`read_validation`, :func:`rank_share`)."""
     return rank_share(read_validation(files, storage, max_sequences_per_domain), rank, world_size)
-
-
-def tokenize_info(manifest: dict[str, Any]) -> dict[str, Any]:
-    info = manifest.get("tokenize")
-    if not info:
-        raise ValueError(f"input stage {manifest.get('stage')!r} has no 'tokenize' section in its manifest: is it a tokenize stage?")
-    return info

@@ -17,7 +17,7 @@ from pipeline import storage as st
 from stages.train.config import ClusterConfig, TrainConfig
 from stages.train.data import rank_share, read_validation
 from stages.train.model import ModelConfig
-from stages.train.trainer import Checkpointer, MlflowSink, Trainer
+from stages.train.trainer import Checkpointer, MetricsSink, Trainer
 
 log = logging.getLogger("lmpipe.train")
 
@@ -43,8 +43,7 @@ class TrainSpec:
     val_files: list[str] = field(default_factory=list)
     seed: int = 0  # model init and data order
     storage: st.Storage = st.Storage()
-    tracking_uri: Optional[str] = None
-    mlflow_run_id: Optional[str] = None
+    metrics: Optional[MetricsSink] = None  # the stage's MLflow run (pipeline.tracking.RunLogger); rank 0 logs to it
     threads_per_worker: Optional[int] = None
     fault: Optional[FaultInjection] = None
     in_loop_eval: Optional["InLoopEvalSpec"] = None
@@ -91,7 +90,7 @@ def run_training(spec: TrainSpec, rank: int, world_size: int, device: torch.devi
                               seed=spec.seed, storage=spec.storage)
     all_val = read_validation(spec.val_files, spec.storage, loop.eval_max_sequences)
     val = rank_share(all_val, rank, world_size)
-    sink = MlflowSink(spec.tracking_uri, spec.mlflow_run_id) if rank == 0 and spec.mlflow_run_id and spec.tracking_uri else None
+    sink = spec.metrics if rank == 0 else None
     trainer = Trainer(spec.train, spec.model, loader, spec.seq_len, val_sets=val, checkpointer=checkpointer, sink=sink,
                       device=device, seed=spec.seed)
     trainer.restore()

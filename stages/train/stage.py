@@ -11,8 +11,8 @@ format and records the result. Ray Train keeps its checkpoints in this stage's o
   checkpoint: same config, same fingerprint, same Ray Train run.
 
 Outputs: ``data`` lists the checkpoints Ray kept (step, tokens seen, path, losses) for the
-evaluation stage; ``manifest["train"]`` holds the export folder, the final checkpoint and the
-model's shape. The MLflow stage run gets per-step metrics from rank 0, a loss-curve PNG and a
+evaluation stage; its :class:`~stages.train.summary.TrainSummary` holds the export folder, the
+final checkpoint and the model's shape. The MLflow stage run gets per-step metrics from rank 0, a loss-curve PNG and a
 LoggedModel (the export) linked to the token shards it was trained on.
 """
 
@@ -28,11 +28,13 @@ from typing import TYPE_CHECKING, Any, ClassVar, Optional
 
 import pyarrow as pa
 
-from pipeline import manifest as mf
 from pipeline import storage as st
 from pipeline.registry import register
 from pipeline.stage import DatasetStage, Resources
+from pipeline.tracking import DatasetRef, ModelRecord
+from stages.tokenize.summary import TokenizeSummary
 from stages.train.config import TrainStageConfig
+from stages.train.summary import TrainSummary
 
 if TYPE_CHECKING:
     from stages.train.launch import InLoopEvalSpec
@@ -54,22 +56,21 @@ class TrainStage(DatasetStage):
     requires: ClassVar[tuple[str, ...]] = ("tokens", "source")
     produces: ClassVar[tuple[str, ...]] = ("step", "tokens_seen", "path", "loss", "val_loss", "final")
     new_rows: ClassVar[bool] = True
+    Summary = TrainSummary
 
     def run(self, ctx) -> None:
         # torch and Ray Train are imported here, not at module level: the registry imports this
         # module whenever lmpipe starts (listing stages, validating a pipeline)
-        from stages.train.data import tokenize_info
         from stages.train.launch import TrainSpec, launch_ray
 
         cfg: TrainStageConfig = self.config
         src = ctx.inputs[0]
-        info = tokenize_info(src.manifest)
-        seq_len, vocab = int(info["seq_len"]), int(info["vocab_size"])
-        model_cfg = cfg.model.build(vocab, seq_len)
-        val_files = mf.dataset_files(src.manifest, src.stage_dir, "validation") if "validation" in src.manifest["datasets"] else []
+        info = src.summary(TokenizeSummary)
+        model_cfg = cfg.model.build(info.vocab_size, info.seq_len)
+        val_files = src.dataset_files("validation") if "validation" in src.manifest["datasets"] else []
         spec = TrainSpec(
-            train=cfg, model=model_cfg, seq_len=seq_len, train_files=src.files(), val_files=val_files, seed=ctx.seed,
-            storage=ctx.storage, tracking_uri=ctx.tracking_uri, mlflow_run_id=ctx.mlflow_run_id,
+            train=cfg, model=model_cfg, seq_len=info.seq_len, train_files=src.files(), val_files=val_files, seed=ctx.seed,
+            storage=ctx.storage, metrics=ctx.run_logger,
             threads_per_worker=cfg.cluster.worker_threads(), in_loop_eval=self._in_loop_eval(ctx, cfg, src, info),
         )
         self._check_cluster(ctx, cfg)
@@ -82,7 +83,7 @@ class TrainStage(DatasetStage):
         self._record(ctx, cfg, result, model_cfg, info, src)
 
     @staticmethod
-    def _in_loop_eval(ctx, cfg: TrainStageConfig, src, info: dict[str, Any]) -> Optional[InLoopEvalSpec]:
+    def _in_loop_eval(ctx, cfg: TrainStageConfig, src, info: TokenizeSummary) -> Optional[InLoopEvalSpec]:
         """Tokenizer and task requests for the in-loop evaluation, read once on the driver."""
         ev = cfg.in_loop_eval
         if ev is None:
@@ -90,12 +91,10 @@ class TrainStage(DatasetStage):
         from stages.evaluate.hook import task_requests
         from stages.train.launch import InLoopEvalSpec
 
-        if not info.get("tokenizer_path"):
-            raise ValueError(f"stage {ctx.stage_name!r}: in_loop_eval needs the tokenizer, and input stage {src.manifest.get('stage')!r} records none")
-        tokenizer_json = ctx.storage.read_bytes(st.join(src.stage_dir, info["tokenizer_path"])).decode("utf-8")
-        prefix = info.get("bos_id") if info.get("bos_id") is not None else info.get("eos_id")
+        tokenizer_json = ctx.storage.read_bytes(src.path(info.tokenizer_path)).decode("utf-8")
+        prefix = info.prefix_token
         if prefix is None:
-            raise ValueError(f"stage {ctx.stage_name!r}: in_loop_eval needs a BOS or EOS token id in the tokenize manifest")
+            raise ValueError(f"stage {ctx.stage_name!r}: in_loop_eval needs a BOS or EOS token id, and the tokenizer of {src.ref} has neither")
         requests, key = task_requests((ev.task, ev.task_path) if ev.task else None, ev.shots, ev.limit, ev.prompt, ctx.storage)
         return InLoopEvalSpec(every=ev.every, tokenizer_json=tokenizer_json, prefix_token=int(prefix), requests=tuple(requests),
                               task_key=key, validation=ev.validation)
@@ -124,7 +123,7 @@ class TrainStage(DatasetStage):
                 )
 
     # -- after training, on the driver ------------------------------------------------------------
-    def _record(self, ctx, cfg: TrainStageConfig, result, model_cfg: ModelConfig, info: dict[str, Any], src) -> None:
+    def _record(self, ctx, cfg: TrainStageConfig, result, model_cfg: ModelConfig, info: TokenizeSummary, src) -> None:
         import torch
 
         from stages.train import checkpoint as ckpt
@@ -147,13 +146,11 @@ class TrainStage(DatasetStage):
         with result.checkpoint.as_directory() as local_ckpt, tempfile.TemporaryDirectory() as tmp:
             extra = ckpt.load_extra(local_ckpt, 0)
             state = json.loads(extra["trainer"])
-            tokenizer = None
-            if info.get("tokenizer_path"):
-                tokenizer = os.path.join(tmp, "tokenizer.json")
-                with open(tokenizer, "wb") as f:
-                    f.write(ctx.storage.read_bytes(st.join(src.stage_dir, info["tokenizer_path"])))
+            tokenizer = os.path.join(tmp, "tokenizer.json")
+            with open(tokenizer, "wb") as f:
+                f.write(ctx.storage.read_bytes(src.path(info.tokenizer_path)))
             hf_dir = os.path.join(tmp, "hf")
-            special = {k: info.get(k) for k in ("bos_id", "eos_id", "pad_id")}
+            special = {"bos_id": info.bos_id, "eos_id": info.eos_id, "pad_id": info.pad_id}
             try:
                 export_checkpoint(local_ckpt, hf_dir, tokenizer, special, getattr(torch, cfg.export_dtype))
                 _upload(ctx.storage, hf_dir, export_uri)
@@ -165,19 +162,19 @@ class TrainStage(DatasetStage):
                 ctx.log_artifact("loss_curve.png", png)
             ctx.log_artifact("train_history.json", json.dumps(state["history"], indent=1))
             model_id = None
-            if ctx.mlflow_run_id and export_uri:
-                model_id = log_model(ctx, hf_dir, model_cfg, src, extra["step"], rows[-1] if rows else {})
+            if export_uri:
+                model_id = ctx.log_model(exported_model(ctx, hf_dir, model_cfg, src, extra["step"], rows[-1] if rows else {}))
 
         last = rows[-1] if rows else {}
-        ctx.extra_manifest["train"] = {
-            "hf_export": export_uri, "hf_export_error": export_error, "final_checkpoint": final_path,
-            "ray_train_run": st.join(ctx.work_dir, ctx.stage_name, ctx.fingerprint),
-            "steps": int(extra["step"]), "tokens_seen": int(extra["tokens_seen"]), "world_size": int(extra["world_size"]),
-            "model": model_cfg.to_dict(), "num_params": model_cfg.num_params(), "flops_per_token": model_cfg.flops_per_token(model_cfg.max_seq_len),
-            "final_loss": last.get("loss"), "final_val_loss": last.get("val_loss"),
-            "skipped_steps": state["skipped"], "clip_events": state["clip_events"], "mlflow_model_id": model_id,
-            "tokenizer": "tokenizer.json" if export_uri and info.get("tokenizer_path") else None,
-        }
+        ctx.set_summary(TrainSummary(
+            hf_export=export_uri, hf_export_error=export_error, final_checkpoint=final_path,
+            ray_train_run=st.join(ctx.work_dir, ctx.stage_name, ctx.fingerprint),
+            steps=int(extra["step"]), tokens_seen=int(extra["tokens_seen"]), world_size=int(extra["world_size"]),
+            model=model_cfg.to_dict(), num_params=model_cfg.num_params(), flops_per_token=model_cfg.flops_per_token(model_cfg.max_seq_len),
+            final_loss=last.get("loss"), final_val_loss=last.get("val_loss"),
+            skipped_steps=state["skipped"], clip_events=state["clip_events"], mlflow_model_id=model_id,
+            tokenizer="tokenizer.json" if export_uri else None,
+        ))
         ctx.log_metric("steps", extra["step"])
         ctx.log_metric("tokens_seen", extra["tokens_seen"])
         ctx.log_metric("skipped_steps_total", len(state["skipped"]))
@@ -230,26 +227,15 @@ def loss_curve_png(history: list[dict[str, float]], title: str) -> Optional[byte
     return buf.getvalue()
 
 
-def log_model(ctx, hf_dir: str, model_cfg: ModelConfig, src, step: int, last: dict[str, Any]) -> Optional[str]:
+def exported_model(ctx, hf_dir: str, model_cfg: ModelConfig, src, step: int, last: dict[str, Any]) -> ModelRecord:
     """The export as an MLflow LoggedModel of the stage run, linked to the token shards: the
     model's tags name the dataset, and its final losses are logged against that dataset."""
-    from mlflow import MlflowClient
-    from mlflow.entities import LoggedModelOutput
-
-    client = MlflowClient(tracking_uri=ctx.tracking_uri)
-    run = client.get_run(ctx.mlflow_run_id)
-    dataset_name = f"{src.ref.stage}.{src.ref.dataset}"
-    model = client.create_logged_model(
-        run.info.experiment_id, name=ctx.stage_name, source_run_id=ctx.mlflow_run_id, model_type="LlamaForCausalLM",
+    dataset = DatasetRef(f"{src.ref.stage}.{src.ref.dataset}", src.uri, src.fingerprint)
+    return ModelRecord(
+        name=ctx.stage_name, local_dir=hf_dir, model_type="LlamaForCausalLM", step=step,
         params={k: str(v) for k, v in model_cfg.to_dict().items()},
-        tags={"lmpipe.fingerprint": ctx.fingerprint, "lmpipe.train_dataset": dataset_name, "lmpipe.train_dataset_uri": src.uri,
+        tags={"lmpipe.fingerprint": ctx.fingerprint, "lmpipe.train_dataset": dataset.name, "lmpipe.train_dataset_uri": src.uri,
               "lmpipe.train_dataset_digest": src.fingerprint, "lmpipe.step": str(step), "lmpipe.format": "huggingface"},
+        metrics={f"final_{key}": last[key] for key in ("loss", "val_loss") if last.get(key) is not None},
+        dataset=dataset,
     )
-    client.log_model_artifacts(model.model_id, hf_dir)
-    for key in ("loss", "val_loss"):
-        if last.get(key) is not None:
-            client.log_metric(ctx.mlflow_run_id, f"final_{key}", float(last[key]), step=step, model_id=model.model_id,
-                              dataset_name=dataset_name, dataset_digest=src.fingerprint[:36])
-    client.log_outputs(ctx.mlflow_run_id, [LoggedModelOutput(model.model_id, step)])
-    client.finalize_logged_model(model.model_id, "READY")
-    return model.model_id

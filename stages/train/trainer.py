@@ -116,25 +116,6 @@ class LogSink:
         pass
 
 
-class MlflowSink:
-    """Rank 0 logs to the stage's MLflow run; the tracking URI is passed explicitly (workers do
-    not inherit the driver's MLflow state)."""
-
-    def __init__(self, tracking_uri: str, run_id: str):
-        from mlflow import MlflowClient
-
-        self.client = MlflowClient(tracking_uri=tracking_uri)
-        self.run_id = run_id
-
-    def log(self, step: int, metrics: dict[str, float]) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None and math.isfinite(float(v))]
-        for i in range(0, len(items), 1000):
-            self.client.log_batch(self.run_id, metrics=items[i : i + 1000])
-
-
 def device_peak_flops(device: torch.device, override: Optional[float]) -> Optional[float]:
     if override:
         return override

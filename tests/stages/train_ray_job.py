@@ -17,6 +17,7 @@ from typing import ClassVar
 from pipeline.config import load_config
 from pipeline.registry import register
 from pipeline.stage import DatasetStage, stage_seed
+from stages.tokenize.summary import TokenizeSummary
 from tests.stages.train_support import SEQ_LEN, VOCAB, token_table
 
 TRAIN_CONFIG = dict(
@@ -39,6 +40,7 @@ class TestTokenShards(DatasetStage):
     output_formats = {"train": "arrow", "validation": "arrow"}
     measure_column = None
     produces = ("tokens", "source", "doc_ids", "doc_offsets")
+    Summary = TokenizeSummary
 
     def run(self, ctx) -> None:
         from tokenizers import Tokenizer, models, pre_tokenizers, trainers
@@ -52,8 +54,7 @@ class TestTokenShards(DatasetStage):
         tok.train_from_iterator(["tiny corpus"] * 10, trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<bos>", "<eos>", "<unk>"]))
         rel = f"{ctx.attempt}/tokenizer.json"
         ctx.storage.write_bytes_atomic(os.path.join(ctx.stage_dir, rel), tok.to_str().encode())
-        ctx.extra_manifest["tokenize"] = {"seq_len": SEQ_LEN, "vocab_size": VOCAB, "dtype": "uint16", "eos_id": 2, "bos_id": 1,
-                                          "pad_id": 0, "tokenizer_path": rel}
+        ctx.set_summary(TokenizeSummary(seq_len=SEQ_LEN, vocab_size=VOCAB, dtype="uint16", eos_id=2, bos_id=1, pad_id=0, tokenizer_path=rel))
 
 
 def main(work: str, out_json: str) -> None:
@@ -106,7 +107,7 @@ def main(work: str, out_json: str) -> None:
     client = MlflowClient(loaded.resolved.tracking_uri())
     run = client.get_run(stage.run_id)
     result = {
-        "manifest_train": manifest["train"],
+        "manifest_train": manifest["summary"]["data"],
         "rows": manifest["datasets"]["data"]["rows"],
         "metric_keys": sorted(run.data.metrics),
         "loss_history": [m.value for m in sorted(client.get_metric_history(stage.run_id, "loss"), key=lambda m: m.step)],
@@ -114,8 +115,8 @@ def main(work: str, out_json: str) -> None:
         "artifacts": sorted(a.path for a in client.list_artifacts(stage.run_id)),
         "outputs": [o.model_id for o in (run.outputs.model_outputs if run.outputs else [])],
     }
-    if manifest["train"]["mlflow_model_id"]:
-        model = client.get_logged_model(manifest["train"]["mlflow_model_id"])
+    if manifest["summary"]["data"]["mlflow_model_id"]:
+        model = client.get_logged_model(manifest["summary"]["data"]["mlflow_model_id"])
         result["logged_model"] = {"status": str(model.status), "tags": model.tags, "source_run_id": model.source_run_id}
 
     # The same training, with rank 1 killed after step 12: Ray restarts the group from step 8.
@@ -136,7 +137,7 @@ def main(work: str, out_json: str) -> None:
     storage = Storage({"s3": {"endpoint_url": endpoint}}) if endpoint else None
     killed_path = "s3://trainckpt/killed-run" if endpoint else os.path.join(work, "killed-run")
     killed = launch_ray(spec, cfg.cluster, storage_path=killed_path, name="run", storage=storage)
-    a = ckpt.load_full_model(manifest["train"]["final_checkpoint"]).state_dict()
+    a = ckpt.load_full_model(manifest["summary"]["data"]["final_checkpoint"]).state_dict()
     with killed.checkpoint.as_directory() as d:
         b = ckpt.load_full_model(d).state_dict()
         killed_extra = ckpt.load_extra(d, 0)
@@ -146,7 +147,7 @@ def main(work: str, out_json: str) -> None:
         "checkpoint_filesystem": type(killed.checkpoint.filesystem).__name__,
         "step": killed_extra["step"],
         "same_weights": all(torch.equal(a[k], b[k]) for k in a) and a.keys() == b.keys(),
-        "history_equal": json.loads(killed_extra["trainer"])["history"] == json.loads(ckpt.load_extra(manifest["train"]["final_checkpoint"], 0)["trainer"])["history"],
+        "history_equal": json.loads(killed_extra["trainer"])["history"] == json.loads(ckpt.load_extra(manifest["summary"]["data"]["final_checkpoint"], 0)["trainer"])["history"],
     }
     rerun = Runner(loaded).run()
     result["rerun_cached"] = rerun.stage("train").cached
