@@ -56,6 +56,15 @@ class FanOut:
         self.stage_name = stage_name
         self.on_ray = on_ray
 
+    def cluster_resources(self) -> dict[str, float]:
+        """What the tasks can run on: the Ray cluster's resources (CPU, GPU, custom), or one CPU
+        in process (items run one after another)."""
+        if not self.on_ray:
+            return {"CPU": 1.0}
+        import ray
+
+        return {k: float(v) for k, v in ray.cluster_resources().items()}
+
     def map(self, fn: Callable[..., Any], items: Sequence[tuple], *, step: str, num_cpus: float = 1.0, num_gpus: float = 0.0,
             resources: Optional[dict[str, float]] = None, env: Optional[dict[str, str]] = None,
             max_parallel: Optional[int] = None, retries: int = 1) -> list[Any]:

@@ -152,13 +152,10 @@ def near_reason(removed: pa.Table, keepers: pa.Table) -> pa.Array:
 
 # -- stages -------------------------------------------------------------------------------------
 
-def default_partitions(key_rows: int) -> int:
+def default_partitions(key_rows: int, cpus: int) -> int:
     """~2 million key rows per partition (what one shuffle task holds at once), and at least one
     per CPU of the cluster (up to 32), so that every step of the shuffles keeps the cluster busy.
     The outputs do not depend on it."""
-    import ray
-
-    cpus = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else 1
     return max(1, min(256, max(key_rows // 2_000_000 + 1, min(cpus, 32))))
 
 
@@ -179,7 +176,8 @@ class _DedupStage(DatasetStage):
         work = st.join(ctx.attempt_uri, "_work")
         keys_fn, key_columns, extra, reason_fn = self._keys(ctx)
         rows = ctx.inputs[0].num_rows
-        partitions = cfg.num_partitions or default_partitions(rows * len(key_columns))
+        cpus = int(ctx.fan_out.cluster_resources().get("CPU", 1))
+        partitions = cfg.num_partitions or default_partitions(rows * len(key_columns), cpus)
         files = engine.build_nodes_and_keys(ctx, work, self._columns(), keys_fn, key_columns, partitions)
         verify = getattr(cfg, "verify", None)
         job = engine.ComponentJob(ctx.storage, work, cfg.keep, tuple(cfg.source_priority), extra,

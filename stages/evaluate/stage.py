@@ -150,7 +150,7 @@ class Evaluate(DatasetStage):
             task_groups.append(jobs)
         text_jobs, text_digests = self._text_jobs(ctx, tokenize)
 
-        device, num_gpus = self._device()
+        device, num_gpus = self._device(ctx)
         common = dict(tokenizer_json=tokenizer_json, prefix_token=tok_info["prefix_token"], storage=ctx.storage, device=device,
                       dtype=c.dtype, threads=max(1, int(c.cpus_per_task)), batch_tokens=c.batch_tokens,
                       max_batch_size=c.max_batch_size, share_context=c.share_context)
@@ -269,16 +269,11 @@ class Evaluate(DatasetStage):
             digests[s.name] = f"sha256:{digest}"
         return jobs, digests
 
-    def _device(self) -> tuple[str, float]:
+    def _device(self, ctx: StageContext) -> tuple[str, float]:
         c = self.config
         if c.device == "cpu":
             return "cpu", 0.0
-        try:
-            import ray
-
-            gpus = ray.cluster_resources().get("GPU", 0.0) if ray.is_initialized() else 0.0
-        except ImportError:  # pragma: no cover
-            gpus = 0.0
+        gpus = ctx.fan_out.cluster_resources().get("GPU", 0.0)
         if gpus >= 1 or c.device == "cuda":
             return "cuda", 1.0 if gpus >= 1 else 0.0
         return "cpu", 0.0

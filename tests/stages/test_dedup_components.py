@@ -133,10 +133,11 @@ def test_planted_near_duplicates_recall_and_precision():
     assert recall >= 0.95 and precision >= 0.95, (recall, precision, len(truth), len(removed))
 
 
-def test_default_partitions_follow_input_size_and_cluster_cpus(ray_local):
+def test_default_partitions_follow_input_size_and_cluster_cpus():
     """~2 M key rows per partition, but at least one per CPU of the cluster (2 in the tests)."""
     from stages.dedup import default_partitions
 
-    assert default_partitions(10) == 2
-    assert default_partitions(11_000_000) == 6
-    assert default_partitions(10**12) == 256
+    assert default_partitions(10, cpus=2) == 2
+    assert default_partitions(11_000_000, cpus=2) == 6
+    assert default_partitions(10**12, cpus=2) == 256
+    assert default_partitions(10, cpus=64) == 32
