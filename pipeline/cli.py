@@ -88,6 +88,8 @@ def _describe_model(model, indent: str) -> list[str]:
     from pydantic import BaseModel
     from pydantic_core import PydanticUndefined
 
+    from pipeline.types import PERFORMANCE_ONLY
+
     lines = []
     for fname, field in model.model_fields.items():
         ann = field.annotation
@@ -96,6 +98,8 @@ def _describe_model(model, indent: str) -> list[str]:
         )
         type_name = _type_name(ann)
         desc = f"  - {field.description}" if field.description else ""
+        if isinstance(field.json_schema_extra, dict) and field.json_schema_extra.get(PERFORMANCE_ONLY):
+            desc += "  [performance only: not in the fingerprint]"
         lines.append(f"{indent}{fname}: {type_name} ({default}){desc}")
         inner = ann
         args = getattr(ann, "__args__", ())

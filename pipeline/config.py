@@ -26,9 +26,9 @@ from pydantic import BaseModel, Field, ValidationError, field_validator
 from pipeline import storage as st
 from pipeline.dag import build_dag
 from pipeline.registry import StageNotFound, get_stage_class
-from pipeline.types import ENV_REF, ConfigError, PathStr, StrictModel
+from pipeline.types import ENV_REF, ConfigError, PathStr, PerformanceField, StrictModel
 
-__all__ = ["ConfigError", "LoadedConfig", "PathStr", "PipelineConfig", "StrictModel", "load_config"]
+__all__ = ["ConfigError", "LoadedConfig", "PathStr", "PerformanceField", "PipelineConfig", "StrictModel", "load_config"]
 
 STAGE_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 

@@ -22,6 +22,7 @@ from pipeline.fanout import FanOut
 from pipeline.execute import PartJob, merge_results, run_parts_locally, run_parts_on_ray
 from pipeline.stage import DatasetStage, Resources, RowStage, SourceStage, Part, stage_seed
 from pipeline.tracking import Tracker, code_version
+from pipeline.types import fingerprinted_config
 
 log = logging.getLogger("lmpipe")
 
@@ -156,7 +157,7 @@ class Runner:
         extras = stage.fingerprint_extras(probe)
         if externals:
             extras = {**extras, "external_inputs": [{"name": e.name, "files": list(e.files)} for e in externals]}
-        declared = self.loaded.declared_stage_configs[node.name].model_dump(mode="json")
+        declared = fingerprinted_config(self.loaded.declared_stage_configs[node.name])
         inputs = [(str(r), fingerprints[r.stage]) for r in node.inputs]
         seed = self.loaded.resolved.seed if node.cls.uses_seed else None
         code_files = code_digests(node.cls.__module__)

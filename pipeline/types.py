@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Annotated
+from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationInfo
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo
 
 from pipeline import storage as st
 
@@ -41,3 +41,35 @@ def _resolve_path(value: str, info: ValidationInfo) -> str:
 
 # A path in a config: relative paths are relative to the pipeline file's folder; s3:// kept.
 PathStr = Annotated[str, AfterValidator(_resolve_path)]
+
+
+PERFORMANCE_ONLY = "lmpipe_performance_only"
+
+
+def PerformanceField(default: Any, **kwargs: Any) -> Any:
+    """A config field that changes how fast a stage runs or how much memory it takes, never a
+    byte of what it writes (a test must show that): left out of the stage's fingerprint, so
+    tuning it reuses the cache instead of recomputing everything downstream."""
+    extra = dict(kwargs.pop("json_schema_extra", None) or {})
+    extra[PERFORMANCE_ONLY] = True
+    return Field(default, json_schema_extra=extra, **kwargs)
+
+
+def fingerprinted_config(config: BaseModel) -> dict[str, Any]:
+    """The config as JSON, without its performance-only fields (at any depth)."""
+    return _prune(config, config.model_dump(mode="json"))
+
+
+def _prune(value: Any, dumped: Any) -> Any:
+    if isinstance(value, BaseModel) and isinstance(dumped, dict):
+        out = {}
+        for name, info in type(value).model_fields.items():
+            extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+            if name in dumped and not extra.get(PERFORMANCE_ONLY):
+                out[name] = _prune(getattr(value, name), dumped[name])
+        return out
+    if isinstance(value, (list, tuple)) and isinstance(dumped, list):
+        return [_prune(v, d) for v, d in zip(value, dumped)]
+    if isinstance(value, dict) and isinstance(dumped, dict):
+        return {dk: _prune(v, dv) for (dk, dv), v in zip(dumped.items(), value.values())}
+    return dumped

@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 from pydantic import Field, model_validator
 
 from pipeline import storage as st
-from pipeline.config import StrictModel
+from pipeline.config import PerformanceField, StrictModel
 from pipeline.registry import register
 from pipeline.stage import DatasetStage, Part, Resources
 from stages.dedup import engine
@@ -36,9 +36,10 @@ class KeepConfig(StrictModel):
         description="which document of a duplicate group is kept: best source then smallest id, or longest text",
     )
     source_priority: list[str] = Field(default_factory=list, description="preferred sources first; unlisted sources after")
-    num_partitions: Optional[int] = Field(default=None, ge=1, description="shuffle partitions (default: ~2 M key rows each, at least one per CPU up to 32)")
+    num_partitions: Optional[int] = PerformanceField(
+        default=None, ge=1, description="shuffle partitions (default: ~2 M key rows each, at least one per CPU up to 32); outputs do not depend on it")
     batch_rows: int = Field(default=8192, ge=1, description="rows per batch when routing the output")
-    keep_work: bool = Field(default=False, description="keep the intermediate files under <attempt>/_work")
+    keep_work: bool = PerformanceField(default=False, description="keep the intermediate files under <attempt>/_work (for debugging)")
 
 
 class ExactDedupConfig(KeepConfig):

@@ -23,7 +23,7 @@ from typing import Any, Optional
 from pydantic import Field, field_validator
 
 from pipeline import storage as st
-from pipeline.config import StrictModel
+from pipeline.config import PerformanceField, StrictModel
 from pipeline.context import StageContext
 from pipeline.execute import empty_result
 from pipeline.registry import register
@@ -48,8 +48,8 @@ class TokenizeConfig(StrictModel):
         default=None, gt=0, description="cap on copies of one document when upsampling (the achieved share then falls short)"
     )
     shard_sequences: int = Field(default=8192, ge=1, description="sequences per Arrow shard")
-    batch_rows: int = Field(default=1024, ge=1, description="documents per encode_batch call (bounds memory)")
-    threads_per_worker: Optional[int] = Field(default=None, ge=1, description="tokenizer threads per worker (default: its CPUs)")
+    batch_rows: int = PerformanceField(default=1024, ge=1, description="documents per encode_batch call (bounds memory)")
+    threads_per_worker: Optional[int] = PerformanceField(default=None, ge=1, description="tokenizer threads per worker (default: its CPUs)")
 
     @field_validator("mixture")
     @classmethod

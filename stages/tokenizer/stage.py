@@ -155,7 +155,8 @@ class TrainTokenizer(DatasetStage):
         ctx.set_summary(TokenizerSummary(**info))
         out = ctx.part_outputs("00000", measure_column=None)
         out.write("data", pa.table({
-            "tokenizer_path": [rel], "vocab_size": [info["vocab_size"]], "bos_id": [info["bos_id"]], "eos_id": [info["eos_id"]],
+            # the file's name beside the data, not its attempt folder: same input, same bytes
+            "tokenizer_path": [TOKENIZER_FILE], "vocab_size": [info["vocab_size"]], "bos_id": [info["bos_id"]], "eos_id": [info["eos_id"]],
             "pad_id": [info["pad_id"]], "sha256": [info["sha256"]],
         }))
         ctx.add_part_result(out.close(rows_in=self._sampled["docs"] if c.path is None else 0))
