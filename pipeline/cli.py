@@ -231,6 +231,16 @@ def cmd_job(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lmpipe", description="Raw text to an evaluated language model, on Ray, with MLflow lineage.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging; raise errors with their traceback")
@@ -284,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     stt = sub.add_parser("status", help="recent pipeline runs and their stages, from MLflow")
     stt.add_argument("--config")
     stt.add_argument("--tracking-uri")
-    stt.add_argument("--limit", type=int, default=5)
+    stt.add_argument("--limit", type=_positive_int, default=5, help="how many pipeline runs (at least 1)")
     stt.set_defaults(func=cmd_status)
 
     et = sub.add_parser("eval-table", help="print an evaluate stage's results: task x metric by checkpoint (tokens seen)")

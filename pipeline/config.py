@@ -162,6 +162,30 @@ def substitute_env(obj: Any, path: str, env: Optional[dict[str, str]] = None) ->
     return obj
 
 
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, line: int, first_line: int):
+        super().__init__(f"duplicate key {key!r}")
+        self.key, self.line, self.first_line = key, line, first_line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A safe loader that refuses a key set twice in one mapping (YAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            try:
+                hash(key)
+            except TypeError:  # a list or mapping as a key: left to the schema to refuse
+                continue
+            if key in seen:
+                raise _DuplicateKey(key, line, seen[key])
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(path: str | os.PathLike, overrides: Optional[dict[str, Any]] = None, base_dir: Optional[str] = None) -> LoadedConfig:
     """Read, validate and resolve a pipeline file; raise ConfigError naming the key on any problem."""
 
@@ -172,7 +196,9 @@ def load_config(path: str | os.PathLike, overrides: Optional[dict[str, Any]] = N
     except OSError as e:
         raise ConfigError(f"{path}: cannot read pipeline file: {e.strerror}") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)
+    except _DuplicateKey as e:
+        raise ConfigError(f"{path}:{e.line}: duplicate key {e.key!r} (first at line {e.first_line}); a YAML file may set a key once") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):
@@ -188,7 +214,10 @@ def load_config(path: str | os.PathLike, overrides: Optional[dict[str, Any]] = N
             raise ConfigError(format_validation_error(e, prefix, path)) from None
 
     declared = validate(PipelineConfig, raw, "", resolve_paths=False)
-    resolved_raw = substitute_env(raw, "")
+    try:
+        resolved_raw = substitute_env(raw, "")
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
     resolved = validate(PipelineConfig, resolved_raw, "", resolve_paths=True)
 
     declared_stage_cfgs: dict[str, Any] = {}

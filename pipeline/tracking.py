@@ -378,7 +378,7 @@ def stage_output_of_run(tracking_uri: str, run_id: str, uses: Optional[str] = No
     (of stage type ``uses``, when given)."""
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri=tracking_uri)
+    client = MlflowClient(tracking_uri=existing_store(tracking_uri))
     run = client.get_run(run_id)
     tags = run.data.tags
     if tags.get("lmpipe.kind") == "pipeline":
@@ -407,7 +407,7 @@ class StageRunInfo:
 class PipelineRunInfo:
     run_id: str
     pipeline: str
-    status: str
+    status: str  # RUNNING of a driver that is gone from this host reads "KILLED (driver gone)"
     start_time_ms: int
     stages: list[StageRunInfo]
 
@@ -416,7 +416,7 @@ def recent_pipeline_runs(tracking_uri: str, limit: int) -> list[PipelineRunInfo]
     """The latest pipeline runs of every experiment in the store, newest first, with their stages."""
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri=tracking_uri)
+    client = MlflowClient(tracking_uri=existing_store(tracking_uri))
     exps = [e.experiment_id for e in client.search_experiments()]
     runs = client.search_runs(exps, filter_string="tags.`lmpipe.kind` = 'pipeline'", order_by=["attributes.start_time DESC"], max_results=limit)
     out = []
@@ -425,6 +425,29 @@ def recent_pipeline_runs(tracking_uri: str, limit: int) -> list[PipelineRunInfo]
                                       order_by=["attributes.start_time ASC"])
         stages = [StageRunInfo(c.data.tags.get("lmpipe.stage", c.info.run_name), c.info.status, c.data.tags.get("lmpipe.cached") == "true",
                                c.data.tags.get("lmpipe.fingerprint", ""), dict(c.data.metrics)) for c in children]
-        out.append(PipelineRunInfo(run.info.run_id, run.data.tags.get("lmpipe.pipeline", run.info.run_name), run.info.status,
+        out.append(PipelineRunInfo(run.info.run_id, run.data.tags.get("lmpipe.pipeline", run.info.run_name), _live_status(run),
                                    run.info.start_time, stages))
     return out
+
+
+def _live_status(run) -> str:
+    """A run still marked RUNNING whose driver was on this host and is gone was killed (the next
+    ``lmpipe run`` marks it so in the store; ``status`` should not wait for that)."""
+    tags = run.data.tags
+    if run.info.status != "RUNNING" or tags.get("lmpipe.host") != socket.gethostname():
+        return run.info.status
+    try:
+        pid = int(tags.get("lmpipe.pid", "0"))
+    except ValueError:
+        return run.info.status
+    return run.info.status if pid <= 0 or _pid_alive(pid) else f"KILLED (driver pid {pid} is gone)"
+
+
+def existing_store(tracking_uri: str) -> str:
+    """The URI, if it names a store that exists; reading commands must not create an empty one."""
+    if tracking_uri.startswith("sqlite:///"):
+        path = tracking_uri[len("sqlite:///") :]
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"no MLflow store at {path} (tracking URI {tracking_uri}): nothing has run with it yet,"
+                                    " or the path is mistyped")
+    return tracking_uri

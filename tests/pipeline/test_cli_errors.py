@@ -1,0 +1,69 @@
+"""What a new user meets when a pipeline file or a command line is wrong: one clear line, and no
+side effect (no store created, no value silently dropped)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from pipeline.config import ConfigError, load_config
+
+BODY = """
+name: x
+work_dir: {work}
+stages:
+  a:
+    uses: ingest
+    config: {{sources: [{{name: s, paths: ["{work}/*.jsonl"]}}]}}
+  a:
+    uses: sample
+"""
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_a_key_set_twice_is_refused_naming_both_lines(pipeline_file, tmp_path):
+    path = pipeline_file(BODY.format(work=tmp_path))
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(e.value) == f"{path}:8: duplicate key 'a' (first at line 5); a YAML file may set a key once"
+
+
+def test_an_unset_variable_names_the_file_and_the_key(pipeline_file, tmp_path, monkeypatch):
+    monkeypatch.delenv("LMPIPE_TEST_UNSET", raising=False)
+    path = pipeline_file(f"name: x\nwork_dir: ${{LMPIPE_TEST_UNSET}}/w\nstages:\n  a:\n    uses: ingest\n"
+                         f"    config: {{sources: [{{name: s, paths: ['{tmp_path}/*.jsonl']}}]}}\n")
+    with pytest.raises(ConfigError, match=rf"^{path}: work_dir: environment variable LMPIPE_TEST_UNSET is not set$"):
+        load_config(path)
+
+
+def test_status_refuses_a_store_that_does_not_exist_and_does_not_create_it(tmp_path):
+    db = tmp_path / "typo" / "x.db"
+    proc = _cli("status", "--tracking-uri", f"sqlite:///{db}")
+    assert proc.returncode == 1 and f"no MLflow store at {db}" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not db.exists() and not db.parent.exists()
+
+
+def test_status_limit_must_be_positive():
+    proc = _cli("status", "--tracking-uri", "sqlite:////nowhere.db", "--limit", "0")
+    assert proc.returncode == 2 and "--limit: must be at least 1, got 0" in proc.stderr
+
+
+def test_status_shows_a_run_whose_driver_died_as_killed(tmp_path):
+    from pipeline.tracking import Tracker, recent_pipeline_runs
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = Tracker(uri, "exp")
+    run_id = tracker.start_pipeline("p", str(tmp_path / "p.yaml"), "name: p", params={}, tags={})
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    tracker.client.set_tag(run_id, "lmpipe.pid", str(dead.pid))  # as if its driver had been killed
+    [run] = recent_pipeline_runs(uri, 5)
+    assert run.status == f"KILLED (driver pid {dead.pid} is gone)"
+    tracker.client.set_tag(run_id, "lmpipe.pid", str(__import__("os").getpid()))
+    assert recent_pipeline_runs(uri, 5)[0].status == "RUNNING"
