@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 import time
 from typing import Optional
@@ -139,6 +140,19 @@ def _tracking_uri(args: argparse.Namespace) -> str:
     raise ConfigError("give --config PIPELINE.yaml or --tracking-uri (or set MLFLOW_TRACKING_URI)")
 
 
+RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+def _is_path(target: str) -> bool:
+    """A stage output given by path (local or s3://), or else an MLflow run id; a path that does
+    not exist is said so, instead of being looked up as a run id."""
+    if "://" in target or os.path.exists(target):
+        return True
+    if RUN_ID.match(target):
+        return False
+    raise FileNotFoundError(f"{target}: no such file or folder (and not an MLflow run id, which is 32 hex digits)")
+
+
 def cmd_lineage(args: argparse.Namespace) -> int:
     from pipeline import lineage
 
@@ -147,7 +161,7 @@ def cmd_lineage(args: argparse.Namespace) -> int:
     target = args.target
     loaded = _load(args) if args.config else None  # read once: storage options and tracking URI
     storage = loaded.storage if loaded else Storage()
-    if os.path.exists(target) or "://" in target:
+    if _is_path(target):
         stage_dir = lineage.find_stage_dir(storage, os.path.abspath(target) if os.path.exists(target) else target)
     else:
         uri = loaded.resolved.tracking_uri() if loaded else _tracking_uri(args)
@@ -185,7 +199,7 @@ def cmd_eval_table(args: argparse.Namespace) -> int:
     from stages.evaluate.report import eval_table
 
     target = args.target
-    is_path = os.path.exists(target) or "://" in target
+    is_path = _is_path(target)
     storage = _load(args).storage if args.config else None
     print(eval_table(target, storage, None if is_path else _tracking_uri(args), "csv" if args.csv else "markdown"), end="")
     return 0

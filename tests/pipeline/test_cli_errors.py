@@ -67,3 +67,10 @@ def test_status_shows_a_run_whose_driver_died_as_killed(tmp_path):
     assert run.status == f"KILLED (driver pid {dead.pid} is gone)"
     tracker.client.set_tag(run_id, "lmpipe.pid", str(__import__("os").getpid()))
     assert recent_pipeline_runs(uri, 5)[0].status == "RUNNING"
+
+
+@pytest.mark.parametrize("command", ["lineage", "eval-table"])
+def test_a_missing_path_is_said_to_be_missing_not_looked_up_as_a_run(command, tmp_path):
+    proc = _cli(command, str(tmp_path / "work" / "nothing"))
+    assert proc.returncode == 1
+    assert f"{tmp_path / 'work' / 'nothing'}: no such file or folder" in proc.stderr and "MlflowException" not in proc.stderr
