@@ -3,6 +3,7 @@ commit outputs atomically and record everything in MLflow."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -13,6 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from pipeline import manifest as mf
+from pipeline import preflight
+from pipeline import storage as st
 from pipeline.code_digest import code_digests, combined as combined_digest
 from pipeline.config import ConfigError, LoadedConfig
 from pipeline.context import InputDataset, StageContext
@@ -113,6 +116,7 @@ def init_ray(loaded: LoadedConfig, address: Optional[str]) -> str:
                 kwargs["object_store_memory"] = cfg.object_store_memory
             ray.init(**kwargs)
         else:
+            preflight.check_ray_address(address)
             ray.init(address=address, log_to_driver=True)
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = os.environ.get("LMPIPE_PROGRESS", "1") != "0"
@@ -130,9 +134,20 @@ class Runner:
         self.by_name = {n.name: n for n in self.order}
         self.work_dir = loaded.resolved.work_dir
         self.tracker: Optional[Tracker] = None
+        if use_ray or track:  # fail in seconds, naming the address, where a client would retry for minutes
+            self._check_addresses(track)
         if track:
             self.tracker = Tracker(loaded.resolved.tracking_uri(), loaded.resolved.mlflow.experiment, loaded.resolved.artifact_location())
         self.ray_address = RAY_NOT_STARTED if use_ray else "none (in-process)"
+
+    def _check_addresses(self, track: bool) -> None:
+        resolved = self.loaded.resolved
+        if track:
+            preflight.check_tracking_uri(resolved.tracking_uri())
+        uses_s3 = st.is_remote(self.work_dir) or "s3://" in json.dumps(
+            {name: cfg.model_dump(mode="json") for name, cfg in self.loaded.resolved_stage_configs.items()})
+        if uses_s3:
+            preflight.check_s3_endpoint(resolved.storage.s3.endpoint_url)
 
     # -- planning ---------------------------------------------------------------------------
     def _context(self, node: Node, fingerprint: str, input_datasets: list[InputDataset]) -> StageContext:

@@ -444,7 +444,11 @@ def _live_status(run) -> str:
 
 
 def existing_store(tracking_uri: str) -> str:
-    """The URI, if it names a store that exists; reading commands must not create an empty one."""
+    """The URI, if it names a store that exists (and answers); reading commands must not create an
+    empty one, nor wait minutes on a server that is not there."""
+    from pipeline.preflight import check_tracking_uri
+
+    check_tracking_uri(tracking_uri)
     if tracking_uri.startswith("sqlite:///"):
         path = tracking_uri[len("sqlite:///") :]
         if not os.path.exists(path):

@@ -74,3 +74,33 @@ def test_a_missing_path_is_said_to_be_missing_not_looked_up_as_a_run(command, tm
     proc = _cli(command, str(tmp_path / "work" / "nothing"))
     assert proc.returncode == 1
     assert f"{tmp_path / 'work' / 'nothing'}: no such file or folder" in proc.stderr and "MlflowException" not in proc.stderr
+
+
+def _pipeline(tmp_path, work: str, extra: str = "", name: str = "p.yaml") -> str:
+    data = tmp_path / "data"
+    data.mkdir(exist_ok=True)
+    (data / "d.jsonl").write_text('{"text": "a document"}\n')
+    path = tmp_path / name
+    path.write_text(f"name: x\nwork_dir: {work}\n{extra}stages:\n  ingest:\n    uses: ingest\n"
+                    f"    config: {{sources: [{{name: s, paths: ['{data}/*.jsonl']}}]}}\n")
+    return str(path)
+
+
+def test_wrong_addresses_fail_in_seconds_naming_the_address(tmp_path):
+    """Ray retried for > 5 min, an MLflow server for > 2 min, an S3 endpoint for 79 s, silently."""
+    import time
+
+    from tests.conftest import free_port
+
+    port = free_port()  # nothing listens there
+    cases = [
+        (["run", _pipeline(tmp_path, str(tmp_path / "w1")), "--address", f"127.0.0.1:{port}"], f"cannot reach the Ray cluster at 127.0.0.1:{port}"),
+        (["status", "--tracking-uri", f"http://127.0.0.1:{port}"], f"cannot reach the MLflow tracking server at 127.0.0.1:{port}"),
+        (["run", _pipeline(tmp_path, "s3://bucket/w", f"storage: {{s3: {{endpoint_url: 'http://127.0.0.1:{port}'}}}}\n", "s3.yaml")],
+         f"cannot reach the S3 endpoint at 127.0.0.1:{port}"),
+    ]
+    for args, message in cases:
+        started = time.monotonic()
+        proc = _cli(*args)
+        assert proc.returncode == 1 and message in proc.stderr, (args, proc.stderr[-2000:])
+        assert time.monotonic() - started < 60, args
