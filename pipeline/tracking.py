@@ -17,6 +17,7 @@ import subprocess
 import tempfile
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Optional
@@ -109,6 +110,52 @@ def stage_metrics(manifest: dict[str, Any]) -> dict[str, float]:
     return metrics
 
 
+@contextmanager
+def _embedded_store_lock(tracking_uri: str):
+    """For a sqlite store: an exclusive lock beside it while MLflow creates or migrates its schema
+    (two first runs at once raced: "Online migration expected to match one row"), and a store
+    whose creation never finished moved aside first. Other stores: nothing to do."""
+    if not tracking_uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    path = tracking_uri[len("sqlite:///") :]
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(f"{path}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            _move_aside_if_half_created(path)
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _move_aside_if_half_created(path: str) -> None:
+    """A first run stopped while MLflow created the store (a full disk) leaves alembic's temporary
+    tables behind, and every later run fails with "table _alembic_tmp_... already exists". A store
+    in that state that holds no runs is moved aside (kept, not deleted) and created anew; one
+    that holds runs is left alone with an error that says what to do."""
+    import sqlite3
+
+    if not os.path.exists(path) or os.path.getsize(path) == 0:
+        return
+    with sqlite3.connect(path) as db:
+        tables = {r[0] for r in db.execute("select name from sqlite_master where type = 'table'")}
+        leftovers = sorted(t for t in tables if t.startswith("_alembic_tmp_"))
+        finished = "alembic_version" in tables and not leftovers
+        runs = db.execute("select count(*) from runs").fetchone()[0] if "runs" in tables else 0
+    if finished:
+        return
+    if runs:
+        raise RuntimeError(f"MLflow store {path} holds {runs} runs but an interrupted schema migration left {leftovers or 'no alembic_version'};"
+                           f" back it up, then drop the tables {leftovers} and run again (MLflow redoes the migration)")
+    aside = f"{path}.incomplete-{time.strftime('%Y%m%dT%H%M%S')}"
+    os.replace(path, aside)
+    log.warning("MLflow store %s was left half-created by an earlier run (%s); moved it aside to %s and creating a new one",
+                path, ", ".join(leftovers) or "no schema version", aside)
+
+
 class Tracker:
     """Records a pipeline run and its stage runs in MLflow (tracking URI given explicitly)."""
 
@@ -117,18 +164,14 @@ class Tracker:
         from mlflow import MlflowClient
 
         self.tracking_uri = tracking_uri
-        if tracking_uri.startswith("sqlite:///"):
-            os.makedirs(os.path.dirname(tracking_uri[len("sqlite:///") :]), exist_ok=True)
-        self.client = MlflowClient(tracking_uri=tracking_uri)
-        mlflow.set_tracking_uri(tracking_uri)  # artifact repositories resolve through it
-        exp = self.client.get_experiment_by_name(experiment)
-        if exp is None:
-            try:
+        with _embedded_store_lock(tracking_uri):  # the first use creates the schema: one process at a time
+            self.client = MlflowClient(tracking_uri=tracking_uri)
+            mlflow.set_tracking_uri(tracking_uri)  # artifact repositories resolve through it
+            exp = self.client.get_experiment_by_name(experiment)
+            if exp is None:
                 self.experiment_id = self.client.create_experiment(experiment, artifact_location=artifact_location)
-            except Exception:  # created concurrently
-                self.experiment_id = self.client.get_experiment_by_name(experiment).experiment_id
-        else:
-            self.experiment_id = exp.experiment_id
+            else:
+                self.experiment_id = exp.experiment_id
         self.parent_id: Optional[str] = None
 
     # -- pipeline run ---------------------------------------------------------------------
