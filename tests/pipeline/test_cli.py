@@ -122,5 +122,5 @@ def test_config_errors_exit_2_with_the_key(tmp_path):
 
 def test_stages_lists_registered_stages_with_config_fields():
     out = cli("stages").stdout
-    assert "ingest v1  [SourceStage]" in out and "sample v1  [RowStage]" in out
+    assert "ingest v2  [SourceStage]" in out and "sample v1  [RowStage]" in out
     assert "max_bad_fraction" in out and "fraction: float (required)" in out
