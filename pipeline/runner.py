@@ -21,6 +21,7 @@ from pipeline.config import ConfigError, LoadedConfig
 from pipeline.context import InputDataset, StageContext
 from pipeline.dag import Node, build_dag, downstream_of, upstream_of
 from pipeline.funnel import funnel_artifacts
+from pipeline.locks import ReaderLease, StageLock, describe, live_readers
 from pipeline.fanout import FanOut
 from pipeline.execute import PartJob, merge_results, run_parts_locally, run_parts_on_ray
 from pipeline.stage import DatasetStage, Resources, RowStage, SourceStage, Part, stage_seed
@@ -139,6 +140,7 @@ class Runner:
         if track:
             self.tracker = Tracker(loaded.resolved.tracking_uri(), loaded.resolved.mlflow.experiment, loaded.resolved.artifact_location())
         self.ray_address = RAY_NOT_STARTED if use_ray else "none (in-process)"
+        self._reader_lease: Optional[str] = None  # this run's ReaderLease id, while it runs
 
     def _check_addresses(self, track: bool) -> None:
         resolved = self.loaded.resolved
@@ -229,10 +231,15 @@ class Runner:
                 },
             )
         status = "FAILED"
+        # every stage folder this run may read, published before any manifest is read, so that
+        # another run's commit never deletes an attempt under it
+        stage_dirs = [mf.stage_uri(self.work_dir, name, fp) for name, fp in fingerprints.items()]
         try:
-            for name in selected:
-                node = self.by_name[name]
-                report.stages.append(self._run_stage(node, fingerprints, computed[name], name in forced, report))
+            with ReaderLease(self.storage, self.work_dir, stage_dirs, run=report.pipeline_run_id) as lease:
+                self._reader_lease = lease.id
+                for name in selected:
+                    node = self.by_name[name]
+                    report.stages.append(self._run_stage(node, fingerprints, computed[name], name in forced, report))
             status = "FINISHED"
         finally:
             if self.tracker:
@@ -258,6 +265,21 @@ class Runner:
         fp = fingerprints[node.name]
         stage_dir = mf.stage_uri(self.work_dir, node.name, fp)
         existing = None if forced else mf.load_manifest(self.storage, stage_dir)
+        lock = None
+        if existing is None:  # one run computes an output at a time; another one fails at once, naming it
+            lock = StageLock(self.storage, stage_dir, node.name, run=report.pipeline_run_id)
+            lock.acquire()
+            if not forced:  # committed by a run that finished between our look and the lock
+                existing = mf.load_manifest(self.storage, stage_dir)
+        try:
+            return self._run_stage_locked(node, fingerprints, why, stage_dir, existing)
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _run_stage_locked(self, node: Node, fingerprints: dict[str, str], why: "Fingerprint", stage_dir: str,
+                          existing: Optional[dict[str, Any]]) -> StageReport:
+        fp = why.value
         cached = existing is not None
         entry = self.loaded.declared.stages[node.name]
         run_id = None
@@ -293,7 +315,7 @@ class Runner:
         ctx.attempt = f"attempt-{uuid.uuid4().hex[:12]}"
         if self.tracker and run_id:
             ctx.mlflow_run_id, ctx.tracking_uri = run_id, self.tracker.tracking_uri
-        mf.remove_stale_attempts(self.storage, ctx.stage_dir, keep=self._committed_attempt(ctx.stage_dir))
+        self._remove_stale_attempts(node.name, ctx.stage_dir, keep=self._committed_attempt(ctx.stage_dir))
         stage = node.cls(config, seed=ctx.seed)
         resources = ctx.resources
         if self.use_ray:
@@ -333,13 +355,23 @@ class Runner:
         self._check_counts(node, manifest)
         stage.check(manifest)  # a stage's own acceptance rule (e.g. ingest's max_bad_fraction)
         self.storage.write_json_atomic(mf.manifest_uri(ctx.stage_dir), manifest)  # the commit
-        mf.remove_stale_attempts(self.storage, ctx.stage_dir, keep=ctx.attempt)
+        self._remove_stale_attempts(node.name, ctx.stage_dir, keep=ctx.attempt)
         c = manifest["counts"]
         log.info(
             "[%s] committed %s: %d in, %d kept, %d rejected, %d quarantined in %.1fs",
             node.name, fp, c["rows_in"], c["kept"], sum(c["rejected"].values()), sum(c["quarantined"].values()), wall,
         )
         return manifest, ctx.artifacts
+
+    def _remove_stale_attempts(self, stage: str, stage_dir: str, keep: Optional[str]) -> None:
+        """Crashed and superseded attempts go, unless another running pipeline may read them: then
+        they stay until a later commit of this stage finds no such reader."""
+        readers = live_readers(self.storage, self.work_dir, stage_dir, ignore=self._reader_lease)
+        if readers:
+            log.info("[%s] keeping earlier attempts in %s: %d other run(s) may read them (%s)", stage, stage_dir, len(readers),
+                     "; ".join(describe(r) for r in readers))
+            return
+        mf.remove_stale_attempts(self.storage, stage_dir, keep=keep)
 
     def _committed_attempt(self, stage_dir: str) -> Optional[str]:
         m = mf.load_manifest(self.storage, stage_dir)

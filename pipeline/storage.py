@@ -85,6 +85,32 @@ class Storage:
             os.fsync(f.fileno())
         os.replace(tmp, path)
 
+    def create_exclusive(self, uri: str, data: bytes) -> bool:
+        """Create the object only if it does not exist (True), atomically: a local O_EXCL create,
+        an S3 conditional PUT (If-None-Match: *). False when it already exists."""
+        if is_remote(uri):
+            fs = self.fs(uri)
+            try:
+                fs.pipe_file(_strip_file_scheme(uri), data, mode="create")
+            except FileExistsError:
+                return False
+            except OSError as e:  # s3fs raises the 412 as a generic OSError on some versions
+                if "PreconditionFailed" in str(e) or "412" in str(e):
+                    return False
+                raise
+            return True
+        path = _strip_file_scheme(uri)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        return True
+
     def write_json_atomic(self, uri: str, obj: Any) -> None:
         self.write_bytes_atomic(uri, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 

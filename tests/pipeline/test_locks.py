@@ -1,0 +1,117 @@
+"""Runs that share a work dir: a second run of the same stage output fails at once naming the
+first, a commit never deletes an attempt another running pipeline may read, a killed run's lock
+is taken over -- locally (with a real second process) and on S3 (moto's server)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline import manifest as mf
+from pipeline.config import load_config
+from pipeline.locks import ReaderLease, StageBusy, StageLock, live_readers
+from pipeline.runner import Runner
+from pipeline.storage import Storage
+from stages.assets import python_doc_topics
+
+PIPELINE = """
+name: locks
+work_dir: {work}
+stages:
+  ingest:
+    uses: ingest
+    config:
+      sources: [{{name: docs, paths: ["{data}/*.jsonl"]}}]
+  sample:
+    uses: sample
+    inputs: [ingest]
+    config: {{fraction: 0.5}}
+"""
+
+
+@pytest.fixture()
+def pipeline(tmp_path) -> Path:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in list(python_doc_topics().values())[:20]))
+    path = tmp_path / "p.yaml"
+    path.write_text(PIPELINE.format(work=tmp_path / "work", data=data))
+    return path
+
+
+def _lmpipe(*args: str) -> subprocess.CompletedProcess:
+    """Another lmpipe process (in process: no Ray, so the test stays fast)."""
+    code = ("import sys; from pipeline.config import load_config; from pipeline.runner import Runner; "
+            "args = sys.argv[1:]; Runner(load_config(args[0]), use_ray=False, track=False).run("
+            "only=args[1] if len(args) > 1 else None, force=len(args) > 1)")
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300)
+
+
+def _stage_dir(path: Path, stage: str) -> str:
+    runner = Runner(load_config(str(path)), use_ray=False, track=False)
+    return mf.stage_uri(runner.work_dir, stage, runner.fingerprints()[stage].value)
+
+
+def test_a_second_run_of_the_same_stage_fails_at_once_naming_the_first(pipeline):
+    ingest_dir = _stage_dir(pipeline, "ingest")
+    with StageLock(Storage(), ingest_dir, "ingest", run="run-A"):  # this process computes ingest
+        started = time.monotonic()
+        proc = _lmpipe(str(pipeline))
+        assert proc.returncode != 0 and time.monotonic() - started < 60
+        assert "StageBusy" in proc.stderr and f"stage 'ingest' ({ingest_dir}) is being computed by another run" in proc.stderr
+        assert "pipeline run run-A" in proc.stderr
+        assert mf.load_manifest(Storage(), ingest_dir) is None  # nothing was written under the holder
+    proc = _lmpipe(str(pipeline))  # released: the next run computes it
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert mf.load_manifest(Storage(), ingest_dir) is not None and not (Path(ingest_dir) / "_lock.json").exists()
+
+
+def test_the_lock_of_a_killed_run_is_taken_over(pipeline):
+    ingest_dir = _stage_dir(pipeline, "ingest")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    Path(ingest_dir).mkdir(parents=True)
+    lease = {"host": __import__("socket").gethostname(), "pid": dead.pid, "run": "killed", "started": time.time(), "heartbeat": time.time()}
+    (Path(ingest_dir) / "_lock.json").write_text(json.dumps(lease))
+    proc = _lmpipe(str(pipeline))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_a_commit_keeps_the_attempt_another_running_pipeline_may_read(pipeline):
+    assert _lmpipe(str(pipeline)).returncode == 0
+    ingest_dir = Path(_stage_dir(pipeline, "ingest"))
+    first = mf.load_manifest(Storage(), str(ingest_dir))["attempt"]
+    with ReaderLease(Storage(), str(ingest_dir.parent.parent), [str(ingest_dir)], run="reader"):  # a run reading ingest
+        proc = _lmpipe(str(pipeline), "ingest")  # --stage ingest --force in another process: a new commit
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        second = mf.load_manifest(Storage(), str(ingest_dir))["attempt"]
+        assert second != first and (ingest_dir / first).is_dir()  # still there for the reader
+    proc = _lmpipe(str(pipeline), "ingest")  # no reader any more: the next commit cleans up
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    third = mf.load_manifest(Storage(), str(ingest_dir))["attempt"]
+    assert sorted(p.name for p in ingest_dir.glob("attempt-*")) == [third]
+
+
+def test_locks_and_reader_leases_work_on_s3(s3_server):
+    from tests.conftest import make_bucket
+
+    make_bucket(s3_server, "locks")
+    storage = Storage({"s3": {"endpoint_url": s3_server["endpoint_url"], "key": s3_server["key"], "secret": s3_server["secret"]}})
+    stage_dir = "s3://locks/work/ingest/abc"
+    first = StageLock(storage, stage_dir, "ingest", run="A")
+    first.acquire()
+    with pytest.raises(StageBusy, match="pipeline run A"):
+        StageLock(storage, stage_dir, "ingest", run="B").acquire()
+    first.release()
+    with StageLock(storage, stage_dir, "ingest", run="B"):
+        assert storage.exists(f"{stage_dir}/_lock.json")
+    assert not storage.exists(f"{stage_dir}/_lock.json")
+    with ReaderLease(storage, "s3://locks/work", [stage_dir], run="R") as lease:
+        assert [r["run"] for r in live_readers(storage, "s3://locks/work", stage_dir)] == ["R"]
+        assert live_readers(storage, "s3://locks/work", stage_dir, ignore=lease.id) == []
+    assert live_readers(storage, "s3://locks/work", stage_dir) == []
