@@ -342,7 +342,11 @@ def main(argv: Optional[list[str]] = None) -> int:
 
         if args.traceback:
             traceback.print_exc()
-
+            if getattr(e, "worker_traceback", ""):
+                print(f"on the worker:\n{e.worker_traceback}", file=sys.stderr)
+        if getattr(e, "worker_traceback", None) is not None:  # the message already says where (stage, part, file)
+            print(f"lmpipe: error: {e} (--traceback for the worker's traceback)", file=sys.stderr)
+            return 1
         frames = traceback.extract_tb(e.__traceback__)
         where = f" (at {frames[-1].filename}:{frames[-1].lineno} in {frames[-1].name}; -v for the traceback)" if frames else ""
         print(f"lmpipe: error: {type(e).__name__}: {e}{where}", file=sys.stderr)

@@ -8,8 +8,10 @@ stage's batch method, and streams the results to Parquet.
 
 from __future__ import annotations
 
+import errno
 import json
 import time
+import traceback
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -108,14 +110,37 @@ def run_part(stage: Stage, part: Part, job: PartJob) -> dict[str, Any]:
             result = run_generator_part(stage, part, job)
         else:
             raise TypeError(f"{type(stage).__name__} does not run part by part (no process_part)")
-    except StageContractError:
-        raise
-    except Exception as e:  # name the part: which file broke is what the user needs
-        where = part.payload.get("uri", part.id)
-        raise RuntimeError(f"stage {job.stage_name!r} failed on part {part.id} ({where}): {type(e).__name__}: {e}") from e
+    except Exception as e:
+        # returned, not raised: through Ray a worker's exception arrives as a 40-line dump with
+        # colour codes; as data it becomes one line on the driver (the traceback kept for --traceback)
+        return {"part": part.id, "error": part_error_message(job.stage_name, part, e), "traceback": traceback.format_exc()}
     result["seconds"] = time.perf_counter() - started
     result["node"] = _node_id()
     return result
+
+
+class PartFailed(RuntimeError):
+    """A part failed on a worker: the message names the stage, the part and its file; the worker's
+    traceback is kept for ``--traceback``."""
+
+    def __init__(self, message: str, worker_traceback: str = ""):
+        super().__init__(message)
+        self.worker_traceback = worker_traceback
+
+
+def part_error_message(stage_name: str, part: Part, e: BaseException) -> str:
+    if isinstance(e, StageContractError):
+        return str(e)
+    where = part.payload.get("uri", part.id)
+    message = f"stage {stage_name!r} failed on part {part.id} ({where}): {type(e).__name__}: {e}"
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        message += "; free space there and run again (committed stages are kept, this one restarts)"
+    return message
+
+
+def _raise_if_failed(result: dict[str, Any]) -> None:
+    if "error" in result:
+        raise PartFailed(result["error"], result.get("traceback", ""))
 
 
 def _node_id() -> str:
@@ -185,6 +210,7 @@ def run_parts_on_ray(
     results = []
     for row in ds.iter_rows():
         result = json.loads(row["result"])
+        _raise_if_failed(result)  # the first failed part stops the stage
         results.append(result)
         if on_result is not None:
             on_result(result, len(results), len(parts))
@@ -196,7 +222,9 @@ def run_parts_locally(stage_cls: type[Stage], config: Any, parts: list[Part], jo
     worker = PartWorker(stage_cls, config, job)
     results = []
     for p in parts:
-        results.append(run_part(worker.stage, p, job))
+        result = run_part(worker.stage, p, job)
+        _raise_if_failed(result)
+        results.append(result)
         if on_result is not None:
             on_result(results[-1], len(results), len(parts))
     return sorted(results, key=lambda r: r["part"])

@@ -104,3 +104,38 @@ def test_wrong_addresses_fail_in_seconds_naming_the_address(tmp_path):
         proc = _cli(*args)
         assert proc.returncode == 1 and message in proc.stderr, (args, proc.stderr[-2000:])
         assert time.monotonic() - started < 60, args
+
+
+def test_a_data_error_on_a_ray_worker_is_one_clear_line(tmp_path):
+    """A Parquet file without the text column failed deep in a worker: the user got a 40-line Ray
+    dump with colour codes, also stored in the lmpipe.error MLflow tag."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from mlflow import MlflowClient
+
+    pq.write_table(pa.table({"body": ["hello world"]}), tmp_path / "a.parquet")
+    path = tmp_path / "p.yaml"
+    path.write_text(f"name: x\nwork_dir: {tmp_path / 'work'}\nray: {{num_cpus: 1}}\nstages:\n  ingest:\n    uses: ingest\n"
+                    f"    config: {{sources: [{{name: s, paths: ['{tmp_path / 'a.parquet'}']}}]}}\n")
+    proc = _cli("run", str(path))
+    assert proc.returncode == 1
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("lmpipe:")]
+    assert errors == [f"lmpipe: error: stage 'ingest' failed on part 00000 ({tmp_path / 'a.parquet'}): KeyError: "
+                      f"\"{tmp_path / 'a.parquet'}: no column 'text' (columns: body); set text_field on source 's' (a dotted path"
+                      f" reaches into struct columns)\" (--traceback for the worker's traceback)"]
+    assert "\x1b[" not in proc.stderr and "Traceback" not in proc.stderr
+    client = MlflowClient(f"sqlite:///{tmp_path / 'work' / 'mlflow.db'}")
+    [stage] = client.search_runs(["1"], "tags.`lmpipe.kind` = 'stage'")
+    assert "PartFailed: stage 'ingest' failed on part 00000" in stage.data.tags["lmpipe.error"] and "\x1b[" not in stage.data.tags["lmpipe.error"]
+
+
+def test_a_full_disk_on_a_worker_says_what_to_do():
+    import errno as errno_
+
+    from pipeline.execute import part_error_message
+    from pipeline.stage import Part
+
+    e = OSError(errno_.ENOSPC, "No space left on device", "/data/work/x/part-00000-0000.parquet")
+    message = part_error_message("quality_filter", Part("00003", {"uri": "/data/in.parquet"}), e)
+    assert message == ("stage 'quality_filter' failed on part 00003 (/data/in.parquet): OSError: [Errno 28] No space left on device:"
+                       " '/data/work/x/part-00000-0000.parquet'; free space there and run again (committed stages are kept, this one restarts)")
