@@ -43,7 +43,7 @@ def fingerprint_payload(
         "version": version,
         "code": code,
         "config": config,
-        "inputs": sorted(inputs),
+        "inputs": [list(i) for i in sorted(inputs)],  # lists, as the manifest's JSON reads back
         "extras": extras,
         "seed": seed,
     }
