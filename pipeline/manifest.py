@@ -97,11 +97,19 @@ def dataset_uri(manifest: dict[str, Any], stage_dir: str, dataset: str = "data")
     return st.join(stage_dir, manifest["attempt"], dataset)
 
 
-def remove_stale_attempts(storage: st.Storage, stage_dir: str, keep: Optional[str]) -> list[str]:
-    """Delete attempt folders other than ``keep`` (crashed or superseded runs)."""
+FAILED_MARKER = "_FAILED.json"
+
+
+def remove_stale_attempts(storage: st.Storage, stage_dir: str, keep: Optional[str], keep_failed: bool = False) -> list[str]:
+    """Delete attempt folders other than ``keep`` (crashed or superseded runs). ``keep_failed``:
+    also keep attempts that a stage's own check refused (they hold what its error told the user
+    to inspect, e.g. a quarantine dataset) until the stage next commits."""
     removed = []
     for name in storage.ls_dirs(stage_dir):
-        if name.startswith("attempt-") and name != keep:
-            storage.rm(st.join(stage_dir, name))
-            removed.append(name)
+        if not name.startswith("attempt-") or name == keep:
+            continue
+        if keep_failed and storage.exists(st.join(stage_dir, name, FAILED_MARKER)):
+            continue
+        storage.rm(st.join(stage_dir, name))
+        removed.append(name)
     return removed

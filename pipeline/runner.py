@@ -315,7 +315,7 @@ class Runner:
         ctx.attempt = f"attempt-{uuid.uuid4().hex[:12]}"
         if self.tracker and run_id:
             ctx.mlflow_run_id, ctx.tracking_uri = run_id, self.tracker.tracking_uri
-        self._remove_stale_attempts(node.name, ctx.stage_dir, keep=self._committed_attempt(ctx.stage_dir))
+        self._remove_stale_attempts(node.name, ctx.stage_dir, keep=self._committed_attempt(ctx.stage_dir), keep_failed=True)
         stage = node.cls(config, seed=ctx.seed)
         resources = ctx.resources
         if self.use_ray:
@@ -353,7 +353,11 @@ class Runner:
         merged = merge_results(results)
         manifest = self._manifest(node, why, ctx, inputs, merged, len(parts), started, wall)
         self._check_counts(node, manifest)
-        stage.check(manifest)  # a stage's own acceptance rule (e.g. ingest's max_bad_fraction)
+        try:
+            stage.check(manifest)  # a stage's own acceptance rule (e.g. ingest's max_bad_fraction)
+        except Exception as e:
+            self.storage.write_json_atomic(st.join(ctx.attempt_uri, mf.FAILED_MARKER), {"error": str(e), "manifest": manifest})
+            raise StageFailed(f"{e} [this attempt's outputs are kept in {ctx.attempt_uri} until {node.name!r} next commits]") from e
         self.storage.write_json_atomic(mf.manifest_uri(ctx.stage_dir), manifest)  # the commit
         self._remove_stale_attempts(node.name, ctx.stage_dir, keep=ctx.attempt)
         c = manifest["counts"]
@@ -363,7 +367,7 @@ class Runner:
         )
         return manifest, ctx.artifacts
 
-    def _remove_stale_attempts(self, stage: str, stage_dir: str, keep: Optional[str]) -> None:
+    def _remove_stale_attempts(self, stage: str, stage_dir: str, keep: Optional[str], keep_failed: bool = False) -> None:
         """Crashed and superseded attempts go, unless another running pipeline may read them: then
         they stay until a later commit of this stage finds no such reader."""
         readers = live_readers(self.storage, self.work_dir, stage_dir, ignore=self._reader_lease)
@@ -371,7 +375,7 @@ class Runner:
             log.info("[%s] keeping earlier attempts in %s: %d other run(s) may read them (%s)", stage, stage_dir, len(readers),
                      "; ".join(describe(r) for r in readers))
             return
-        mf.remove_stale_attempts(self.storage, stage_dir, keep=keep)
+        mf.remove_stale_attempts(self.storage, stage_dir, keep=keep, keep_failed=keep_failed)
 
     def _committed_attempt(self, stage_dir: str) -> Optional[str]:
         m = mf.load_manifest(self.storage, stage_dir)

@@ -115,3 +115,24 @@ def test_locks_and_reader_leases_work_on_s3(s3_server):
         assert [r["run"] for r in live_readers(storage, "s3://locks/work", stage_dir)] == ["R"]
         assert live_readers(storage, "s3://locks/work", stage_dir, ignore=lease.id) == []
     assert live_readers(storage, "s3://locks/work", stage_dir) == []
+
+
+def test_the_attempt_a_failed_check_points_to_survives_the_next_run(tmp_path):
+    """ingest's error says "see the quarantine dataset of this attempt": a rerun deleted it."""
+    from pipeline.runner import StageFailed
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "bad.jsonl").write_text('{"body": "no text field"}\n' * 3)
+    path = tmp_path / "p.yaml"
+    path.write_text(f"name: q\nwork_dir: {tmp_path / 'work'}\nstages:\n  ingest:\n    uses: ingest\n"
+                    f"    config: {{sources: [{{name: docs, paths: ['{data}/*.jsonl']}}]}}\n")
+    failed = []
+    for _ in range(2):
+        with pytest.raises(StageFailed, match="all 3 records were quarantined") as e:
+            Runner(load_config(str(path)), use_ray=False, track=False).run()
+        failed.append(str(e.value).split("kept in ")[1].split(" until")[0])
+    assert failed[0] != failed[1] and all(Path(f, "quarantine").is_dir() for f in failed)  # both still there to inspect
+
+    marker = json.loads(Path(failed[0], "_FAILED.json").read_text())
+    assert "all 3 records were quarantined" in marker["error"] and marker["manifest"]["counts"]["quarantined"] == {"missing_text": 3}
