@@ -59,6 +59,10 @@ class CountsMismatch(StageFailed):
     pass
 
 
+class CheckFailed(StageFailed, ValueError):
+    """A stage's own acceptance rule refused its output (bad input beyond what it accepts)."""
+
+
 @dataclass(frozen=True)
 class Fingerprint:
     """A stage's fingerprint and what it was computed from."""
@@ -357,7 +361,7 @@ class Runner:
             stage.check(manifest)  # a stage's own acceptance rule (e.g. ingest's max_bad_fraction)
         except Exception as e:
             self.storage.write_json_atomic(st.join(ctx.attempt_uri, mf.FAILED_MARKER), {"error": str(e), "manifest": manifest})
-            raise StageFailed(f"{e} [this attempt's outputs are kept in {ctx.attempt_uri} until {node.name!r} next commits]") from e
+            raise CheckFailed(f"{e} [this attempt's outputs are kept in {ctx.attempt_uri} until {node.name!r} next commits]") from e
         self.storage.write_json_atomic(mf.manifest_uri(ctx.stage_dir), manifest)  # the commit
         self._remove_stale_attempts(node.name, ctx.stage_dir, keep=ctx.attempt)
         c = manifest["counts"]
