@@ -93,6 +93,9 @@ class Tokenize(DatasetStage):
     def run(self, ctx: StageContext) -> None:
         c = self.config
         docs_in = ctx.inputs[0]
+        if docs_in.num_rows == 0:
+            raise ValueError(f"stage {ctx.stage_name!r}: its input {docs_in.ref} has no documents; nothing to tokenize"
+                             f" (see the funnel of the stages before it)")
         tok, tok_stage = ctx.upstream(TokenizerSummary)
         tok_uri = tok_stage.path(tok.path)
         res = ctx.resources

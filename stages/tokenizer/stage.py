@@ -142,6 +142,9 @@ class TrainTokenizer(DatasetStage):
         else:
             if not ctx.inputs:
                 raise ValueError("train_tokenizer needs an input dataset to train on, or config.path to load a tokenizer")
+            if ctx.inputs[0].num_rows == 0:
+                raise ValueError(f"stage {ctx.stage_name!r}: its input {ctx.inputs[0].ref} has no documents to train a tokenizer on"
+                                 f" (see the funnel of the stages before it), or set config.path to load one")
             tok = train_bpe(self.sampled_texts(ctx), c)
             origin = {"trained_on_docs": self._sampled["docs"], "trained_on_chars": self._sampled["chars"],
                       "sample_fraction": round(self._sampled["fraction"], 6)}
