@@ -281,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("config")
     s.add_argument("--address", required=True, help="the cluster's dashboard, e.g. http://HEAD:8265")
     s.add_argument("--no-wait", action="store_true", help="print the job id and return")
-    s.add_argument("--python", default="python", help="python on the cluster that has lmpipe's dependencies")
+    s.add_argument("--python", default=None, help="python on the cluster that has lmpipe's dependencies (default: the one the cluster's Ray runs on)")
     g = s.add_mutually_exclusive_group()
     g.add_argument("--stage")
     g.add_argument("--from", dest="from")

@@ -29,7 +29,29 @@ def auth_headers() -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
-def submit(config_path: str, address: str, wait: bool = True, python: str = "python",
+# The job's shell runs under Ray's job supervisor, whose interpreter is the one the cluster's Ray
+# runs on (a `ray start` from an environment that was not activated leaves that environment off
+# the PATH: `python` is then another interpreter, without lmpipe's dependencies). The supervisor
+# has Ray's compiled module mapped; the environment that holds it has the right python.
+RAY_PYTHON = (
+    'py=""; so="$(grep -o "/[^ ]*/site-packages/ray/_raylet.so" /proc/$PPID/maps 2>/dev/null | head -n 1)"; '
+    'if [ -n "$so" ]; then root="${so%/lib/python*}"; [ -x "$root/bin/python" ] && py="$root/bin/python"; fi; '
+    '[ -n "$py" ] || py=python'
+)
+CHECK_PYTHON = (
+    '"$py" -c "import fsspec, pyarrow, pydantic, ray, yaml" 2>/dev/null || '
+    '{ echo "lmpipe: error: this job would run with $py ($(command -v "$py" || echo not found)), which lacks lmpipe'"'"'s'
+    ' dependencies: start Ray from lmpipe'"'"'s environment (. .venv/bin/activate && ray start ...) or give lmpipe submit'
+    ' --python PATH" >&2; exit 3; }'
+)
+
+
+def choose_python(python: Optional[str]) -> str:
+    """Shell that sets $py: the given interpreter, else the one the cluster's Ray runs on."""
+    return f"py={shlex.quote(python)}" if python else RAY_PYTHON
+
+
+def submit(config_path: str, address: str, wait: bool = True, python: Optional[str] = None,
            extra_args: Optional[list[str]] = None, timeout: Optional[float] = None) -> int:
     """Submit ``lmpipe run`` of a pipeline file to a cluster; follow its logs unless ``wait`` is False.
 
@@ -51,13 +73,14 @@ def submit(config_path: str, address: str, wait: bool = True, python: str = "pyt
     base_dir = os.path.dirname(os.path.abspath(config_path))
     staging = tempfile.mkdtemp(prefix="lmpipe-submit-")
     Path(staging, "pipeline.yaml").write_text(loaded.text)
-    cmd = [python, "-m", "pipeline.cli", "--traceback", "run", "pipeline.yaml", "--address", "auto", "--base-dir", base_dir, *(extra_args or [])]
+    args = ["-m", "pipeline.cli", "--traceback", "run", "pipeline.yaml", "--address", "auto", "--base-dir", base_dir, *(extra_args or [])]
     # Run from a folder Ray does not manage: Ray may garbage-collect the job's unpacked working_dir
     # while the job still runs (seen when Ray Train's controller exits), and code that calls
     # os.getcwd() (torch._dynamo's config) then fails with FileNotFoundError.
     entrypoint = (
-        'd="$(mktemp -d -t lmpipe-job-XXXXXX)" && cp pipeline.yaml "$d/" && cd "$d" && exec '
-        + " ".join(shlex.quote(c) for c in cmd)
+        f"{choose_python(python)}; {CHECK_PYTHON} && "
+        'd="$(mktemp -d -t lmpipe-job-XXXXXX)" && cp pipeline.yaml "$d/" && cd "$d" && exec "$py" '
+        + " ".join(shlex.quote(c) for c in args)
     )
     client = JobSubmissionClient(address, headers=auth_headers() or None)
     runtime_env = {

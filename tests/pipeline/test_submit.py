@@ -15,9 +15,13 @@ from tests.conftest import VENV_BIN, free_port, ray_node_port_args, server_proce
 
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
-    """A Ray head on 127.0.0.1, stopped by its own process group (``ray stop`` would stop every Ray here)."""
+    """A Ray head on 127.0.0.1, stopped by its own process group (``ray stop`` would stop every Ray here).
+    Started as ``.venv/bin/ray start`` without activating the environment: `python` on its PATH is
+    another interpreter, without lmpipe's dependencies (jobs died with ModuleNotFoundError)."""
     port, dash = free_port(), free_port()
-    env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
+    path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if os.path.abspath(p) != str(VENV_BIN))
+    env = {**os.environ, "PATH": path, "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
+    env.pop("VIRTUAL_ENV", None)
     url = f"http://127.0.0.1:{dash}"
     cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
            "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "2", "--include-dashboard", "true",
@@ -76,3 +80,15 @@ stages:
     assert "sample           cached" in logs.stdout
     stop = subprocess.run([*job, "stop", job_id, "--address", ray_head], capture_output=True, text=True, timeout=60)
     assert stop.stdout.strip() == f"{job_id}: already finished"
+
+
+def test_submit_with_an_interpreter_that_lacks_lmpipe_says_so_in_one_line(ray_head, tmp_path):
+    bare = os.path.join(sys.base_prefix, "bin", "python3")  # this venv's base interpreter: no fsspec, no ray
+    config = tmp_path / "job.yaml"
+    config.write_text(f"name: bare\nwork_dir: {tmp_path / 'work'}\nstages:\n  ingest:\n    uses: ingest\n"
+                      f"    config: {{sources: [{{name: d, paths: ['{tmp_path}/*.jsonl']}}], max_bad_fraction: 1}}\n")
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "submit", str(config), "--address", ray_head, "--python", bare],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert f"lmpipe: error: this job would run with {bare} ({bare}), which lacks lmpipe's dependencies" in proc.stdout
+    assert "ModuleNotFoundError" not in proc.stdout and "FAILED" in proc.stdout
