@@ -61,7 +61,7 @@ def build_checkpoint(work: Path, steps: int) -> dict:
     from stages.assets import news_articles
     from stages.tokenize.loader import TokenShardLoader
     from stages.train.export import export_checkpoint
-    from stages.train.model import model_config
+    from stages.model.transformer import model_config
     from stages.train.config import TrainConfig
     from stages.train.trainer import LocalCheckpointer, Trainer
 

@@ -7,7 +7,7 @@ machine has neither).
 
 Synthetic tokens (uniform over the vocabulary): throughput does not depend on the data. Each
 configuration runs ``--warmup`` steps (compilation, allocator) and then times ``--steps`` steps.
-MFU = tokens/s per device * FLOPs/token (6N + attention, stages/train/model.py) / device peak
+MFU = tokens/s per device * FLOPs/token (6N + attention, stages/model/transformer.py) / device peak
 (H100 989, A100 312 TFLOP/s dense bf16).
 """
 
@@ -25,8 +25,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+from stages.model.transformer import model_config  # noqa: E402
 from stages.train.config import TrainConfig  # noqa: E402
-from stages.train.model import model_config  # noqa: E402
 from stages.train.parallelize import param_dtype  # noqa: E402
 from stages.train.trainer import Trainer  # noqa: E402
 

@@ -1,30 +1,33 @@
-"""Evaluation inside the training loop: validation bits per byte per domain and one small
-multiple-choice task every N steps, with the same scoring code as the ``evaluate`` stage.
+"""Evaluation inside the training loop: validation bits per byte (and loss) per domain and one
+small multiple-choice task every N steps, with the same scoring code as the ``evaluate`` stage.
 
-Wire it into :class:`stages.train.trainer.Trainer` through its ``on_step_end`` callback::
+:class:`InLoopEval` is one of the trainer's validators (``stages.train.trainer.Validator``)::
 
     from stages.evaluate.hook import InLoopEval
 
-    hook = InLoopEval.build(tokenizer_file, every=100, val_rows=val_sets,       # {domain: [n, seq_len + 1]}
-                            task=("mmlu", None), limit=100, prefix_token=bos_id)  # 100 MMLU questions, 0-shot
-    trainer.train(on_step_end=hook.attach(trainer))
+    in_loop = InLoopEval.build(tokenizer_file, every=100, val_rows=val_sets,       # {domain: [n, seq_len + 1]}
+                               task=("mmlu", None), limit=100, prefix_token=bos_id)  # 100 MMLU questions, 0-shot
+    Trainer(..., validators=[in_loop]).train()
 
-Every rank must call it (an FSDP-sharded model's forward is collective); only rank 0's trainer has
-a metrics sink, so only rank 0 logs (``eval/bits_per_byte/<domain>``, ``eval/bits_per_byte/_macro``,
-``eval/<task>/acc``, ``eval/<task>/acc_norm``, at the training step). A sharded or compiled model is
-called as a whole (``model(tokens)``); an unwrapped :class:`~stages.train.model.Transformer` gets
-the stage's fast path (output head only at scored positions, shared contexts).
+Every rank runs it (an FSDP-sharded model's forward is collective); only rank 0's trainer has a
+metrics sink, so only rank 0 logs (``eval/bits_per_byte/<domain>``, ``eval/bits_per_byte/_macro``,
+``eval/<task>/acc``, ``eval/<task>/acc_norm``, at the training step). Scoring the validation split
+gives each token's loss, so the same pass reports ``val_loss/<domain>`` and ``val_loss`` (their
+mean over domains) as well, and the trainer's own validation loss need not score the split again.
+A sharded model is called as a whole (``model(tokens)``); an unwrapped
+:class:`~stages.model.transformer.Transformer` gets the stage's fast path (output head only at
+scored positions, shared contexts).
 
-The train stage wires it from its ``in_loop_eval`` config (``stages/train``): the driver builds
-the task's requests and reads the tokenizer, every worker builds this object with
-:meth:`InLoopEval.from_parts` and the full validation set (the same on every rank).
+The train stage wires it from its ``in_loop_eval`` config (``stages/train``): the driver builds an
+:class:`InLoopEvalSpec` (the task's requests, the tokenizer), and every worker turns it into an
+:class:`InLoopEval` over the full validation set (the same on every rank).
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -33,7 +36,7 @@ from stages.evaluate.lm import Scorer
 from stages.evaluate.perplexity import token_byte_lengths, validation_bpb
 from stages.evaluate.scoring import aggregate, domain_metrics, score_example
 from stages.evaluate.tasks import MCRequest, build_requests, load_mc_task
-from stages.train.model import Transformer
+from stages.model.transformer import Transformer
 
 
 def task_requests(task: Optional[tuple[str, Optional[str]]], shots: int = 0, limit: Optional[int] = 100,
@@ -78,50 +81,48 @@ class InLoopEval:
         rows = {d: (v.cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)) for d, v in (val_rows or {}).items()}
         return cls(tok, every, rows, list(requests), task_key, prefix_token, token_byte_lengths(tok), batch_tokens)
 
-    @torch.no_grad()
-    def __call__(self, model: torch.nn.Module, device: torch.device | str = "cpu", autocast: Optional[torch.dtype] = None) -> dict[str, float]:
-        was_training = model.training
-        model.eval()
-        device = torch.device(device)
+    def should_run(self, step: int, last_step: int) -> bool:
+        return step % self.every == 0 or step == last_step
+
+    def run(self, trainer) -> dict[str, float]:
+        """Scores ``trainer.model`` as the trainer runs it (device, autocast)."""
+        model, device = trainer.model, trainer.device
         fast = type(model) is Transformer
         scorer = Scorer(model, self.tokenizer, device, self.batch_tokens, 256, self.prefix_token, share_context=fast, fast=fast)
-        if not fast:
-            scorer.max_len = getattr(getattr(model, "cfg", None), "max_seq_len", scorer.max_len)
         out: dict[str, float] = {}
         t0 = time.perf_counter()
-        try:
-            with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-                if self.val_rows:
-                    tokens = np.concatenate([self.val_rows[d] for d in sorted(self.val_rows)])
-                    sources = [d for d in sorted(self.val_rows) for _ in range(len(self.val_rows[d]))]
-                    for domain, m in domain_metrics(validation_bpb(scorer, tokens, sources, self.byte_lengths)).items():
-                        if domain != "_all":
-                            out[f"eval/bits_per_byte/{domain}"] = m["bits_per_byte"]
-                if self.requests:
-                    scores = scorer.loglikelihoods([r.context for r in self.requests], [r.continuations for r in self.requests])
-                    agg = aggregate(score_example(r.id, r.gold, r.choices, [s[0] for s in sc], [s[1] for s in sc])
-                                    for r, sc in zip(self.requests, scores))
-                    out[f"eval/{self.task_key}/acc"] = agg["acc"]
-                    out[f"eval/{self.task_key}/acc_norm"] = agg["acc_norm"]
-        finally:
-            if was_training:
-                model.train()
+        with torch.autocast(device.type, dtype=trainer.autocast, enabled=trainer.autocast is not None):
+            if self.val_rows:
+                tokens = np.concatenate([self.val_rows[d] for d in sorted(self.val_rows)])
+                sources = [d for d in sorted(self.val_rows) for _ in range(len(self.val_rows[d]))]
+                for domain, m in domain_metrics(validation_bpb(scorer, tokens, sources, self.byte_lengths)).items():
+                    if domain == "_all":
+                        continue
+                    out[f"eval/bits_per_byte/{domain}"] = m["bits_per_byte"]
+                    out["val_loss" if domain == "_macro" else f"val_loss/{domain}"] = m["nll_per_token"]
+            if self.requests:
+                scores = scorer.loglikelihoods([r.context for r in self.requests], [r.continuations for r in self.requests])
+                agg = aggregate(score_example(r.id, r.gold, r.choices, [s[0] for s in sc], [s[1] for s in sc])
+                                for r, sc in zip(self.requests, scores))
+                out[f"eval/{self.task_key}/acc"] = agg["acc"]
+                out[f"eval/{self.task_key}/acc_norm"] = agg["acc_norm"]
         out["eval/seconds"] = time.perf_counter() - t0
         return out
 
-    def attach(self, trainer, chain: Optional[Callable[[int], None]] = None) -> Callable[[int], None]:
-        """An ``on_step_end`` callback for ``trainer``: evaluates every ``every`` steps and at the
-        last step, logs through the trainer's sink (rank 0), keeps the numbers in ``self.history``."""
-        self.history: list[dict[str, float]] = []
 
-        def on_step_end(step: int) -> None:
-            if step % self.every == 0 or step == trainer.cfg.steps:
-                metrics = self(trainer.model, trainer.device, trainer.autocast)
-                metrics["tokens_seen"] = trainer.state.tokens_seen
-                self.history.append({"step": step, **metrics})
-                if trainer.sink is not None:
-                    trainer.sink.log(step, metrics)
-            if chain is not None:
-                chain(step)
+@dataclass(frozen=True)
+class InLoopEvalSpec:
+    """What every rank needs to build its :class:`InLoopEval` (built on the driver and pickled to
+    the workers: they never fetch tasks or tokenizers themselves)."""
 
-        return on_step_end
+    every: int
+    tokenizer_json: str
+    prefix_token: int
+    requests: tuple = ()
+    task_key: str = ""
+    validation: bool = True
+
+    def validator(self, validation: dict[str, torch.Tensor]) -> InLoopEval:
+        """Over the full validation split ``validation`` (when this evaluation scores it)."""
+        rows = validation if self.validation else {}
+        return InLoopEval.from_parts(self.tokenizer_json, self.every, rows, self.requests, self.task_key, self.prefix_token)

@@ -1,10 +1,10 @@
 """A checkpoint as something that scores text: loading, and the batched forward passes.
 
 Loading (:func:`load_checkpoint`) accepts the train stage's checkpoints (DCP folders, read with
-the train package's safe reader) and its Hugging Face exports (``config.json`` +
-``model.safetensors``), local or ``s3://``. Anything else -- a missing file, truncated shards,
-an unknown architecture, a vocabulary smaller than the tokenizer's -- fails with a
-:class:`CheckpointError` that names the checkpoint.
+:mod:`stages.model.checkpoint`'s safe reader) and its Hugging Face exports (``config.json`` +
+``model.safetensors``, converted by :mod:`stages.model.hf`), local or ``s3://``. Anything else --
+a missing file, truncated shards, an unknown architecture, a vocabulary smaller than the
+tokenizer's -- fails with a :class:`CheckpointError` that names the checkpoint.
 
 Scoring (:class:`Scorer`) is where the speed comes from:
 
@@ -16,6 +16,9 @@ Scoring (:class:`Scorer`) is where the speed comes from:
   (MMLU's " A" .. " D") this is one plain causal pass over the context;
 * the output head (the largest matmul of a small model: positions x vocabulary) runs only at the
   positions that are scored, never over the whole context.
+
+Every pass is the model's own ``forward`` (positions, mask and ``return_hidden`` are its
+arguments) and its own output head (:meth:`~stages.model.transformer.Transformer.logits`).
 
 The results are lm-eval's: the context is ``encode(context)``, a continuation is what
 ``encode(context + continuation)`` has beyond it, trailing whitespace of the context moves into
@@ -37,7 +40,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from stages.train.model import ModelConfig, Transformer
+from stages.model.hf import from_hf
+from stages.model.transformer import Transformer
 
 
 class CheckpointError(RuntimeError):
@@ -86,43 +90,16 @@ def _local_copy(uri: str, storage: Any) -> tuple[str, Optional[str]]:
     return tmp, tmp
 
 
-def hf_model_config(config: dict[str, Any]) -> ModelConfig:
-    """The inverse of :func:`stages.train.export.hf_config`."""
-    arch = (config.get("architectures") or ["?"])[0]
-    if arch not in ("LlamaForCausalLM", "Qwen3ForCausalLM"):
-        raise ValueError(f"architecture {arch!r} is not one lmpipe trains (LlamaForCausalLM, Qwen3ForCausalLM)")
-    theta = config.get("rope_theta") or (config.get("rope_parameters") or {}).get("rope_theta", 10_000.0)
-    dim, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
-    if int(config.get("head_dim") or dim // heads) != dim // heads:
-        raise ValueError(f"head_dim {config.get('head_dim')} != hidden_size / num_attention_heads")
-    return ModelConfig(
-        vocab_size=int(config["vocab_size"]), dim=dim, n_layers=int(config["num_hidden_layers"]), n_heads=heads,
-        n_kv_heads=int(config.get("num_key_value_heads") or heads), ffn_dim=int(config["intermediate_size"]),
-        norm="rmsnorm", norm_eps=float(config.get("rms_norm_eps", 1e-5)), qk_norm=arch == "Qwen3ForCausalLM",
-        tie_embeddings=bool(config.get("tie_word_embeddings", False)), rope_theta=float(theta),
-        max_seq_len=int(config.get("max_position_embeddings", 2048)),
-    )
-
-
 def _load_hf(path: str) -> Transformer:
     from safetensors.torch import load_file
 
     with open(os.path.join(path, "config.json")) as f:
-        cfg = hf_model_config(json.load(f))
-    state = load_file(os.path.join(path, "model.safetensors"))
-    state = {k.removeprefix("model."): v for k, v in state.items()}
-    if cfg.tie_embeddings:
-        state.setdefault("lm_head.weight", state["embed_tokens.weight"])
-    model = Transformer(cfg)
-    missing, unexpected = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
-    missing = [m for m in missing if not m.startswith("rope_")]
-    if missing or unexpected:
-        raise ValueError(f"weights do not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    return model
+        config = json.load(f)
+    return from_hf(config, load_file(os.path.join(path, "model.safetensors")))
 
 
 def checkpoint_kind(path: str) -> Optional[str]:
-    from stages.train.checkpoint import DCP_METADATA, MODEL_CONFIG
+    from stages.model.checkpoint import DCP_METADATA, MODEL_CONFIG
 
     if os.path.exists(os.path.join(path, MODEL_CONFIG)) and os.path.exists(os.path.join(path, DCP_METADATA)):
         return "dcp"
@@ -146,7 +123,7 @@ def load_checkpoint(uri: str, storage: Any = None, dtype: torch.dtype = torch.fl
         step = tokens_seen = None
         try:
             if kind == "dcp":
-                from stages.train.checkpoint import extra_name, load_extra, load_full_model
+                from stages.model.checkpoint import extra_name, load_extra, load_full_model
 
                 model = load_full_model(local)
                 if os.path.exists(os.path.join(local, extra_name(0))):
@@ -171,34 +148,6 @@ def load_checkpoint(uri: str, storage: Any = None, dtype: torch.dtype = torch.fl
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-# -- forward passes ------------------------------------------------------------------------------------
-
-@torch.no_grad()
-def hidden_states(model: Transformer, tokens: torch.Tensor, positions: Optional[torch.Tensor] = None,
-                  mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The final hidden states (after the last norm) of ``model`` for ``tokens [B, T]``, with
-    optional per-token ``positions [B, T]`` and a boolean attention ``mask [B, T, T]`` (True =
-    may attend). Without them this is exactly :meth:`Transformer.forward` minus the output head.
-
-    It runs the model's own blocks and only changes what is fed to attention (positions, mask);
-    a test pins it to ``Transformer.forward``."""
-    t = tokens.shape[1]
-    h = model.embed_tokens(tokens)
-    if positions is None:
-        cos, sin = model.rope_cos[:t].to(h.dtype), model.rope_sin[:t].to(h.dtype)
-    else:
-        cos, sin = model.rope_cos[positions].to(h.dtype)[:, None], model.rope_sin[positions].to(h.dtype)[:, None]
-    attn_mask = mask[:, None] if mask is not None else None
-    for layer in model.layers:
-        h = layer(h, cos, sin, attn_mask)
-    return model.norm(h)
-
-
-def head_logprobs(model: Transformer, hidden: torch.Tensor) -> torch.Tensor:
-    """log-softmax of the output head for hidden states ``[N, dim]`` (fp32)."""
-    return torch.log_softmax(model.lm_head(hidden).float(), dim=-1)
 
 
 # -- requests as token rows ----------------------------------------------------------------------------
@@ -352,8 +301,8 @@ class Scorer:
                         segs = r.segments if r.segments is not None else [-1] * len(r.tokens)
                         mask[i] = tree_mask(segs, width)
                     positions, mask = positions.to(self.device), mask.to(self.device)
-                hidden = hidden_states(self.model, tokens, positions, mask)
-                logp = head_logprobs(self.model, hidden[torch.tensor(b_idx), torch.tensor(p_idx)])
+                hidden = self.model(tokens, positions, mask, return_hidden=True)
+                logp = torch.log_softmax(self.model.logits(hidden[torch.tensor(b_idx), torch.tensor(p_idx)]).float(), dim=-1)
             else:
                 logits = self.model(tokens).float()
                 logp = torch.log_softmax(logits[torch.tensor(b_idx), torch.tensor(p_idx)], dim=-1)
@@ -392,10 +341,10 @@ class Scorer:
                 tgt.extend(targets)
             tokens = tokens.to(self.device)
             if self.fast:
-                hidden = hidden_states(self.model, tokens)
+                hidden = self.model(tokens, return_hidden=True)
                 sel = hidden[torch.tensor(b_idx), torch.tensor(p_idx)]
                 nll = torch.cat([
-                    F.cross_entropy(self.model.lm_head(chunk).float(), t, reduction="none")
+                    F.cross_entropy(self.model.logits(chunk).float(), t, reduction="none")
                     for chunk, t in zip(sel.split(4096), torch.tensor(tgt, device=sel.device).split(4096))
                 ])
             else:

@@ -29,13 +29,13 @@ from pydantic import Field, model_validator
 from pipeline.config import PathStr, StrictModel
 
 if TYPE_CHECKING:
-    from stages.train.model import ModelConfig
+    from stages.model.transformer import ModelConfig
 
 
 class ModelSpec(StrictModel):
     """A named shape, optionally overridden field by field; vocabulary and sequence length come from the tokenize stage."""
 
-    size: Literal["debug", "125m", "350m", "1b", "7b"] = Field(default="debug", description="a named shape (stages/train/model.py)")
+    size: Literal["debug", "125m", "350m", "1b", "7b"] = Field(default="debug", description="a named shape (stages/model/transformer.py)")
     dim: Optional[int] = Field(default=None, ge=8)
     n_layers: Optional[int] = Field(default=None, ge=1)
     n_heads: Optional[int] = Field(default=None, ge=1)
@@ -48,7 +48,7 @@ class ModelSpec(StrictModel):
     vocab_multiple_of: int = Field(default=64, ge=1, description="pad the vocabulary to a multiple of this (faster matmuls)")
 
     def build(self, vocab_size: int, seq_len: int) -> "ModelConfig":
-        from stages.train.model import model_config
+        from stages.model.transformer import model_config
 
         overrides = {k: v for k, v in self.model_dump(exclude={"size", "vocab_multiple_of"}).items() if v is not None}
         padded = -(-vocab_size // self.vocab_multiple_of) * self.vocab_multiple_of
@@ -126,7 +126,8 @@ class InLoopEvalConfig(StrictModel):
     """Evaluation inside the training loop (``stages/evaluate/hook.py``), logged to this stage's
     MLflow run at the training step: ``eval/bits_per_byte/<domain>`` on the tokenize stage's
     validation split and ``eval/<task>_<shots>shot/acc`` / ``acc_norm`` on a multiple-choice task,
-    with the evaluate stage's scoring."""
+    with the evaluate stage's scoring. Its pass over the validation split also gives ``val_loss``
+    at its steps, so the loop's own validation loss (``loop.eval_every``) skips those steps."""
 
     every: int = Field(default=100, ge=1, description="evaluate every N optimizer steps, and at the last step")
     validation: bool = Field(default=True, description="bits per byte per domain on the validation split (loop.eval_max_sequences per domain)")
@@ -158,12 +159,6 @@ class TrainConfig(StrictModel):
         if self.schedule.warmup_steps >= self.loop.steps:
             raise ValueError(f"schedule.warmup_steps ({self.schedule.warmup_steps}) must be < loop.steps ({self.loop.steps})")
         return self
-
-    @property
-    def steps(self) -> int:
-        # read by stages/evaluate/hook.py (``trainer.cfg.steps``: evaluate at the last step); an
-        # alias, not a setting -- drop it once the hook reads ``cfg.loop.steps``
-        return self.loop.steps
 
 
 class TrainStageConfig(TrainConfig):

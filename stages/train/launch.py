@@ -9,15 +9,15 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Protocol
 
 import torch
 
 from pipeline import storage as st
+from stages.model.transformer import ModelConfig
 from stages.train.config import ClusterConfig, TrainConfig
 from stages.train.data import rank_share, read_validation
-from stages.train.model import ModelConfig
-from stages.train.trainer import Checkpointer, MetricsSink, Trainer
+from stages.train.trainer import Checkpointer, MetricsSink, Trainer, ValidationLoss, Validator
 
 log = logging.getLogger("lmpipe.train")
 
@@ -30,6 +30,16 @@ class FaultInjection:
     marker: str
     rank: int = 1
     delay_s: float = 3.0
+
+
+class InLoopEvalSpec(Protocol):
+    """The in-loop evaluation as the stage hands it to every rank (:class:`stages.evaluate.hook.InLoopEvalSpec`,
+    built on the driver: workers never fetch tasks or tokenizers themselves). A protocol, not an
+    import: the training code does not depend on the evaluation package."""
+
+    validation: bool  # it scores the validation split, and reports val_loss from that pass
+
+    def validator(self, validation: dict[str, torch.Tensor]) -> Validator: ...
 
 
 @dataclass(frozen=True)
@@ -46,20 +56,7 @@ class TrainSpec:
     metrics: Optional[MetricsSink] = None  # the stage's MLflow run (pipeline.tracking.RunLogger); rank 0 logs to it
     threads_per_worker: Optional[int] = None
     fault: Optional[FaultInjection] = None
-    in_loop_eval: Optional["InLoopEvalSpec"] = None
-
-
-@dataclass(frozen=True)
-class InLoopEvalSpec:
-    """What every rank needs to evaluate inside the loop (built on the driver: workers never
-    fetch tasks or tokenizers themselves)."""
-
-    every: int
-    tokenizer_json: str
-    prefix_token: int
-    requests: tuple = ()
-    task_key: str = ""
-    validation: bool = True
+    in_loop_eval: Optional[InLoopEvalSpec] = None
 
 
 def _fault_hook(fault: Optional[FaultInjection], rank: int):
@@ -79,8 +76,21 @@ def _fault_hook(fault: Optional[FaultInjection], rank: int):
     return hook
 
 
+def validators(spec: TrainSpec, validation: dict[str, torch.Tensor], rank: int, world_size: int) -> list[Validator]:
+    """Validation loss on this rank's share of the split every ``loop.eval_every`` steps, and the
+    in-loop evaluation on all of it (every rank scores the same sequences and questions: a sharded
+    model's forward is collective). Where the in-loop evaluation scores the split, its pass gives
+    the validation loss too, and the share is not scored again."""
+    share = rank_share(validation, rank, world_size)
+    ev = spec.in_loop_eval
+    if ev is None:
+        return [ValidationLoss(share, spec.train.loop.eval_every)]
+    in_loop = ev.validator(validation)
+    return [ValidationLoss(share, spec.train.loop.eval_every, superseded_by=in_loop if ev.validation else None), in_loop]
+
+
 def run_training(spec: TrainSpec, rank: int, world_size: int, device: torch.device, checkpointer: Optional[Checkpointer]) -> dict[str, Any]:
-    """Build loader, validation data and trainer on this rank, resume if a checkpoint exists, train."""
+    """Build loader, validators and trainer on this rank, resume if a checkpoint exists, train."""
     from stages.tokenize.loader import TokenShardLoader
 
     if spec.threads_per_worker:
@@ -88,22 +98,12 @@ def run_training(spec: TrainSpec, rank: int, world_size: int, device: torch.devi
     loop = spec.train.loop
     loader = TokenShardLoader(spec.train_files, loop.micro_batch_size, rank=rank, world_size=world_size,
                               seed=spec.seed, storage=spec.storage)
-    all_val = read_validation(spec.val_files, spec.storage, loop.eval_max_sequences)
-    val = rank_share(all_val, rank, world_size)
+    validation = read_validation(spec.val_files, spec.storage, loop.eval_max_sequences)
     sink = spec.metrics if rank == 0 else None
-    trainer = Trainer(spec.train, spec.model, loader, spec.seq_len, val_sets=val, checkpointer=checkpointer, sink=sink,
-                      device=device, seed=spec.seed)
+    trainer = Trainer(spec.train, spec.model, loader, spec.seq_len, validators(spec, validation, rank, world_size),
+                      checkpointer=checkpointer, sink=sink, device=device, seed=spec.seed)
     trainer.restore()
-    on_step_end = _fault_hook(spec.fault, rank)
-    if spec.in_loop_eval is not None:
-        from stages.evaluate.hook import InLoopEval
-
-        ev = spec.in_loop_eval
-        # every rank scores the same sequences and questions: a sharded model's forward is collective
-        rows = all_val if ev.validation else {}
-        hook = InLoopEval.from_parts(ev.tokenizer_json, ev.every, rows, ev.requests, ev.task_key, ev.prefix_token)
-        on_step_end = hook.attach(trainer, chain=on_step_end)
-    return trainer.train(on_step_end=on_step_end)
+    return trainer.train(on_step_end=_fault_hook(spec.fault, rank))
 
 
 def ray_train_worker(config: dict[str, Any]) -> None:

@@ -1,4 +1,4 @@
-"""Turn a single-device :class:`~stages.train.model.Transformer` into a trainable, distributed
+"""Turn a single-device :class:`~stages.model.transformer.Transformer` into a trainable, distributed
 one. Each concern is a separate function, applied in torchtitan's order: activation
 checkpointing, then ``torch.compile`` (per block, so every block reuses one compiled graph),
 then FSDP2 ``fully_shard`` per block and at the root.
@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from stages.train.config import ParallelConfig
-from stages.train.model import Transformer
+from stages.model.transformer import Transformer
 
 
 def param_dtype(cfg: ParallelConfig, device: torch.device) -> torch.dtype:

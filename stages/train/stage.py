@@ -37,8 +37,8 @@ from stages.train.config import TrainStageConfig
 from stages.train.summary import TrainSummary
 
 if TYPE_CHECKING:
-    from stages.train.launch import InLoopEvalSpec
-    from stages.train.model import ModelConfig
+    from stages.evaluate.hook import InLoopEvalSpec
+    from stages.model.transformer import ModelConfig
 
 log = logging.getLogger("lmpipe")
 
@@ -84,12 +84,12 @@ class TrainStage(DatasetStage):
 
     @staticmethod
     def _in_loop_eval(ctx, cfg: TrainStageConfig, src, info: TokenizeSummary) -> Optional[InLoopEvalSpec]:
-        """Tokenizer and task requests for the in-loop evaluation, read once on the driver."""
+        """Tokenizer and task requests for the in-loop evaluation, read once on the driver. The
+        training code's only run-time import of the evaluation package, and only when configured."""
         ev = cfg.in_loop_eval
         if ev is None:
             return None
-        from stages.evaluate.hook import task_requests
-        from stages.train.launch import InLoopEvalSpec
+        from stages.evaluate.hook import InLoopEvalSpec, task_requests
 
         tokenizer_json = ctx.storage.read_bytes(src.path(info.tokenizer_path)).decode("utf-8")
         prefix = info.prefix_token
@@ -126,8 +126,9 @@ class TrainStage(DatasetStage):
     def _record(self, ctx, cfg: TrainStageConfig, result, model_cfg: ModelConfig, info: TokenizeSummary, src) -> None:
         import torch
 
-        from stages.train import checkpoint as ckpt
-        from stages.train.export import ExportError, export_checkpoint
+        from stages.model import checkpoint as ckpt
+        from stages.model.hf import ExportError
+        from stages.train.export import export_checkpoint
 
         final_path = _uri(result.checkpoint.path, ctx.work_dir)
         rows = []

@@ -7,6 +7,10 @@ norm before clipping, then a decision -- a non-finite loss or grad norm stops (o
 configured), a loss or grad norm more than ``spike_std`` standard deviations above the recent
 window is skipped and recorded (OLMo-core's rule) -- and only then the optimizer step. A skipped
 step never touches weights or optimizer state, so a checkpoint can never hold NaNs.
+
+After a step, the validators that are due (:class:`Validator`: validation loss per domain,
+:class:`ValidationLoss`; the evaluate stage's in-loop evaluation) measure the model, and their
+metrics are logged and checkpointed with the step's own.
 """
 
 from __future__ import annotations
@@ -20,15 +24,16 @@ import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterator, Optional, Protocol
+from typing import Any, Callable, Iterator, Optional, Protocol, Sequence
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from stages.model.checkpoint import is_complete
+from stages.model.transformer import ModelConfig, Transformer, count_parameters
 from stages.train import checkpoint as ckpt
 from stages.train.config import TrainConfig
-from stages.train.model import ModelConfig, Transformer, count_parameters
 from stages.train.parallelize import autocast_dtype, parallelize, reshard
 
 log = logging.getLogger("lmpipe.train")
@@ -66,6 +71,16 @@ class MetricsSink(Protocol):
     def log(self, step: int, metrics: dict[str, float]) -> None: ...
 
 
+class Validator(Protocol):
+    """Something measured on the model between optimizer steps (validation loss, the evaluate
+    stage's in-loop evaluation). The trainer asks every validator after every step; ``run`` is
+    called on every rank (a sharded forward is collective), in eval mode and without gradients,
+    and returns the same metrics on every rank."""
+
+    def should_run(self, step: int, last_step: int) -> bool: ...
+    def run(self, trainer: "Trainer") -> dict[str, float]: ...
+
+
 class LocalCheckpointer:
     """Checkpoints in ``root/step_XXXXXXXX`` on a filesystem every rank sees (one machine, NFS)."""
 
@@ -75,7 +90,7 @@ class LocalCheckpointer:
     def latest(self) -> Optional[str]:
         if not os.path.isdir(self.root):
             return None
-        done = sorted(d for d in os.listdir(self.root) if d.startswith("step_") and ckpt.is_complete(os.path.join(self.root, d)))
+        done = sorted(d for d in os.listdir(self.root) if d.startswith("step_") and is_complete(os.path.join(self.root, d)))
         return os.path.join(self.root, done[-1]) if done else None
 
     def save(self, step: int, write: Callable[[str], None], metrics: dict[str, Any]) -> Optional[str]:
@@ -154,6 +169,39 @@ def optimizer_param_groups(model: torch.nn.Module, weight_decay: float) -> list[
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+class ValidationLoss:
+    """Mean token loss per domain (``val_loss/<domain>``) and their mean over domains
+    (``val_loss``), every ``every`` steps and at the last; ``val_sets`` is this rank's share of
+    the validation split, and every rank runs the same number of batches.
+
+    ``superseded_by``: a validator that reports ``val_loss`` from its own pass over the same split;
+    at the steps it runs, this one does not, so the split is never scored twice."""
+
+    def __init__(self, val_sets: dict[str, torch.Tensor], every: int, superseded_by: Optional[Validator] = None):
+        self.val_sets, self.every, self.superseded_by = val_sets, every, superseded_by
+
+    def should_run(self, step: int, last_step: int) -> bool:
+        if not self.val_sets or self.every <= 0 or (step % self.every and step != last_step):
+            return False
+        return self.superseded_by is None or not self.superseded_by.should_run(step, last_step)
+
+    def run(self, trainer: "Trainer") -> dict[str, float]:
+        totals = []
+        micro = trainer.cfg.loop.micro_batch_size
+        for domain in sorted(self.val_sets):
+            rows = self.val_sets[domain]
+            loss_sum = torch.zeros((), device=trainer.device)
+            for i in range(0, rows.shape[0], micro):
+                batch = rows[i : i + micro].to(trainer.device)
+                ce, _ = trainer._forward_loss(batch[:, :-1], batch[:, 1:])
+                loss_sum += ce * batch.shape[0]
+            totals.append(loss_sum / max(1, rows.shape[0]))
+        stacked = trainer._all_mean(torch.stack(totals))
+        out = {f"val_loss/{domain}": value for domain, value in zip(sorted(self.val_sets), stacked.tolist())}
+        out["val_loss"] = float(stacked.mean())
+        return out
+
+
 @dataclass
 class StepRecord:
     step: int
@@ -176,7 +224,7 @@ class TrainState:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, model_cfg: ModelConfig, train_loader: Loader, seq_len: int,
-                 val_sets: Optional[dict[str, torch.Tensor]] = None, checkpointer: Optional[Checkpointer] = None,
+                 validators: Sequence[Validator] = (), checkpointer: Optional[Checkpointer] = None,
                  sink: Optional[MetricsSink] = None, device: Optional[torch.device] = None, seed: int = 0):
         self.cfg, self.model_cfg, self.parallel = cfg, model_cfg, cfg.parallel
         loop = cfg.loop
@@ -185,7 +233,7 @@ class Trainer:
         self.device = device or torch.device("cpu")
         self.seq_len = seq_len
         self.loader = train_loader
-        self.val_sets = val_sets or {}
+        self.validators = list(validators)
         self.checkpointer = checkpointer
         self.sink = sink if self.rank == 0 else None
         self.state = TrainState()
@@ -354,28 +402,14 @@ class Trainer:
         every = self.cfg.checkpoint.every
         return (self.state.step // every) * every
 
-    # -- evaluation and norms ------------------------------------------------------------------------
+    # -- validation and norms ------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """Mean token loss per domain on this rank's share of the validation split, averaged over ranks.
-        Every rank runs the same number of batches (FSDP's gathers are collective)."""
+    def validate(self, validators: Sequence[Validator]) -> dict[str, float]:
+        """Run ``validators`` (on every rank) and merge their metrics."""
         self.model.eval()
         out: dict[str, float] = {}
-        totals = []
-        for domain in sorted(self.val_sets):
-            rows = self.val_sets[domain]
-            loss_sum = torch.zeros((), device=self.device)
-            micro = self.cfg.loop.micro_batch_size
-            for i in range(0, rows.shape[0], micro):
-                batch = rows[i : i + micro].to(self.device)
-                ce, _ = self._forward_loss(batch[:, :-1], batch[:, 1:])
-                loss_sum += ce * batch.shape[0]
-            totals.append(loss_sum / max(1, rows.shape[0]))
-        if totals:
-            stacked = self._all_mean(torch.stack(totals))
-            for domain, value in zip(sorted(self.val_sets), stacked.tolist()):
-                out[f"val_loss/{domain}"] = value
-            out["val_loss"] = float(stacked.mean())
+        for validator in validators:
+            out.update(validator.run(self))
         if self.sharded:
             reshard(self.model)
         self.model.train()
@@ -397,6 +431,8 @@ class Trainer:
 
     # -- the loop ---------------------------------------------------------------------------------------
     def train(self, on_step_end: Optional[Callable[[int], None]] = None) -> dict[str, Any]:
+        """Train to ``loop.steps``. ``on_step_end(step)`` is called once a step is logged and
+        checkpointed: where the tests inject a worker's death."""
         cfg = self.cfg.loop
         self.model.train()
         batches = iter(self.loader)
@@ -438,9 +474,11 @@ class Trainer:
                 window_t, window_wait, window_steps = time.perf_counter(), 0.0, 0
             if cfg.norms_every > 0 and step % cfg.norms_every == 0:
                 metrics.update(self.norms())
-            if self.val_sets and cfg.eval_every > 0 and (step % cfg.eval_every == 0 or step == cfg.steps):
-                metrics.update(self.evaluate())
-                if self.rank == 0:
+            due = [v for v in self.validators if v.should_run(step, cfg.steps)]
+            if due:
+                metrics.update(self.validate(due))
+                metrics["tokens_seen"] = self.state.tokens_seen  # validation curves are plotted against tokens too
+                if self.rank == 0 and "val_loss" in metrics:
                     log.info("step %d | validation loss %s", step, ", ".join(f"{k.split('/')[-1]} {v:.4f}" for k, v in metrics.items() if k.startswith("val_loss")))
             if metrics:
                 last.update(metrics)

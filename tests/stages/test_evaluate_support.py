@@ -59,7 +59,7 @@ def tiny_run(root: Path, steps: int = 30, checkpoint_every: int = 15) -> dict:
 
     from stages.tokenize.loader import TokenShardLoader
     from stages.train.export import export_checkpoint
-    from stages.train.model import model_config
+    from stages.model.transformer import model_config
     from stages.train.config import TrainConfig
     from stages.train.trainer import LocalCheckpointer, Trainer
     from tests.stages.train_support import write_shards

@@ -13,12 +13,12 @@ import pytest
 import torch
 
 from stages.evaluate import report
-from stages.evaluate.lm import CheckpointError, Scorer, hidden_states, load_checkpoint, plan_rows, rolling_windows, tree_mask
+from stages.evaluate.lm import CheckpointError, Scorer, load_checkpoint, plan_rows, rolling_windows, tree_mask
 from stages.evaluate.perplexity import token_byte_lengths
 from stages.evaluate.scoring import TextTotals, aggregate, bits_per_byte, domain_metrics, mean_stderr, predictions, score_example
 from stages.evaluate.tasks import build_request, load_mc_task, parse_mc_lines
 from stages.evalsets import Example, Task
-from stages.train.model import Transformer, model_config
+from stages.model.transformer import Transformer, model_config
 
 
 # -- scoring math -----------------------------------------------------------------------------------
@@ -112,14 +112,14 @@ def test_tree_rows_match_one_row_per_choice():
     model = Transformer(cfg)
     model.init_weights(1)
     tokens = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
-    assert torch.allclose(model.lm_head(hidden_states(model, tokens)), model(tokens), atol=1e-6)  # same as the model's forward
+    assert torch.equal(model.logits(model(tokens, return_hidden=True)), model(tokens))
     (tree,) = plan_rows([5, 6, 7, 8], [[1, 2, 3], [4, 9]], 32, True, 0)
     assert tree.tokens == [5, 6, 7, 8, 1, 2, 4] and tree.positions == [0, 1, 2, 3, 4, 5, 4]
     mask = tree_mask(tree.segments, 7)
     assert not mask[6, 4] and not mask[6, 5] and mask[6, 3] and mask[5, 4]  # choice 2 never sees choice 1
-    h = hidden_states(model, torch.tensor([tree.tokens]), torch.tensor([tree.positions]), mask[None])
+    h = model(torch.tensor([tree.tokens]), torch.tensor([tree.positions]), mask[None], return_hidden=True)
     for cont, start in (([1, 2, 3], 4), ([4, 9], 6)):
-        alone = hidden_states(model, torch.tensor([[5, 6, 7, 8] + cont[:-1]]))
+        alone = model(torch.tensor([[5, 6, 7, 8] + cont[:-1]]), return_hidden=True)
         assert torch.allclose(h[0, start : start + len(cont) - 1], alone[0, 4:], atol=1e-5)
 
 

@@ -10,12 +10,12 @@ import pickle
 import pytest
 import torch
 
-from stages.train import checkpoint as ckpt
+from stages.model import checkpoint as ckpt
+from stages.model.transformer import model_config
 from stages.tokenize.loader import TokenShardLoader
 from stages.train.data import rank_share, read_validation, validation_sets
 from stages.train.config import TrainConfig
-from stages.train.model import model_config
-from stages.train.trainer import LocalCheckpointer, NonFiniteLoss, Trainer, lr_at
+from stages.train.trainer import LocalCheckpointer, NonFiniteLoss, Trainer, ValidationLoss, lr_at
 from tests.stages.train_support import SEQ_LEN, token_table, write_shards
 
 MODEL = model_config("debug", dim=32, n_layers=2, n_heads=2, ffn_dim=64, max_seq_len=SEQ_LEN)
@@ -33,7 +33,8 @@ def shards(tmp_path_factory):
 def make_trainer(shards, cfg: TrainConfig, root=None) -> Trainer:
     loader = TokenShardLoader(shards["train"], cfg.loop.micro_batch_size, seed=0)
     val = validation_sets(shards["validation"], None, 0, 1, cfg.loop.eval_max_sequences)
-    return Trainer(cfg, MODEL, loader, SEQ_LEN, val_sets=val, checkpointer=LocalCheckpointer(str(root)) if root else None)
+    return Trainer(cfg, MODEL, loader, SEQ_LEN, [ValidationLoss(val, cfg.loop.eval_every)],
+                   checkpointer=LocalCheckpointer(str(root)) if root else None)
 
 
 def test_validation_is_dealt_evenly_over_ranks(shards):
@@ -75,6 +76,32 @@ def test_tiny_model_loss_goes_down(shards):
     assert set(out["last"]) >= {"val_loss/news", "val_loss/code", "param_norm", "optim_exp_avg_norm", "activation_rms/layer_01",
                                 "tokens_per_second", "data_wait", "peak_memory_bytes", "clip_events"}
     assert "mfu" not in out["last"]  # CPU: no peak to divide by
+
+
+class EveryFourth:
+    """A validator that reports ``val_loss`` itself every 4 steps and at the last."""
+
+    def __init__(self):
+        self.steps = []
+
+    def should_run(self, step, last_step):
+        return step % 4 == 0 or step == last_step
+
+    def run(self, trainer):
+        assert not trainer.model.training and not torch.is_grad_enabled()
+        self.steps.append(trainer.state.step)
+        return {"val_loss": -1.0}
+
+
+def test_validators_run_on_their_own_steps_and_the_split_is_scored_once(shards):
+    cfg = TrainConfig(loop={"steps": 10, "micro_batch_size": 4, "log_every": 100, "norms_every": 0}, schedule={"warmup_steps": 1})
+    fourth = EveryFourth()
+    loss = ValidationLoss(validation_sets(shards["validation"], None, 0, 1, 8), 3, superseded_by=fourth)
+    trainer = Trainer(cfg, MODEL, TokenShardLoader(shards["train"], 4, seed=0), SEQ_LEN, [loss, fourth])
+    history = {h["step"]: h.get("val_loss") for h in trainer.train()["history"]}
+    assert fourth.steps == [4, 8, 10]
+    assert [step for step, v in history.items() if v is not None and v > 0] == [3, 6, 9]  # not at 12: the run ends at 10
+    assert trainer.model.training
 
 
 def test_grad_accumulation_reaches_global_batch(shards):

@@ -78,7 +78,7 @@ def main(work: str, out_json: str) -> None:
 
     from pipeline.runner import Runner
     from stages.train import TrainStageConfig
-    from stages.train import checkpoint as ckpt
+    from stages.model import checkpoint as ckpt
     from stages.train.launch import FaultInjection, TrainSpec, launch_ray
 
     # in-loop evaluation on both FSDP ranks: a small multiple-choice task every 12 steps
@@ -120,8 +120,6 @@ def main(work: str, out_json: str) -> None:
         result["logged_model"] = {"status": str(model.status), "tags": model.tags, "source_run_id": model.source_run_id}
 
     # The same training, with rank 1 killed after step 12: Ray restarts the group from step 8.
-    from stages.train.model import model_config  # noqa: F401  (the spec below mirrors the stage's)
-
     shards = report.stage("tokenize")
     cfg = TrainStageConfig(**TRAIN_CONFIG)
     spec = TrainSpec(

@@ -5,7 +5,7 @@ RoPE (the "rotate half" convention of Hugging Face's Llama, so exports need no p
 SwiGLU MLP, RMSNorm or LayerNorm (OpenLM used LayerNorm without bias), optional QK-norm,
 optional tied embeddings, grouped-query attention, ``scaled_dot_product_attention`` (flash
 kernels on GPU) and no biases. Module names follow ``LlamaForCausalLM`` minus its ``model.``
-prefix, so the Hugging Face export is a rename-free copy.
+prefix, so the Hugging Face conversion (:mod:`stages.model.hf`) is a rename-free copy.
 """
 
 from __future__ import annotations
@@ -233,16 +233,32 @@ class Transformer(nn.Module):
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens [batch, seq] -> logits [batch, seq, vocab]."""
+    def forward(self, tokens: torch.Tensor, positions: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None,
+                return_hidden: bool = False) -> torch.Tensor:
+        """tokens [batch, seq] -> logits [batch, seq, vocab].
+
+        The evaluator lays several continuations after one shared context: ``positions [batch, seq]``
+        are then each token's RoPE position, and ``mask [batch, seq, seq]`` (True = may attend)
+        replaces the causal mask. ``return_hidden`` stops before the output head and returns the
+        final hidden states (after the last norm), so that :meth:`logits` -- the largest matmul of
+        a small model -- runs only at the positions a caller scores."""
         t = tokens.shape[1]
-        if t > self.cfg.max_seq_len:
+        if positions is None and t > self.cfg.max_seq_len:  # a shared-context row may be longer than any position it uses
             raise ValueError(f"sequence length {t} exceeds max_seq_len {self.cfg.max_seq_len}")
         h = self.embed_tokens(tokens)
-        cos, sin = self.rope_cos[:t].to(h.dtype), self.rope_sin[:t].to(h.dtype)
+        if positions is None:
+            cos, sin = self.rope_cos[:t].to(h.dtype), self.rope_sin[:t].to(h.dtype)
+        else:
+            cos, sin = self.rope_cos[positions].to(h.dtype)[:, None], self.rope_sin[positions].to(h.dtype)[:, None]
+        attn_mask = mask[:, None] if mask is not None else None
         for layer in self.layers:
-            h = layer(h, cos, sin)
-        return self.lm_head(self.norm(h))
+            h = layer(h, cos, sin, attn_mask)
+        h = self.norm(h)
+        return h if return_hidden else self.logits(h)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The output head, on final hidden states from ``forward(..., return_hidden=True)``."""
+        return self.lm_head(hidden)
 
 
 def count_parameters(model: nn.Module) -> int:

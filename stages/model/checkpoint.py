@@ -1,0 +1,110 @@
+"""The train stage's checkpoint format, and reading a model from it without ever unpickling
+arbitrary objects. Writing, and restoring a whole training run, is the trainer's business
+(:mod:`stages.train.checkpoint`); export and evaluation only read, so this lives with the model.
+
+One checkpoint is one folder::
+
+    .metadata, __<rank>_0.distcp    DCP: model weights and optimizer state (tensors only), sharded
+    extra_rank<r>.pt                 per rank: step, RNG states, data-loader state, scheduler,
+                                     optimizer hyper-parameters, the loss-spike window, history
+    model_config.json                the model's shape (so export and evaluation need nothing else)
+
+Why it is safe to load: only tensors go through DCP (its non-tensor path uses
+``torch.load(weights_only=False)``); DCP's ``.metadata`` is a pickle, so it is read with an
+unpickler that accepts only DCP's own metadata classes and a few torch value types; the per-rank
+extras are read with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+
+from stages.model.transformer import ModelConfig, Transformer
+
+MODEL_CONFIG = "model_config.json"
+DCP_METADATA = ".metadata"
+
+
+def extra_name(rank: int) -> str:
+    return f"extra_rank{rank:05d}.pt"
+
+
+class UnsafeCheckpoint(pickle.UnpicklingError):
+    pass
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Accepts DCP's metadata dataclasses and torch value types; refuses everything else."""
+
+    _TORCH_TYPES = {"Size", "device"}
+
+    def find_class(self, module: str, name: str):
+        if module.startswith("torch.distributed.checkpoint.") and module.split(".")[-1] in {"metadata", "planner", "filesystem", "_extension"}:
+            obj = getattr(__import__(module, fromlist=[name]), name)
+            if isinstance(obj, type):
+                return obj
+        if module == "torch" and (name in self._TORCH_TYPES or isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format))):
+            return getattr(torch, name)
+        if module == "pathlib" and name in {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"}:  # checkpoint_id
+            import pathlib
+
+            return getattr(pathlib, name)
+        if module == "collections" and name == "OrderedDict":
+            import collections
+
+            return collections.OrderedDict
+        if module == "torch.serialization" and name == "_get_layout":  # maps a layout's name to torch.layout
+            return torch.serialization._get_layout
+        raise UnsafeCheckpoint(f"checkpoint metadata refers to {module}.{name}, which a checkpoint never needs: refusing to load it")
+
+
+class SafeFileSystemReader(FileSystemReader):
+    """``FileSystemReader`` whose metadata is read with the restricted unpickler."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        rank = kwargs.get("rank")
+        path = self._get_metadata_path(rank)
+        with self.fs.create_stream(path, "rb") as f:
+            metadata = _MetadataUnpickler(io.BytesIO(f.read())).load()
+        if not isinstance(metadata, Metadata):
+            raise UnsafeCheckpoint(f"{path}: not DCP metadata ({type(metadata).__name__})")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+def load_extra(path: str, rank: int = 0) -> dict[str, Any]:
+    file = os.path.join(path, extra_name(rank))
+    if not os.path.exists(file):
+        raise FileNotFoundError(f"{path}: no state for rank {rank} ({extra_name(rank)}); was it saved with a different number of workers?")
+    return torch.load(file, map_location="cpu", weights_only=True)
+
+
+def load_model_config(path: str) -> ModelConfig:
+    with open(os.path.join(path, MODEL_CONFIG)) as f:
+        return ModelConfig.from_dict(json.load(f))
+
+
+def load_full_model(path: str, dtype: torch.dtype = torch.float32) -> Transformer:
+    """The whole model on CPU from a sharded checkpoint, in one process (export, evaluation)."""
+    cfg = load_model_config(path)
+    model = Transformer(cfg)
+    state = {"model": get_model_state_dict(model)}
+    dcp.load(state, storage_reader=SafeFileSystemReader(path), no_dist=True)
+    set_model_state_dict(model, state["model"], options=StateDictOptions(strict=True))
+    return model.to(dtype)
+
+
+def is_complete(path: str) -> bool:
+    return os.path.exists(os.path.join(path, DCP_METADATA)) and os.path.exists(os.path.join(path, MODEL_CONFIG))
