@@ -34,7 +34,8 @@ class StageBusy(RuntimeError):
     """Another run is computing the same stage output right now."""
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this host still exists (a run on another host cannot be asked)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -49,7 +50,7 @@ def _owner(run: Optional[str]) -> dict[str, Any]:
 
 
 def is_stale(lease: dict[str, Any], ttl_s: float = TTL_S) -> bool:
-    if lease.get("host") == socket.gethostname() and not _pid_alive(int(lease.get("pid", 0))):
+    if lease.get("host") == socket.gethostname() and not pid_alive(int(lease.get("pid", 0))):
         return True
     return time.time() - float(lease.get("heartbeat", lease.get("started", 0))) > ttl_s
 

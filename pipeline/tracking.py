@@ -24,6 +24,7 @@ from typing import Any, Optional
 
 from pipeline import manifest as mf
 from pipeline import storage as st
+from pipeline.locks import pid_alive
 
 log = logging.getLogger("lmpipe")
 
@@ -65,16 +66,6 @@ def code_version() -> str:
         return f"lmpipe=={version('lmpipe')}"
     except PackageNotFoundError:
         return "unknown"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def metric_key(text: str) -> str:
@@ -205,7 +196,7 @@ class Tracker:
                 pid = int(run.data.tags.get("lmpipe.pid", "0"))
             except ValueError:
                 continue
-            if pid <= 0 or _pid_alive(pid):
+            if pid <= 0 or pid_alive(pid):
                 continue
             children = self.client.search_runs([self.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run.info.run_id}' and attributes.status = 'RUNNING'")
             for child in children:
@@ -483,7 +474,7 @@ def _live_status(run) -> str:
         pid = int(tags.get("lmpipe.pid", "0"))
     except ValueError:
         return run.info.status
-    return run.info.status if pid <= 0 or _pid_alive(pid) else f"KILLED (driver pid {pid} is gone)"
+    return run.info.status if pid <= 0 or pid_alive(pid) else f"KILLED (driver pid {pid} is gone)"
 
 
 def existing_store(tracking_uri: str) -> str:
