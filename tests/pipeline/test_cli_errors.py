@@ -139,3 +139,45 @@ def test_a_full_disk_on_a_worker_says_what_to_do():
     message = part_error_message("quality_filter", Part("00003", {"uri": "/data/in.parquet"}), e)
     assert message == ("stage 'quality_filter' failed on part 00003 (/data/in.parquet): OSError: [Errno 28] No space left on device:"
                        " '/data/work/x/part-00000-0000.parquet'; free space there and run again (committed stages are kept, this one restarts)")
+
+
+def test_a_full_disk_during_a_stage_is_one_line_naming_stage_part_and_what_to_do(tmp_path, monkeypatch):
+    """A work dir on a 256 KiB filesystem (a real tmpfs where this machine lets the test mount one,
+    else an injected ENOSPC at the first file write)."""
+    import errno as errno_
+    import json
+
+    from pipeline.config import load_config
+    from pipeline.execute import PartFailed
+    from pipeline.runner import Runner
+    from stages.assets import python_doc_topics
+
+    data = tmp_path / "data"
+    data.mkdir()
+    words = " ".join(python_doc_topics().values()).split()
+    rng = __import__("random").Random(0)  # shuffled words: text that compresses no better than prose
+    (data / "docs.jsonl").write_text("".join(json.dumps({"text": " ".join(rng.sample(words, 2000))}) + "\n" for _ in range(200)))
+    work = tmp_path / "small-disk"
+    work.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(work)], capture_output=True).returncode == 0
+    if not mounted:
+        from pipeline import io as pio
+
+        def full(self, schema):
+            raise OSError(errno_.ENOSPC, "No space left on device", str(work / "x.parquet"))
+
+        monkeypatch.setattr(pio._FileSink, "_open", full)
+    try:
+        path = tmp_path / "p.yaml"
+        path.write_text(f"name: full\nwork_dir: {work}\nstages:\n  ingest:\n    uses: ingest\n"
+                        f"    config: {{sources: [{{name: docs, paths: ['{data}/*.jsonl']}}]}}\n")
+        with pytest.raises(PartFailed) as e:
+            Runner(load_config(str(path)), use_ray=False, track=False).run()
+        message = str(e.value)
+        assert message.startswith(f"stage 'ingest' failed on part 00000 ({data / 'docs.jsonl'}): OSError: ")
+        assert "No space left on device" in message
+        assert message.endswith("; free space there and run again (committed stages are kept, this one restarts)")
+        assert "\n" not in message
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(work)], check=True)
