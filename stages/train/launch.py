@@ -77,16 +77,19 @@ def _fault_hook(fault: Optional[FaultInjection], rank: int):
 
 
 def validators(spec: TrainSpec, validation: dict[str, torch.Tensor], rank: int, world_size: int) -> list[Validator]:
-    """Validation loss on this rank's share of the split every ``loop.eval_every`` steps, and the
-    in-loop evaluation on all of it (every rank scores the same sequences and questions: a sharded
-    model's forward is collective). Where the in-loop evaluation scores the split, its pass gives
-    the validation loss too, and the share is not scored again."""
-    share = rank_share(validation, rank, world_size)
+    """Validation loss every ``loop.eval_every`` steps, and the in-loop evaluation (every rank
+    scores the same sequences and questions: a sharded model's forward is collective). Where the
+    in-loop evaluation scores the split, its pass gives the validation loss too and the loss
+    validator skips those steps; it then scores the same full split at its own steps, so that
+    ``val_loss`` is one series over one set of sequences (a rank's share drops the sequences that
+    do not divide evenly over the ranks). Without it, each rank scores its share."""
     ev = spec.in_loop_eval
-    if ev is None:
-        return [ValidationLoss(share, spec.train.loop.eval_every)]
+    every = spec.train.loop.eval_every
+    if ev is None or not ev.validation:
+        loss = ValidationLoss(rank_share(validation, rank, world_size), every)
+        return [loss] if ev is None else [loss, ev.validator(validation)]
     in_loop = ev.validator(validation)
-    return [ValidationLoss(share, spec.train.loop.eval_every, superseded_by=in_loop if ev.validation else None), in_loop]
+    return [ValidationLoss(validation, every, superseded_by=in_loop), in_loop]
 
 
 def run_training(spec: TrainSpec, rank: int, world_size: int, device: torch.device, checkpointer: Optional[Checkpointer]) -> dict[str, Any]:

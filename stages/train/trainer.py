@@ -171,8 +171,9 @@ def optimizer_param_groups(model: torch.nn.Module, weight_decay: float) -> list[
 
 class ValidationLoss:
     """Mean token loss per domain (``val_loss/<domain>``) and their mean over domains
-    (``val_loss``), every ``every`` steps and at the last; ``val_sets`` is this rank's share of
-    the validation split, and every rank runs the same number of batches.
+    (``val_loss``), every ``every`` steps and at the last, averaged over ranks; ``val_sets`` is
+    what this rank scores (its share of the split, or all of it), and every rank runs the same
+    number of batches.
 
     ``superseded_by``: a validator that reports ``val_loss`` from its own pass over the same split;
     at the steps it runs, this one does not, so the split is never scored twice."""
