@@ -216,7 +216,7 @@ def test_submit_to_two_nodes_with_s3_and_mlflow_server(submitted, two_nodes, mlf
 
     # training checkpoints live on S3, and the evaluation read them from there
     train = manifests["train"]
-    assert train["train"]["final_checkpoint"].startswith("s3://runs/multinode/train/")
+    assert train["summary"]["data"]["final_checkpoint"].startswith("s3://runs/multinode/train/")
     assert fs.glob("runs/multinode/train/**/.metadata"), "no sharded DCP checkpoint on S3"
 
     # the secret in the cluster's environment appears nowhere: MLflow params, tags, metrics, artifacts, job metadata
