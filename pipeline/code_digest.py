@@ -58,9 +58,28 @@ def _parse(origin: str) -> tuple[str, ast.AST]:
 
 
 def _origin(module: str) -> Optional[str]:
+    """The file of ``module``, found on disk below its top-level package, without importing it:
+    ``from a.b import C`` names ``a.b.C``, and asking the import system about that would import
+    ``a.b`` (torch, for the model code) just to learn that ``C`` is not a module."""
+    top, _, rest = module.partition(".")
+    root = _top_level_location(top)
+    if root is None:
+        return None
+    if not rest:
+        return root if os.path.isfile(root) else None
+    base = os.path.join(os.path.dirname(root), *rest.split("."))
+    for candidate in (base + ".py", os.path.join(base, "__init__.py")):
+        if os.path.isfile(candidate):
+            return candidate
+    return None
+
+
+@lru_cache(maxsize=None)
+def _top_level_location(top: str) -> Optional[str]:
+    """A top-level module's file (a package's ``__init__.py``); only the top level is looked up."""
     try:
-        spec = importlib.util.find_spec(module)
-    except (ImportError, ValueError):  # a parent that fails to import, or a __main__ without spec
+        spec = importlib.util.find_spec(top)
+    except (ImportError, ValueError):  # a __main__ without spec
         return None
     if spec is None or not spec.origin or not spec.origin.endswith(".py"):
         return None
