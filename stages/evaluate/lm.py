@@ -40,7 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from stages.model.hf import from_hf
+from stages.model.hf import ARCHITECTURES, from_hf
 from stages.model.transformer import Transformer
 
 
@@ -58,7 +58,7 @@ except ImportError:  # pragma: no cover
 
 @dataclass
 class LoadedModel:
-    model: Transformer
+    model: torch.nn.Module  # a Transformer, or a ForeignModel
     uri: str
     kind: str  # "dcp" | "huggingface"
     step: Optional[int]
@@ -90,12 +90,45 @@ def _local_copy(uri: str, storage: Any) -> tuple[str, Optional[str]]:
     return tmp, tmp
 
 
-def _load_hf(path: str) -> Transformer:
-    from safetensors.torch import load_file
+@dataclass(frozen=True)
+class ForeignShape:
+    vocab_size: int
+    max_seq_len: int
 
+
+class ForeignModel(torch.nn.Module):
+    """A Hugging Face causal LM of an architecture lmpipe does not train (a baseline: Pythia, OPT,
+    GPT-2, ...), run by ``transformers`` itself. It offers the plain ``model(tokens) -> logits``
+    call the scorer uses when it cannot use the fast path of lmpipe's own model (shared contexts,
+    the output head only where scored)."""
+
+    def __init__(self, hf_model, config: dict[str, Any]):
+        super().__init__()
+        self.hf = hf_model
+        window = next((int(config[k]) for k in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length")
+                       if config.get(k)), 2048)
+        self.cfg = ForeignShape(int(hf_model.get_output_embeddings().weight.shape[0]), window)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        # right padding needs no attention mask in a causal model: a real token never attends to it
+        return self.hf(input_ids=tokens, use_cache=False).logits
+
+
+def _load_hf(path: str) -> torch.nn.Module:
+    """lmpipe's architectures into its own model (the fast scoring path); any other causal LM
+    through ``transformers``. Weights from safetensors only: never a pickle."""
     with open(os.path.join(path, "config.json")) as f:
         config = json.load(f)
-    return from_hf(config, load_file(os.path.join(path, "model.safetensors")))
+    arch = (config.get("architectures") or ["?"])[0]
+    if arch in ARCHITECTURES and os.path.exists(os.path.join(path, "model.safetensors")):
+        from safetensors.torch import load_file
+
+        return from_hf(config, load_file(os.path.join(path, "model.safetensors")))
+    try:
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        raise CheckpointError(f"{path}: a {arch} model needs transformers (pip install 'lmpipe[eval]')") from None
+    return ForeignModel(AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, torch_dtype=torch.float32), config)
 
 
 def checkpoint_kind(path: str) -> Optional[str]:
@@ -103,7 +136,8 @@ def checkpoint_kind(path: str) -> Optional[str]:
 
     if os.path.exists(os.path.join(path, MODEL_CONFIG)) and os.path.exists(os.path.join(path, DCP_METADATA)):
         return "dcp"
-    if os.path.exists(os.path.join(path, "config.json")) and os.path.exists(os.path.join(path, "model.safetensors")):
+    weights = ("model.safetensors", "model.safetensors.index.json")
+    if os.path.exists(os.path.join(path, "config.json")) and any(os.path.exists(os.path.join(path, w)) for w in weights):
         return "huggingface"
     return None
 

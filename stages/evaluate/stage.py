@@ -84,7 +84,8 @@ class EvaluateConfig(StrictModel):
     every_nth: int = Field(default=1, ge=1, description="with checkpoints: every_nth, every Nth checkpoint counted back from the final one")
     paths: list[str] = Field(default_factory=list, description="more checkpoints by path or s3:// URI (train checkpoints or Hugging Face exports)")
     tasks: list[TaskEntry] = Field(default_factory=list)
-    validation: bool = Field(default=True, description="bits per byte per source on the tokenize stage's validation split")
+    validation: Optional[bool] = Field(default=None, description="bits per byte per source on the tokenize stage's validation split"
+                                                                 " (default: when a tokenize stage is upstream)")
     validation_max_sequences: Optional[int] = Field(default=256, ge=1, description="per source (None: all)")
     text_sets: list[TextSetEntry] = Field(default_factory=list)
     tokenizer: Optional[PathStr] = Field(default=None, description="tokenizer.json (default: the one the train stage's tokenize input used)")
@@ -103,7 +104,7 @@ class Evaluate(DatasetStage):
     version: ClassVar[str] = "1"
     description: ClassVar[str] = "multiple-choice accuracy (lm-eval semantics) and bits per byte per domain, per checkpoint, on Ray"
     Config = EvaluateConfig
-    num_inputs: ClassVar[tuple[int, Optional[int]]] = (1, 2)
+    num_inputs: ClassVar[tuple[int, Optional[int]]] = (0, 2)  # 0: models given by path only (baselines)
     outputs: ClassVar[tuple[str, ...]] = ("data", "examples")
     measure_column: ClassVar[Optional[str]] = None
     resources: ClassVar[Resources] = Resources(num_cpus=1)
@@ -133,13 +134,13 @@ class Evaluate(DatasetStage):
     def run(self, ctx: StageContext) -> None:
         c: EvaluateConfig = self.config
         t0 = time.perf_counter()
-        train_in = ctx.inputs[0]
-        train_info = train_in.summary(TrainSummary)
+        train_in = ctx.inputs[0] if ctx.inputs else None
+        train_info = train_in.summary(TrainSummary) if train_in is not None else None
         tokenize = self._tokenize_stage(ctx)
         checkpoints = self._checkpoints(ctx, train_in, train_info)
         if not checkpoints:
             raise ValueError(f"stage {ctx.stage_name!r}: no checkpoints selected (checkpoints: {c.checkpoints}, paths: {c.paths})")
-        tokenizer_json, tok_info = self._tokenizer(ctx, tokenize, checkpoints)
+        tokenizers = {ck["path"]: self._tokenizer(ctx, tokenize, ck) for ck in checkpoints}
 
         loaded_tasks = [(entry, load_mc_task(entry.name, entry.path, ctx.storage)) for entry in c.tasks]
         bad_report = self._report_bad_lines(ctx, loaded_tasks)
@@ -151,15 +152,16 @@ class Evaluate(DatasetStage):
         text_jobs, text_digests = self._text_jobs(ctx, tokenize)
 
         device, num_gpus = self._device(ctx)
-        common = dict(tokenizer_json=tokenizer_json, prefix_token=tok_info["prefix_token"], storage=ctx.storage, device=device,
-                      dtype=c.dtype, threads=max(1, int(c.cpus_per_task)), batch_tokens=c.batch_tokens,
+        common = dict(storage=ctx.storage, device=device, dtype=c.dtype, threads=max(1, int(c.cpus_per_task)), batch_tokens=c.batch_tokens,
                       max_batch_size=c.max_batch_size, share_context=c.share_context)
         jobs: list[EvalJob] = []
         for ck in checkpoints:
+            tokenizer_json, tok_info = tokenizers[ck["path"]]
+            own = dict(tokenizer_json=tokenizer_json, prefix_token=tok_info["prefix_token"], meta=ck, **common)
             for group in task_groups:
-                jobs.append(EvalJob(checkpoint=ck["path"], tasks=group, meta=ck, **common))
+                jobs.append(EvalJob(checkpoint=ck["path"], tasks=group, **own))
             if text_jobs:
-                jobs.append(EvalJob(checkpoint=ck["path"], texts=tuple(text_jobs), meta=ck, **common))
+                jobs.append(EvalJob(checkpoint=ck["path"], texts=tuple(text_jobs), **own))
         log.info("[%s] %d checkpoint(s) x %d task group(s) = %d evaluation task(s) on %s", ctx.stage_name, len(checkpoints),
                  len(task_groups) + bool(text_jobs), len(jobs), device)
         env = {"OMP_NUM_THREADS": str(max(1, int(c.cpus_per_task))), "TOKENIZERS_PARALLELISM": "false"}
@@ -179,7 +181,7 @@ class Evaluate(DatasetStage):
         ctx.log_metric("checkpoints_evaluated", len(checkpoints))
         ctx.log_metric("evaluation_tasks", len(jobs))
         ctx.set_summary(EvaluateSummary(
-            checkpoints=checkpoints, device=device, tokenizer=tok_info["source"],
+            checkpoints=checkpoints, device=device, tokenizer=", ".join(sorted({info["source"] for _, info in tokenizers.values()})),
             tasks={e.name: {"source": lt.source, "digest": lt.digest, "examples": len(lt.task.examples), "shots": e.shots,
                             "prompt": e.prompt_format(), "limit": e.limit, "skipped_lines": lt.skipped} for e, lt in loaded_tasks},
             bad_lines=bad_report, text_sets=text_digests, timings=timings,
@@ -195,9 +197,11 @@ class Evaluate(DatasetStage):
         except UpstreamMissing:
             return None
 
-    def _checkpoints(self, ctx: StageContext, train_in, train_info: TrainSummary) -> list[dict[str, Any]]:
+    def _checkpoints(self, ctx: StageContext, train_in, train_info: Optional[TrainSummary]) -> list[dict[str, Any]]:
+        """The train stage's checkpoints that the config selects, then the models given by path
+        (the train stage's own export among them keeps its step; others are baselines)."""
         c = self.config
-        rows = sorted(train_in.read_table().to_pylist(), key=lambda r: r["step"]) if train_in.files() else []
+        rows = sorted(train_in.read_table().to_pylist(), key=lambda r: r["step"]) if train_in is not None and train_in.files() else []
         if c.checkpoints == "final":
             finals = [r for r in rows if r.get("final")] or rows[-1:]
             chosen = finals[-1:]
@@ -210,29 +214,37 @@ class Evaluate(DatasetStage):
         out = [{"path": r["path"], "step": int(r["step"]), "tokens_seen": int(r["tokens_seen"]), "final": bool(r.get("final")),
                 "model_id": train_info.mlflow_model_id if r.get("final") else None} for r in chosen]
         for p in c.paths:
-            is_export = p.rstrip("/") == (train_info.hf_export or "").rstrip("/")
+            is_export = train_info is not None and p.rstrip("/") == (train_info.hf_export or "").rstrip("/")
             out.append({"path": p, "step": train_info.steps if is_export else None,
                         "tokens_seen": train_info.tokens_seen if is_export else None, "final": is_export,
                         "model_id": train_info.mlflow_model_id if is_export else None})
         return out
 
-    def _tokenizer(self, ctx: StageContext, tokenize, checkpoints) -> tuple[str, dict[str, Any]]:
+    def _tokenizer(self, ctx: StageContext, tokenize, checkpoint: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        """A checkpoint's tokenizer: config.tokenizer, else the tokenize stage's upstream, else the
+        model's own (a Hugging Face folder's tokenizer.json, its BOS/EOS from its config.json)."""
         from tokenizers import Tokenizer
 
         c = self.config
         summary, stage = tokenize if tokenize else (None, None)
+        bos = eos = None
         if c.tokenizer:
             source = c.tokenizer
         elif summary is not None:
             source = stage.path(summary.tokenizer_path)
+            bos, eos = summary.bos_id, summary.eos_id
         else:
-            source = next((st.join(ck["path"], "tokenizer.json") for ck in checkpoints if ctx.storage.exists(st.join(ck["path"], "tokenizer.json"))), None)
-            if source is None:
-                raise ValueError(f"stage {ctx.stage_name!r}: no tokenizer: set config.tokenizer, or evaluate a train stage fed by a tokenize stage")
+            source = st.join(checkpoint["path"], "tokenizer.json")
+            if not ctx.storage.exists(source):
+                raise ValueError(f"stage {ctx.stage_name!r}: no tokenizer for {checkpoint['path']} (it has no tokenizer.json):"
+                                 f" set config.tokenizer, or evaluate a train stage fed by a tokenize stage")
+            model_config = st.join(checkpoint["path"], "config.json")
+            if ctx.storage.exists(model_config):
+                cfg = ctx.storage.read_json(model_config)
+                bos, eos = cfg.get("bos_token_id"), cfg.get("eos_token_id")
+                bos, eos = (bos[0] if isinstance(bos, list) else bos), (eos[0] if isinstance(eos, list) else eos)
         text = ctx.storage.read_bytes(source).decode("utf-8")
         tok = Tokenizer.from_str(text)
-        bos = summary.bos_id if summary is not None else None
-        eos = summary.eos_id if summary is not None else None
         if bos is None:
             bos = tok.token_to_id("<|bos|>")
         if eos is None:
@@ -249,7 +261,7 @@ class Evaluate(DatasetStage):
 
         c = self.config
         jobs, digests = [], {}
-        if c.validation:
+        if c.validation or (c.validation is None and tokenize is not None):
             if tokenize is None or "validation" not in tokenize[1].manifest["datasets"]:
                 raise ValueError(f"stage {ctx.stage_name!r}: validation: true but no tokenize stage with a validation split was found upstream")
             from stages.tokenize.shards import read_token_table

@@ -51,6 +51,7 @@ def run_job(job: EvalJob) -> dict[str, Any]:
     from tokenizers import Tokenizer
 
     from stages.evaluate.lm import Scorer, load_checkpoint
+    from stages.model.transformer import Transformer
     from stages.evaluate.perplexity import text_bpb, token_byte_lengths, validation_bpb
     from stages.evaluate.scoring import domain_metrics, score_example
 
@@ -61,7 +62,9 @@ def run_job(job: EvalJob) -> dict[str, Any]:
     loaded = load_checkpoint(job.checkpoint, job.storage, getattr(torch, job.dtype), job.device,
                              vocab_size=tokenizer.get_vocab_size(with_added_tokens=True))
     load_seconds = time.perf_counter() - t0
-    scorer = Scorer(loaded.model, tokenizer, job.device, job.batch_tokens, job.max_batch_size, job.prefix_token, job.share_context)
+    fast = isinstance(loaded.model, Transformer)  # a foreign architecture is called as a whole
+    scorer = Scorer(loaded.model, tokenizer, job.device, job.batch_tokens, job.max_batch_size, job.prefix_token,
+                    job.share_context and fast, fast=fast)
     out: dict[str, Any] = {"checkpoint": job.checkpoint, "kind": loaded.kind, "step": loaded.step, "tokens_seen": loaded.tokens_seen,
                            "load_seconds": load_seconds, "tasks": {}, "texts": {}, "node": os.uname().nodename, "device": job.device,
                            **job.meta}
