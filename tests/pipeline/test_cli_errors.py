@@ -106,27 +106,45 @@ def test_wrong_addresses_fail_in_seconds_naming_the_address(tmp_path):
         assert time.monotonic() - started < 60, args
 
 
-def test_a_data_error_on_a_ray_worker_is_one_clear_line(tmp_path):
-    """A Parquet file without the text column failed deep in a worker: the user got a 40-line Ray
-    dump with colour codes, also stored in the lmpipe.error MLflow tag."""
+def test_a_data_error_on_a_ray_worker_is_one_clear_line(ray_local, tmp_path):
+    """A Parquet file without the text column failed deep in a Ray worker: the user got a 40-line
+    Ray dump with colour codes, also stored in the lmpipe.error MLflow tag."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     from mlflow import MlflowClient
 
+    from pipeline.execute import PartFailed
+    from pipeline.runner import Runner
+
     pq.write_table(pa.table({"body": ["hello world"]}), tmp_path / "a.parquet")
     path = tmp_path / "p.yaml"
-    path.write_text(f"name: x\nwork_dir: {tmp_path / 'work'}\nray: {{num_cpus: 1}}\nstages:\n  ingest:\n    uses: ingest\n"
+    path.write_text(f"name: x\nwork_dir: {tmp_path / 'work'}\nstages:\n  ingest:\n    uses: ingest\n"
                     f"    config: {{sources: [{{name: s, paths: ['{tmp_path / 'a.parquet'}']}}]}}\n")
-    proc = _cli("run", str(path))
-    assert proc.returncode == 1
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("lmpipe:")]
-    assert errors == [f"lmpipe: error: stage 'ingest' failed on part 00000 ({tmp_path / 'a.parquet'}): KeyError: "
-                      f"\"{tmp_path / 'a.parquet'}: no column 'text' (columns: body); set text_field on source 's' (a dotted path"
-                      f" reaches into struct columns)\" (--traceback for the worker's traceback)"]
-    assert "\x1b[" not in proc.stderr and "Traceback" not in proc.stderr
+    with pytest.raises(PartFailed) as e:
+        Runner(load_config(path)).run()  # on Ray: the part runs in a Ray Data worker
+    assert str(e.value) == (f"stage 'ingest' failed on part 00000 ({tmp_path / 'a.parquet'}): KeyError: "
+                            f"\"{tmp_path / 'a.parquet'}: no column 'text' (columns: body); set text_field on source 's' (a dotted path"
+                            f" reaches into struct columns)\"")
+    assert "KeyError" in e.value.worker_traceback  # kept for --traceback
     client = MlflowClient(f"sqlite:///{tmp_path / 'work' / 'mlflow.db'}")
     [stage] = client.search_runs(["1"], "tags.`lmpipe.kind` = 'stage'")
-    assert "PartFailed: stage 'ingest' failed on part 00000" in stage.data.tags["lmpipe.error"] and "\x1b[" not in stage.data.tags["lmpipe.error"]
+    tag = stage.data.tags["lmpipe.error"]
+    assert "PartFailed: stage 'ingest' failed on part 00000" in tag and "\x1b[" not in tag and "\n" not in tag
+
+
+def test_the_cli_prints_a_worker_error_as_one_line(capsys, monkeypatch):
+    from pipeline import cli
+    from pipeline.execute import PartFailed
+
+    def fail(args):
+        raise PartFailed("stage 'ingest' failed on part 00000 (a.parquet): KeyError: 'text'", "Traceback (most recent call last): ...")
+
+    monkeypatch.setattr(cli, "cmd_stages", fail)
+    assert cli.main(["stages"]) == 1
+    assert capsys.readouterr().err == ("lmpipe: error: stage 'ingest' failed on part 00000 (a.parquet): KeyError: 'text'"
+                                       " (--traceback for the worker's traceback)\n")
+    assert cli.main(["--traceback", "stages"]) == 1
+    assert "on the worker:\nTraceback (most recent call last): ..." in capsys.readouterr().err
 
 
 def test_a_full_disk_on_a_worker_says_what_to_do():
