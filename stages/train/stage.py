@@ -103,11 +103,9 @@ class TrainStage(DatasetStage):
     def _check_cluster(ctx, cfg: TrainStageConfig) -> None:
         """Fail at once if the cluster cannot hold the training workers, instead of Ray Train
         waiting forever for them (e.g. "train needs 8 GPUs; the cluster has 0")."""
-        import ray
-
         from pipeline.runner import ResourcesUnavailable
 
-        cluster = ray.cluster_resources()
+        cluster = ctx.fan_out.cluster_resources()
         workers = cfg.cluster
         per_worker = {k: float(v) for k, v in workers.resources_per_worker.items()}
         if workers.use_gpu:  # checked first: the scarce resource is the one worth naming

@@ -67,8 +67,11 @@ def test_train_stage_refuses_a_cluster_without_its_gpus(ray_local):
     from pipeline.runner import ResourcesUnavailable
     from stages.train import TrainStage as Train
 
+    from pipeline.fanout import FanOut
+
     class Ctx:
         stage_name = "train"
+        fan_out = FanOut("train", on_ray=True)
 
     cfg = Train.Config.model_validate({"cluster": {"num_workers": 8, "use_gpu": True, "resources_per_worker": {"CPU": 1}}})
     with pytest.raises(ResourcesUnavailable, match=r"stage 'train' needs 8 GPUs \(8 workers x 1\); the cluster has 0"):
