@@ -35,12 +35,8 @@ def _strip_docstrings(tree: ast.AST) -> ast.AST:
     return tree
 
 
-def source_digest(source: str, filename: str = "<source>") -> str:
-    """sha256 of the code's syntax tree without docstrings (comments and layout never reach the AST)."""
-    return _tree_digest(ast.parse(source, filename))
-
-
 def _tree_digest(tree: ast.AST) -> str:
+    """sha256 of the code's syntax tree without docstrings (comments and layout never reach the AST)."""
     return hashlib.sha256(ast.dump(_strip_docstrings(tree), include_attributes=False).encode()).hexdigest()[:16]
 
 

@@ -132,9 +132,8 @@ class StageContext:
         return st.join(self.stage_dir, self.attempt)
 
     # -- what downstream stages need ------------------------------------------------------------
-    def set_summary(self, summary: StageSummary, declared: Optional[type[StageSummary]] = None) -> None:
-        if declared is not None and not isinstance(summary, declared):
-            raise TypeError(f"stage {self.stage_name!r} declares a {declared.__name__} summary, got {type(summary).__name__}")
+    def set_summary(self, summary: StageSummary) -> None:
+        """What this stage hands downstream; the runner checks it is the declared ``Summary``."""
         self.summary = summary
 
     def upstream(self, cls: type[S]) -> tuple[S, InputDataset]:

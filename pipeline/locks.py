@@ -49,8 +49,18 @@ def _owner(run: Optional[str]) -> dict[str, Any]:
     return {"host": socket.gethostname(), "pid": os.getpid(), "run": run, "started": time.time()}
 
 
+def process_gone(host: Optional[str], pid: Any) -> bool:
+    """Whether the process that wrote a lease or started a run is known to be gone: it ran on
+    this host and its pid no longer exists (a process elsewhere cannot be asked)."""
+    try:
+        pid = int(pid)
+    except (TypeError, ValueError):
+        return False
+    return host == socket.gethostname() and pid > 0 and not pid_alive(pid)
+
+
 def is_stale(lease: dict[str, Any], ttl_s: float = TTL_S) -> bool:
-    if lease.get("host") == socket.gethostname() and not pid_alive(int(lease.get("pid", 0))):
+    if process_gone(lease.get("host"), lease.get("pid")):
         return True
     return time.time() - float(lease.get("heartbeat", lease.get("started", 0))) > ttl_s
 

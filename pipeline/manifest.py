@@ -49,12 +49,9 @@ def fingerprint_payload(
     }
 
 
-def fingerprint_of(payload: dict[str, Any]) -> str:
-    return hashlib.sha256(canonical_json(payload).encode()).hexdigest()[:16]
-
-
 def digest(obj: Any) -> str:
-    """A short content digest of any JSON-able value (e.g. an external input's file list)."""
+    """A short content digest of any JSON-able value: a stage's fingerprint (of its
+    fingerprint_payload), an external input's file list."""
     return hashlib.sha256(canonical_json(obj).encode()).hexdigest()[:16]
 
 

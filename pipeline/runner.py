@@ -139,8 +139,7 @@ class Runner:
         self.by_name = {n.name: n for n in self.order}
         self.work_dir = loaded.resolved.work_dir
         self.tracker: Optional[Tracker] = None
-        if use_ray or track:  # fail in seconds, naming the address, where a client would retry for minutes
-            self._check_addresses(track)
+        self._check_addresses(track)  # fail in seconds, naming the address, where a client would retry for minutes
         if track:
             self.tracker = Tracker(loaded.resolved.tracking_uri(), loaded.resolved.mlflow.experiment, loaded.resolved.artifact_location())
         self.ray_address = RAY_NOT_STARTED if use_ray else "none (in-process)"
@@ -183,7 +182,7 @@ class Runner:
         seed = self.loaded.resolved.seed if node.cls.uses_seed else None
         code_files = code_digests(node.cls.__module__)
         payload = mf.fingerprint_payload(node.cls.name, node.cls.version, declared, inputs, extras, seed, combined_digest(code_files))
-        return Fingerprint(mf.fingerprint_of(payload), payload, code_files, externals)
+        return Fingerprint(mf.digest(payload), payload, code_files, externals)
 
     def fingerprints(self) -> dict[str, "Fingerprint"]:
         """Every stage's fingerprint, in pipeline order (nothing runs, nothing is read but the

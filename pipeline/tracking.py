@@ -24,7 +24,7 @@ from typing import Any, Optional
 
 from pipeline import manifest as mf
 from pipeline import storage as st
-from pipeline.locks import pid_alive
+from pipeline.locks import process_gone
 
 log = logging.getLogger("lmpipe")
 
@@ -192,11 +192,8 @@ class Tracker:
             [self.experiment_id], filter_string=f"tags.`lmpipe.kind` = 'pipeline' and attributes.status = 'RUNNING' and tags.`lmpipe.host` = '{host}'"
         )
         for run in runs:
-            try:
-                pid = int(run.data.tags.get("lmpipe.pid", "0"))
-            except ValueError:
-                continue
-            if pid <= 0 or pid_alive(pid):
+            pid = run.data.tags.get("lmpipe.pid")
+            if not process_gone(run.data.tags.get("lmpipe.host"), pid):
                 continue
             children = self.client.search_runs([self.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run.info.run_id}' and attributes.status = 'RUNNING'")
             for child in children:
@@ -468,13 +465,9 @@ def _live_status(run) -> str:
     """A run still marked RUNNING whose driver was on this host and is gone was killed (the next
     ``lmpipe run`` marks it so in the store; ``status`` should not wait for that)."""
     tags = run.data.tags
-    if run.info.status != "RUNNING" or tags.get("lmpipe.host") != socket.gethostname():
-        return run.info.status
-    try:
-        pid = int(tags.get("lmpipe.pid", "0"))
-    except ValueError:
-        return run.info.status
-    return run.info.status if pid <= 0 or pid_alive(pid) else f"KILLED (driver pid {pid} is gone)"
+    if run.info.status == "RUNNING" and process_gone(tags.get("lmpipe.host"), tags.get("lmpipe.pid")):
+        return f"KILLED (driver pid {tags['lmpipe.pid']} is gone)"
+    return run.info.status
 
 
 def existing_store(tracking_uri: str) -> str:

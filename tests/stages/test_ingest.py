@@ -82,11 +82,11 @@ def test_truncated_gzip_keeps_what_was_read_and_quarantines_the_rest(tmp_path):
     assert f"after line {len(good)}" in bad[0]["detail"] or f"after line {len(good) + 1}" in bad[0]["detail"]
 
 
-def _run_ingest(pipeline_file, tmp_path, sources_yaml: str, extra: str = ""):
+def _run_ingest(pipeline_file, tmp_path, sources_yaml: str, extra: str = "", work: str = "work"):
     path = pipeline_file(
         f"""
         name: ingest-test
-        work_dir: {tmp_path}/work
+        work_dir: {tmp_path}/{work}
         stages:
           ingest:
             uses: ingest

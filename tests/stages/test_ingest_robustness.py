@@ -13,11 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-from pipeline.config import load_config
 from pipeline.io import read_table
-from pipeline.runner import Runner
 from pipeline.storage import Storage
 from stages.ingest.stage import SourceConfig, doc_id, read_json, read_jsonl, read_parquet
+from tests.stages.test_ingest import _run_ingest
 
 BOM = b"\xef\xbb\xbf"
 
@@ -30,21 +29,8 @@ def _collect(tables):
 
 
 def _run(pipeline_file, tmp_path, sources_yaml: str, extra: str = "", work: str = "work"):
-    path = pipeline_file(
-        f"""
-        name: ingest-robustness
-        work_dir: {tmp_path}/{work}
-        stages:
-          ingest:
-            uses: ingest
-            config:
-              sources:
-{sources_yaml}
-{extra}
-        """
-    )
-    runner = Runner(load_config(path), use_ray=False, track=False)
-    report = runner.run()
+    """The committed ingest output of these sources: its report, data rows and quarantine rows."""
+    runner, report = _run_ingest(pipeline_file, tmp_path, sources_yaml, extra, work)
     st = report.stage("ingest")
     data = read_table(runner.storage, runner.storage.glob(f"{st.stage_dir}/attempt-*/data/*.parquet")).to_pylist()
     qfiles = runner.storage.glob(f"{st.stage_dir}/attempt-*/quarantine/*.parquet")
