@@ -11,6 +11,7 @@ prefix, so the Hugging Face conversion (:mod:`stages.model.hf`) is a rename-free
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 from dataclasses import dataclass
 from typing import Literal, Optional
@@ -218,17 +219,19 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:
-        """Normal(0, init_std); output projections scaled by 1/sqrt(2 * layers) (GPT-2).
-        Seeded on its own generator so every rank builds the same initial model."""
-        gen = torch.Generator(device="cpu").manual_seed(seed)
+        """Normal(0, init_std); output projections scaled by 1/sqrt(2 * layers) (GPT-2); norm
+        weights 1. Works on a plain model and on one sharded from birth (FSDP2 DTensor
+        parameters materialised with ``to_empty``): each rank fills only its own rows, and the
+        values do not depend on the world size (see :func:`init_rows`)."""
         std = self.cfg.init_std
         out_std = std / math.sqrt(2 * self.cfg.n_layers)
         for name, p in self.named_parameters():
+            name = canonical_name(name)
             if p.dim() == 1:
-                p.fill_(1.0)  # norm weights
+                _local(p).fill_(1.0)  # norm weights
                 continue
             s = out_std if name.endswith(("o_proj.weight", "down_proj.weight")) else std
-            p.copy_(torch.randn(p.shape, generator=gen).mul_(s).to(p.device, p.dtype))
+            init_rows(p, seed, name, s)
         cos, sin = rope_cache(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
@@ -259,6 +262,58 @@ class Transformer(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The output head, on final hidden states from ``forward(..., return_hidden=True)``."""
         return self.lm_head(hidden)
+
+
+# Rows drawn from one generator. Fixed, so a parameter's values depend on its name, the seed and
+# the row, never on how its rows are split over ranks.
+INIT_ROWS_PER_DRAW = 256
+
+
+def canonical_name(name: str) -> str:
+    """A parameter's name without wrapper prefixes (activation checkpointing, torch.compile)."""
+    return name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    return p.to_local() if hasattr(p, "to_local") else p
+
+
+def _row_range(p: torch.Tensor) -> tuple[int, int]:
+    """The rows ``[start, stop)`` of the full parameter that this rank holds (all of them when
+    ``p`` is not a DTensor). FSDP2 shards dim 0, so a rank's shard is a run of whole rows."""
+    if not hasattr(p, "device_mesh"):
+        return 0, p.shape[0]
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    if any(not isinstance(pl, Shard) or pl.dim != 0 for pl in p.placements if not pl.is_replicate()):
+        raise ValueError(f"init_weights supports row (dim 0) sharding only, got {p.placements}")
+    shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    return offset[0], offset[0] + shape[0]
+
+
+def init_rows(p: torch.Tensor, seed: int, name: str, std: float) -> None:
+    """Fill this rank's rows of ``p`` with N(0, std).
+
+    The full parameter is drawn in blocks of :data:`INIT_ROWS_PER_DRAW` rows, each from its own
+    generator seeded by (seed, name, block): a rank draws only the blocks its rows fall in (at
+    most two partial blocks more than it keeps), so no rank ever materialises a full parameter
+    and every world size gives bit-identical weights. Drawn on CPU in fp32, then cast."""
+    start, stop = _row_range(p)
+    local = _local(p)
+    if stop <= start:
+        return
+    cols = p.shape[1:]
+    gen = torch.Generator(device="cpu")
+    first = start // INIT_ROWS_PER_DRAW
+    for block in range(first, -(-stop // INIT_ROWS_PER_DRAW)):
+        b0 = block * INIT_ROWS_PER_DRAW
+        b1 = min(b0 + INIT_ROWS_PER_DRAW, p.shape[0])
+        digest = hashlib.sha256(f"{seed}/{name}/{block}".encode()).digest()
+        gen.manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+        rows = torch.randn((b1 - b0, *cols), generator=gen).mul_(std)
+        lo, hi = max(start, b0), min(stop, b1)
+        local[lo - start : hi - start].copy_(rows[lo - b0 : hi - b0].to(local.device, local.dtype))
 
 
 def count_parameters(model: nn.Module) -> int:

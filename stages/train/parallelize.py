@@ -53,20 +53,34 @@ def apply_fsdp(model: Transformer, mesh, param_dtype: torch.dtype, reduce_dtype:
     fully_shard(model, mesh=mesh, mp_policy=mp)
 
 
-def parallelize(model: Transformer, cfg: ParallelConfig, device: torch.device, world_size: int, mesh=None) -> Transformer:
-    """Apply, in order: activation checkpointing, compile, FSDP2 (when running distributed).
-    Single-process runs get the same dtype by casting: bf16 weights would lose updates, so a
-    single GPU process keeps fp32 master weights and runs forward under autocast (see Trainer)."""
+def parallelize(model: Transformer, cfg: ParallelConfig, device: torch.device, world_size: int, mesh=None,
+                shard: Optional[bool] = None) -> Transformer:
+    """Apply, in order: activation checkpointing, compile, FSDP2 (``shard``; default: when
+    ``world_size > 1``). A run under a process group shards even with one rank, so that one GPU
+    runs the same mixed-precision policy (bf16 compute, fp32 master weights and reduction) as
+    many. Without a process group, a run gets the same dtype by autocast (see Trainer).
+
+    Call it on a model built on the ``meta`` device, then ``to_empty`` and ``init_weights``
+    (:func:`materialize`): FSDP2 then allocates only each rank's shards, so no rank ever holds
+    the full model."""
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(model)
     if cfg.compile:
         apply_compile(model)
-    if world_size > 1:
+    if world_size > 1 if shard is None else shard:
         from torch.distributed.device_mesh import init_device_mesh
 
         mesh = mesh or init_device_mesh(device.type, (world_size,))
         apply_fsdp(model, mesh, param_dtype(cfg, device), torch.float32)
     return model
+
+
+def materialize(model: nn.Module, device: torch.device, seed: int) -> None:
+    """Allocate a meta-built (and possibly sharded) model on ``device`` and initialise it: each
+    rank allocates and fills only its own shards, with values that do not depend on the world
+    size (``Transformer.init_weights``)."""
+    model.to_empty(device=device)
+    model.init_weights(seed)
 
 
 def is_sharded(model: nn.Module) -> bool:

@@ -34,7 +34,7 @@ from stages.model.checkpoint import is_complete
 from stages.model.transformer import ModelConfig, Transformer, count_parameters
 from stages.train import checkpoint as ckpt
 from stages.train.config import TrainConfig
-from stages.train.parallelize import autocast_dtype, parallelize, reshard
+from stages.train.parallelize import autocast_dtype, is_sharded, materialize, parallelize, reshard
 
 log = logging.getLogger("lmpipe.train")
 
@@ -250,12 +250,13 @@ class Trainer:
 
         if loop.deterministic and self.device.type == "cpu":
             torch.use_deterministic_algorithms(True)
+        # Shard from birth: build on meta, shard, then allocate and initialise only this rank's
+        # shards (a 7B model is 27 GB in fp32; a rank holds 27 GB / world_size of it).
         with torch.device("meta"):
             model = Transformer(model_cfg)
-        model.to_empty(device=self.device)
-        model.init_weights(seed)  # same weights on every rank, whatever the world size
-        self.model = parallelize(model, cfg.parallel, self.device, self.world)
-        self.sharded = self.world > 1
+        self.model = parallelize(model, cfg.parallel, self.device, self.world, shard=dist.is_initialized())
+        materialize(self.model, self.device, seed)  # same weights whatever the world size
+        self.sharded = is_sharded(self.model)
         self.autocast = autocast_dtype(self.model, cfg.parallel, self.device)
         self.num_params = count_parameters(model)
         self.flops_per_token = model_cfg.flops_per_token(seq_len)
@@ -346,6 +347,10 @@ class Trainer:
         ce_sum = torch.zeros((), device=self.device)
         self._capture_activations = cfg.norms_every > 0 and (step + 1) % cfg.norms_every == 0
         for micro in range(self.grad_accum):
+            if self.sharded and self.grad_accum > 1:
+                # reduce-scatter once per step, on the last micro-batch (FSDP2 accumulates the
+                # unsharded gradients until then)
+                self.model.set_requires_gradient_sync(micro == self.grad_accum - 1)
             t = time.perf_counter()
             inputs, targets = next(batches)
             data_wait += time.perf_counter() - t
