@@ -5,14 +5,21 @@ Inputs: the documents (``id``, ``text``, ``source``) and a ``train_tokenizer`` s
 [seq_len + 1]; uint16 iff the vocabulary fits), ``source`` (of the sequence's first token),
 ``doc_ids`` / ``doc_offsets`` / ``doc_copies`` (the document segments a sequence holds, where
 each starts, and which mixture copy it is) and ``seq_id`` (position in its packing stream: a
-document's segments, read in ``seq_id`` order, are the document).
+document's segments, read in ``seq_id`` order, are the document). Each shard is written in record
+batches of ``rows_per_batch`` sequences (about 1 MiB of tokens; in the shard's schema metadata as
+``lmpipe.rows_per_batch`` and in the summary), so a reader can fetch one batch by random access;
+the manifest lists every shard with its row count.
 
-Steps (see :mod:`stages.tokenize.packing`): encode every input file in parallel (Rust batch API,
-EOS appended, BOS optional; validation held out per source by a hash of the document id, before
-packing) -> mixture rates per source from the token counts -> pack each part (seeded order,
-deterministic copies) and then all parts' tails together -> seeded global permutation ->
-shards written in parallel. Token counts per source and split, target and achieved mixture
-shares, and the tokenizer (copied next to the shards) go into the manifest under ``tokenize``.
+Steps (see :mod:`stages.tokenize.packing`): validation score summaries per input file (the k
+smallest scores per source: the driver never sees a document id) -> encode every input file in
+parallel (Rust batch API, EOS appended, BOS optional; validation held out per source by a keyed
+hash of the document id, before packing) -> mixture rates per source from the token counts ->
+pack each part (seeded order, deterministic copies), each sequence sent to one of B buckets by a
+keyed hash, and all parts' tails packed together in one task -> one writer per bucket reads only
+its bucket from every packed file, shuffles it (seeded) and writes one shard. B is the expected
+number of sequences over ``shard_sequences`` (not the number of workers). Token counts per source
+and split, target and achieved mixture shares, bytes packed and read back, and the tokenizer
+(copied next to the shards) go into the manifest under ``tokenize``.
 """
 
 from __future__ import annotations
@@ -47,7 +54,8 @@ class TokenizeConfig(StrictModel):
     max_copies: Optional[float] = Field(
         default=None, gt=0, description="cap on copies of one document when upsampling (the achieved share then falls short)"
     )
-    shard_sequences: int = Field(default=8192, ge=1, description="sequences per Arrow shard")
+    shard_sequences: int = Field(default=8192, ge=1, description="sequences per Arrow shard, on average (each shard is one hash bucket)")
+    record_batch_bytes: int = Field(default=1 << 20, ge=1, description="tokens per shard record batch, in bytes (what a loader fetches per random read)")
     batch_rows: int = PerformanceField(default=1024, ge=1, description="documents per encode_batch call (bounds memory)")
     threads_per_worker: Optional[int] = PerformanceField(default=None, ge=1, description="tokenizer threads per worker (default: its CPUs)")
 
@@ -76,7 +84,7 @@ def mixture_rates(train_tokens: dict[str, int], mixture: Optional[dict[str, floa
 @register
 class Tokenize(DatasetStage):
     name = "tokenize"
-    version = "1"
+    version = "2"
     description = "Encode, pack (no padding, token-level lineage), mix, shuffle and shard documents as Arrow IPC."
     Config = TokenizeConfig
     requires = ("id", "text", "source")
@@ -116,11 +124,13 @@ class Tokenize(DatasetStage):
 
         t1 = time.perf_counter()
         dtype = pk.token_dtype(tok.vocab_size)
-        split_files, mixed_tokens, dropped_tail = self._pack(ctx, encoded, rates, dtype, work, fan, num_files=len(docs_in.files()))
+        buckets = self._buckets(counts, rates)
+        pjob = pk.PackJob(c.seq_len, str(dtype), self.seed, rates, buckets)
+        split_files, mixed_tokens, dropped_tail = self._pack(ctx, encoded, pjob, work, fan, num_files=len(docs_in.files()))
         timings["pack"] = time.perf_counter() - t1
 
         t2 = time.perf_counter()
-        rows = self._shuffle_write(ctx, split_files, fan)
+        rows, bytes_read = self._shuffle_write(ctx, split_files, pjob, pk.rows_per_batch(c.seq_len, dtype, c.record_batch_bytes), fan)
         timings["shuffle_write"] = time.perf_counter() - t2
         ctx.add_part_result({**empty_result("docs"), "rows_in": 0, "bytes_in": sum(e["bytes_in"] for e in encoded)})
 
@@ -134,7 +144,9 @@ class Tokenize(DatasetStage):
             documents={split: {s: v["docs"] for s, v in per.items()} for split, per in counts.items()},
             tokens_encoded={split: {s: v["tokens"] for s, v in per.items()} for split, per in counts.items()},
             tokens=mixed_tokens, sequences=rows, tokens_in_sequences={s: n * (c.seq_len + 1) for s, n in rows.items()},
-            dropped_tail_tokens=dropped_tail,
+            dropped_tail_tokens=dropped_tail, buckets=buckets, rows_per_batch=pk.rows_per_batch(c.seq_len, dtype, c.record_batch_bytes),
+            packed_bytes={split: sum(f["bytes"] for f in files) for split, files in split_files.items()},
+            shuffle_bytes_read=bytes_read,
             mixture=MixtureReport(
                 weights=c.mixture, rates={s: round(r, 6) for s, r in rates.items()}, capped_by_max_copies=capped,
                 target_shares=({s: w / sum(c.mixture.values()) for s, w in c.mixture.items()} if c.mixture else None),
@@ -160,60 +172,68 @@ class Tokenize(DatasetStage):
         c = self.config
         files = docs_in.files()
         thresholds: dict[str, float] = {}
-        if c.min_validation_docs > 0 and c.validation_fraction > 0:  # needs every id once (two small columns)
-            keys = docs_in.read_table(["id", "source"])
-            thresholds = pk.validation_thresholds(keys.column("id").to_pylist(), keys.column("source").to_pylist(),
-                                                  c.validation_fraction, c.min_validation_docs, self.seed)
-            del keys
+        if c.min_validation_docs > 0 and c.validation_fraction > 0:
+            # per file and source: the min_validation_docs smallest scores (O(sources x k) here, not per document)
+            k = c.min_validation_docs
+            summaries = ctx.fan_out.map(pk.score_part, [(ctx.storage, f, self.seed, k, c.batch_rows) for f in files],
+                                        step="validation scores", **fan)
+            thresholds = pk.thresholds_from_summary(pk.merge_score_summaries(summaries, k), c.validation_fraction, k)
         if tok.eos_id is None:
             raise ValueError(f"stage {ctx.stage_name!r}: the tokenizer has no EOS token to end documents with")
         job = pk.EncodeJob(tok_uri, tok.eos_id, tok.bos_id if c.add_bos else None, c.validation_fraction, thresholds, self.seed, c.batch_rows)
         items = [(ctx.storage, f, st.join(work, "encoded", f"part-{i:05d}.arrow"), job) for i, f in enumerate(files)]
         return ctx.fan_out.map(pk.encode_part, items, step="encode", **fan)
 
-    def _pack(self, ctx: StageContext, encoded: list[dict[str, Any]], rates: dict[str, float], dtype, work: str, fan: dict,
-              num_files: int) -> tuple[dict[str, list[dict[str, Any]]], dict[str, dict[str, int]], dict[str, int]]:
-        """Each encoded part packed (seeded order, deterministic copies), then all parts' tails together."""
+    def _buckets(self, counts: dict[str, dict[str, dict[str, int]]], rates: dict[str, float]) -> dict[str, int]:
+        """Buckets (shards) per split from the expected sequence count: tokens after mixing (train:
+        each source's tokens times its rate) over seq_len + 1, over shard_sequences."""
         c = self.config
-        pjob = pk.PackJob(c.seq_len, str(dtype), self.seed, rates)
+        expected = {
+            pk.TRAIN: sum(v["tokens"] * rates.get(s, 0.0) for s, v in sorted(counts.get(pk.TRAIN, {}).items())),
+            pk.VALIDATION: float(sum(v["tokens"] for _, v in sorted(counts.get(pk.VALIDATION, {}).items()))),
+        }
+        return {split: pk.num_buckets(n / (c.seq_len + 1), c.shard_sequences) for split, n in expected.items()}
+
+    def _pack(self, ctx: StageContext, encoded: list[dict[str, Any]], pjob: pk.PackJob, work: str, fan: dict, num_files: int) -> tuple[dict[str, list[dict[str, Any]]], dict[str, dict[str, int]], dict[str, int]]:
+        """Each encoded part packed into bucketed files (seeded order, deterministic copies), then
+        all parts' tails together in one task."""
         items = [(ctx.storage, e["uri"], i, st.join(work, "packed", f"part-{i:05d}"), pjob) for i, e in enumerate(encoded) if e["uri"]]
         packed = ctx.fan_out.map(pk.pack_part, items, step="pack", **fan)
         split_files: dict[str, list[dict[str, Any]]] = {pk.TRAIN: [], pk.VALIDATION: []}
         mixed_tokens: dict[str, dict[str, int]] = {pk.TRAIN: {}, pk.VALIDATION: {}}
-        dropped_tail: dict[str, int] = {}
         for p in packed:
             for split, f in p["files"].items():
                 split_files[split].append(f)
             for split, per_source in p["tokens"].items():
                 for src, n in per_source.items():
                     mixed_tokens[split][src] = mixed_tokens[split].get(src, 0) + n
-        for split in (pk.TRAIN, pk.VALIDATION):
-            tails = pk.Stream.concat([p["tails"][split] for p in packed if split in p["tails"]])
-            table, rest = pk.pack_stream(tails, c.seq_len, dtype, seq_id_base=(num_files + 1) << 32)
-            if table.num_rows:
-                uri = st.join(work, "packed", f"tails-{split}.arrow")
-                pk.write_ipc(ctx.storage, uri, table)
-                split_files[split].append({"uri": uri, "rows": table.num_rows})
-            dropped_tail[split] = int(len(rest.tokens))
+        splits = (pk.TRAIN, pk.VALIDATION)
+        tail_items = [(ctx.storage, [p["tails"][split] for p in packed if split in p["tails"]], split,
+                       st.join(work, "packed", f"tails-{split}.arrow"), pjob, (num_files + 1) << 32) for split in splits]
+        dropped_tail: dict[str, int] = {}
+        for split, t in zip(splits, ctx.fan_out.map(pk.pack_tails, tail_items, step="pack tails", **fan)):
+            if t["file"]:
+                split_files[split].append(t["file"])
+            dropped_tail[split] = t["dropped"]
         return split_files, mixed_tokens, dropped_tail
 
-    def _shuffle_write(self, ctx: StageContext, split_files: dict[str, list[dict[str, Any]]], fan: dict) -> dict[str, int]:
-        """A seeded global permutation per split, written as shards by parallel writers."""
-        c = self.config
+    def _shuffle_write(self, ctx: StageContext, split_files: dict[str, list[dict[str, Any]]], job: pk.PackJob,
+                       batch_rows: int, fan: dict) -> tuple[dict[str, int], dict[str, int]]:
+        """One writer per bucket: it reads that bucket's record batch of every packed file, shuffles
+        and writes one shard. Returns sequences and bytes read per split."""
         rows: dict[str, int] = {}
+        bytes_read: dict[str, int] = {}
         for split, packed_files in split_files.items():
-            n = sum(f["rows"] for f in packed_files)
-            rows[split] = n
-            if n == 0:
+            rows[split] = sum(f["rows"] for f in packed_files)
+            bytes_read[split] = 0
+            if rows[split] == 0:
                 continue
-            order = pk.permutation(n, self.seed, split)
-            n_shards = -(-n // c.shard_sequences)
-            per_task = c.shard_sequences * -(-n_shards // min(n_shards, 16))  # at most 16 writer tasks per split
-            items = [(ctx.storage, split, packed_files, order[a : a + per_task], f"{a // c.shard_sequences:05d}", ctx.attempt_uri,
-                      ctx.attempt, c.shard_sequences) for a in range(0, n, per_task)]
-            for result in ctx.fan_out.map(pk.write_shards, items, step=f"write {split} shards", **fan):
+            files = [{"uri": f["uri"], "bytes": f["bytes"]} for f in packed_files]
+            items = [(ctx.storage, split, b, files, ctx.attempt_uri, ctx.attempt, job, batch_rows) for b in range(job.buckets[split])]
+            for result in ctx.fan_out.map(pk.write_bucket, items, step=f"write {split} shards", **fan):
+                bytes_read[split] += int(result["counters"].pop(f"bytes_read.{split}", 0))
                 ctx.add_part_result(result)
-        return rows
+        return rows, bytes_read
 
     @staticmethod
     def _cleanup(ctx: StageContext, work: str) -> None:

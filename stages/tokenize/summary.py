@@ -35,6 +35,10 @@ class TokenizeSummary(StageSummary):
     sequences: dict[str, int] = {}  # split -> packed sequences
     tokens_in_sequences: dict[str, int] = {}
     dropped_tail_tokens: dict[str, int] = {}
+    buckets: dict[str, int] = {}  # split -> hash buckets = shards (a function of the data and config only)
+    rows_per_batch: Optional[int] = None  # sequences per shard record batch (also in each shard's schema metadata)
+    packed_bytes: dict[str, int] = {}  # split -> bytes of the packed (bucketed) intermediate files
+    shuffle_bytes_read: dict[str, int] = {}  # split -> bytes the shard writers read back (footers included)
     mixture: Optional[MixtureReport] = None
     timings: dict[str, float] = {}
 

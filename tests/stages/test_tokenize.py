@@ -1,5 +1,6 @@
 """The tokenize stage without a cluster (in-process runner): packing round trip, lineage,
-mixture shares, validation per source, determinism of the shuffle, uniformity of the permutation."""
+mixture shares, validation per source, determinism of the shuffle, uniformity of the bucket rule and
+of the in-bucket permutation, the shard layout (record batches, row counts), each packed byte read once."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from pipeline.runner import Runner
 from pipeline.storage import Storage
 from stages.assets import news_articles, python_doc_topics
 from stages.tokenize import mixture_rates
-from stages.tokenize.packing import Stream, pack_stream, permutation
+from stages.tokenize.packing import Stream, bucket_of, bucket_permutation, pack_stream
 
 PIPELINE = """
 name: tok-unit
@@ -37,7 +38,7 @@ stages:
   tokenize:
     uses: tokenize
     inputs: [ingest, train_tokenizer]
-    config: {{seq_len: 128, validation_fraction: 0.1, shard_sequences: 100{extra}}}
+    config: {{seq_len: {seq_len}, validation_fraction: 0.1, shard_sequences: {shard}{extra}}}
 """
 
 
@@ -53,10 +54,10 @@ def data(tmp_path_factory) -> Path:
     return folder
 
 
-def run(tmp: Path, data: Path, seed: int = 3, extra: str = ""):
+def run(tmp: Path, data: Path, seed: int = 3, extra: str = "", seq_len: int = 128, shard: int = 100):
     path = tmp / "p.yaml"
     tmp.mkdir(parents=True, exist_ok=True)
-    path.write_text(PIPELINE.format(work=tmp / "work", data=data, seed=seed, extra=extra))
+    path.write_text(PIPELINE.format(work=tmp / "work", data=data, seed=seed, extra=extra, seq_len=seq_len, shard=shard))
     return Runner(load_config(str(path)), use_ray=False, track=False).run()
 
 
@@ -133,13 +134,37 @@ def test_validation_is_held_out_per_source_by_document(natural):
 def test_sequences_are_shuffled_and_the_manifest_says_what_training_needs(natural):
     st = natural.stage("tokenize")
     m = st.manifest["summary"]["data"]
-    for key in ("seq_len", "vocab_size", "dtype", "eos_id", "bos_id", "pad_id", "tokenizer_path", "tokens", "mixture"):
+    for key in ("seq_len", "vocab_size", "dtype", "eos_id", "bos_id", "pad_id", "tokenizer_path", "tokens", "mixture", "rows_per_batch"):
         assert key in m
     seq_ids = read_table(Storage(), [str(p) for p in shards(natural, "train")]).column("seq_id").to_numpy()
     assert sorted(seq_ids.tolist()) != seq_ids.tolist()  # shuffled
     assert len(set(seq_ids.tolist())) == len(seq_ids)
     assert st.manifest["datasets"]["train"]["rows"] == m["sequences"]["train"] == len(seq_ids)
-    assert len(shards(natural, "train")) == -(-len(seq_ids) // 100)
+    # one shard per bucket; B from the expected sequence count (~100 per shard), not from the workers
+    files = st.manifest["datasets"]["train"]["files"]
+    assert m["buckets"]["train"] == -(-len(seq_ids) // 100) and 1 <= len(files) <= m["buckets"]["train"]
+    # record batches of a fixed size, said in the schema; the manifest's row counts are the shards'
+    assert m["rows_per_batch"] == 2**20 // (129 * 2)
+    for f in files:
+        reader = pa.ipc.open_file(pa.memory_map(str(Path(st.stage_dir) / f["path"])))
+        assert reader.schema.metadata[b"lmpipe.rows_per_batch"] == str(m["rows_per_batch"]).encode()
+        sizes = [reader.get_batch(i).num_rows for i in range(reader.num_record_batches)]
+        assert sum(sizes) == f["rows"] and all(n == m["rows_per_batch"] for n in sizes[:-1])
+    # every packed byte is read back once by the writers (plus the files' footers)
+    for split in ("train", "validation"):
+        assert m["packed_bytes"][split] <= m["shuffle_bytes_read"][split] <= 1.1 * m["packed_bytes"][split]
+
+
+def test_small_record_batches(tmp_path, data):
+    # 8 KiB of uint16 tokens per batch at seq_len 255: 16 sequences; each shard is several batches
+    report = run(tmp_path, data, seq_len=255, shard=60, extra=", record_batch_bytes: 8192")
+    st = report.stage("tokenize")
+    m = st.manifest["summary"]["data"]
+    assert m["rows_per_batch"] == 16 and len(st.manifest["datasets"]["train"]["files"]) > 1
+    for f in st.manifest["datasets"]["train"]["files"]:
+        reader = pa.ipc.open_file(pa.memory_map(str(Path(st.stage_dir) / f["path"])))
+        sizes = [reader.get_batch(i).num_rows for i in range(reader.num_record_batches)]
+        assert sum(sizes) == f["rows"] > 16 and sizes[:-1] == [16] * (len(sizes) - 1) and 0 < sizes[-1] <= 16
 
 
 def test_same_seed_same_bytes_other_seed_other_order(tmp_path, data, natural):
@@ -191,20 +216,26 @@ def test_pack_stream_lineage():
     assert tail.tokens.tolist() == [8, 9] and tail.seg_ids.to_pylist() == ["z"] and tail.seg_starts.tolist() == [0]
 
 
-def test_permutation_is_deterministic_and_uniform():
-    assert (permutation(1000, 5, "train") == permutation(1000, 5, "train")).all()
-    assert not (permutation(1000, 5, "train") == permutation(1000, 6, "train")).all()
+def test_bucket_rule_and_in_bucket_permutation_are_deterministic_and_uniform():
+    ids = (np.arange(20_000, dtype=np.int64) + (3 << 32))
+    a = bucket_of(ids, 5, "train", 10)
+    assert (a == bucket_of(ids, 5, "train", 10)).all()
+    assert not (a == bucket_of(ids, 6, "train", 10)).all() and not (a == bucket_of(ids, 5, "validation", 10)).all()
+    counts = np.bincount(a, minlength=10)  # consecutive seq_ids spread evenly: chi-square, 9 dof
+    assert ((counts - 2000) ** 2 / 2000).sum() < 27.9  # p = 0.001
+    assert (bucket_permutation(1000, 5, "train", 2) == bucket_permutation(1000, 5, "train", 2)).all()
+    assert not (bucket_permutation(1000, 5, "train", 2) == bucket_permutation(1000, 5, "train", 3)).all()
     # where element 0 lands, and which element lands first, over 4000 seeds: chi-square, 9 dof
     n, trials = 10, 4000
     lands = np.zeros(n)
     first = np.zeros(n)
     for seed in range(trials):
-        p = permutation(n, seed, "train")
+        p = bucket_permutation(n, seed, "train", 0)
         lands[np.nonzero(p == 0)[0][0]] += 1
         first[p[0]] += 1
     expected = trials / n
     for counts in (lands, first):
-        assert ((counts - expected) ** 2 / expected).sum() < 27.9  # p = 0.001
+        assert ((counts - expected) ** 2 / expected).sum() < 27.9
 
 
 def test_loader_reads_the_stage_output(natural):
@@ -219,7 +250,8 @@ def test_loader_reads_the_stage_output(natural):
 
 
 def test_validation_thresholds_hold_out_at_least_min_docs_per_source():
-    from stages.tokenize.packing import is_validation, validation_thresholds
+    from stages.tokenize.packing import (is_validation, merge_score_summaries, summarize_scores, thresholds_from_summary,
+                                         validation_thresholds)
 
     ids = [f"a{i}" for i in range(5)] + [f"b{i}" for i in range(300)] + ["c0"]
     sources = ["a"] * 5 + ["b"] * 300 + ["c"]
@@ -229,3 +261,12 @@ def test_validation_thresholds_hold_out_at_least_min_docs_per_source():
     assert 5 <= held["b"] <= 30  # ~5% of 300
     assert held["c"] == 0  # a source's only document trains
     assert validation_thresholds(["x0", "x1"], ["x", "x"], 0.99, 5, 1)["x"] < 1  # never all of a source
+    # the driver sees per part only the k smallest scores per source: merged, the same thresholds
+    # as over all documents at once, so the minimum holds however the documents are split in files
+    for min_docs in (0, 2, 7):
+        whole = validation_thresholds(ids, sources, 0.01, min_docs, seed=1)
+        parts = [summarize_scores(ids[k::4], sources[k::4], 1, min_docs) for k in range(4)]
+        assert all(len(p[s]["smallest"]) <= min_docs for p in parts for s in p)
+        assert thresholds_from_summary(merge_score_summaries(parts, min_docs), 0.01, min_docs) == whole
+        held = {s: sum(is_validation(i, whole[s], 1) for i, src in zip(ids, sources) if src == s) for s in whole}
+        assert held == {"a": min(min_docs, 4), "b": max(min_docs, held["b"]), "c": 0} and held["b"] >= min_docs
