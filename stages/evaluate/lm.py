@@ -120,10 +120,21 @@ def _load_hf(path: str) -> torch.nn.Module:
     with open(os.path.join(path, "config.json")) as f:
         config = json.load(f)
     arch = (config.get("architectures") or ["?"])[0]
-    if arch in ARCHITECTURES and os.path.exists(os.path.join(path, "model.safetensors")):
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):  # sharded, as lmpipe's export and save_pretrained write large models
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        if any(os.path.basename(s) != s for s in shards):
+            raise CheckpointError(f"{index}: names a weights file outside the folder")
+    else:
+        shards = ["model.safetensors"] if os.path.exists(os.path.join(path, "model.safetensors")) else []
+    if arch in ARCHITECTURES and shards:
         from safetensors.torch import load_file
 
-        return from_hf(config, load_file(os.path.join(path, "model.safetensors")))
+        state: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            state.update(load_file(os.path.join(path, shard)))
+        return from_hf(config, state)
     try:
         from transformers import AutoModelForCausalLM
     except ImportError:

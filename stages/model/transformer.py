@@ -92,13 +92,19 @@ class ModelConfig:
         return 6.0 * matmul_params + 12.0 * self.n_layers * self.dim * seq_len
 
 
-# Named shapes. ``1b`` is OpenLM-1B's (dim 2048, 24 layers, 16 heads, LayerNorm without bias,
-# QK-norm); ``7b`` is LLaMA-7B's (dim 4096, 32 layers, 32 heads, FFN 11008, RMSNorm).
+# Named shapes, each exported as the transformers architecture in brackets (stages/model/hf.py).
+# ``1b`` is OpenLM-1B's (dim 2048, 24 layers, 16 heads, LayerNorm without bias, QK-norm)
+# [StableLmForCausalLM]; ``llama-1b`` is the same shape the LLaMA way (RMSNorm, no QK-norm), so the
+# two differ only in their norms [LlamaForCausalLM]; ``tinyllama-1b`` is TinyLlama-1.1B's, with
+# grouped-query attention (dim 2048, 22 layers, 32 heads, 4 KV heads, FFN 5632) [LlamaForCausalLM];
+# ``7b`` is LLaMA-7B's (dim 4096, 32 layers, 32 heads, FFN 11008, RMSNorm) [LlamaForCausalLM].
 MODEL_SIZES: dict[str, ModelConfig] = {
     "debug": ModelConfig(vocab_size=512, dim=64, n_layers=2, n_heads=4, ffn_multiple_of=32, max_seq_len=512),
     "125m": ModelConfig(dim=768, n_layers=12, n_heads=12),
     "350m": ModelConfig(dim=1024, n_layers=24, n_heads=16),
     "1b": ModelConfig(dim=2048, n_layers=24, n_heads=16, norm="layernorm", qk_norm=True),
+    "llama-1b": ModelConfig(dim=2048, n_layers=24, n_heads=16),
+    "tinyllama-1b": ModelConfig(dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, ffn_dim=5632),
     "7b": ModelConfig(dim=4096, n_layers=32, n_heads=32, ffn_dim=11008),
 }
 

@@ -35,7 +35,10 @@ if TYPE_CHECKING:
 class ModelSpec(StrictModel):
     """A named shape, optionally overridden field by field; vocabulary and sequence length come from the tokenize stage."""
 
-    size: Literal["debug", "125m", "350m", "1b", "7b"] = Field(default="debug", description="a named shape (stages/model/transformer.py)")
+    # Every shape these allow exports to Hugging Face (stages/model/hf.py maps each norm/QK-norm
+    # combination to an exact transformers architecture), so no refusal can come after training.
+    size: Literal["debug", "125m", "350m", "1b", "llama-1b", "tinyllama-1b", "7b"] = Field(
+        default="debug", description="a named shape (stages/model/transformer.py)")
     dim: Optional[int] = Field(default=None, ge=8)
     n_layers: Optional[int] = Field(default=None, ge=1)
     n_heads: Optional[int] = Field(default=None, ge=1)

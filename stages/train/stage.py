@@ -22,7 +22,6 @@ import io
 import json
 import logging
 import os
-import shutil
 import tempfile
 from typing import TYPE_CHECKING, Any, ClassVar, Optional
 
@@ -122,11 +121,9 @@ class TrainStage(DatasetStage):
 
     # -- after training, on the driver ------------------------------------------------------------
     def _record(self, ctx, cfg: TrainStageConfig, result, model_cfg: ModelConfig, info: TokenizeSummary, src) -> None:
-        import torch
-
         from stages.model import checkpoint as ckpt
         from stages.model.hf import ExportError
-        from stages.train.export import export_checkpoint
+        from stages.train.export import export_task
 
         final_path = _uri(result.checkpoint.path, ctx.work_dir)
         rows = []
@@ -142,27 +139,27 @@ class TrainStage(DatasetStage):
 
         export_uri = st.join(ctx.attempt_uri, "hf")
         export_error = None
-        with result.checkpoint.as_directory() as local_ckpt, tempfile.TemporaryDirectory() as tmp:
-            extra = ckpt.load_extra(local_ckpt, 0)
-            state = json.loads(extra["trainer"])
-            tokenizer = os.path.join(tmp, "tokenizer.json")
-            with open(tokenizer, "wb") as f:
-                f.write(ctx.storage.read_bytes(src.path(info.tokenizer_path)))
-            hf_dir = os.path.join(tmp, "hf")
-            special = {"bos_id": info.bos_id, "eos_id": info.eos_id, "pad_id": info.pad_id}
-            try:
-                export_checkpoint(local_ckpt, hf_dir, tokenizer, special, getattr(torch, cfg.export_dtype))
-                _upload(ctx.storage, hf_dir, export_uri)
-            except ExportError as e:
-                export_error, export_uri = str(e), None
-                log.warning("[%s] no Hugging Face export: %s", ctx.stage_name, e)
-            png = loss_curve_png(state["history"], ctx.stage_name)
-            if png:
-                ctx.log_artifact("loss_curve.png", png)
-            ctx.log_artifact("train_history.json", json.dumps(state["history"], indent=1))
-            model_id = None
-            if export_uri:
-                model_id = ctx.log_model(exported_model(ctx, hf_dir, model_cfg, src, extra["step"], rows[-1] if rows else {}))
+        extra = ckpt.load_extra(final_path, 0, ctx.storage)  # read where it lies: the checkpoint is never downloaded here
+        state = json.loads(extra["trainer"])
+        special = {"bos_id": info.bos_id, "eos_id": info.eos_id, "pad_id": info.pad_id}
+        try:
+            # On a worker, streaming tensor by tensor from the checkpoint to the export: the driver
+            # (a head node) never holds the weights. Unsupported shapes were refused when the config
+            # was validated (ModelSpec); ExportError here means a checkpoint from elsewhere.
+            ctx.fan_out.map(export_task, [(final_path, export_uri, src.path(info.tokenizer_path), special, cfg.export_dtype, ctx.storage)],
+                            step="export", num_cpus=1)
+        except ExportError as e:
+            export_error, export_uri = str(e), None
+            log.warning("[%s] no Hugging Face export: %s", ctx.stage_name, e)
+        png = loss_curve_png(state["history"], ctx.stage_name)
+        if png:
+            ctx.log_artifact("loss_curve.png", png)
+        ctx.log_artifact("train_history.json", json.dumps(state["history"], indent=1))
+        model_id = None
+        if export_uri:
+            with tempfile.TemporaryDirectory() as tmp:
+                hf_dir = _export_descriptors(ctx.storage, export_uri, tmp)
+                model_id = ctx.log_model(exported_model(ctx, hf_dir, model_cfg, src, extra["step"], rows[-1] if rows else {}, export_uri))
 
         last = rows[-1] if rows else {}
         ctx.set_summary(TrainSummary(
@@ -190,13 +187,17 @@ def _uri(path: str, work_dir: str) -> str:
     return path
 
 
-def _upload(storage: st.Storage, local_dir: str, uri: str) -> None:
-    if not st.is_remote(uri):
-        shutil.copytree(local_dir, uri, dirs_exist_ok=True)
-        return
-    for name in sorted(os.listdir(local_dir)):
-        with open(os.path.join(local_dir, name), "rb") as f:
-            storage.write_bytes_atomic(st.join(uri, name), f.read())
+def _export_descriptors(storage: st.Storage, export_uri: str, tmp: str) -> str:
+    """The export's files but its weights (config, generation config, tokenizer, shard index) in a
+    local folder, for the LoggedModel: copying multi-GB weights through the driver into MLflow
+    would undo the worker-side export; the model's ``lmpipe.weights_uri`` tag says where they are."""
+    prefix = export_uri.rstrip("/") + "/"
+    for uri in storage.find_files(export_uri):
+        name = uri[len(prefix):] if uri.startswith(prefix) else os.path.basename(uri)
+        if not name.endswith(".safetensors"):
+            with open(os.path.join(tmp, name), "wb") as f:
+                f.write(storage.read_bytes(uri))
+    return tmp
 
 
 def loss_curve_png(history: list[dict[str, float]], title: str) -> Optional[bytes]:
@@ -226,15 +227,18 @@ def loss_curve_png(history: list[dict[str, float]], title: str) -> Optional[byte
     return buf.getvalue()
 
 
-def exported_model(ctx, hf_dir: str, model_cfg: ModelConfig, src, step: int, last: dict[str, Any]) -> ModelRecord:
+def exported_model(ctx, hf_dir: str, model_cfg: ModelConfig, src, step: int, last: dict[str, Any], weights_uri: str) -> ModelRecord:
     """The export as an MLflow LoggedModel of the stage run, linked to the token shards: the
     model's tags name the dataset, and its final losses are logged against that dataset."""
+    from stages.model.hf import hf_architecture
+
     dataset = DatasetRef(f"{src.ref.stage}.{src.ref.dataset}", src.uri, src.fingerprint)
     return ModelRecord(
-        name=ctx.stage_name, local_dir=hf_dir, model_type="LlamaForCausalLM", step=step,
+        name=ctx.stage_name, local_dir=hf_dir, model_type=hf_architecture(model_cfg), step=step,
         params={k: str(v) for k, v in model_cfg.to_dict().items()},
         tags={"lmpipe.fingerprint": ctx.fingerprint, "lmpipe.train_dataset": dataset.name, "lmpipe.train_dataset_uri": src.uri,
-              "lmpipe.train_dataset_digest": src.fingerprint, "lmpipe.step": str(step), "lmpipe.format": "huggingface"},
+              "lmpipe.train_dataset_digest": src.fingerprint, "lmpipe.step": str(step), "lmpipe.format": "huggingface",
+              "lmpipe.weights_uri": weights_uri},
         metrics={f"final_{key}": last[key] for key in ("loss", "val_loss") if last.get(key) is not None},
         dataset=dataset,
     )
