@@ -1,19 +1,59 @@
-"""The training data loader over the tokenize stage's Arrow shards.
+"""The training data loader over the tokenize stage's Arrow shards, with memory that does not grow
+with the corpus and a sample order that does not depend on the number of ranks.
 
-* Zero-copy: local shards are memory-mapped and the ``tokens`` column is viewed as a
-  ``[rows, seq_len + 1]`` numpy array without copying; remote shards (``s3://``) are read on first
-  use through the storage's Arrow filesystem and kept as Arrow buffers. Only a batch's rows are
-  ever copied (into the output tensor).
-* Sharded by rank: each epoch is one seeded permutation of all sequences (identical on every
-  rank); rank ``r`` of ``w`` takes positions ``r, r + w, r + 2w, ...`` of it, truncated so that
-  every rank gets the same number of full batches. Ranks never share a sequence within an epoch.
-* Exact resume: the state is (epoch, batch index in the epoch) plus what it depends on (seed,
-  world size, rank, number of sequences); restoring it yields exactly the batches that an
-  uninterrupted loader would have yielded next.
+**Chunks.** A chunk is one record batch of one shard. At start every rank learns the row count of
+every chunk: local shards are memory-mapped and asked (free); remote shards (``s3://``) cost one
+batched size request plus one ranged read of each file's footer, and then either one ranged read
+of the *last* record batch's header (when the schema metadata ``lmpipe.rows_per_batch`` says how
+many rows the other batches hold: a hint, checked against every batch when it is read) or one of
+every batch's header (a few hundred bytes each, fetched concurrently). That is a few per-chunk
+arrays (8 bytes a chunk: 1 T tokens in 1,024-row batches of 2,048 tokens is ~500 k chunks, 4 MB),
+never a per-sequence one.
+
+**Order (one per epoch, the same whatever the number of ranks).** A seeded bijection over the
+chunks (a 4-round Feistel network with cycle-walking, keyed by (seed, epoch): written here rather
+than numpy's shuffle because numpy does not promise its streams across versions, and a resumed run
+must see the same order after an upgrade) gives the chunks' order; their concatenation is cut into
+``streams`` (C) contiguous, near-equal segments, one per canonical stream (MosaicML
+StreamingDataset's canonical nodes). Inside a stream, sequences are shuffled within windows of
+``shuffle_window`` (K) sequences by another keyed Feistel bijection. Global position ``p`` of the
+epoch is index ``p // C`` of stream ``p % C``: every C consecutive positions draw from C different
+places of the corpus. The chunk order is materialised (one int64 per chunk, see above); the
+sequence order never is -- a position is mapped to its (chunk, row) on demand.
+
+**Ranks.** Micro-batch ``j`` of all W ranks together covers the global positions
+``[P + j*W*mb, P + (j+1)*W*mb)`` (P: where the run started in the epoch); rank ``r`` takes
+``P + r, P + r + W, ...``. With W dividing C, rank r reads only streams ``s = P + r (mod W)``, so
+the ranks' read sets are disjoint except for the chunks on the ≤ 2 boundaries of each stream's
+segment. An epoch ends when the next global micro-batch no longer fits; the tail (< W*mb
+sequences) is dropped for that epoch, as before.
+
+**State** is the number of sequences of the epoch that all ranks together have consumed, the
+epoch, and what the order depends on (seed, C, K, number of sequences, and a fingerprint of the
+shard names and chunk sizes). It is the same on every rank, so a run checkpointed on W ranks
+resumes on any W' that divides C: it continues with exactly the positions not yet consumed.
+
+**Reading.** Local shards: memory-mapped, rows copied only into the output batch. Remote shards:
+one ranged GET per chunk of exactly its bytes (the footer says where each batch starts and how long
+its metadata and body are), decoded zero-copy from that buffer, into an LRU cache bounded in bytes;
+a background thread prefetches the chunks of the next positions of this rank. A working set of
+about 2 x (C/W) x (K/rows-per-batch + 1) chunks must fit the cache, else chunks are read again.
+
+Bad input is one line naming the file: not Arrow IPC (truncated or foreign), no ``tokens``
+column of fixed width, a width unlike the first shard's, a missing shard, a batch whose row count
+differs from what the footer or the hint said; and a loader state from another run names its key.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import struct
+import threading
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
 import numpy as np
@@ -22,7 +62,14 @@ import pyarrow as pa
 from pipeline import manifest as mf
 from pipeline import storage as st
 
-STATE_VERSION = 1
+log = logging.getLogger("lmpipe.loader")
+
+STATE_VERSION = 2
+DEFAULT_STREAMS = 64
+DEFAULT_SHUFFLE_WINDOW = 1024
+DEFAULT_CACHE_BYTES = 512 << 20
+ROWS_PER_BATCH_KEY = b"lmpipe.rows_per_batch"
+_TAIL_BYTES = 16 << 10  # first read of a remote file's end: the footer of a shard of <= ~500 batches
 
 
 def shard_files(storage: st.Storage, stage_dir: str, split: str = "train") -> list[str]:
@@ -33,134 +80,478 @@ def shard_files(storage: st.Storage, stage_dir: str, split: str = "train") -> li
     return mf.dataset_files(manifest, stage_dir, split)
 
 
+# -- a keyed bijection over [0, n) -------------------------------------------------------------------
+
+_U = np.uint64
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser on uint64 arrays (wrapping arithmetic)."""
+    x = x ^ (x >> _U(30))
+    x = x * _U(0xBF58476D1CE4E5B9)
+    x = x ^ (x >> _U(27))
+    x = x * _U(0x94D049BB133111EB)
+    return x ^ (x >> _U(31))
+
+
+def _key(*parts: Any) -> int:
+    return int.from_bytes(hashlib.blake2b(json.dumps(parts).encode(), digest_size=8).digest(), "little")
+
+
+def feistel(x: np.ndarray, n: Any, key: Any, rounds: int = 4) -> np.ndarray:
+    """A keyed permutation of ``[0, n)`` applied to ``x``: a balanced Feistel network over the
+    smallest even number of bits covering ``n`` (at most 4n values), cycle-walking values that
+    land outside ``[0, n)`` back in. ``n`` and ``key`` may be arrays (one permutation per element)."""
+    x = np.asarray(x, dtype=np.uint64).reshape(-1)
+    n = np.broadcast_to(np.asarray(n, dtype=np.uint64), x.shape).copy()
+    key = np.broadcast_to(np.asarray(key, dtype=np.uint64), x.shape).copy()
+    bits = np.ceil(np.log2(np.maximum(n, 1).astype(np.float64))).astype(np.uint64)
+    bits += (np.left_shift(_U(1), bits) < n).astype(np.uint64)  # float log2 rounding
+    bits = np.maximum(bits + (bits & _U(1)), _U(2))
+    half = bits >> _U(1)
+    mask = np.left_shift(_U(1), half) - _U(1)
+    round_keys = [_mix(key ^ _mix(np.full(x.shape, r + 1, dtype=np.uint64) * _U(0x9E3779B97F4A7C15))) for r in range(rounds)]
+
+    def once(v: np.ndarray, sel: np.ndarray) -> np.ndarray:
+        h, m = half[sel], mask[sel]
+        left, right = v >> h, v & m
+        for rk in round_keys:
+            left, right = right, left ^ (_mix(right ^ rk[sel]) & m)
+        return (left << h) | right
+
+    everything = np.arange(len(x))
+    y = once(x, everything)
+    out = y >= n
+    while out.any():  # expected < 4 rounds of walking: the domain is < 4n
+        idx = np.nonzero(out)[0]
+        y[idx] = once(y[idx], idx)
+        out[idx] = y[idx] >= n[idx]
+    return y.astype(np.int64)
+
+
+# -- shards and their chunks -----------------------------------------------------------------------
+
+class ShardError(ValueError):
+    """A shard the loader cannot use: the message names the file."""
+
+
+def _u32(b: bytes, pos: int) -> int:
+    return struct.unpack_from("<I", b, pos)[0]
+
+
+def _field(b: bytes, table: int, index: int) -> Optional[int]:
+    """Absolute position of field ``index`` of the flatbuffer table at ``table`` (None: absent)."""
+    vtable = table - struct.unpack_from("<i", b, table)[0]
+    vt_len = struct.unpack_from("<H", b, vtable)[0]
+    slot = 4 + 2 * index
+    if slot >= vt_len:
+        return None
+    off = struct.unpack_from("<H", b, vtable + slot)[0]
+    return table + off if off else None
+
+
+def _footer_blocks(footer: bytes) -> list[tuple[int, int, int]]:
+    """(offset, metadata length, body length) of every record batch, from an Arrow IPC file footer
+    (flatbuffer ``Footer``: field 3 is ``recordBatches``, a vector of 24-byte ``Block`` structs)."""
+    root = _u32(footer, 0)
+    pos = _field(footer, root, 3)
+    if pos is None:
+        return []
+    vec = pos + _u32(footer, pos)
+    return [struct.unpack_from("<qi4xq", footer, vec + 4 + 24 * i) for i in range(_u32(footer, vec))]
+
+
+def _message_rows(meta: bytes) -> int:
+    """The row count in an encapsulated IPC message's metadata (``Message.header`` -> ``RecordBatch.length``)."""
+    start = 8 if meta[:4] == b"\xff\xff\xff\xff" else 4
+    fb = meta[start:]
+    root = _u32(fb, 0)
+    header = _field(fb, root, 2)
+    if header is None:
+        return 0
+    batch = header + _u32(fb, header)
+    length = _field(fb, batch, 0)
+    return struct.unpack_from("<q", fb, length)[0] if length is not None else 0
+
+
+def _tokens_view(batch: pa.RecordBatch, uri: str, index: int) -> np.ndarray:
+    col = batch.column("tokens")
+    width = col.type.list_size
+    flat = col.values.slice(col.offset * width, len(col) * width)
+    if flat.null_count:
+        raise ShardError(f"{uri}: record batch {index} has null tokens")
+    return flat.to_numpy(zero_copy_only=True).reshape(len(col), width)
+
+
+def _check_schema(schema: pa.Schema, uri: str) -> int:
+    """The shard's sequence width (seq_len + 1)."""
+    idx = schema.get_field_index("tokens")
+    if idx < 0:
+        raise ShardError(f"{uri}: not a token shard (no 'tokens' column; columns: {schema.names})")
+    typ = schema.field(idx).type
+    if not pa.types.is_fixed_size_list(typ) or not pa.types.is_integer(typ.value_type):
+        raise ShardError(f"{uri}: 'tokens' is {typ}, expected fixed_size_list<integer> (one sequence per row)")
+    return typ.list_size
+
+
+@dataclass
 class _Shard:
-    """One Arrow IPC shard: its row count, and its tokens as a 2-D numpy view (loaded lazily)."""
+    uri: str
+    width: int
+    rows: list[int]  # per record batch
+    hinted: bool = False  # rows come (partly) from the rows_per_batch hint: check them when read
+    reader: Any = None  # local: the memory-mapped file reader
+    blocks: Optional[list[tuple[int, int, int]]] = None  # remote: byte ranges of the batches
+    schema: Optional[pa.Schema] = None
 
-    def __init__(self, uri: str, storage: st.Storage):
-        self.uri = uri
-        self.storage = storage
-        self._tokens: Optional[np.ndarray] = None
-        if st.is_remote(uri):
-            import pyarrow.dataset as pads
 
-            fs, path = storage.arrow_fs(uri)
-            self.rows = pads.dataset(path, format="ipc", filesystem=fs).count_rows()  # footer + batch headers only
+def _open_local(uri: str) -> _Shard:
+    path = uri[len("file://"):] if uri.startswith("file://") else uri
+    try:
+        reader = pa.ipc.open_file(pa.memory_map(path))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{uri}: shard listed but missing") from None
+    except (pa.ArrowInvalid, OSError) as e:
+        raise ShardError(f"{uri}: not an Arrow IPC file (truncated or foreign): {e}") from None
+    width = _check_schema(reader.schema, uri)
+    rows = [reader.get_batch(i).num_rows for i in range(reader.num_record_batches)]  # zero-copy: headers only
+    return _Shard(uri, width, rows, reader=reader, schema=reader.schema)
+
+
+def _open_remote(storage: st.Storage, uris: list[str]) -> tuple[list[_Shard], int]:
+    """All remote shards' footers (and batch row counts), with few batched requests; returns the
+    shards and the bytes read."""
+    fs = storage.fs(uris[0])
+    paths = [u.split("://", 1)[1] for u in uris]
+    try:
+        sizes = fs.sizes(paths)
+    except FileNotFoundError:
+        missing = next(u for u, p in zip(uris, paths) if not fs.exists(p))
+        raise FileNotFoundError(f"{missing}: shard listed but missing") from None
+    starts = [max(0, s - _TAIL_BYTES) for s in sizes]
+    tails = fs.cat_ranges(paths, starts, sizes)
+    fetched = sum(len(t) for t in tails)
+    shards, header_reads = [], []
+    for uri, size, start, tail in zip(uris, sizes, starts, tails):
+        if isinstance(tail, Exception):
+            raise tail
+        if size < 18 or tail[-6:] != b"ARROW1":
+            raise ShardError(f"{uri}: not an Arrow IPC file (truncated or foreign: no ARROW1 footer)")
+        footer_len = struct.unpack_from("<i", tail, len(tail) - 10)[0]
+        if footer_len <= 0 or footer_len + 10 > size - 8:
+            raise ShardError(f"{uri}: not an Arrow IPC file (bad footer length {footer_len})")
+        if footer_len + 10 > len(tail):
+            tail = fs.cat_file(paths[len(shards)], start=size - footer_len - 10, end=size)
+            fetched += len(tail)
+            start = size - len(tail)
+        footer = tail[len(tail) - 10 - footer_len: len(tail) - 10]
+        try:  # the schema through Arrow's own reader, from the footer bytes already here
+            schema = pa.ipc.open_file(pa.BufferReader(b"ARROW1\0\0" + footer + tail[-10:])).schema
+            blocks = _footer_blocks(footer)
+        except (pa.ArrowInvalid, struct.error, IndexError) as e:
+            raise ShardError(f"{uri}: not an Arrow IPC file (unreadable footer: {e})") from None
+        if any(off + meta + body > size - footer_len - 10 for off, meta, body in blocks):
+            raise ShardError(f"{uri}: truncated (a record batch lies beyond the data)")
+        width = _check_schema(schema, uri)
+        hint = (schema.metadata or {}).get(ROWS_PER_BATCH_KEY)
+        shard = _Shard(uri, width, [0] * len(blocks), blocks=blocks, schema=schema)
+        if hint is not None and blocks:
+            shard.rows = [int(hint)] * len(blocks)
+            shard.hinted = True
+            need = [len(blocks) - 1]
         else:
-            self._open()
-            self.rows = len(self._tokens)
+            need = list(range(len(blocks)))
+        header_reads += [(len(shards), i) for i in need]
+        shards.append(shard)
+    if header_reads:
+        heads = fs.cat_ranges([paths[s] for s, _ in header_reads],
+                              [shards[s].blocks[i][0] for s, i in header_reads],
+                              [shards[s].blocks[i][0] + shards[s].blocks[i][1] for s, i in header_reads])
+        for (s, i), meta in zip(header_reads, heads):
+            if isinstance(meta, Exception):
+                raise meta
+            fetched += len(meta)
+            try:
+                shards[s].rows[i] = _message_rows(meta)
+            except (struct.error, IndexError) as e:
+                raise ShardError(f"{shards[s].uri}: record batch {i} has an unreadable header ({e})") from None
+    return shards, fetched
 
-    def _open(self) -> None:
-        if st.is_remote(self.uri):
-            fs, path = self.storage.arrow_fs(self.uri)
-            with fs.open_input_file(path) as f:
-                table = pa.ipc.open_file(f).read_all()
-        else:
-            table = pa.ipc.open_file(pa.memory_map(self.uri)).read_all()
-        col = table.column("tokens")
-        arrays = []
-        for chunk in col.chunks:
-            width = chunk.type.list_size
-            flat = chunk.values.slice(chunk.offset * width, len(chunk) * width)
-            arrays.append(flat.to_numpy(zero_copy_only=True).reshape(len(chunk), width))
-        self._tokens = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
-        self._table = table  # keeps the mapped buffers alive
 
-    @property
-    def tokens(self) -> np.ndarray:
-        if self._tokens is None:
-            self._open()
-        return self._tokens
+class _ChunkCache:
+    """Decoded remote chunks, least recently used first out, within ``budget`` bytes; ``prefetch``
+    loads chunks on a background thread while what is cached and in flight fits the budget."""
 
+    def __init__(self, budget: int, load, threads: int):
+        self.budget, self._load = budget, load
+        self._lock = threading.Lock()
+        self._data: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._bytes = 0
+        self._inflight: dict[int, Future] = {}
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="lmpipe-prefetch") if threads else None
+        self.hits = self.misses = self.loads = 0
+        self.peak_bytes = 0
+
+    def _insert(self, chunk: int, arr: np.ndarray) -> None:
+        if chunk in self._data:
+            return
+        self._data[chunk] = arr
+        self._bytes += arr.nbytes
+        while self._bytes > self.budget and len(self._data) > 1:
+            _, old = self._data.popitem(last=False)
+            self._bytes -= old.nbytes
+        self.peak_bytes = max(self.peak_bytes, self._bytes)
+
+    def _fetch(self, chunk: int) -> np.ndarray:
+        try:
+            arr = self._load(chunk)
+            with self._lock:
+                self.loads += 1
+                self._insert(chunk, arr)
+            return arr
+        finally:
+            with self._lock:
+                self._inflight.pop(chunk, None)
+
+    def get(self, chunk: int) -> np.ndarray:
+        with self._lock:
+            arr = self._data.get(chunk)
+            if arr is not None:
+                self._data.move_to_end(chunk)
+                self.hits += 1
+                return arr
+            future = self._inflight.get(chunk)
+            self.misses += future is None
+        if future is not None:
+            return future.result()
+        return self._fetch(chunk)
+
+    def prefetch(self, chunks: list[int], chunk_bytes) -> None:
+        if self._pool is None:
+            return
+        with self._lock:
+            planned = self._bytes + sum(chunk_bytes(c) for c in self._inflight)
+            for c in chunks:
+                if c in self._data or c in self._inflight:
+                    continue
+                planned += chunk_bytes(c)
+                if planned > self.budget:
+                    break  # leave room for what is being read now; the rest comes later
+                self._inflight[c] = self._pool.submit(self._fetch, c)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+# -- the loader -------------------------------------------------------------------------------------
 
 class TokenShardLoader:
-    """Iterate ``(inputs, targets)`` LongTensor batches of shape ``[batch_size, seq_len]``."""
+    """Iterate ``(inputs, targets)`` LongTensor batches of shape ``[batch_size, seq_len]``.
+
+    ``streams``: canonical streams C (the world size must divide it, now and on resume);
+    ``shuffle_window``: sequences shuffled together inside a stream; ``cache_bytes``: the bound on
+    decoded remote chunks held; ``prefetch_threads``: 0 reads on demand only. ``shuffle=False``
+    reads the corpus in order (position p is sequence p), for evaluation and debugging."""
+
+    resumes_on_any_world_size = True  # the trainer may restore its state on another number of ranks
 
     def __init__(self, files: list[str], batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 storage: Optional[st.Storage] = None, shuffle: bool = True, loop: bool = True):
+                 storage: Optional[st.Storage] = None, shuffle: bool = True, loop: bool = True,
+                 streams: int = DEFAULT_STREAMS, shuffle_window: int = DEFAULT_SHUFFLE_WINDOW,
+                 cache_bytes: int = DEFAULT_CACHE_BYTES, prefetch_threads: int = 1):
         if not files:
             raise ValueError("TokenShardLoader needs at least one shard file")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
-        if batch_size < 1:
-            raise ValueError("batch_size must be >= 1")
+        if batch_size < 1 or streams < 1 or shuffle_window < 1:
+            raise ValueError("batch_size, streams and shuffle_window must be >= 1")
+        if shuffle and streams % world_size:
+            raise ValueError(f"world_size {world_size} does not divide the loader's streams={streams}: "
+                             f"use a number of ranks that divides {streams}, or start a run with another streams")
         self.files = list(files)
-        self.batch_size = batch_size
-        self.rank = rank
-        self.world_size = world_size
-        self.seed = seed
-        self.shuffle = shuffle
-        self.loop = loop
+        self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
+        self.shuffle, self.loop = shuffle, loop
+        self.streams, self.shuffle_window = streams, shuffle_window
         self.storage = storage or st.Storage()
-        self.shards = [_Shard(f, self.storage) for f in self.files]
-        self.row_starts = np.concatenate([[0], np.cumsum([s.rows for s in self.shards])]).astype(np.int64)
-        self.num_sequences = int(self.row_starts[-1])
-        self.per_rank = self.num_sequences // world_size
-        self.batches_per_epoch = self.per_rank // batch_size
-        if self.batches_per_epoch == 0:
-            raise ValueError(f"{self.num_sequences} sequences are too few for {world_size} rank(s) x batch_size {batch_size}")
-        self.seq_len = (self.shards[0].tokens.shape[1] if not st.is_remote(self.files[0]) else self._width_remote()) - 1
-        self.epoch = 0
-        self.position = 0  # next batch within the epoch
-        self._order: Optional[np.ndarray] = None
-        self._order_epoch = -1
+        self.bytes_fetched = 0  # remote bytes read (footers, headers, chunks)
+        self._count_lock = threading.Lock()
 
-    def _width_remote(self) -> int:
-        fs, path = self.storage.arrow_fs(self.files[0])
-        with fs.open_input_file(path) as f:
-            return pa.ipc.open_file(f).schema.field("tokens").type.list_size
+        remote = [st.is_remote(f) for f in self.files]
+        if any(remote) and not all(remote):
+            raise ValueError("TokenShardLoader: shards must be all local or all remote")
+        if all(remote):
+            self.shards, self.bytes_fetched = _open_remote(self.storage, self.files)
+        else:
+            self.shards = [_open_local(f) for f in self.files]
+        self.width = self.shards[0].width
+        for shard in self.shards:
+            if shard.width != self.width:
+                raise ShardError(f"{shard.uri}: sequences of {shard.width} tokens, but {self.shards[0].uri} has {self.width}")
+        self.seq_len = self.width - 1
+        self.chunk_shard = np.concatenate([np.full(len(s.rows), k, dtype=np.int32) for k, s in enumerate(self.shards)])
+        self.chunk_batch = np.concatenate([np.arange(len(s.rows), dtype=np.int32) for s in self.shards])
+        self.chunk_rows = np.concatenate([np.asarray(s.rows, dtype=np.int64) for s in self.shards])
+        self.chunk_start = np.concatenate([[0], np.cumsum(self.chunk_rows)]).astype(np.int64)  # original order
+        self.num_chunks = len(self.chunk_rows)
+        self.num_sequences = int(self.chunk_start[-1])
+        if self.num_sequences // (world_size * batch_size) == 0:
+            raise ValueError(f"{self.num_sequences} sequences are too few for {world_size} rank(s) x batch_size {batch_size}")
+        self.fingerprint = hashlib.sha256(json.dumps(
+            [[f.rsplit("/", 1)[-1], s.rows] for f, s in zip(self.files, self.shards)]).encode()).hexdigest()[:16]
+        self._remote = all(remote)
+        self._cache = _ChunkCache(cache_bytes, self._read_chunk, prefetch_threads) if self._remote else None
+        self.epoch = 0
+        self.position = 0  # sequences of this epoch consumed by all ranks together
+        self._layout_epoch = -1
+        self._prefetched_until = 0
 
     def __len__(self) -> int:
-        return self.batches_per_epoch
+        """Micro-batches per epoch on each rank (from the start of an epoch)."""
+        return self.num_sequences // (self.world_size * self.batch_size)
 
-    # -- order --------------------------------------------------------------------------------------
-    def _rank_order(self, epoch: int) -> np.ndarray:
-        if self._order_epoch != epoch:
+    # -- order ----------------------------------------------------------------------------------------
+    def _layout(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """The chunks' order in ``epoch`` and where each starts in their concatenation."""
+        if self._layout_epoch != epoch:
             if self.shuffle:
-                perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_sequences)
+                self._perm = feistel(np.arange(self.num_chunks), self.num_chunks, _key("chunks", self.seed, epoch))
             else:
-                perm = np.arange(self.num_sequences)
-            self._order = perm[: self.per_rank * self.world_size][self.rank :: self.world_size]
-            self._order_epoch = epoch
-        return self._order
+                self._perm = np.arange(self.num_chunks)
+            self._starts = np.concatenate([[0], np.cumsum(self.chunk_rows[self._perm])]).astype(np.int64)
+            self._layout_epoch = epoch
+        return self._perm, self._starts
 
-    def batch_rows(self, epoch: int, index: int) -> np.ndarray:
-        """Global sequence numbers of batch ``index`` of ``epoch`` on this rank."""
-        order = self._rank_order(epoch)
-        return order[index * self.batch_size : (index + 1) * self.batch_size]
+    def locate(self, epoch: int, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(chunk, row in chunk) of the sequences at global ``positions`` of ``epoch``."""
+        perm, starts = self._layout(epoch)
+        p = np.asarray(positions, dtype=np.int64)
+        if self.shuffle:
+            c, k = self.streams, self.shuffle_window
+            q, r = divmod(self.num_sequences, c)
+            s, i = p % c, p // c
+            length = q + (s < r)
+            first = s * q + np.minimum(s, r)
+            w, j = i // k, i % k
+            span = np.minimum(k, length - w * k)
+            keys = _mix(_U(_key("window", self.seed, epoch)) ^ _mix(s.astype(np.uint64) * _U(0x100000001B3) + w.astype(np.uint64)))
+            offset = first + w * k + feistel(j, span, keys)
+        else:
+            offset = p
+        at = np.searchsorted(starts, offset, side="right") - 1
+        return perm[at], offset - starts[at]
 
-    def read(self, rows: np.ndarray) -> np.ndarray:
-        """The token rows (``[len(rows), seq_len + 1]``) at global sequence numbers ``rows``."""
-        shard_of = np.searchsorted(self.row_starts, rows, side="right") - 1
-        out = np.empty((len(rows), self.seq_len + 1), dtype=np.int64)
-        for s in np.unique(shard_of):
-            sel = np.nonzero(shard_of == s)[0]
-            out[sel] = self.shards[s].tokens[rows[sel] - self.row_starts[s]]
+    def sequence_ids(self, epoch: int, positions: np.ndarray) -> np.ndarray:
+        """Corpus-order sequence numbers at global ``positions`` of ``epoch`` (for tests and lineage)."""
+        chunk, row = self.locate(epoch, positions)
+        return self.chunk_start[chunk] + row
+
+    def rank_positions(self, start: int) -> np.ndarray:
+        """This rank's positions in the global micro-batch that starts at ``start``."""
+        return start + self.rank + self.world_size * np.arange(self.batch_size, dtype=np.int64)
+
+    # -- reading --------------------------------------------------------------------------------------
+    def _read_chunk(self, chunk: int) -> np.ndarray:
+        shard = self.shards[self.chunk_shard[chunk]]
+        index = int(self.chunk_batch[chunk])
+        if shard.reader is not None:
+            batch = shard.reader.get_batch(index)
+        else:
+            offset, meta, body = shard.blocks[index]
+            data = self.storage.fs(shard.uri).cat_file(shard.uri.split("://", 1)[1], start=offset, end=offset + meta + body)
+            with self._count_lock:
+                self.bytes_fetched += len(data)
+            if len(data) != meta + body:
+                raise ShardError(f"{shard.uri}: truncated (record batch {index} is {len(data)} of {meta + body} bytes)")
+            try:
+                batch = pa.ipc.read_record_batch(pa.ipc.read_message(pa.py_buffer(data)), shard.schema)
+            except (pa.ArrowInvalid, OSError) as e:
+                raise ShardError(f"{shard.uri}: record batch {index} is unreadable: {e}") from None
+        if batch.num_rows != self.chunk_rows[chunk]:
+            said = f"its schema metadata {ROWS_PER_BATCH_KEY.decode()}" if shard.hinted else "its header"
+            raise ShardError(f"{shard.uri}: record batch {index} has {batch.num_rows} rows, {said} gave {self.chunk_rows[chunk]}")
+        return _tokens_view(batch, shard.uri, index)
+
+    def _chunk_bytes(self, chunk: int) -> int:
+        return int(self.chunk_rows[chunk]) * self.width * 8  # an upper bound (int64 tokens)
+
+    def chunk_tokens(self, chunk: int) -> np.ndarray:
+        """The ``[rows, seq_len + 1]`` tokens of one chunk (a view: memory-mapped or cached)."""
+        return self._cache.get(chunk) if self._cache is not None else self._read_chunk(chunk)
+
+    def _prefetch(self, start: int) -> None:
+        """Queue the chunks of this rank's next positions (a horizon of a shuffle window per stream)."""
+        if self._cache is None:
+            return
+        horizon = min(self.num_sequences, self.streams * self.shuffle_window)
+        if start + horizon // 2 <= self._prefetched_until:
+            return
+        first = max(start, self._prefetched_until)
+        last = min(self.num_sequences, start + horizon)
+        if last <= first:
+            return
+        offset = (start + self.rank - first) % self.world_size  # the first of this rank's positions >= first
+        positions = np.arange(first + offset, last, self.world_size, dtype=np.int64)
+        chunks, _ = self.locate(self.epoch, positions)
+        _, idx = np.unique(chunks, return_index=True)
+        self._cache.prefetch([int(c) for c in chunks[np.sort(idx)]], self._chunk_bytes)
+        self._prefetched_until = last
+
+    def read(self, epoch: int, positions: np.ndarray) -> np.ndarray:
+        """The token rows (``[len(positions), seq_len + 1]``, int64) at global ``positions`` of ``epoch``."""
+        chunks, rows = self.locate(epoch, positions)
+        out = np.empty((len(positions), self.width), dtype=np.int64)
+        for c in np.unique(chunks):
+            sel = np.nonzero(chunks == c)[0]
+            out[sel] = self.chunk_tokens(int(c))[rows[sel]]
         return out
 
-    # -- iteration ----------------------------------------------------------------------------------
+    # -- iteration ------------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[tuple[Any, Any]]:
         import torch
 
+        step = self.world_size * self.batch_size
         while True:
-            if self.position >= self.batches_per_epoch:
+            if self.position + step > self.num_sequences:
                 if not self.loop:
                     return
                 self.epoch += 1
                 self.position = 0
-            rows = self.batch_rows(self.epoch, self.position)
-            self.position += 1
-            tokens = torch.from_numpy(self.read(rows))
+                self._prefetched_until = 0
+            start = self.position
+            self._prefetch(start)
+            tokens = torch.from_numpy(self.read(self.epoch, self.rank_positions(start)))
+            self.position = start + step
             yield tokens[:, :-1], tokens[:, 1:]
 
-    # -- resume -------------------------------------------------------------------------------------
+    def stats(self) -> dict[str, int]:
+        cache = self._cache
+        return {"bytes_fetched": self.bytes_fetched, "chunks_fetched": cache.loads if cache else 0,
+                "cache_hits": cache.hits if cache else 0,
+                "cache_misses": cache.misses if cache else 0, "cache_peak_bytes": cache.peak_bytes if cache else 0}
+
+    def close(self) -> None:
+        if self._cache is not None:
+            self._cache.close()
+
+    # -- resume ---------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {"version": STATE_VERSION, "epoch": self.epoch, "position": self.position, "seed": self.seed,
-                "world_size": self.world_size, "rank": self.rank, "batch_size": self.batch_size,
-                "num_sequences": self.num_sequences, "shuffle": self.shuffle}
+                "streams": self.streams, "shuffle_window": self.shuffle_window, "num_sequences": self.num_sequences,
+                "shuffle": self.shuffle, "fingerprint": self.fingerprint,
+                "world_size": self.world_size, "batch_size": self.batch_size}  # the last two: for the record only
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key in ("seed", "world_size", "batch_size", "num_sequences", "shuffle"):
-            if key in state and state[key] != getattr(self, key):
-                raise ValueError(f"loader state was saved with {key}={state[key]!r}, this loader has {getattr(self, key)!r}")
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"loader state version {state.get('version')!r} is not {STATE_VERSION}: it was saved by an "
+                             "older loader whose order this one does not reproduce; start the run afresh")
+        for key in ("seed", "streams", "shuffle_window", "num_sequences", "shuffle", "fingerprint"):
+            if state.get(key) != getattr(self, key):
+                raise ValueError(f"loader state key {key!r} is {state.get(key)!r}, this loader has {getattr(self, key)!r}: "
+                                 "the state comes from another run or another corpus")
+        position = int(state["position"])
+        if not 0 <= position <= self.num_sequences:
+            raise ValueError(f"loader state key 'position' is {position}, outside this corpus's {self.num_sequences} sequences")
         self.epoch = int(state["epoch"])
-        self.position = int(state["position"])
+        self.position = position
+        self._prefetched_until = 0
