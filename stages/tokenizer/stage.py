@@ -2,8 +2,18 @@
 
 Byte-level BPE (GPT-2 style, HF ``tokenizers``) with no normaliser and no prefix space, so every
 string round-trips exactly: ``decode(encode(text)) == text`` for newlines, tabs, runs of spaces,
-code indentation and any script (bytes are the alphabet). The sample is chosen by a keyed hash
-of document ids (independent of file layout and worker count), sized to ``sample_chars``.
+code indentation and any script (bytes are the alphabet).
+
+The sample is bounded and streamed from workers; the driver never reads the corpus. One task per
+input file keeps the documents whose keyed hash of the id falls below ``f = min(1, 1.1 *
+sample_chars / corpus chars)`` (:func:`sample_part`), writes them with their hash bin (one of
+1,024 equal bins of [0, f)) to a work file, and returns the characters it kept per bin. The driver
+sums those histograms (O(bins)) and keeps the largest set of whole bins whose characters fit in
+``sample_chars`` (:func:`cutoff_bin`), then streams the work files in input order, batch by batch,
+into the BPE trainer. So the sample holds at most ``sample_chars`` characters (the one exception:
+when the first bin alone exceeds it, that bin is the sample), it is about that size, and which
+documents it holds depends on the seed and the ids only: the same config and input give the same
+``tokenizer.json`` however many workers run the tasks.
 
 Outputs: ``tokenizer.json`` under the attempt folder (its path, relative to the stage folder, is
 in the manifest under ``tokenizer.path``), the same file as an MLflow artifact, and a one-row
@@ -15,6 +25,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any, Iterator, Optional
 
+import numpy as np
 import pyarrow as pa
 from pydantic import Field, model_validator
 
@@ -28,6 +39,9 @@ from stages.sample import keep_score
 from stages.tokenizer.summary import TokenizerSummary
 
 TOKENIZER_FILE = "tokenizer.json"
+SAMPLE_BINS = 1024
+OVERSAMPLE = 1.1  # the tasks keep ~10% more than the bound, so whole bins can fill it
+WORK = "_work"
 
 
 class SpecialTokens(StrictModel):
@@ -41,7 +55,8 @@ class TrainTokenizerConfig(StrictModel):
     vocab_size: int = Field(default=32768, ge=300, le=1 << 22)
     min_frequency: int = Field(default=2, ge=1)
     special_tokens: SpecialTokens = Field(default_factory=SpecialTokens)
-    sample_chars: int = Field(default=200_000_000, ge=1, description="train on a seeded sample of about this many characters")
+    sample_chars: int = Field(default=200_000_000, ge=1,
+                              description="train on a seeded sample of at most (and about) this many characters, streamed from workers")
     max_token_chars: int = Field(default=32, ge=1, description="longest token the trainer may build (characters)")
     batch_rows: int = Field(default=1024, ge=1)
 
@@ -99,7 +114,7 @@ def describe(tok, special: SpecialTokens) -> dict[str, Any]:
 @register
 class TrainTokenizer(DatasetStage):
     name = "train_tokenizer"
-    version = "1"
+    version = "2"
     description = "Train a byte-level BPE on a seeded sample of the corpus (or load a tokenizer.json)."
     Config = TrainTokenizerConfig
     requires = ("id", "text")
@@ -118,19 +133,31 @@ class TrainTokenizer(DatasetStage):
         return [ExternalInput("tokenizer", self.config.path, ({"uri": self.config.path, **ctx.storage.file_identity(self.config.path)},))]
 
     def sampled_texts(self, ctx: StageContext) -> Iterator[list[str]]:
+        """The bounded sample, in input-file order (see the module docstring)."""
+        c = self.config
         src = ctx.inputs[0]
         total_chars = int(src.manifest["datasets"][src.ref.dataset].get("chars") or 0)
-        fraction = 1.0 if total_chars <= 0 else min(1.0, self.config.sample_chars / total_chars)
-        self._sampled = {"docs": 0, "chars": 0, "fraction": fraction}
-        for uri in src.files():
-            for batch in iter_parquet_batches(ctx.storage, uri, self.config.batch_rows, columns=["id", "text"]):
-                ids = batch.column("id").to_pylist()
-                texts = batch.column("text").to_pylist()
-                chosen = [t for i, t in zip(ids, texts) if t and (fraction >= 1.0 or keep_score(i, self.seed) < fraction)]
-                self._sampled["docs"] += len(chosen)
-                self._sampled["chars"] += sum(len(t) for t in chosen)
-                if chosen:
-                    yield chosen
+        fraction = 1.0 if total_chars <= 0 else min(1.0, OVERSAMPLE * c.sample_chars / total_chars)
+        work = st.join(ctx.attempt_uri, WORK)
+        items = [(ctx.storage, uri, st.join(work, f"sample-{i:05d}.arrow"), self.seed, fraction, c.batch_rows)
+                 for i, uri in enumerate(src.files())]
+        res = ctx.resources
+        parts = ctx.fan_out.map(sample_part, items, step="sample", num_cpus=res.num_cpus or 1, max_parallel=res.max_workers)
+        hist = np.sum([p["chars"] for p in parts], axis=0, dtype=np.int64)
+        cut = cutoff_bin(hist, c.sample_chars)
+        self._sampled = {"docs": 0, "chars": 0, "fraction": fraction * cut / SAMPLE_BINS}
+        for p in parts:
+            if p["uri"] is None:
+                continue
+            with ctx.storage.open(p["uri"], "rb") as f:
+                for batch in _iter_batches(f):
+                    keep = np.asarray(batch.column("bin")) < cut
+                    texts = [t for t, k in zip(batch.column("text").to_pylist(), keep.tolist()) if k]
+                    self._sampled["docs"] += len(texts)
+                    self._sampled["chars"] += sum(len(t) for t in texts)
+                    if texts:
+                        yield texts
+        ctx.storage.rm(work)
 
     def run(self, ctx: StageContext) -> None:
         from tokenizers import Tokenizer
@@ -163,6 +190,56 @@ class TrainTokenizer(DatasetStage):
             "pad_id": [info["pad_id"]], "sha256": [info["sha256"]],
         }))
         ctx.add_part_result(out.close(rows_in=self._sampled["docs"] if c.path is None else 0))
+
+
+def _iter_batches(f) -> Iterator[pa.RecordBatch]:
+    reader = pa.ipc.open_file(f)
+    for i in range(reader.num_record_batches):
+        yield reader.get_batch(i)
+
+
+def sample_bin(doc_id: str, seed: int, fraction: float) -> int:
+    """The sample bin of a document: 0..SAMPLE_BINS-1 when its keyed hash is below ``fraction``, else -1."""
+    score = keep_score(doc_id, seed)
+    if score >= fraction:
+        return -1
+    return min(int(score / fraction * SAMPLE_BINS), SAMPLE_BINS - 1)
+
+
+def sample_part(storage: st.Storage, uri: str, out_uri: str, seed: int, fraction: float, batch_rows: int) -> dict[str, Any]:
+    """One input file's sampled documents (non-empty, hash below ``fraction``) to ``out_uri`` with
+    their bin, streamed in batches; returns the characters kept per bin."""
+    chars = np.zeros(SAMPLE_BINS, dtype=np.int64)
+    schema = pa.schema([("bin", pa.int16()), ("text", pa.large_string())])
+    sink = writer = None
+    try:
+        for batch in iter_parquet_batches(storage, uri, batch_rows, columns=["id", "text"]):
+            bins, texts = [], []
+            for i, t in zip(batch.column("id").to_pylist(), batch.column("text").to_pylist()):
+                b = sample_bin(i, seed, fraction) if t else -1
+                if b >= 0:
+                    bins.append(b)
+                    texts.append(t)
+                    chars[b] += len(t)
+            if not texts:
+                continue
+            if writer is None:
+                storage.makedirs(out_uri.rsplit("/", 1)[0])
+                sink = storage.open(out_uri, "wb")
+                writer = pa.ipc.new_file(sink, schema)
+            writer.write_batch(pa.record_batch([pa.array(bins, pa.int16()), pa.array(texts, pa.large_string())], schema=schema))
+    finally:
+        if writer is not None:
+            writer.close()
+        if sink is not None:
+            sink.close()
+    return {"uri": out_uri if writer is not None else None, "chars": chars.tolist()}
+
+
+def cutoff_bin(chars_per_bin: np.ndarray, bound: int) -> int:
+    """The number of leading bins whose characters together fit in ``bound`` (at least one)."""
+    fits = np.nonzero(np.cumsum(chars_per_bin) <= bound)[0]
+    return max(1, int(fits[-1]) + 1 if len(fits) else 0)
 
 
 def load_tokenizer(storage: st.Storage, uri: str):

@@ -1,10 +1,12 @@
-"""train_tokenizer: lossless round trip on the hard cases, seeded sampling, special tokens, loading."""
+"""train_tokenizer: lossless round trip on the hard cases, the bounded seeded sample, special tokens, loading."""
 
 from __future__ import annotations
 
+import json
 import sysconfig
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from stages.assets import news_articles
@@ -69,3 +71,52 @@ def test_custom_special_tokens():
 def test_config_rejects_duplicate_special_tokens():
     with pytest.raises(ValueError, match="must differ"):
         TrainTokenizerConfig(special_tokens=SpecialTokens(bos="x", eos="x"))
+
+
+def test_sample_is_bounded_and_chosen_by_the_ids_hash(tmp_path):
+    """The stage trains on at most sample_chars characters (about that many), streamed from the
+    per-file sample tasks: exactly the documents whose keyed hash falls in the kept bins."""
+    from pipeline.config import load_config
+    from pipeline.io import read_table
+    from pipeline.runner import Runner
+    from pipeline.stage import stage_seed
+    from pipeline.storage import Storage
+    from stages.tokenizer.stage import OVERSAMPLE, SAMPLE_BINS, sample_bin
+
+    arts = [a["text"] for a in news_articles()[:400] if a["text"]]
+    data = tmp_path / "data"
+    data.mkdir()
+    for k in range(3):
+        (data / f"{k}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in arts[k::3]))
+    (tmp_path / "p.yaml").write_text(f"""
+name: tok-sample
+work_dir: {tmp_path / "work"}
+seed: 7
+stages:
+  ingest:
+    uses: ingest
+    config: {{sources: [{{name: news, paths: ["{data}/*.jsonl"]}}]}}
+  train_tokenizer:
+    uses: train_tokenizer
+    inputs: [ingest]
+    config: {{vocab_size: 400, sample_chars: 150000}}
+""")
+    report = Runner(load_config(str(tmp_path / "p.yaml")), use_ray=False, track=False).run()
+    info = report.stage("train_tokenizer").manifest["summary"]["data"]
+    assert 0.8 * 150_000 <= info["trained_on_chars"] <= 150_000
+    ingest = report.stage("ingest")
+    docs = read_table(Storage(), [str(Path(ingest.stage_dir) / f["path"]) for f in ingest.manifest["datasets"]["data"]["files"]]).to_pylist()
+    fraction = OVERSAMPLE * 150_000 / sum(len(d["text"]) for d in docs)
+    cut = round(info["sample_fraction"] / fraction * SAMPLE_BINS)
+    seed = stage_seed(7, "train_tokenizer")
+    chosen = [d for d in docs if 0 <= sample_bin(d["id"], seed, fraction) < cut]
+    assert info["trained_on_docs"] == len(chosen) and info["trained_on_chars"] == sum(len(d["text"]) for d in chosen)
+    assert not list((Path(report.stage("train_tokenizer").stage_dir)).glob("*/_work"))  # the sample files are gone
+
+
+def test_cutoff_keeps_whole_bins_within_the_bound():
+    from stages.tokenizer.stage import cutoff_bin
+
+    assert cutoff_bin(np.array([10, 10, 10, 10]), 25) == 2
+    assert cutoff_bin(np.array([10, 10, 10, 10]), 40) == 4
+    assert cutoff_bin(np.array([50, 10]), 25) == 1  # the first bin alone is over the bound: it is the sample
