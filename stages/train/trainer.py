@@ -293,14 +293,34 @@ class Trainer:
         return self.checkpointer.save(self.state.step, write, {"tokens_seen": self.state.tokens_seen, **(metrics or {})})
 
     def restore(self, path: Optional[str] = None) -> bool:
-        """Continue exactly from a checkpoint (the checkpointer's latest when ``path`` is None)."""
+        """Continue exactly from a checkpoint (the checkpointer's latest when ``path`` is None).
+
+        A checkpoint written by another number of workers is taken when the loader's state is a
+        position in a world-size-independent order (``loader.resumes_on_any_world_size``): DCP
+        reads each rank's part of the model and optimizer state from the saved shards whatever
+        their sharding, and every rank takes the extras (step, loader position, trainer state: the
+        same on every rank) of a rank that existed. Per-rank RNG states are restored only on the
+        same number of workers (the loop draws no random numbers after initialisation)."""
+        from stages.model.checkpoint import load_extra, load_model_config
+
         path = path or (self.checkpointer.latest() if self.checkpointer else None)
         if path is None:
             return False
-        extra = ckpt.load(path, self.model, self.optimizer, self.rank)
-        if extra["world_size"] != self.world:
-            raise RuntimeError(f"{path} was written by {extra['world_size']} workers; this run has {self.world}")
+        saved_model = load_model_config(path).to_dict()
+        ours = self.model_cfg.to_dict()
+        if saved_model != ours:
+            differ = ", ".join(f"{k}={saved_model.get(k)!r} (this run: {ours.get(k)!r})" for k in sorted(set(saved_model) | set(ours))
+                               if saved_model.get(k) != ours.get(k))
+            raise RuntimeError(f"{path} holds another model: {differ}")
+        saved_world = load_extra(path, 0)["world_size"]
+        if saved_world != self.world and not getattr(self.loader, "resumes_on_any_world_size", False):
+            raise RuntimeError(f"{path} was written by {saved_world} workers; this run has {self.world}, and its loader "
+                               "cannot continue another number of workers' order")
+        extra = ckpt.load(path, self.model, self.optimizer, self.rank if self.rank < saved_world else 0,
+                          restore_rng=saved_world == self.world)
         self.loader.load_state_dict(json.loads(extra["loader"]))
+        if saved_world != self.world:
+            log.info("[rank %d] %s was written by %d workers; continuing its data order on %d", self.rank, path, saved_world, self.world)
         trainer = json.loads(extra["trainer"])
         self.state = TrainState(step=extra["step"], tokens_seen=extra["tokens_seen"], **trainer)
         log.info("[rank %d] resumed from %s at step %d", self.rank, path, self.state.step)

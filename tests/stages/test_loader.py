@@ -282,3 +282,128 @@ def test_remote_errors(s3_storage, tmp_path):
     loader = TokenShardLoader(upload(s3_storage, lying, "lie"), 4, shuffle=False, prefetch_threads=0, storage=s3_storage)
     with pytest.raises(ShardError, match=f"part-0.arrow: record batch 0 has 15 rows, its schema metadata {ROWS_PER_BATCH_KEY.decode()} gave 10"):
         take(loader, 1)
+
+
+# -- training: checkpoint on 2 ranks, resume on 1 and on 3 (gloo, CPU) ---------------------------------
+
+GLOBAL_BATCH, MICRO = 12, 2  # sequences per optimizer step; per micro-batch and rank (12 = 2 x 1 x 6 = 2 x 2 x 3 = 2 x 3 x 2)
+
+
+class Recording:
+    """A loader that remembers every micro-batch it handed out (tokens, ``[mb, seq_len + 1]``)."""
+
+    resumes_on_any_world_size = True
+
+    def __init__(self, loader):
+        self.loader, self.batches = loader, []
+
+    def __iter__(self):
+        for x, y in self.loader:
+            self.batches.append(torch.cat([x, y[:, -1:]], dim=1))
+            yield x, y
+
+    def state_dict(self):
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state):
+        self.loader.load_state_dict(state)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _train(files, rank, world, root, resume=None, stop_at=None, model=None):
+    """One rank of a run: returns the trainer and what its loader handed out."""
+    from stages.model.transformer import model_config
+    from stages.train.config import TrainConfig
+    from stages.train.trainer import LocalCheckpointer, Trainer
+    from tests.stages.train_support import SEQ_LEN
+
+    cfg = TrainConfig(loop={"steps": 4, "micro_batch_size": MICRO, "global_batch_tokens": GLOBAL_BATCH * SEQ_LEN, "log_every": 1,
+                            "eval_every": 0, "norms_every": 0, "spike_std": 0, "deterministic": False},
+                      optimizer={"lr": 3e-3}, schedule={"warmup_steps": 1}, checkpoint={"every": 2})
+    model = model or model_config("debug", dim=32, n_layers=2, n_heads=2, ffn_dim=64, max_seq_len=SEQ_LEN)
+    loader = Recording(TokenShardLoader(files, MICRO, rank=rank, world_size=world, seed=7, streams=6, shuffle_window=4))
+    trainer = Trainer(cfg, model, loader, SEQ_LEN, checkpointer=LocalCheckpointer(str(root)), seed=0)
+    if resume:
+        trainer.restore(resume)
+
+    def stop(step):
+        if step == stop_at:
+            raise _Stop
+
+    try:
+        trainer.train(on_step_end=stop)
+    except _Stop:
+        pass
+    return trainer, loader.batches
+
+
+def _rank_main(rank, world, port, files, root, resume, stop_at, out):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        trainer, batches = _train(files, rank, world, root, resume, stop_at)
+        torch.save({"batches": batches, "history": trainer.state.history}, str(Path(out) / f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(world, files, root, out, resume=None, stop_at=None):
+    import torch.multiprocessing as tmp
+
+    from tests.conftest import free_port
+
+    Path(out).mkdir(parents=True)
+    tmp.start_processes(_rank_main, args=(world, free_port(), files, str(root), resume, stop_at, str(out)), nprocs=world,
+                        start_method="spawn")
+    return [torch.load(str(Path(out) / f"rank{r}.pt")) for r in range(world)]
+
+
+def per_step(rank_batches: list[list[torch.Tensor]], world: int, first_step: int = 0) -> dict[int, list]:
+    """The sorted token rows of each optimizer step, over all ranks."""
+    accum = GLOBAL_BATCH // (world * MICRO)
+    steps = {}
+    for r, batches in enumerate(rank_batches):
+        for i, b in enumerate(batches):
+            steps.setdefault(first_step + i // accum + 1, []).extend(tuple(row) for row in b.tolist())
+    return {k: sorted(v) for k, v in steps.items()}
+
+
+def test_training_resumes_on_another_number_of_ranks(tmp_path):
+    """A 2-rank run checkpoints at step 2 and stops; resumed on 3 ranks and on 1, each optimizer
+    step sees exactly the sequences of the uninterrupted run's (36 sequences: the 4 steps of 12
+    cross an epoch), and the model ends where the uninterrupted one does: DCP resharded the
+    FSDP2 model and optimizer state."""
+    from stages.model.checkpoint import load_full_model
+    from stages.model.transformer import model_config
+    from tests.stages.train_support import token_table, write_shards as write_token_shards
+
+    files = write_token_shards(str(tmp_path / "shards"), token_table(36, seed=3), rows_per_shard=6)
+    reference, ref_batches = _train(files, 0, 1, tmp_path / "ref")
+    expected = per_step([ref_batches], 1)
+    assert len(expected) == 4 and all(len(v) == GLOBAL_BATCH for v in expected.values())
+
+    two = _spawn(2, files, tmp_path / "two", tmp_path / "out2", stop_at=2)
+    head = per_step([r["batches"] for r in two], 2)
+    assert head == {k: expected[k] for k in range(1, 3)}
+    checkpoint = str(tmp_path / "two" / "step_00000002")
+
+    three = _spawn(3, files, tmp_path / "three", tmp_path / "out3", resume=checkpoint)
+    assert per_step([r["batches"] for r in three], 3, first_step=2) == {k: expected[k] for k in range(3, 5)}
+    one, one_batches = _train(files, 0, 1, tmp_path / "one", resume=checkpoint)
+    assert per_step([one_batches], 1, first_step=2) == {k: expected[k] for k in range(3, 5)}
+
+    ref_loss = [h["loss"] for h in reference.state.history]
+    for history in (three[0]["history"], one.state.history):
+        assert [h["loss"] for h in history] == pytest.approx(ref_loss, rel=1e-4)
+    for resumed in (load_full_model(str(tmp_path / "three" / "step_00000004")), one.model):
+        for (name, a), b in zip(reference.model.state_dict().items(), resumed.state_dict().values()):
+            assert torch.allclose(a, b, atol=1e-4), (name, float((a - b).abs().max()))
+
+    with pytest.raises(RuntimeError, match="step_00000002 holds another model: dim=32 \\(this run: 48\\)"):
+        _train(files, 0, 1, tmp_path / "other", resume=checkpoint,
+               model=model_config("debug", dim=48, n_layers=2, n_heads=2, ffn_dim=64, max_seq_len=32))
