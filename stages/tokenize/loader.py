@@ -288,6 +288,7 @@ class _ChunkCache:
         self._data: OrderedDict[int, np.ndarray] = OrderedDict()
         self._bytes = 0
         self._inflight: dict[int, Future] = {}
+        self._pending: dict[int, int] = {}  # prefetched (or being prefetched), not yet asked for: chunk -> bytes
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="lmpipe-prefetch") if threads else None
         self.hits = self.misses = self.loads = 0
         self.peak_bytes = 0
@@ -298,8 +299,9 @@ class _ChunkCache:
         self._data[chunk] = arr
         self._bytes += arr.nbytes
         while self._bytes > self.budget and len(self._data) > 1:
-            _, old = self._data.popitem(last=False)
+            evicted, old = self._data.popitem(last=False)
             self._bytes -= old.nbytes
+            self._pending.pop(evicted, None)
         self.peak_bytes = max(self.peak_bytes, self._bytes)
 
     def _fetch(self, chunk: int) -> np.ndarray:
@@ -315,6 +317,7 @@ class _ChunkCache:
 
     def get(self, chunk: int) -> np.ndarray:
         with self._lock:
+            self._pending.pop(chunk, None)
             arr = self._data.get(chunk)
             if arr is not None:
                 self._data.move_to_end(chunk)
@@ -326,18 +329,23 @@ class _ChunkCache:
             return future.result()
         return self._fetch(chunk)
 
-    def prefetch(self, chunks: list[int], chunk_bytes) -> None:
+    def prefetch(self, chunks: list[int], chunk_bytes) -> int:
+        """Queue ``chunks`` in order while the prefetched-but-unused ones fit half the budget (the
+        other half holds the chunks in use); returns how many of ``chunks`` are cached or queued."""
         if self._pool is None:
-            return
+            return len(chunks)
         with self._lock:
-            planned = self._bytes + sum(chunk_bytes(c) for c in self._inflight)
-            for c in chunks:
+            ahead = sum(self._pending.values())
+            for k, c in enumerate(chunks):
                 if c in self._data or c in self._inflight:
                     continue
-                planned += chunk_bytes(c)
-                if planned > self.budget:
-                    break  # leave room for what is being read now; the rest comes later
+                size = chunk_bytes(c)
+                if ahead + size > self.budget // 2:
+                    return k
+                ahead += size
+                self._pending[c] = size
                 self._inflight[c] = self._pool.submit(self._fetch, c)
+        return len(chunks)
 
     def close(self) -> None:
         if self._pool is not None:
@@ -404,7 +412,7 @@ class TokenShardLoader:
         self.epoch = 0
         self.position = 0  # sequences of this epoch consumed by all ranks together
         self._layout_epoch = -1
-        self._prefetched_until = 0
+        self._prefetched_until = self._prefetch_next_look = 0
 
     def __len__(self) -> int:
         """Micro-batches per epoch on each rank (from the start of an epoch)."""
@@ -480,22 +488,23 @@ class TokenShardLoader:
         return self._cache.get(chunk) if self._cache is not None else self._read_chunk(chunk)
 
     def _prefetch(self, start: int) -> None:
-        """Queue the chunks of this rank's next positions (a horizon of a shuffle window per stream)."""
-        if self._cache is None:
+        """Queue the chunks of this rank's next positions: up to a shuffle window ahead in every
+        stream, as far as the cache's budget allows. Looks again once the run has used a quarter
+        of what was queued (each look maps its positions: amortised, not per batch)."""
+        if self._cache is None or start < self._prefetch_next_look:
             return
         horizon = min(self.num_sequences, self.streams * self.shuffle_window)
-        if start + horizon // 2 <= self._prefetched_until:
-            return
         first = max(start, self._prefetched_until)
         last = min(self.num_sequences, start + horizon)
-        if last <= first:
-            return
-        offset = (start + self.rank - first) % self.world_size  # the first of this rank's positions >= first
-        positions = np.arange(first + offset, last, self.world_size, dtype=np.int64)
-        chunks, _ = self.locate(self.epoch, positions)
-        _, idx = np.unique(chunks, return_index=True)
-        self._cache.prefetch([int(c) for c in chunks[np.sort(idx)]], self._chunk_bytes)
-        self._prefetched_until = last
+        if last > first:
+            first += (start + self.rank - first) % self.world_size  # this rank's first position >= first
+            positions = np.arange(first, last, self.world_size, dtype=np.int64)
+            chunks, _ = self.locate(self.epoch, positions)
+            uniq, at = np.unique(chunks, return_index=True)
+            order = np.argsort(at)
+            queued = self._cache.prefetch([int(c) for c in uniq[order]], self._chunk_bytes)
+            self._prefetched_until = last if queued == len(order) else int(positions[at[order[queued]]])
+        self._prefetch_next_look = start + max(1, (self._prefetched_until - start) // 4)
 
     def read(self, epoch: int, positions: np.ndarray) -> np.ndarray:
         """The token rows (``[len(positions), seq_len + 1]``, int64) at global ``positions`` of ``epoch``."""
@@ -517,7 +526,7 @@ class TokenShardLoader:
                     return
                 self.epoch += 1
                 self.position = 0
-                self._prefetched_until = 0
+                self._prefetched_until = self._prefetch_next_look = 0
             start = self.position
             self._prefetch(start)
             tokens = torch.from_numpy(self.read(self.epoch, self.rank_positions(start)))
@@ -554,4 +563,4 @@ class TokenShardLoader:
             raise ValueError(f"loader state key 'position' is {position}, outside this corpus's {self.num_sequences} sequences")
         self.epoch = int(state["epoch"])
         self.position = position
-        self._prefetched_until = 0
+        self._prefetched_until = self._prefetch_next_look = 0
