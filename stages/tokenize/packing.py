@@ -206,14 +206,18 @@ class EncodeJob:
     validation_thresholds: dict[str, float]  # per source (see thresholds_from_summary); others use the fraction
     seed: int
     batch_rows: int
+    dtype: str = "uint32"  # of the token ids: the shards' dtype (uint16 halves what pack reads)
 
 
-ENCODED_SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("split", pa.string()), ("tokens", pa.large_list(pa.uint32()))])
+def encoded_schema(dtype: pa.DataType) -> pa.Schema:
+    return pa.schema([("id", pa.string()), ("source", pa.string()), ("split", pa.string()), ("tokens", pa.large_list(dtype))])
 
 
 def encode_part(storage: st.Storage, input_uri: str, out_uri: str, job: EncodeJob) -> dict[str, Any]:
     """Encode one input file; stream id, source, split, tokens (with EOS) to ``out_uri``; return counts."""
     tok = cached_tokenizer(storage, job.tokenizer_uri)
+    dtype = getattr(pa, job.dtype)()
+    schema = encoded_schema(dtype)
     counts: dict[str, dict[str, dict[str, int]]] = {}
     docs = 0
     sink = writer = None
@@ -224,7 +228,7 @@ def encode_part(storage: st.Storage, input_uri: str, out_uri: str, job: EncodeJo
             encodings = tok.encode_batch_fast([t or "" for t in texts], add_special_tokens=False)
             lengths = np.fromiter((len(e.ids) for e in encodings), dtype=np.int64, count=len(encodings))
             extra = 1 + (job.bos_id is not None)
-            values = np.empty(int(lengths.sum()) + extra * len(lengths), dtype=np.uint32)
+            values = np.empty(int(lengths.sum()) + extra * len(lengths), dtype=dtype.to_pandas_dtype())
             offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
             np.cumsum(lengths + extra, out=offsets[1:])
             for i, e in enumerate(encodings):
@@ -240,12 +244,12 @@ def encode_part(storage: st.Storage, input_uri: str, out_uri: str, job: EncodeJo
                      for i, s in zip(ids, sources)]
             tokens = pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values))
             table = pa.table({"id": batch.column("id").cast(pa.string()), "source": batch.column("source").cast(pa.string()),
-                              "split": pa.array(split, pa.string()), "tokens": tokens}, schema=ENCODED_SCHEMA)
+                              "split": pa.array(split, pa.string()), "tokens": tokens}, schema=schema)
             if writer is None:
                 fs, path = storage.arrow_fs(out_uri)
                 storage.makedirs(out_uri.rsplit("/", 1)[0])
                 sink = fs.open_output_stream(path)
-                writer = pa.ipc.new_file(sink, ENCODED_SCHEMA)
+                writer = pa.ipc.new_file(sink, schema)
             writer.write_table(table)
             for s, src, n in zip(split, sources, (lengths + extra).tolist()):
                 c = counts.setdefault(s, {}).setdefault(src, {"docs": 0, "tokens": 0})
@@ -264,7 +268,7 @@ def encode_part(storage: st.Storage, input_uri: str, out_uri: str, job: EncodeJo
 
 @dataclass
 class Stream:
-    tokens: np.ndarray  # uint32
+    tokens: np.ndarray  # uint16 or uint32 (the token dtype)
     seg_starts: np.ndarray  # int64, increasing, first is 0 when non-empty
     seg_ids: pa.Array  # string
     seg_sources: pa.Array  # string
@@ -309,7 +313,7 @@ def pack_stream(stream: Stream, seq_len: int, dtype: pa.DataType, seq_id_base: i
     np_dtype = np.uint16 if dtype == pa.uint16() else np.uint32
     table = pa.table(
         {
-            "tokens": pa.FixedSizeListArray.from_arrays(pa.array(stream.tokens[:cut].astype(np_dtype)), L),
+            "tokens": pa.FixedSizeListArray.from_arrays(pa.array(stream.tokens[:cut].astype(np_dtype, copy=False)), L),
             "source": stream.seg_sources.take(pa.array(first)),
             "doc_ids": pa.ListArray.from_arrays(lo, stream.seg_ids.take(pa.array(flat))),
             "doc_offsets": pa.ListArray.from_arrays(lo, pa.array(offs)),
@@ -426,7 +430,7 @@ def _stream_to_table(stream: Stream) -> pa.Table:
     offsets = np.zeros(len(lens) + 1, dtype=np.int64)
     np.cumsum(lens, out=offsets[1:])
     return pa.table({"id": stream.seg_ids, "source": stream.seg_sources, "copy": pa.array(stream.seg_copies, pa.int32()),
-                     "tokens": pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(stream.tokens, pa.uint32()))})
+                     "tokens": pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(stream.tokens))})
 
 
 def _table_to_stream(table: pa.Table) -> Stream:

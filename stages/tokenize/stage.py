@@ -180,7 +180,8 @@ class Tokenize(DatasetStage):
             thresholds = pk.thresholds_from_summary(pk.merge_score_summaries(summaries, k), c.validation_fraction, k)
         if tok.eos_id is None:
             raise ValueError(f"stage {ctx.stage_name!r}: the tokenizer has no EOS token to end documents with")
-        job = pk.EncodeJob(tok_uri, tok.eos_id, tok.bos_id if c.add_bos else None, c.validation_fraction, thresholds, self.seed, c.batch_rows)
+        job = pk.EncodeJob(tok_uri, tok.eos_id, tok.bos_id if c.add_bos else None, c.validation_fraction, thresholds, self.seed, c.batch_rows,
+                           str(pk.token_dtype(tok.vocab_size)))
         items = [(ctx.storage, f, st.join(work, "encoded", f"part-{i:05d}.arrow"), job) for i, f in enumerate(files)]
         return ctx.fan_out.map(pk.encode_part, items, step="encode", **fan)
 
