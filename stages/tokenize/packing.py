@@ -422,7 +422,11 @@ def read_bucket(storage: st.Storage, uri: str, size: int, bucket: int, buckets: 
         raise ValueError(f"{uri}: bucket {bucket} of {buckets} points outside the file ({lo}..{hi} of {index_at} bytes): truncated or foreign")
     if hi == lo:
         return None, 16
-    return pa.ipc.read_record_batch(pa.py_buffer(read_range(storage, uri, lo, hi - lo)), schema), 16 + hi - lo
+    try:
+        batch = pa.ipc.read_record_batch(pa.py_buffer(read_range(storage, uri, lo, hi - lo)), schema)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise ValueError(f"{uri}: bucket {bucket} of {buckets} is not a record batch of the packed schema: {e}") from None
+    return batch, 16 + hi - lo
 
 
 def _stream_to_table(stream: Stream) -> pa.Table:

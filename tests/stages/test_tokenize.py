@@ -270,3 +270,27 @@ def test_validation_thresholds_hold_out_at_least_min_docs_per_source():
         assert thresholds_from_summary(merge_score_summaries(parts, min_docs), 0.01, min_docs) == whole
         held = {s: sum(is_validation(i, whole[s], 1) for i, src in zip(ids, sources) if src == s) for s in whole}
         assert held == {"a": min(min_docs, 4), "b": max(min_docs, held["b"]), "c": 0} and held["b"] >= min_docs
+
+
+def test_bucketed_file_reads_one_bucket_and_names_a_truncated_file(tmp_path):
+    from stages.tokenize.packing import read_bucket, sequence_schema, write_bucketed
+
+    s = Stream(np.arange(40, dtype=np.uint32), np.arange(0, 40, 5), pa.array([f"d{i}" for i in range(8)]), pa.array(["s"] * 8),
+               np.zeros(8, np.int32))
+    table, _ = pack_stream(s, 3, pa.uint16(), 7 << 32)  # 10 sequences of 4 tokens
+    uri = str(tmp_path / "packed.arrow")
+    size = write_bucketed(Storage(), uri, table, 1, "train", 4)
+    which = bucket_of(table.column("seq_id").to_numpy(), 1, "train", 4)
+    got, read = [], 0
+    for b in range(4):
+        batch, n = read_bucket(Storage(), uri, size, b, 4, sequence_schema(3, pa.uint16()))
+        ids = [] if batch is None else batch.column("seq_id").to_pylist()
+        assert ids == table.column("seq_id").to_numpy()[which == b].tolist()  # the bucket, in packing order
+        got += ids
+        read += n
+    assert sorted(got) == table.column("seq_id").to_pylist()
+    assert read == size - 8 * 5 + 16 * 4  # every message once, plus 16 bytes of index per bucket
+    Path(uri).write_bytes(Path(uri).read_bytes()[:-50])  # truncated: the index no longer fits the size
+    with pytest.raises(ValueError, match="packed.arrow: bucket"):
+        for b in range(4):
+            read_bucket(Storage(), uri, size - 50, b, 4, sequence_schema(3, pa.uint16()))
