@@ -21,11 +21,19 @@ epoch is index ``p // C`` of stream ``p % C``: every C consecutive positions dra
 places of the corpus. The chunk order is materialised (one int64 per chunk, see above); the
 sequence order never is -- a position is mapped to its (chunk, row) on demand.
 
+Two refinements over "stream s reads segment s" keep each chunk read about once per epoch: a
+chunk cut by a segment boundary is needed by two streams, so (1) odd segments are read backwards,
+and the two streams reach their shared chunk at the same moment (both at the start of the epoch or
+both at its end: one read, from the cache); (2) stream s reads segment ``g(s)``, s's digits
+reversed in the mixed radix of C's prime factors, so that the streams of one rank hold contiguous
+segments (for every power-of-two W with C = 64) and only W - 1 boundary chunks are read by two
+ranks.
+
 **Ranks.** Micro-batch ``j`` of all W ranks together covers the global positions
 ``[P + j*W*mb, P + (j+1)*W*mb)`` (P: where the run started in the epoch); rank ``r`` takes
 ``P + r, P + r + W, ...``. With W dividing C, rank r reads only streams ``s = P + r (mod W)``, so
-the ranks' read sets are disjoint except for the chunks on the ≤ 2 boundaries of each stream's
-segment. An epoch ends when the next global micro-batch no longer fits; the tail (< W*mb
+the ranks' read sets are disjoint except for at most W - 1 chunks (see above; P is a multiple of
+W unless the run resumed from another W, which only rotates which rank reads which streams). An epoch ends when the next global micro-batch no longer fits; the tail (< W*mb
 sequences) is dropped for that epoch, as before.
 
 **State** is the number of sequences of the epoch that all ranks together have consumed, the
@@ -127,6 +135,44 @@ def feistel(x: np.ndarray, n: Any, key: Any, rounds: int = 4) -> np.ndarray:
         y[idx] = once(y[idx], idx)
         out[idx] = y[idx] >= n[idx]
     return y.astype(np.int64)
+
+
+def segment_of_stream(streams: int) -> np.ndarray:
+    """Which segment of the chunk-ordered corpus each stream reads: the stream number's digits
+    reversed in the mixed radix of ``streams``'s prime factors, smallest first. The streams of one
+    rank (``s = r mod W``) then hold contiguous segments whenever W is a product of the smallest
+    factors (every power of two for ``streams = 64``), so only W - 1 segment boundaries lie
+    between two ranks."""
+    factors, n, f = [], streams, 2
+    while n > 1:
+        while n % f == 0:
+            factors.append(f)
+            n //= f
+        f += 1
+    out = np.zeros(streams, dtype=np.int64)
+    for stream in range(streams):
+        rest, weight, g = stream, streams, 0
+        for f in factors:
+            weight //= f
+            g += (rest % f) * weight
+            rest //= f
+        out[stream] = g
+    return out
+
+
+def stream_segments(num_sequences: int, streams: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per stream: its length (streams ``s < N mod C`` hold one more, so that global position
+    ``p`` is valid exactly when ``p < N``), where its segment starts, and whether it reads it
+    backwards. Odd segments are read backwards, so the two streams that share a boundary chunk read
+    it at the same time (both at the start of the epoch, or both at the end): one read serves both
+    where they are on the same rank."""
+    q, r = divmod(num_sequences, streams)
+    length = q + (np.arange(streams) < r)
+    segment = segment_of_stream(streams)
+    by_segment = np.argsort(segment)
+    first = np.zeros(streams, dtype=np.int64)
+    first[by_segment] = np.concatenate([[0], np.cumsum(length[by_segment])[:-1]])
+    return length.astype(np.int64), first, segment % 2 == 1
 
 
 # -- shards and their chunks -----------------------------------------------------------------------
@@ -407,6 +453,7 @@ class TokenShardLoader:
             raise ValueError(f"{self.num_sequences} sequences are too few for {world_size} rank(s) x batch_size {batch_size}")
         self.fingerprint = hashlib.sha256(json.dumps(
             [[f.rsplit("/", 1)[-1], s.rows] for f, s in zip(self.files, self.shards)]).encode()).hexdigest()[:16]
+        self._stream_len, self._stream_first, self._stream_backward = stream_segments(self.num_sequences, streams)
         self._remote = all(remote)
         self._cache = _ChunkCache(cache_bytes, self._read_chunk, prefetch_threads) if self._remote else None
         self.epoch = 0
@@ -436,14 +483,13 @@ class TokenShardLoader:
         p = np.asarray(positions, dtype=np.int64)
         if self.shuffle:
             c, k = self.streams, self.shuffle_window
-            q, r = divmod(self.num_sequences, c)
             s, i = p % c, p // c
-            length = q + (s < r)
-            first = s * q + np.minimum(s, r)
+            length, first, backward = self._stream_len[s], self._stream_first[s], self._stream_backward[s]
             w, j = i // k, i % k
             span = np.minimum(k, length - w * k)
             keys = _mix(_U(_key("window", self.seed, epoch)) ^ _mix(s.astype(np.uint64) * _U(0x100000001B3) + w.astype(np.uint64)))
-            offset = first + w * k + feistel(j, span, keys)
+            within = w * k + feistel(j, span, keys)
+            offset = first + np.where(backward, length - 1 - within, within)
         else:
             offset = p
         at = np.searchsorted(starts, offset, side="right") - 1

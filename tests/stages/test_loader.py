@@ -169,7 +169,7 @@ def test_ranks_read_disjoint_chunks(tmp_path):
         positions = np.concatenate([loader.rank_positions(s) for s in range(0, 800, world * 5)])
         touched.append(set(loader.locate(0, positions)[0].tolist()))
     shared = set().union(*[touched[a] & touched[b] for a in range(world) for b in range(a + 1, world)])
-    assert len(shared) <= streams  # only chunks cut by a stream boundary (one per boundary at most)
+    assert len(shared) <= world - 1  # only chunks cut by a boundary between two ranks' contiguous segments
     assert set().union(*touched) == set(range(80))
 
 
@@ -267,6 +267,31 @@ def test_reads_from_s3_by_record_batch(s3_storage, tmp_path):
         assert 20 <= reads <= 30  # each chunk once in epoch 0 (epoch 1's first chunks: cached or once more)
         assert reads * min(blocks) <= loader.bytes_fetched - start_bytes <= reads * max(blocks)
         loader.close()
+
+
+def test_ranks_read_each_remote_chunk_about_once_per_epoch(s3_storage, tmp_path):
+    files = write_shards(tmp_path / "s", sizes=(300, 300), rows_per_batch=10)  # 60 chunks
+    remote = upload(s3_storage, files, "ranks")
+    world, fetched = 4, 0
+    for r in range(world):
+        loader = TokenShardLoader(remote, 5, rank=r, world_size=world, seed=3, streams=8, shuffle_window=8,
+                                  loop=False, storage=s3_storage)
+        assert len(list(loader)) == 30
+        fetched += loader.stats()["chunks_fetched"]
+        loader.close()
+    assert 60 <= fetched <= 60 + world - 1  # a chunk cut by a boundary between two ranks' segments is read by both
+
+
+def test_a_ranks_streams_hold_contiguous_segments():
+    from stages.tokenize.loader import segment_of_stream
+
+    for streams, worlds in ((64, (1, 2, 4, 8, 16, 32, 64)), (6, (1, 2, 6)), (12, (1, 2, 4, 12))):
+        segment = segment_of_stream(streams)
+        assert sorted(segment.tolist()) == list(range(streams))
+        for world in worlds:
+            for r in range(world):
+                mine = sorted(segment[r::world].tolist())
+                assert mine == list(range(mine[0], mine[0] + streams // world))
 
 
 def test_remote_errors(s3_storage, tmp_path):
