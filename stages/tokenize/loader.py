@@ -77,6 +77,7 @@ DEFAULT_STREAMS = 64
 DEFAULT_SHUFFLE_WINDOW = 1024
 DEFAULT_CACHE_BYTES = 512 << 20
 ROWS_PER_BATCH_KEY = b"lmpipe.rows_per_batch"
+_PLAN_BATCHES = 64  # micro-batches whose positions are mapped to chunks together
 _TAIL_BYTES = 16 << 10  # first read of a remote file's end: the footer of a shard of <= ~500 batches
 
 
@@ -102,11 +103,14 @@ def _mix(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> _U(31))
 
 
+_ROUND_CONSTANTS = _mix(np.arange(1, 9, dtype=np.uint64) * _U(0x9E3779B97F4A7C15))
+
+
 def _key(*parts: Any) -> int:
     return int.from_bytes(hashlib.blake2b(json.dumps(parts).encode(), digest_size=8).digest(), "little")
 
 
-def feistel(x: np.ndarray, n: Any, key: Any, rounds: int = 4) -> np.ndarray:
+def feistel(x: np.ndarray, n: Any, key: Any, rounds: int = 4) -> np.ndarray:  # rounds <= 8
     """A keyed permutation of ``[0, n)`` applied to ``x``: a balanced Feistel network over the
     smallest even number of bits covering ``n`` (at most 4n values), cycle-walking values that
     land outside ``[0, n)`` back in. ``n`` and ``key`` may be arrays (one permutation per element)."""
@@ -118,7 +122,7 @@ def feistel(x: np.ndarray, n: Any, key: Any, rounds: int = 4) -> np.ndarray:
     bits = np.maximum(bits + (bits & _U(1)), _U(2))
     half = bits >> _U(1)
     mask = np.left_shift(_U(1), half) - _U(1)
-    round_keys = [_mix(key ^ _mix(np.full(x.shape, r + 1, dtype=np.uint64) * _U(0x9E3779B97F4A7C15))) for r in range(rounds)]
+    round_keys = [_mix(key ^ _ROUND_CONSTANTS[r]) for r in range(rounds)]
 
     def once(v: np.ndarray, sel: np.ndarray) -> np.ndarray:
         h, m = half[sel], mask[sel]
@@ -455,6 +459,8 @@ class TokenShardLoader:
             [[f.rsplit("/", 1)[-1], s.rows] for f, s in zip(self.files, self.shards)]).encode()).hexdigest()[:16]
         self._stream_len, self._stream_first, self._stream_backward = stream_segments(self.num_sequences, streams)
         self._remote = all(remote)
+        self._views: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._plan: Optional[tuple] = None
         self._cache = _ChunkCache(cache_bytes, self._read_chunk, prefetch_threads) if self._remote else None
         self.epoch = 0
         self.position = 0  # sequences of this epoch consumed by all ranks together
@@ -531,7 +537,14 @@ class TokenShardLoader:
 
     def chunk_tokens(self, chunk: int) -> np.ndarray:
         """The ``[rows, seq_len + 1]`` tokens of one chunk (a view: memory-mapped or cached)."""
-        return self._cache.get(chunk) if self._cache is not None else self._read_chunk(chunk)
+        if self._cache is not None:
+            return self._cache.get(chunk)
+        view = self._views.get(chunk)  # local: views of the mapped file cost no memory, only their making
+        if view is None:
+            view = self._views[chunk] = self._read_chunk(chunk)
+            if len(self._views) > 4096:
+                self._views.popitem(last=False)
+        return view
 
     def _prefetch(self, start: int) -> None:
         """Queue the chunks of this rank's next positions: up to a shuffle window ahead in every
@@ -554,11 +567,15 @@ class TokenShardLoader:
 
     def read(self, epoch: int, positions: np.ndarray) -> np.ndarray:
         """The token rows (``[len(positions), seq_len + 1]``, int64) at global ``positions`` of ``epoch``."""
-        chunks, rows = self.locate(epoch, positions)
-        out = np.empty((len(positions), self.width), dtype=np.int64)
-        for c in np.unique(chunks):
-            sel = np.nonzero(chunks == c)[0]
-            out[sel] = self.chunk_tokens(int(c))[rows[sel]]
+        return self._gather(*self.locate(epoch, positions))
+
+    def _gather(self, chunks: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        out = np.empty((len(chunks), self.width), dtype=np.int64)
+        order = np.argsort(chunks, kind="stable")
+        cuts = np.flatnonzero(np.diff(chunks[order])) + 1
+        for sel in np.split(order, cuts):
+            tokens = self.chunk_tokens(int(chunks[sel[0]]))
+            out[sel] = tokens[rows[sel]] if len(sel) > 1 else tokens[int(rows[sel[0]])]
         return out
 
     # -- iteration ------------------------------------------------------------------------------------
@@ -575,9 +592,21 @@ class TokenShardLoader:
                 self._prefetched_until = self._prefetch_next_look = 0
             start = self.position
             self._prefetch(start)
-            tokens = torch.from_numpy(self.read(self.epoch, self.rank_positions(start)))
+            tokens = torch.from_numpy(self._gather(*self._planned(start)))
             self.position = start + step
             yield tokens[:, :-1], tokens[:, 1:]
+
+    def _planned(self, start: int) -> tuple[np.ndarray, np.ndarray]:
+        """(chunk, row) of this rank's micro-batch at ``start``, mapped with the next ones (up to
+        ``_PLAN_BATCHES``) in one vectorised call: the per-call cost of the mapping is paid once."""
+        step, mb = self.world_size * self.batch_size, self.batch_size
+        plan = self._plan
+        if plan is None or plan[0] != self.epoch or not (plan[1] <= start < plan[2]) or (start - plan[1]) % step:
+            count = max(1, min(_PLAN_BATCHES, (self.num_sequences - start) // step))
+            positions = (start + self.rank + self.world_size * np.arange(mb, dtype=np.int64))[None, :] + step * np.arange(count)[:, None]
+            plan = self._plan = (self.epoch, start, start + count * step, *self.locate(self.epoch, positions.reshape(-1)))
+        at = (start - plan[1]) // step * mb
+        return plan[3][at: at + mb], plan[4][at: at + mb]
 
     def stats(self) -> dict[str, int]:
         cache = self._cache
