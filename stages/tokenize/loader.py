@@ -462,6 +462,13 @@ class TokenShardLoader:
         self._views: OrderedDict[int, np.ndarray] = OrderedDict()
         self._plan: Optional[tuple] = None
         self._cache = _ChunkCache(cache_bytes, self._read_chunk, prefetch_threads) if self._remote else None
+        if self._cache is not None and shuffle:
+            rows = self.num_sequences / self.num_chunks
+            working_set = 2 * (streams // world_size) * (shuffle_window / rows + 1) * rows * self.width * 2
+            if working_set > cache_bytes:
+                log.warning("loader: this rank's working set (~%d MiB: 2 x %d streams x a shuffle window's chunks) exceeds "
+                            "cache_bytes (%d MiB); chunks will be read more than once", working_set / 2**20,
+                            streams // world_size, cache_bytes / 2**20)
         self.epoch = 0
         self.position = 0  # sequences of this epoch consumed by all ranks together
         self._layout_epoch = -1
