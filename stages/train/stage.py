@@ -3,7 +3,7 @@
 The stage (on the driver) turns its config (:mod:`stages.train.config`: model, optimizer,
 schedule, loop, parallel, checkpoint, cluster) into a :class:`~stages.train.launch.TrainSpec`, runs
 it on ``cluster.num_workers`` Ray Train workers, then exports the final checkpoint to Hugging Face
-format and records the result. Ray Train keeps its checkpoints in this stage's own folder
+format (streamed by a task on a worker: :mod:`stages.train.export`) and records the result. Ray Train keeps its checkpoints in this stage's own folder
 (``RunConfig(storage_path=<work_dir>/<stage>, name=<fingerprint>)``), so:
 
 * a failed worker group restarts from the latest checkpoint (``cluster.max_failures`` times), and
