@@ -18,11 +18,14 @@ MODEL = ModelConfig(vocab_size=601, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
 def spawn(fn, world_size: int, *args) -> None:
     import torch.multiprocessing as mp
 
-    mp.start_processes(_init_and_run, args=(fn, world_size, args), nprocs=world_size, start_method="spawn")
+    import uuid
+
+    # a fresh rendezvous file per group: a FileStore file left by an earlier group would be reused
+    init_file = f"{args[0]}.pg-{uuid.uuid4().hex}"
+    mp.start_processes(_init_and_run, args=(fn, world_size, init_file, args), nprocs=world_size, start_method="spawn")
 
 
-def _init_and_run(rank: int, fn, world_size: int, args: tuple) -> None:
-    init_file = args[0] + f".pg-{world_size}"
+def _init_and_run(rank: int, fn, world_size: int, init_file: str, args: tuple) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:

@@ -1,0 +1,182 @@
+"""Dry-run the training setup as rank ``r`` of ``W`` on one CPU, without the hardware.
+
+torch's fake process group (``backend="fake"``: every collective returns at once without
+communicating) lets one process build exactly what rank ``r`` of a ``W``-rank FSDP2 job builds:
+the model on ``meta``, sharded, then only this rank's shards allocated and initialised; then one
+forward/backward and one optimizer step, so gradients and AdamW's states exist too. It reports
+this rank's parameter, gradient and optimizer-state bytes, checks them against the formula
+(4 + 4 + 8 bytes per locally held fp32 parameter: weights, gradients, Adam's two moments), and
+the process's peak RSS -- so a user can see what a 7B run needs per rank before renting 8 GPUs
+(torchtitan has the same idea: its fake-backend "comm mode" for memory estimation).
+
+The numbers in a fake run are garbage (all-gathers return uninitialised memory), the memory is
+not: every buffer has the size and lifetime it has in the real job, except the activations of
+the micro-batch (use the real ``--seq-len``/``--micro-batch`` to include them; the defaults keep
+them small so that the states dominate).
+
+    python -m stages.train.dry_run --size 7b --world-size 8 --rank 0
+    python -m stages.train.dry_run --size 1b --world-size 8 --seq-len 16 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from typing import Any, Optional
+
+import torch
+
+
+def _rss_peak_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _rss_now_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        import os
+
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _bytes(tensors) -> int:
+    return sum(_local(t).numel() * _local(t).element_size() for t in tensors)
+
+
+def expected_local_numel(model: torch.nn.Module, world_size: int, rank: int) -> int:
+    """Parameters this rank holds under FSDP2's dim-0 sharding: ``torch.chunk``'s split of each
+    parameter's rows, computed from the global shapes alone."""
+    total = 0
+    seen = set()
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        rows = p.shape[0]
+        per = -(-rows // world_size)
+        mine = max(0, min(per, rows - rank * per))
+        total += mine * (p.numel() // rows)
+    return total
+
+
+class _RandomTokens:
+    def __init__(self, batch: int, seq_len: int, vocab: int):
+        self.batch, self.seq_len, self.vocab = batch, seq_len, vocab
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(0)
+        while True:
+            rows = torch.randint(0, self.vocab, (self.batch, self.seq_len + 1), generator=g)
+            yield rows[:, :-1], rows[:, 1:]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+def dry_run(size: str, world_size: int, rank: int = 0, seq_len: int = 64, micro_batch: int = 1, vocab_size: int = 32_000,
+            step: bool = True, activation_checkpointing: bool = False, overrides: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """Build rank ``rank`` of ``world_size`` under a fake process group; returns its report."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from stages.model.transformer import model_config
+    from stages.train.config import TrainConfig
+    from stages.train.trainer import Trainer
+
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world size {world_size}")
+    cfg = model_config(size, vocab_size=vocab_size, max_seq_len=seq_len, **(overrides or {}))
+    full_params = cfg.num_params()
+    baseline = _rss_now_bytes()
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
+    try:
+        train_cfg = TrainConfig.model_validate({
+            "loop": {"steps": 2, "micro_batch_size": micro_batch, "norms_every": 0, "eval_every": 0, "spike_std": 0},
+            "schedule": {"warmup_steps": 1},
+            "parallel": {"activation_checkpointing": activation_checkpointing},
+        })
+        t0 = time.perf_counter()
+        trainer = Trainer(train_cfg, cfg, _RandomTokens(micro_batch, seq_len, vocab_size), seq_len, seed=0)
+        setup_s = time.perf_counter() - t0
+        after_setup = _rss_peak_bytes()
+        params = list({id(p): p for p in trainer.model.parameters()}.values())
+        local_numel = sum(_local(p).numel() for p in params)
+        expected_numel = expected_local_numel(trainer.model, world_size, rank)
+        report: dict[str, Any] = {
+            "size": size, "world_size": world_size, "rank": rank, "seq_len": seq_len, "micro_batch": micro_batch,
+            "vocab_size": vocab_size, "full_params": full_params, "full_model_fp32_bytes": full_params * 4,
+            "local_params": local_numel, "expected_local_params": expected_numel,
+            "param_bytes": _bytes(params), "setup_s": round(setup_s, 1),
+            "baseline_rss_bytes": baseline, "peak_rss_after_setup_bytes": after_setup,
+        }
+        if step:
+            t0 = time.perf_counter()
+            inputs, targets = next(iter(trainer.loader))
+            ce, _ = trainer._forward_loss(inputs, targets)
+            ce.backward()
+            trainer.optimizer.step()  # allocates AdamW's states; values are garbage under a fake group
+            report["step_s"] = round(time.perf_counter() - t0, 1)
+            report["grad_bytes"] = _bytes(p.grad for p in params if p.grad is not None)
+            report["optimizer_bytes"] = _bytes(v for s in trainer.optimizer.state.values() for v in s.values()
+                                               if isinstance(v, torch.Tensor) and v.dim() > 0)
+        peak = _rss_peak_bytes()
+        # what the formula says this rank must hold: fp32 weights + fp32 grads + two fp32 Adam moments
+        share = expected_numel * (4 + (4 + 8 if step else 0))
+        measured = report["param_bytes"] + report.get("grad_bytes", 0) + report.get("optimizer_bytes", 0)
+        report.update({
+            "share_bytes": share, "state_bytes": measured, "peak_rss_bytes": peak,
+            "peak_rss_over_share": round((peak - baseline) / share, 3),
+            "states_match_formula": local_numel == expected_numel and measured == share,
+            "never_held_full_model": peak - baseline < full_params * 4,
+        })
+        return report
+    finally:
+        dist.destroy_process_group()
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m stages.train.dry_run", description=__doc__.splitlines()[0])
+    p.add_argument("--size", default="1b", help="a preset of stages/model/transformer.py MODEL_SIZES")
+    p.add_argument("--world-size", type=int, default=8)
+    p.add_argument("--rank", type=int, default=0)
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--micro-batch", type=int, default=1)
+    p.add_argument("--vocab-size", type=int, default=32_000)
+    p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--no-step", action="store_true", help="set up only (no gradients, no optimizer states)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    r = dry_run(args.size, args.world_size, args.rank, args.seq_len, args.micro_batch, args.vocab_size,
+                step=not args.no_step, activation_checkpointing=args.activation_checkpointing)
+    if args.json:
+        print(json.dumps(r))
+        return 0 if r["states_match_formula"] else 1
+    print(f"{r['size']}: {r['full_params']:,} parameters ({_gib(r['full_model_fp32_bytes'])} in fp32); "
+          f"rank {r['rank']} of {r['world_size']} holds {r['local_params']:,} (formula: {r['expected_local_params']:,})")
+    print(f"  weights {_gib(r['param_bytes'])}, grads {_gib(r.get('grad_bytes', 0))}, AdamW {_gib(r.get('optimizer_bytes', 0))}"
+          f" = {_gib(r['state_bytes'])} (formula: {_gib(r['share_bytes'])})")
+    print(f"  peak RSS {_gib(r['peak_rss_bytes'])} ({_gib(r['baseline_rss_bytes'])} before building) = "
+          f"{r['peak_rss_over_share']}x the share above the baseline; setup {r['setup_s']}s, step {r.get('step_s', '-')}s")
+    ok = r["states_match_formula"]
+    print("  OK: the states match the formula" if ok else "  MISMATCH: the states differ from the formula")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
