@@ -36,7 +36,7 @@ sys.path.insert(0, ROOT)
 
 # micro-batch per size at seq 2048: big enough to keep an H200 busy, small enough to fit without
 # activation checkpointing
-MICRO_BATCH = {"debug": 4, "125m": 32, "350m": 16, "1b": 16, "llama-1b": 16, "7b": 2}
+MICRO_BATCH = {"debug": 4, "125m": 32, "350m": 16, "1b": 16, "llama-1b": 16, "tinyllama-1b": 16, "7b": 2}
 
 
 def corpus_bytes() -> bytes:
