@@ -11,28 +11,27 @@ Per size, a first process runs ingest (local Parquet -> S3) and loads the tokeni
 measured, process runs the pipeline again, so only tokenize computes. Bytes read and written are
 counted by a TCP proxy in front of moto (HTTP bodies and headers, every S3 request of the driver and
 the workers); the driver's peak RSS is the measured process's ru_maxrss; workers' peak RSS is
-sampled every 0.2 s over every ``ray::`` process.
+sampled every 0.2 s over the ``ray::`` processes of the measured process's own Ray (bench/measure.py).
 
     .venv/bin/python bench/tokenize_scale.py --sizes-mb 200 630 2000 [--out bench/results/tokenize_scale.json]
-    (for the code before a change: copy this file into an old worktree and run it there with
+    (for the code before a change: copy this file and bench/measure.py into an old worktree and run it there with
      PYTHONPATH=<worktree>, so the Ray workers import that code too)
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
-import resource
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from bench.measure import CountingProxy, WorkerPeakRss, driver_peak_rss  # noqa: E402
 
 FILE_CHARS = 50_000_000
 BUCKET = "tokscale"
@@ -59,51 +58,6 @@ TOKENIZE = """  tokenize:
     config: {seq_len: 2048, validation_fraction: 0.01, threads_per_worker: 1}
     resources: {max_workers: 2, num_cpus: 1}
 """
-
-
-class CountingProxy:
-    """TCP proxy 127.0.0.1:port -> target; counts bytes each way (down = storage -> clients)."""
-
-    def __init__(self, target_port: int):
-        self.target_port = target_port
-        self.down = 0
-        self.up = 0
-        self.port = 0
-        ready = threading.Event()
-        threading.Thread(target=self._serve, args=(ready,), daemon=True).start()
-        ready.wait()
-
-    def _serve(self, ready: threading.Event) -> None:
-        async def pipe(reader, writer, down: bool):
-            try:
-                while data := await reader.read(1 << 16):
-                    if down:
-                        self.down += len(data)
-                    else:
-                        self.up += len(data)
-                    writer.write(data)
-                    await writer.drain()
-            except (ConnectionError, asyncio.CancelledError):
-                pass
-            finally:
-                writer.close()
-
-        async def handle(client_r, client_w):
-            try:
-                server_r, server_w = await asyncio.open_connection("127.0.0.1", self.target_port)
-            except OSError:
-                client_w.close()
-                return
-            await asyncio.gather(pipe(client_r, server_w, False), pipe(server_r, client_w, True))
-
-        async def main():
-            server = await asyncio.start_server(handle, "127.0.0.1", 0)
-            self.port = server.sockets[0].getsockname()[1]
-            ready.set()
-            async with server:
-                await server.serve_forever()
-
-        asyncio.run(main())
 
 
 def make_corpus(folder: Path, size_mb: int) -> dict:
@@ -142,28 +96,14 @@ def make_corpus(folder: Path, size_mb: int) -> dict:
 
 def measure(yaml_path: str) -> None:
     """The measured process: run the pipeline (only tokenize computes), print the numbers as JSON."""
-    import psutil
     import ray
 
     from pipeline.config import load_config
     from pipeline.runner import Runner
 
-    peak = {"worker": 0}
-    stop = threading.Event()
-
-    def sample():
-        while not stop.is_set():
-            for p in psutil.process_iter(["cmdline", "memory_info"]):
-                cmd = p.info.get("cmdline") or []
-                mem = p.info.get("memory_info")
-                if cmd and cmd[0].startswith("ray::") and mem is not None:
-                    peak["worker"] = max(peak["worker"], mem.rss)
-            time.sleep(0.2)
-
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    threading.Thread(target=sample, daemon=True).start()
-    report = Runner(load_config(yaml_path)).run()
-    stop.set()
+    with WorkerPeakRss() as workers:
+        report = Runner(load_config(yaml_path)).run()
     st = report.stage("tokenize")
     m = st.manifest
     s = m["summary"]["data"]
@@ -173,8 +113,8 @@ def measure(yaml_path: str) -> None:
         "sequences": s["sequences"], "shards": len(m["datasets"]["train"]["files"]),
         "shard_bytes": sum(f.get("bytes", 0) for ds in m["datasets"].values() for f in ds["files"]),
         "packed_bytes": s.get("packed_bytes"), "shuffle_bytes_read": s.get("shuffle_bytes_read"),
-        "driver_peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "worker_peak_rss": peak["worker"],
+        "driver_peak_rss": driver_peak_rss(),
+        "worker_peak_rss": workers.peak,
     }))
     ray.shutdown()
 
