@@ -37,6 +37,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -156,10 +157,19 @@ def measure(yaml_path: str, stage: str, cpus: int) -> None:
              object_store_memory=1 << 30)
     baseline = driver_peak_rss()
     runner = Runner(load_config(yaml_path))
+    spy = None
+    if os.environ.get("PIPELINE_SCALE_PROFILE"):  # py-spy over the driver and every process below it (the workers)
+        spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(os.getpid()), "--subprocesses",
+                                "--nonblocking", "--rate", "50", "--format", "raw", "--output", os.environ["PIPELINE_SCALE_PROFILE"]],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(1.0)  # let it attach before the stage starts
     t, cpu0 = time.perf_counter(), own_cpu_seconds()
     with WorkerPeakRss() as workers:
         report = runner.run(only=stage)
     run_s, driver_cpu_s = time.perf_counter() - t, own_cpu_seconds() - cpu0
+    if spy is not None:
+        spy.send_signal(signal.SIGINT)
+        spy.wait(timeout=120)
     st = report.stage(stage)
     m = st.manifest
     c = m["counts"]
@@ -175,8 +185,59 @@ def measure(yaml_path: str, stage: str, cpus: int) -> None:
     ray.shutdown()
 
 
-def run_stage(yaml_path: Path, stage: str, cpus: int, proxy, env: dict) -> dict:
+PROFILE_CATEGORIES = [  # the first that matches a stack names it
+    ("import (module loading)", ("<frozen importlib",)),
+    ("ray: load function/actor", ("function_manager.py",)),
+    ("S3 I/O (s3fs/botocore)", ("s3fs/", "aiobotocore/", "botocore/", "fsspec/")),
+    ("mlflow", ("mlflow/",)),
+    ("stage code (stages/)", ("(stages/",)),
+    ("runner (pipeline/)", ("(pipeline/",)),
+    ("ray data", ("ray/data/",)),
+    ("ray other", ("ray/",)),
+]
+
+
+def profile_summary(path: Path, top: int = 10) -> dict:
+    """py-spy's raw (collapsed) stacks -> samples (50 = one busy CPU second of Python) per process,
+    per category of work, and the lmpipe functions (innermost frame in stages/ or pipeline/) most
+    samples fell in."""
+    per_process: dict[str, int] = {}
+    per_category: dict[str, int] = {}
+    lmpipe_frames: dict[str, int] = {}
+    total = 0
+    for line in path.read_text(errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        n = int(count)
+        frames = stack.split(";")
+        procs = [f for f in frames if f.startswith("process ")]  # driver;raylet;worker: the innermost is the sampled one
+        if len(procs) <= 1:
+            proc = "driver"
+        else:
+            cmd = procs[-1].split(":", 1)[-1].strip('"')
+            proc = "worker" if (cmd.startswith("ray::") and "Dashboard" not in cmd) or "default_worker.py" in cmd else cmd.split(" ")[0].rsplit("/", 1)[-1]
+        per_process[proc] = per_process.get(proc, 0) + n
+        total += n
+        code = [f for f in frames if not (f.startswith("thread ") or f.startswith("process "))]
+        category = next((name for name, keys in PROFILE_CATEGORIES if any(k in f for f in code for k in keys)), "other")
+        key = f"{proc}: {category}"
+        per_category[key] = per_category.get(key, 0) + n
+        own = [f for f in code if "(stages/" in f or "(pipeline/" in f]
+        if own:
+            lmpipe_frames[f"{proc}: {own[-1]}"] = lmpipe_frames.get(f"{proc}: {own[-1]}", 0) + n
+
+    def ranked(d: dict[str, int], k: int) -> list:
+        return [[name, n, round(n / max(total, 1), 3)] for name, n in sorted(d.items(), key=lambda kv: -kv[1])[:k]]
+
+    return {"samples": total, "per_process": {a: b for a, b, _ in ranked(per_process, 8)},
+            "per_category": ranked(per_category, 12), "lmpipe_functions": ranked(lmpipe_frames, top)}
+
+
+def run_stage(yaml_path: Path, stage: str, cpus: int, proxy, env: dict, profile: Path | None = None) -> dict:
     load_before = os.getloadavg()
+    if profile is not None:
+        env = {**env, "PIPELINE_SCALE_PROFILE": str(profile)}
     down0, up0 = proxy.down, proxy.up
     t = time.perf_counter()
     out = subprocess.run([sys.executable, __file__, "--measure", str(yaml_path), stage, str(cpus)], env=env,
@@ -188,6 +249,8 @@ def run_stage(yaml_path: Path, stage: str, cpus: int, proxy, env: dict) -> dict:
     r.update(stage=stage, cpus=cpus, process_s=round(time.perf_counter() - t, 1), s3_read=proxy.down - down0,
              s3_written=proxy.up - up0, load_before=[round(x, 2) for x in load_before],
              load_after=[round(x, 2) for x in os.getloadavg()])
+    if profile is not None and profile.exists():
+        r["profile"] = profile_summary(profile)
     return r
 
 
@@ -233,6 +296,7 @@ def main() -> None:
     ap.add_argument("--demo", default=str(REPO / "data/demo"))
     ap.add_argument("--root", default="/tmp/pipescale")
     ap.add_argument("--out", default=str(REPO / "bench/results/pipeline_scale.json"))
+    ap.add_argument("--profile", action="store_true", help="py-spy every measured stage (slows it; numbers are for where time goes)")
     ap.add_argument("--measure", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.measure:
@@ -267,7 +331,8 @@ def main() -> None:
                 measured = stage in args.stages
                 every = measured and args.speedup_at in (None, copies)
                 for cpus in (args.cpus if every else [max(args.cpus)]):
-                    r = run_stage(yaml_path, stage, cpus, proxy, env)
+                    profile = local / f"profile-{stage}-{cpus}cpu.txt" if (measured and args.profile) else None
+                    r = run_stage(yaml_path, stage, cpus, proxy, env, profile)
                     r.update(copies=copies, corpus=corpus, measured=measured, date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
                     print(json.dumps(r), flush=True)
                     if measured:
