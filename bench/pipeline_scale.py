@@ -177,6 +177,8 @@ def measure(yaml_path: str, stage: str, cpus: int) -> None:
         "cached": st.cached, "wall_s": m["timings"]["wall_seconds"], "worker_s": m["timings"]["worker_seconds"],
         "run_s": round(run_s, 2), "parts": m.get("parts"), "worker_cpu_s": round(workers.cpu_seconds, 2),
         "driver_cpu_s": round(driver_cpu_s, 2),
+        # the stage's own phase timings where it reports them (tokenize: score/encode/pack/write)
+        "phases": ((m.get("summary") or {}).get("data") or {}).get("timings") if isinstance((m.get("summary") or {}).get("data"), dict) else None,
         "docs_in": c["rows_in"], "docs_out": c["kept"], "rejected": sum(c["rejected"].values()),
         "quarantined": sum(c["quarantined"].values()), "counts_unit": m.get("counts_unit"),
         "bytes_out": sum(ds["bytes"] for ds in m["datasets"].values()),
