@@ -34,6 +34,7 @@ import argparse
 import hashlib
 import io
 import json
+import math
 import os
 import random
 import shutil
@@ -270,6 +271,40 @@ def table(results: list[dict]) -> str:
     return "\n".join(rows)
 
 
+def growth(values: dict[int, float]) -> float:
+    """Exponent b of value ~ copies**b between the smallest and largest size (1: linear, 0: flat)."""
+    lo, hi = min(values), max(values)
+    if hi == lo or values[lo] <= 0 or values[hi] <= 0:
+        return float("nan")
+    return math.log(values[hi] / values[lo]) / math.log(hi / lo)
+
+
+def scaling_table(results: list[dict], predict_at: int = 100) -> str:
+    """Per stage (at the most CPUs): wall time and peak memory per size, their growth exponents and
+    wall time extrapolated to ``predict_at`` copies with the exponent of the two largest sizes."""
+    cpus = max(r["cpus"] for r in results)
+    by_stage: dict[str, dict[int, dict]] = {}
+    for r in results:
+        if r["cpus"] == cpus:
+            by_stage.setdefault(r["stage"], {})[r["copies"]] = r
+    sizes = sorted({c for runs in by_stage.values() for c in runs})
+    head = " / ".join(f"{c}x" for c in sizes)
+    rows = [f"| stage | wall s at {head} | wall exponent | S3 read exponent | worker peak MiB at {head} | driver peak MiB at {head} |"
+            f" predicted wall at {predict_at}x |", "|---|---|---:|---:|---|---|---:|"]
+    for stage, runs in by_stage.items():
+        if len(runs) < 2:
+            continue
+        wall = {c: r["wall_s"] for c, r in runs.items()}
+        top2 = sorted(runs)[-2:]
+        b_tail = growth({c: wall[c] for c in top2})
+        predicted = wall[top2[-1]] * (predict_at / top2[-1]) ** b_tail if b_tail == b_tail else float("nan")
+        rows.append(f"| {stage} | {' / '.join(f'{wall[c]:.1f}' for c in sorted(runs))} | {growth(wall):.2f} |"
+                    f" {growth({c: r['s3_read'] for c, r in runs.items()}):.2f} |"
+                    f" {' / '.join(mib(runs[c]['worker_peak_rss']) for c in sorted(runs))} |"
+                    f" {' / '.join(mib(runs[c]['driver_peak_rss']) for c in sorted(runs))} | {predicted:,.0f} s |")
+    return "\n".join(rows)
+
+
 def speedup_table(results: list[dict]) -> str:
     """Per stage at a size measured with several CPU counts: wall time at each, and fewest / most."""
     by_key: dict[tuple[int, str], dict[int, dict]] = {}
@@ -299,10 +334,15 @@ def main() -> None:
     ap.add_argument("--root", default="/tmp/pipescale")
     ap.add_argument("--out", default=str(REPO / "bench/results/pipeline_scale.json"))
     ap.add_argument("--profile", action="store_true", help="py-spy every measured stage (slows it; numbers are for where time goes)")
+    ap.add_argument("--report", help="print the tables of a results JSON and exit")
     ap.add_argument("--measure", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.measure:
         measure(args.measure[0], args.measure[1], int(args.measure[2]))
+        return
+    if args.report:
+        results = json.loads(Path(args.report).read_text())
+        print(table(results), scaling_table(results), speedup_table(results), sep="\n\n")
         return
     bad = [s for s in args.stages if s not in DATA_STAGES]
     if bad:
@@ -346,6 +386,7 @@ def main() -> None:
             # free moto's memory: the next size needs none of this one
             boto3.resource("s3", endpoint_url=endpoint).Bucket(BUCKET).objects.filter(Prefix=name + "/").delete()
     print(table(results))
+    print(scaling_table(results))
     print(speedup_table(results))
 
 
