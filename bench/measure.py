@@ -109,6 +109,9 @@ class WorkerPeakRss:
     def __init__(self, interval: float = 0.2):
         self.interval = interval
         self.peak = 0
+        # RSS less the pages it shares (file-backed and shared memory: the Ray object store that a
+        # worker maps counts in its RSS but is allocated once per node)
+        self.peak_private = 0
         self._cpu_first: dict[int, float] = {}
         self._cpu_last: dict[int, float] = {}
         self._stop = threading.Event()
@@ -132,7 +135,9 @@ class WorkerPeakRss:
                 try:
                     cmd = p.cmdline()
                     if cmd and cmd[0].startswith("ray::"):
-                        self.peak = max(self.peak, p.memory_info().rss)
+                        mem = p.memory_info()
+                        self.peak = max(self.peak, mem.rss)
+                        self.peak_private = max(self.peak_private, mem.rss - mem.shared)
                         t = p.cpu_times()
                         self._cpu_first.setdefault(p.pid, t.user + t.system if first_round else 0.0)
                         self._cpu_last[p.pid] = t.user + t.system

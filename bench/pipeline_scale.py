@@ -184,6 +184,7 @@ def measure(yaml_path: str, stage: str, cpus: int) -> None:
         "quarantined": sum(c["quarantined"].values()), "counts_unit": m.get("counts_unit"),
         "bytes_out": sum(ds["bytes"] for ds in m["datasets"].values()),
         "driver_peak_rss": driver_peak_rss(), "driver_rss_after_ray_init": baseline, "worker_peak_rss": workers.peak,
+        "worker_peak_private": workers.peak_private,
     }), flush=True)
     ray.shutdown()
 
