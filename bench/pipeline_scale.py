@@ -34,7 +34,6 @@ import argparse
 import hashlib
 import io
 import json
-import math
 import os
 import random
 import shutil
@@ -272,17 +271,13 @@ def table(results: list[dict]) -> str:
     return "\n".join(rows)
 
 
-def growth(values: dict[int, float]) -> float:
-    """Exponent b of value ~ copies**b between the smallest and largest size (1: linear, 0: flat)."""
-    lo, hi = min(values), max(values)
-    if hi == lo or values[lo] <= 0 or values[hi] <= 0:
-        return float("nan")
-    return math.log(values[hi] / values[lo]) / math.log(hi / lo)
-
-
 def scaling_table(results: list[dict], predict_at: int = 100) -> str:
-    """Per stage (at the most CPUs): wall time and peak memory per size, their growth exponents and
-    wall time extrapolated to ``predict_at`` copies with the exponent of the two largest sizes."""
+    """Per stage (at the most CPUs): wall time, S3 reads and peak memory per size; the cost of one
+    more copy at the smallest and at the largest step (larger at the largest: faster than linear);
+    and wall time at ``predict_at`` copies from a least-squares fit wall = fixed + per_copy * copies
+    (fixed: start-up that does not grow)."""
+    import numpy as np
+
     cpus = max(r["cpus"] for r in results)
     by_stage: dict[str, dict[int, dict]] = {}
     for r in results:
@@ -290,19 +285,21 @@ def scaling_table(results: list[dict], predict_at: int = 100) -> str:
             by_stage.setdefault(r["stage"], {})[r["copies"]] = r
     sizes = sorted({c for runs in by_stage.values() for c in runs})
     head = " / ".join(f"{c}x" for c in sizes)
-    rows = [f"| stage | wall s at {head} | wall exponent | S3 read exponent | worker peak MiB at {head} | driver peak MiB at {head} |"
-            f" predicted wall at {predict_at}x |", "|---|---|---:|---:|---|---|---:|"]
+    rows = [f"| stage | wall s at {head} | s per copy, first / last step | fit: fixed s + s per copy | predicted wall at {predict_at}x |"
+            f" S3 read MiB at {head} | worker peak RSS MiB at {head} | driver peak MiB at {head} |",
+            "|---|---|---|---|---:|---|---|---|"]
     for stage, runs in by_stage.items():
-        if len(runs) < 2:
+        n = sorted(runs)
+        if len(n) < 2:
             continue
-        wall = {c: r["wall_s"] for c, r in runs.items()}
-        top2 = sorted(runs)[-2:]
-        b_tail = growth({c: wall[c] for c in top2})
-        predicted = wall[top2[-1]] * (predict_at / top2[-1]) ** b_tail if b_tail == b_tail else float("nan")
-        rows.append(f"| {stage} | {' / '.join(f'{wall[c]:.1f}' for c in sorted(runs))} | {growth(wall):.2f} |"
-                    f" {growth({c: r['s3_read'] for c, r in runs.items()}):.2f} |"
-                    f" {' / '.join(mib(runs[c]['worker_peak_rss']) for c in sorted(runs))} |"
-                    f" {' / '.join(mib(runs[c]['driver_peak_rss']) for c in sorted(runs))} | {predicted:,.0f} s |")
+        wall = [runs[c]["wall_s"] for c in n]
+        first = (wall[1] - wall[0]) / (n[1] - n[0])
+        last = (wall[-1] - wall[-2]) / (n[-1] - n[-2])
+        per_copy, fixed = (float(x) for x in np.polyfit(n, wall, 1))
+        rows.append(f"| {stage} | {' / '.join(f'{w:.1f}' for w in wall)} | {first:.2f} / {last:.2f} | {fixed:.1f} + {per_copy:.2f} |"
+                    f" {fixed + per_copy * predict_at:,.0f} s |"
+                    f" {' / '.join(format(runs[c]['s3_read'] / 2**20, ',.1f') for c in n)} |"
+                    f" {' / '.join(mib(runs[c]['worker_peak_rss']) for c in n)} | {' / '.join(mib(runs[c]['driver_peak_rss']) for c in n)} |")
     return "\n".join(rows)
 
 
