@@ -262,12 +262,13 @@ def mib(b: int) -> str:
 
 
 def table(results: list[dict]) -> str:
-    rows = ["| copies | CPUs | stage | wall s | worker CPU s | driver CPU s | docs in | docs out | S3 read MiB | S3 written MiB | driver peak MiB | worker peak MiB | load 1m before/after |",
+    rows = ["| copies | CPUs | stage | wall s | worker CPU s | driver CPU s | docs in | docs out | S3 read MiB | S3 written MiB | driver peak MiB | worker peak RSS / private MiB | load 1m before/after |",
             "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in results:
         rows.append(f"| {r['copies']} | {r['cpus']} | {r['stage']} | {r['wall_s']:.1f} | {r['worker_cpu_s']:.1f} | {r['driver_cpu_s']:.1f} | {r['docs_in']:,} |"
-                    f" {r['docs_out']:,} | {mib(r['s3_read'])} | {mib(r['s3_written'])} | {mib(r['driver_peak_rss'])} |"
-                    f" {mib(r['worker_peak_rss'])} | {r['load_before'][0]:.2f} / {r['load_after'][0]:.2f} |")
+                    f" {r['docs_out']:,} | {r['s3_read'] / 2**20:,.1f} | {r['s3_written'] / 2**20:,.1f} | {mib(r['driver_peak_rss'])} |"
+                    f" {mib(r['worker_peak_rss'])} / {mib(r['worker_peak_private']) if 'worker_peak_private' in r else '-'} |"
+                    f" {r['load_before'][0]:.2f} / {r['load_after'][0]:.2f} |")
     return "\n".join(rows)
 
 
