@@ -112,6 +112,7 @@ class WorkerPeakRss:
         # RSS less the pages it shares (file-backed and shared memory: the Ray object store that a
         # worker maps counts in its RSS but is allocated once per node)
         self.peak_private = 0
+        self.own_cpu_seconds = 0.0  # this sampler thread's CPU, to subtract from the driver's
         self._cpu_first: dict[int, float] = {}
         self._cpu_last: dict[int, float] = {}
         self._stop = threading.Event()
@@ -126,11 +127,16 @@ class WorkerPeakRss:
 
         me = psutil.Process(os.getpid())
         first_round = True
+        children: list = []
+        listed = 0.0
         while not self._stop.is_set():
-            try:
-                children = me.children(recursive=True)
-            except psutil.Error:
-                children = []
+            started = time.thread_time()
+            if time.monotonic() - listed > 1.0:  # listing walks /proc: once a second, not every sample
+                try:
+                    children = me.children(recursive=True)
+                except psutil.Error:
+                    children = []
+                listed = time.monotonic()
             for p in children:
                 try:
                     cmd = p.cmdline()
@@ -144,6 +150,7 @@ class WorkerPeakRss:
                 except psutil.Error:
                     pass  # a worker that exited between the listing and the read
             first_round = False
+            self.own_cpu_seconds += time.thread_time() - started
             self._stop.wait(self.interval)
 
     def __enter__(self) -> "WorkerPeakRss":

@@ -166,7 +166,7 @@ def measure(yaml_path: str, stage: str, cpus: int) -> None:
     t, cpu0 = time.perf_counter(), own_cpu_seconds()
     with WorkerPeakRss() as workers:
         report = runner.run(only=stage)
-    run_s, driver_cpu_s = time.perf_counter() - t, own_cpu_seconds() - cpu0
+    run_s, driver_cpu_s = time.perf_counter() - t, own_cpu_seconds() - cpu0 - workers.own_cpu_seconds
     if spy is not None:
         spy.send_signal(signal.SIGINT)
         spy.wait(timeout=120)
