@@ -140,7 +140,7 @@ class WorkerPeakRss:
             for p in children:
                 try:
                     cmd = p.cmdline()
-                    if cmd and cmd[0].startswith("ray::"):
+                    if cmd and cmd[0].startswith("ray::") and not cmd[0].endswith("Agent"):  # not Ray's own agents
                         mem = p.memory_info()
                         self.peak = max(self.peak, mem.rss)
                         self.peak_private = max(self.peak_private, mem.rss - mem.shared)
