@@ -113,7 +113,10 @@ class Tokenize(DatasetStage):
         timings: dict[str, float] = {}
 
         t0 = time.perf_counter()
-        encoded = self._encode(ctx, docs_in, tok_uri, tok, work, fan)
+        thresholds = self._validation_thresholds(ctx, docs_in, fan)
+        timings["validation_scores"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        encoded = self._encode(ctx, docs_in, tok_uri, tok, thresholds, work, fan)
         counts = _encoded_counts(encoded)
         train_tokens = {s: v["tokens"] for s, v in counts.get(pk.TRAIN, {}).items()}
         rates = mixture_rates(train_tokens, c.mixture, c.total_tokens)
@@ -167,17 +170,22 @@ class Tokenize(DatasetStage):
         self._cleanup(ctx, work)
 
     # -- the phases ----------------------------------------------------------------------------------
-    def _encode(self, ctx: StageContext, docs_in, tok_uri: str, tok: TokenizerSummary, work: str, fan: dict) -> list[dict[str, Any]]:
+    def _validation_thresholds(self, ctx: StageContext, docs_in, fan: dict) -> dict[str, float]:
+        """Per source, the validation score threshold: from each file's k smallest scores per
+        source (k = min_validation_docs), merged here in O(sources x k), never per document."""
+        c = self.config
+        if c.min_validation_docs <= 0 or c.validation_fraction <= 0:
+            return {}  # every source uses the fraction as its threshold
+        k = c.min_validation_docs
+        summaries = ctx.fan_out.map(pk.score_part, [(ctx.storage, f, self.seed, k, c.batch_rows) for f in docs_in.files()],
+                                    step="validation scores", **fan)
+        return pk.thresholds_from_summary(pk.merge_score_summaries(summaries, k), c.validation_fraction, k)
+
+    def _encode(self, ctx: StageContext, docs_in, tok_uri: str, tok: TokenizerSummary, thresholds: dict[str, float], work: str,
+                fan: dict) -> list[dict[str, Any]]:
         """Every input file encoded in parallel, each document's split decided before packing."""
         c = self.config
         files = docs_in.files()
-        thresholds: dict[str, float] = {}
-        if c.min_validation_docs > 0 and c.validation_fraction > 0:
-            # per file and source: the min_validation_docs smallest scores (O(sources x k) here, not per document)
-            k = c.min_validation_docs
-            summaries = ctx.fan_out.map(pk.score_part, [(ctx.storage, f, self.seed, k, c.batch_rows) for f in files],
-                                        step="validation scores", **fan)
-            thresholds = pk.thresholds_from_summary(pk.merge_score_summaries(summaries, k), c.validation_fraction, k)
         if tok.eos_id is None:
             raise ValueError(f"stage {ctx.stage_name!r}: the tokenizer has no EOS token to end documents with")
         job = pk.EncodeJob(tok_uri, tok.eos_id, tok.bos_id if c.add_bos else None, c.validation_fraction, thresholds, self.seed, c.batch_rows,
