@@ -14,9 +14,11 @@ seeded positions (about one swap per five words, within lines; the seed is (c, t
 corpus's real duplicates stay duplicates within a copy) and news URLs get ``?lmpipe_copy=c``.
 Exact copies would not do: exact_dedup (text and URL keys) would drop every copy but one, and
 MinHash (5-word shingles, threshold 0.8) would drop copies with a small prefix; with the swaps almost
-every 5-word shingle of a copy is new (measured: dedup keeps ~N times the documents of N = 1), while
-words, lines, lengths and language stay those of real text, so the filters keep the same fraction.
-Decontamination finds fewer MMLU 13-grams in perturbed copies (the swaps break them).
+every 5-word shingle of a copy is new (measured at 8 copies: exact_dedup removes 38 of 9,766 documents,
+MinHash 1), while words, lines, lengths and language stay those of real text. The filters keep ~15%
+fewer of a perturbed copy (10,696 of 31,624 at 8 copies vs 1,578 of 3,953 at 1: a swap can move a
+line's final punctuation inward, which C4's and FineWeb's line rules count). Decontamination finds
+fewer MMLU 13-grams in perturbed copies (the swaps break them).
 
 Each stage runs in its own measured process (``Runner.run(only=stage)``: upstream from the cache,
 this stage recomputed), so driver peak RSS (ru_maxrss), worker peak RSS (every ``ray::`` process
