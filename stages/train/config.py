@@ -93,6 +93,10 @@ class LoopConfig(StrictModel):
     eval_max_sequences: int = Field(default=64, ge=1, description="validation sequences per domain, over all workers")
     peak_tflops: Optional[float] = Field(default=None, gt=0, description="device peak for MFU; default from the GPU name (H100 989, A100 312)")
     deterministic: bool = Field(default=True, description="deterministic kernels on CPU, so a resumed run equals an uninterrupted one; GPUs ignore it")
+    loader_streams: int = Field(default=64, ge=1, description=(
+        "the training loader's canonical streams (stages/tokenize/loader.py): the data order depends on this, never on the "
+        "number of workers, and a checkpoint resumes on any number of workers that divides it"))
+    shuffle_window: int = Field(default=1024, ge=1, description="sequences shuffled together within a loader stream")
 
 
 class ParallelConfig(StrictModel):
@@ -171,3 +175,11 @@ class TrainStageConfig(TrainConfig):
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     in_loop_eval: Optional[InLoopEvalConfig] = Field(default=None, description="bits per byte and a task inside the loop (default: off)")
     export_dtype: Literal["float32", "bfloat16"] = Field(default="float32", description="dtype of the Hugging Face export")
+
+    @model_validator(mode="after")
+    def _workers_divide_streams(self):
+        # caught here, not after the Ray Train workers have started and read their shards
+        if self.loop.loader_streams % self.cluster.num_workers:
+            raise ValueError(f"cluster.num_workers ({self.cluster.num_workers}) must divide loop.loader_streams "
+                             f"({self.loop.loader_streams}): each worker reads whole loader streams")
+        return self

@@ -100,7 +100,8 @@ def run_training(spec: TrainSpec, rank: int, world_size: int, device: torch.devi
         torch.set_num_threads(spec.threads_per_worker)
     loop = spec.train.loop
     loader = TokenShardLoader(spec.train_files, loop.micro_batch_size, rank=rank, world_size=world_size,
-                              seed=spec.seed, storage=spec.storage)
+                              seed=spec.seed, storage=spec.storage, streams=loop.loader_streams,
+                              shuffle_window=loop.shuffle_window)
     validation = read_validation(spec.val_files, spec.storage, loop.eval_max_sequences)
     sink = spec.metrics if rank == 0 else None
     trainer = Trainer(spec.train, spec.model, loader, spec.seq_len, validators(spec, validation, rank, world_size),

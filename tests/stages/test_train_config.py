@@ -39,13 +39,17 @@ def test_demo_training_settings():
     assert cfg.loop.model_dump() == {
         "steps": 300, "micro_batch_size": 4, "global_batch_tokens": None, "z_loss": 0.0, "spike_std": 6.0, "spike_window": 100,
         "spike_min_window": 20, "on_nonfinite": "stop", "max_nonfinite_skips": 10, "log_every": 10, "norms_every": 50, "eval_every": 50,
-        "eval_max_sequences": 64, "peak_tflops": None, "deterministic": True}
+        "eval_max_sequences": 64, "peak_tflops": None, "deterministic": True, "loader_streams": 64, "shuffle_window": 1024}
     assert cfg.parallel.model_dump() == {"activation_checkpointing": False, "compile": False, "mixed_precision": "auto"}
     assert cfg.checkpoint.model_dump() == {"every": 100, "keep": None}
     assert cfg.cluster.model_dump() == {"num_workers": 2, "use_gpu": False, "resources_per_worker": {"CPU": 1.0},
                                         "threads_per_worker": None, "max_failures": 2}
     assert cfg.cluster.worker_threads() == 1
     assert cfg.in_loop_eval is not None and cfg.in_loop_eval.every == 100
+
+
+def test_a_worker_count_that_divides_the_loader_streams_is_accepted():
+    assert TrainStageConfig.model_validate({"cluster": {"num_workers": 3}, "loop": {"loader_streams": 48}}).cluster.num_workers == 3
 
 
 @pytest.mark.parametrize("config, expected", [
@@ -56,6 +60,8 @@ def test_demo_training_settings():
     ({"optimizer": {"lr": 0}}, "stages.train.config.optimizer.lr: Input should be greater than 0"),
     ({"parallel": {"mixed_precision": "fp16"}}, "stages.train.config.parallel.mixed_precision: Input should be 'auto', 'bf16' or 'fp32'"),
     ({"in_loop_eval": {"validation": False, "task": None}}, "stages.train.config.in_loop_eval: Value error, in_loop_eval needs validation: true or a task"),
+    # the loader's order is the same for any number of workers that divides its streams (64 by default)
+    ({"cluster": {"num_workers": 3}}, "stages.train.config: Value error, cluster.num_workers (3) must divide loop.loader_streams (64)"),
 ])
 def test_errors_name_the_yaml_path(pipeline_file, tmp_path, config, expected):
     path = pipeline_file(f"""
