@@ -40,6 +40,29 @@ class PartJob:
     batch_size: int
     max_rows_per_file: int = 50_000
     formats: tuple[tuple[str, str], ...] = ()
+    batch_bytes: int = 16 * 2**20
+
+
+def bounded_batches(batch: pa.Table, max_bytes: int) -> list[pa.Table]:
+    """``batch`` cut into runs of rows holding at most ``max_bytes`` of string data each (a row
+    larger than that alone), so a stage's working memory follows the bytes it is given, not the
+    length of its documents. Zero-copy slices; a batch within the bound is returned whole."""
+    if batch.num_rows <= 1 or batch.nbytes <= max_bytes:
+        return [batch]
+    import numpy as np
+
+    sizes = np.zeros(batch.num_rows, dtype=np.int64)
+    for col in batch.columns:
+        if pa.types.is_string(col.type) or pa.types.is_large_string(col.type) or pa.types.is_binary(col.type):
+            sizes += pc.fill_null(pc.binary_length(col), 0).to_numpy(zero_copy_only=False)
+    out, start, total = [], 0, 0
+    for i, size in enumerate(sizes.tolist()):
+        if i > start and total + size > max_bytes:
+            out.append(batch.slice(start, i - start))
+            start, total = i, 0
+        total += size
+    out.append(batch.slice(start))
+    return out
 
 
 def split_by_reason(outputs: PartOutputs, table: pa.Table) -> None:
@@ -69,7 +92,7 @@ def run_row_part(stage: RowStage, part: Part, job: PartJob) -> dict[str, Any]:
     uri = part.payload["uri"]
     rows_in = 0
     checked = False
-    for batch in iter_parquet_batches(job.storage, uri, job.batch_size):
+    for batch in (b for rows in iter_parquet_batches(job.storage, uri, job.batch_size) for b in bounded_batches(rows, job.batch_bytes)):
         if not checked:
             missing = [c for c in stage.requires if c not in batch.column_names]
             if missing:

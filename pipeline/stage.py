@@ -45,6 +45,10 @@ class Resources:
     num_gpus: float = 0.0
     actors: bool = False
     batch_size: int = 2048
+    # A batch also stops at about this many bytes of string data: scoring costs a multiple of a
+    # batch's text (the quality filter ~25 bytes per character), so a count of rows alone lets
+    # a part of long documents put its whole text in one batch.
+    batch_bytes: int = 16 * 2**20
     max_workers: Optional[int] = None
     custom: dict[str, float] = field(default_factory=dict)
 
