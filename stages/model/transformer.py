@@ -234,7 +234,7 @@ class Transformer(nn.Module):
         for name, p in self.named_parameters():
             name = canonical_name(name)
             if p.dim() == 1:
-                _local(p).fill_(1.0)  # norm weights
+                local_tensor(p).fill_(1.0)  # norm weights
                 continue
             s = out_std if name.endswith(("o_proj.weight", "down_proj.weight")) else std
             init_rows(p, seed, name, s)
@@ -280,7 +280,8 @@ def canonical_name(name: str) -> str:
     return name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
 
 
-def _local(p: torch.Tensor) -> torch.Tensor:
+def local_tensor(p: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a (possibly FSDP2-sharded, DTensor) tensor; a plain tensor itself."""
     return p.to_local() if hasattr(p, "to_local") else p
 
 
@@ -306,7 +307,7 @@ def init_rows(p: torch.Tensor, seed: int, name: str, std: float) -> None:
     most two partial blocks more than it keeps), so no rank ever materialises a full parameter
     and every world size gives bit-identical weights. Drawn on CPU in fp32, then cast."""
     start, stop = _row_range(p)
-    local = _local(p)
+    local = local_tensor(p)
     if stop <= start:
         return
     cols = p.shape[1:]

@@ -22,31 +22,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
+import os
 import sys
 import time
 from typing import Any, Optional
 
 import torch
 
+from stages.model.transformer import local_tensor
 
-def _rss_peak_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+CPU = torch.device("cpu")
 
 
 def _rss_now_bytes() -> int:
     with open("/proc/self/statm") as f:
-        import os
-
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
 def _bytes(tensors) -> int:
-    return sum(_local(t).numel() * _local(t).element_size() for t in tensors)
+    return sum(local_tensor(t).numel() * local_tensor(t).element_size() for t in tensors)
 
 
 def expected_local_numel(model: torch.nn.Module, world_size: int, rank: int) -> int:
@@ -90,7 +84,7 @@ def dry_run(size: str, world_size: int, rank: int = 0, seq_len: int = 64, micro_
 
     from stages.model.transformer import model_config
     from stages.train.config import TrainConfig
-    from stages.train.trainer import Trainer
+    from stages.train.trainer import Trainer, peak_memory_bytes
 
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world size {world_size}")
@@ -107,9 +101,9 @@ def dry_run(size: str, world_size: int, rank: int = 0, seq_len: int = 64, micro_
         t0 = time.perf_counter()
         trainer = Trainer(train_cfg, cfg, _RandomTokens(micro_batch, seq_len, vocab_size), seq_len, seed=0)
         setup_s = time.perf_counter() - t0
-        after_setup = _rss_peak_bytes()
+        after_setup = peak_memory_bytes(CPU)
         params = list({id(p): p for p in trainer.model.parameters()}.values())
-        local_numel = sum(_local(p).numel() for p in params)
+        local_numel = sum(local_tensor(p).numel() for p in params)
         expected_numel = expected_local_numel(trainer.model, world_size, rank)
         report: dict[str, Any] = {
             "size": size, "world_size": world_size, "rank": rank, "seq_len": seq_len, "micro_batch": micro_batch,
@@ -128,7 +122,7 @@ def dry_run(size: str, world_size: int, rank: int = 0, seq_len: int = 64, micro_
             report["grad_bytes"] = _bytes(p.grad for p in params if p.grad is not None)
             report["optimizer_bytes"] = _bytes(v for s in trainer.optimizer.state.values() for v in s.values()
                                                if isinstance(v, torch.Tensor) and v.dim() > 0)
-        peak = _rss_peak_bytes()
+        peak = peak_memory_bytes(CPU)
         # what the formula says this rank must hold: fp32 weights + fp32 grads + two fp32 Adam moments
         share = expected_numel * (4 + (4 + 8 if step else 0))
         measured = report["param_bytes"] + report.get("grad_bytes", 0) + report.get("optimizer_bytes", 0)

@@ -31,7 +31,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from stages.model.checkpoint import is_complete
-from stages.model.transformer import ModelConfig, Transformer, count_parameters
+from stages.model.transformer import ModelConfig, Transformer, count_parameters, local_tensor
 from stages.train import checkpoint as ckpt
 from stages.train.config import TrainConfig
 from stages.train.parallelize import autocast_dtype, is_sharded, materialize, parallelize, reshard
@@ -146,13 +146,9 @@ def peak_memory_bytes(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
 def global_norm(tensors: list[torch.Tensor], sharded: bool) -> float:
     """L2 norm over all ranks' shards (FSDP) or over the local, replicated tensors."""
-    sq = sum((_local(t).detach().float().pow(2).sum() for t in tensors), torch.zeros((), device=tensors[0].device if tensors else "cpu"))
+    sq = sum((local_tensor(t).detach().float().pow(2).sum() for t in tensors), torch.zeros((), device=tensors[0].device if tensors else "cpu"))
     if sharded and dist.is_initialized():
         dist.all_reduce(sq)
     return float(sq.sqrt())
