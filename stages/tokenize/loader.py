@@ -69,6 +69,7 @@ import pyarrow as pa
 
 from pipeline import manifest as mf
 from pipeline import storage as st
+from stages.tokenize.hashing import mix64
 
 log = logging.getLogger("lmpipe.loader")
 
@@ -94,16 +95,7 @@ def shard_files(storage: st.Storage, stage_dir: str, split: str = "train") -> li
 _U = np.uint64
 
 
-def _mix(x: np.ndarray) -> np.ndarray:
-    """splitmix64's finaliser on uint64 arrays (wrapping arithmetic)."""
-    x = x ^ (x >> _U(30))
-    x = x * _U(0xBF58476D1CE4E5B9)
-    x = x ^ (x >> _U(27))
-    x = x * _U(0x94D049BB133111EB)
-    return x ^ (x >> _U(31))
-
-
-_ROUND_CONSTANTS = _mix(np.arange(1, 9, dtype=np.uint64) * _U(0x9E3779B97F4A7C15))
+_ROUND_CONSTANTS = mix64(np.arange(1, 9, dtype=np.uint64) * _U(0x9E3779B97F4A7C15))
 
 
 def _key(*parts: Any) -> int:
@@ -122,13 +114,13 @@ def feistel(x: np.ndarray, n: Any, key: Any, rounds: int = 4) -> np.ndarray:  # 
     bits = np.maximum(bits + (bits & _U(1)), _U(2))
     half = bits >> _U(1)
     mask = np.left_shift(_U(1), half) - _U(1)
-    round_keys = [_mix(key ^ _ROUND_CONSTANTS[r]) for r in range(rounds)]
+    round_keys = [mix64(key ^ _ROUND_CONSTANTS[r]) for r in range(rounds)]
 
     def once(v: np.ndarray, sel: np.ndarray) -> np.ndarray:
         h, m = half[sel], mask[sel]
         left, right = v >> h, v & m
         for rk in round_keys:
-            left, right = right, left ^ (_mix(right ^ rk[sel]) & m)
+            left, right = right, left ^ (mix64(right ^ rk[sel]) & m)
         return (left << h) | right
 
     everything = np.arange(len(x))
@@ -500,7 +492,7 @@ class TokenShardLoader:
             length, first, backward = self._stream_len[s], self._stream_first[s], self._stream_backward[s]
             w, j = i // k, i % k
             span = np.minimum(k, length - w * k)
-            keys = _mix(_U(_key("window", self.seed, epoch)) ^ _mix(s.astype(np.uint64) * _U(0x100000001B3) + w.astype(np.uint64)))
+            keys = mix64(_U(_key("window", self.seed, epoch)) ^ mix64(s.astype(np.uint64) * _U(0x100000001B3) + w.astype(np.uint64)))
             within = w * k + feistel(j, span, keys)
             offset = first + np.where(backward, length - 1 - within, within)
         else:

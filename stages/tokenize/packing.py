@@ -44,6 +44,7 @@ import pyarrow as pa
 from pipeline import storage as st
 from pipeline.io import PartOutputs, iter_parquet_batches
 from stages.sample import keep_score
+from stages.tokenize.hashing import mix64
 
 TRAIN, VALIDATION = "train", "validation"
 SPLIT_CODE = {TRAIN: 0, VALIDATION: 1}
@@ -365,22 +366,10 @@ def doc_stream(docs: pa.Table, copies: np.ndarray, order_seed: int) -> Stream:
 _MASK64 = (1 << 64) - 1
 
 
-def _mix64(x: np.ndarray) -> np.ndarray:
-    """splitmix64's finaliser on uint64 (wrapping arithmetic): a bijection that scrambles every bit."""
-    x = x.astype(np.uint64, copy=True)
-    with np.errstate(over="ignore"):
-        x ^= x >> np.uint64(30)
-        x *= np.uint64(0xBF58476D1CE4E5B9)
-        x ^= x >> np.uint64(27)
-        x *= np.uint64(0x94D049BB133111EB)
-        x ^= x >> np.uint64(31)
-    return x
-
-
 def bucket_of(seq_ids: np.ndarray, seed: int, split: str, buckets: int) -> np.ndarray:
     """The output bucket of each sequence: a keyed hash of (seed, split, seq_id) mod ``buckets``."""
-    key = int(_mix64(np.array([(seed * 0x9E3779B97F4A7C15 + SPLIT_CODE[split] + 1) & _MASK64], dtype=np.uint64))[0])
-    h = _mix64(np.asarray(seq_ids).astype(np.uint64) ^ np.uint64(key))
+    key = int(mix64(np.array([(seed * 0x9E3779B97F4A7C15 + SPLIT_CODE[split] + 1) & _MASK64], dtype=np.uint64))[0])
+    h = mix64(np.asarray(seq_ids).astype(np.uint64) ^ np.uint64(key))
     return (h % np.uint64(buckets)).astype(np.int64)
 
 
