@@ -71,37 +71,38 @@ def submit(config_path: str, address: str, wait: bool = True, python: Optional[s
     # Relative paths keep meaning what they mean here (a local or shared filesystem); on remote
     # clusters use s3:// paths.
     base_dir = os.path.dirname(os.path.abspath(config_path))
-    staging = tempfile.mkdtemp(prefix="lmpipe-submit-")
-    Path(staging, "pipeline.yaml").write_text(loaded.text)
-    args = ["-m", "pipeline.cli", "--traceback", "run", "pipeline.yaml", "--address", "auto", "--base-dir", base_dir, *(extra_args or [])]
-    # Run from a folder Ray does not manage: Ray may garbage-collect the job's unpacked working_dir
-    # while the job still runs (seen when Ray Train's controller exits), and code that calls
-    # os.getcwd() (torch._dynamo's config) then fails with FileNotFoundError.
-    entrypoint = (
-        f"{choose_python(python)}; {CHECK_PYTHON} && "
-        'd="$(mktemp -d -t lmpipe-job-XXXXXX)" && cp pipeline.yaml "$d/" && cd "$d" && exec "$py" '
-        + " ".join(shlex.quote(c) for c in args)
-    )
-    client = JobSubmissionClient(address, headers=auth_headers() or None)
-    runtime_env = {
-        "working_dir": staging,
-        "py_modules": [os.path.dirname(pipeline_pkg.__file__), os.path.dirname(stages_pkg.__file__)],
-        "excludes": EXCLUDES,
-        "env_vars": {"LMPIPE_PROGRESS": os.environ.get("LMPIPE_PROGRESS", "1")},
-    }
-    metadata = {"lmpipe.pipeline": loaded.declared.name, "lmpipe.config": os.path.abspath(config_path)}
-    delay = 1.0
-    deadline = time.time() + 120
-    while True:
-        try:
-            job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, metadata=metadata)
-            break
-        except RuntimeError as e:  # a head that just started has no job agent yet: retry with backoff
-            if "No available agent" not in str(e) or time.time() > deadline:
-                raise
-            print(f"the cluster's job agent is not ready yet; retrying in {delay:.0f}s", flush=True)
-            time.sleep(delay)
-            delay = min(delay * 2, 10.0)
+    # the staged folder is uploaded by submit_job; it is removed whether or not the submit succeeds
+    with tempfile.TemporaryDirectory(prefix="lmpipe-submit-") as staging:
+        Path(staging, "pipeline.yaml").write_text(loaded.text)
+        args = ["-m", "pipeline.cli", "--traceback", "run", "pipeline.yaml", "--address", "auto", "--base-dir", base_dir, *(extra_args or [])]
+        # Run from a folder Ray does not manage: Ray may garbage-collect the job's unpacked working_dir
+        # while the job still runs (seen when Ray Train's controller exits), and code that calls
+        # os.getcwd() (torch._dynamo's config) then fails with FileNotFoundError.
+        entrypoint = (
+            f"{choose_python(python)}; {CHECK_PYTHON} && "
+            'd="$(mktemp -d -t lmpipe-job-XXXXXX)" && cp pipeline.yaml "$d/" && cd "$d" && exec "$py" '
+            + " ".join(shlex.quote(c) for c in args)
+        )
+        client = JobSubmissionClient(address, headers=auth_headers() or None)
+        runtime_env = {
+            "working_dir": staging,
+            "py_modules": [os.path.dirname(pipeline_pkg.__file__), os.path.dirname(stages_pkg.__file__)],
+            "excludes": EXCLUDES,
+            "env_vars": {"LMPIPE_PROGRESS": os.environ.get("LMPIPE_PROGRESS", "1")},
+        }
+        metadata = {"lmpipe.pipeline": loaded.declared.name, "lmpipe.config": os.path.abspath(config_path)}
+        delay = 1.0
+        deadline = time.time() + 120
+        while True:
+            try:
+                job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, metadata=metadata)
+                break
+            except RuntimeError as e:  # a head that just started has no job agent yet: retry with backoff
+                if "No available agent" not in str(e) or time.time() > deadline:
+                    raise
+                print(f"the cluster's job agent is not ready yet; retrying in {delay:.0f}s", flush=True)
+                time.sleep(delay)
+                delay = min(delay * 2, 10.0)
     print(f"submitted job {job_id} to {address}: {entrypoint}", flush=True)
     if not wait:
         return 0

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from stages.model.hf import ARCHITECTURES, from_hf
+from stages.model.hf import ARCHITECTURES, PICKLE_WEIGHTS, from_hf, pickle_weights_refusal
 from stages.model.transformer import Transformer
 
 
@@ -114,7 +114,7 @@ class ForeignModel(torch.nn.Module):
         return self.hf(input_ids=tokens, use_cache=False).logits
 
 
-def _load_hf(path: str) -> torch.nn.Module:
+def _load_hf(path: str, name: str) -> torch.nn.Module:
     """lmpipe's architectures into its own model (the fast scoring path); any other causal LM
     through ``transformers``. Weights from safetensors only: never a pickle."""
     with open(os.path.join(path, "config.json")) as f:
@@ -126,6 +126,9 @@ def _load_hf(path: str) -> torch.nn.Module:
             shards = sorted(set(json.load(f)["weight_map"].values()))
         if any(os.path.basename(s) != s for s in shards):
             raise CheckpointError(f"{index}: names a weights file outside the folder")
+        refusal = pickle_weights_refusal(name, shards)
+        if refusal:  # before transformers sees it: its own advice is to turn weights_only off
+            raise CheckpointError(refusal)
     else:
         shards = ["model.safetensors"] if os.path.exists(os.path.join(path, "model.safetensors")) else []
     if arch in ARCHITECTURES and shards:
@@ -159,6 +162,9 @@ def load_checkpoint(uri: str, storage: Any = None, dtype: torch.dtype = torch.fl
     local, tmp = _local_copy(uri, storage)
     try:
         kind = checkpoint_kind(local)
+        pickles = [w for w in PICKLE_WEIGHTS if os.path.exists(os.path.join(local, w))]
+        if kind is None and pickles and os.path.exists(os.path.join(local, "config.json")):
+            raise CheckpointError(pickle_weights_refusal(uri, pickles))
         if kind is None:
             raise CheckpointError(
                 f"checkpoint {uri}: not a checkpoint lmpipe can read (expected a train-stage checkpoint with "
@@ -175,7 +181,7 @@ def load_checkpoint(uri: str, storage: Any = None, dtype: torch.dtype = torch.fl
                     extra = load_extra(local, 0)
                     step, tokens_seen = int(extra.get("step", 0)), int(extra.get("tokens_seen", 0))
             else:
-                model = _load_hf(local)
+                model = _load_hf(local, uri)
         except CheckpointError:
             raise
         except (Exception, _DCPException) as e:  # DCP (a BaseException), safetensors and torch raise their own types

@@ -43,6 +43,25 @@ class ExportError(ValueError):
     pass
 
 
+# Weights that are not safetensors are pickles (``pytorch_model.bin``, ``*.pt``, ``*.ckpt``):
+# unpickling runs whatever code the file names, so lmpipe never loads one.
+SAFE_WEIGHTS_SUFFIX = ".safetensors"
+PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def pickle_weights_refusal(folder: str, names: list[str]) -> Optional[str]:
+    """The message for a Hugging Face folder whose weights (``names``: the files its index or
+    layout names) include pickles, or None when they are all safetensors."""
+    pickles = sorted(n for n in names if not n.endswith(SAFE_WEIGHTS_SUFFIX))
+    if not pickles:
+        return None
+    return (f"{folder}: its weights include pickle files ({', '.join(pickles[:3])}{', ...' if len(pickles) > 3 else ''}); "
+            "lmpipe refuses pickle weights (loading one runs the code it names). Convert the folder to safetensors "
+            "where you trust its source -- python -c \"from transformers import AutoModelForCausalLM as M; "
+            "M.from_pretrained('IN', use_safetensors=False).save_pretrained('OUT', safe_serialization=True)\" -- "
+            "and evaluate OUT")
+
+
 def architecture(norm: str, qk_norm: bool) -> str:
     """The ``transformers`` architecture that computes exactly what our model does."""
     if norm == "layernorm":

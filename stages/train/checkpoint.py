@@ -22,7 +22,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from stages.model.checkpoint import MODEL_CONFIG, SafeFileSystemReader, extra_name, load_extra
+from stages.model.checkpoint import MODEL_CONFIG, checkpoint_reader, extra_name, load_extra
 from stages.model.transformer import ModelConfig
 
 
@@ -85,13 +85,15 @@ def save(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, ex
 
 
 def load(path: str, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer], rank: int = 0,
-         restore_rng: bool = True) -> dict[str, Any]:
-    """Restore model and optimizer in place (collective); returns this rank's extras."""
-    extra = load_extra(path, rank)
+         restore_rng: bool = True, storage: Any = None) -> dict[str, Any]:
+    """Restore model and optimizer in place (collective) from a local folder or, through
+    ``storage``, an ``s3://`` prefix (each rank reads only the byte ranges of its shards; nothing
+    is downloaded whole); returns this rank's extras."""
+    extra = load_extra(path, rank, storage)
     state: dict[str, Any] = {"model": get_model_state_dict(model)}
     if optimizer is not None:
         state["optim"] = get_optimizer_state_dict(model, optimizer)["state"]
-    dcp.load(state, storage_reader=SafeFileSystemReader(path))
+    dcp.load(state, storage_reader=checkpoint_reader(path, storage))
     set_model_state_dict(model, state["model"])
     if optimizer is not None:
         groups = [dict(g) for g in extra["optim_param_groups"]]

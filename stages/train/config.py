@@ -22,7 +22,7 @@ pipelines (``lmpipe stages``, ``lmpipe validate``), and torch alone costs second
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal, Optional
+from typing import TYPE_CHECKING, Annotated, Literal, Optional
 
 from pydantic import Field, model_validator
 
@@ -58,11 +58,15 @@ class ModelSpec(StrictModel):
         return model_config(self.size, vocab_size=padded, max_seq_len=seq_len, **overrides)
 
 
+Beta = Annotated[float, Field(ge=0, lt=1)]
+
+
 class OptimizerConfig(StrictModel):
     """AdamW, with the global gradient norm clipped before each step."""
 
     lr: float = Field(default=3e-4, gt=0, description="peak learning rate (the schedule scales it)")
-    betas: tuple[float, float] = Field(default=(0.9, 0.95), description="AdamW (beta1, beta2)")
+    # AdamW refuses a beta outside [0, 1), but only once the workers build it, after the upstream stages ran
+    betas: tuple[Beta, Beta] = Field(default=(0.9, 0.95), description="AdamW (beta1, beta2), each in [0, 1)")
     eps: float = Field(default=1e-8, gt=0, description="AdamW epsilon")
     weight_decay: float = Field(default=0.1, ge=0, description="decoupled weight decay on matrices; norms and embeddings get none")
     grad_clip: float = Field(default=1.0, ge=0, description="clip the global gradient norm to this; 0 disables clipping")

@@ -23,8 +23,9 @@ import resource
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterator, Optional, Protocol, Sequence
+from typing import Any, Callable, ContextManager, Iterator, Optional, Protocol, Sequence
 
 import torch
 import torch.distributed as dist
@@ -63,7 +64,9 @@ class Loader(Protocol):
 
 
 class Checkpointer(Protocol):
-    def latest(self) -> Optional[str]: ...
+    def latest(self) -> ContextManager[Optional[str]]:
+        """The latest complete checkpoint as a local folder, readable inside the ``with`` block
+        only: a download made for it is removed when the block ends."""
     def save(self, step: int, write: Callable[[str], None], metrics: dict[str, Any]) -> Optional[str]: ...
 
 
@@ -87,11 +90,11 @@ class LocalCheckpointer:
     def __init__(self, root: str):
         self.root = root
 
-    def latest(self) -> Optional[str]:
-        if not os.path.isdir(self.root):
-            return None
-        done = sorted(d for d in os.listdir(self.root) if d.startswith("step_") and is_complete(os.path.join(self.root, d)))
-        return os.path.join(self.root, done[-1]) if done else None
+    @contextmanager
+    def latest(self) -> Iterator[Optional[str]]:
+        done = sorted(d for d in os.listdir(self.root) if d.startswith("step_") and is_complete(os.path.join(self.root, d))) \
+            if os.path.isdir(self.root) else []
+        yield os.path.join(self.root, done[-1]) if done else None
 
     def save(self, step: int, write: Callable[[str], None], metrics: dict[str, Any]) -> Optional[str]:
         path = os.path.join(self.root, f"step_{step:08d}")
@@ -103,16 +106,19 @@ class RayCheckpointer:
     """Each rank writes its shards into a local folder and reports it; Ray Train merges the
     folders into one persisted checkpoint (local or s3) and hands the latest back on restart."""
 
-    def latest(self) -> Optional[str]:
+    @contextmanager
+    def latest(self) -> Iterator[Optional[str]]:
         import ray.train
 
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
-            return None
-        with checkpoint.as_directory() as d:  # local storage: the folder itself; s3: a download
-            local = tempfile.mkdtemp(prefix="lmpipe-restore-")
-            shutil.copytree(d, local, dirs_exist_ok=True)
-        return local
+            yield None
+            return
+        # local storage: the folder itself, read in place; s3: one download per node, which Ray
+        # removes when the last process on the node leaves the block (a copy kept after the
+        # restore would be a full checkpoint, optimizer state included, per rank per restart)
+        with checkpoint.as_directory() as d:
+            yield d
 
     def save(self, step: int, write: Callable[[str], None], metrics: dict[str, Any]) -> Optional[str]:
         import ray.train
@@ -288,8 +294,9 @@ class Trainer:
 
         return self.checkpointer.save(self.state.step, write, {"tokens_seen": self.state.tokens_seen, **(metrics or {})})
 
-    def restore(self, path: Optional[str] = None) -> bool:
-        """Continue exactly from a checkpoint (the checkpointer's latest when ``path`` is None).
+    def restore(self, path: Optional[str] = None, storage: Any = None) -> bool:
+        """Continue exactly from a checkpoint: ``path`` (a local folder, or an ``s3://`` prefix
+        read in place through ``storage``), else the checkpointer's latest; False when there is none.
 
         A checkpoint written by another number of workers is taken when the loader's state is a
         position in a world-size-independent order (``loader.resumes_on_any_world_size``): DCP
@@ -297,23 +304,28 @@ class Trainer:
         their sharding, and every rank takes the extras (step, loader position, trainer state: the
         same on every rank) of a rank that existed. Per-rank RNG states are restored only on the
         same number of workers (the loop draws no random numbers after initialisation)."""
+        if path is not None:
+            return self._restore_from(path, storage)
+        if self.checkpointer is None:
+            return False
+        with self.checkpointer.latest() as latest:
+            return latest is not None and self._restore_from(latest, None)
+
+    def _restore_from(self, path: str, storage: Any) -> bool:
         from stages.model.checkpoint import load_extra, load_model_config
 
-        path = path or (self.checkpointer.latest() if self.checkpointer else None)
-        if path is None:
-            return False
-        saved_model = load_model_config(path).to_dict()
+        saved_model = load_model_config(path, storage).to_dict()
         ours = self.model_cfg.to_dict()
         if saved_model != ours:
             differ = ", ".join(f"{k}={saved_model.get(k)!r} (this run: {ours.get(k)!r})" for k in sorted(set(saved_model) | set(ours))
                                if saved_model.get(k) != ours.get(k))
             raise RuntimeError(f"{path} holds another model: {differ}")
-        saved_world = load_extra(path, 0)["world_size"]
+        saved_world = load_extra(path, 0, storage)["world_size"]
         if saved_world != self.world and not getattr(self.loader, "resumes_on_any_world_size", False):
             raise RuntimeError(f"{path} was written by {saved_world} workers; this run has {self.world}, and its loader "
                                "cannot continue another number of workers' order")
         extra = ckpt.load(path, self.model, self.optimizer, self.rank if self.rank < saved_world else 0,
-                          restore_rng=saved_world == self.world)
+                          restore_rng=saved_world == self.world, storage=storage)
         self.loader.load_state_dict(json.loads(extra["loader"]))
         if saved_world != self.world:
             log.info("[rank %d] %s was written by %d workers; continuing its data order on %d", self.rank, path, saved_world, self.world)

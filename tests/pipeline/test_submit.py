@@ -92,3 +92,20 @@ def test_submit_with_an_interpreter_that_lacks_lmpipe_says_so_in_one_line(ray_he
     assert proc.returncode == 1
     assert f"lmpipe: error: this job would run with {bare} ({bare}), which lacks lmpipe's dependencies" in proc.stdout
     assert "ModuleNotFoundError" not in proc.stdout and "FAILED" in proc.stdout
+
+
+def test_a_failed_submit_leaves_no_staging_folder(tmp_path, monkeypatch):
+    """The folder staged for upload goes whether or not the submit succeeds (nothing listens here)."""
+    import tempfile
+
+    from pipeline.submit import submit
+
+    config = tmp_path / "job.yaml"
+    config.write_text(f"name: nowhere\nwork_dir: {tmp_path / 'work'}\nstages:\n  ingest:\n    uses: ingest\n"
+                      f"    config: {{sources: [{{name: d, paths: ['{tmp_path}/*.jsonl']}}]}}\n")
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    with pytest.raises(Exception):
+        submit(str(config), f"http://127.0.0.1:{free_port()}", wait=False)
+    assert os.listdir(scratch) == []

@@ -263,3 +263,23 @@ def test_markdown_table_has_one_column_per_checkpoint_by_tokens_seen():
     assert lines[3] == "| validation/_macro | bits_per_byte | 1.5000 |  |"
     assert report.csv_table(rows).splitlines()[0] == ",".join(report.ROW_FIELDS)
     assert report.metrics_png(rows, "t")[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("layout", ["index_names_a_pickle", "pickle_only"])
+def test_pickle_weights_are_refused_with_how_to_convert_them(tmp_path, layout):
+    """A Hugging Face folder whose weights are pickles: lmpipe says it refuses them and how to
+    convert them to safetensors (transformers' own message advises weights_only=False)."""
+    folder = tmp_path / "hf_pickle"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_layer": 1,
+                                                    "n_head": 1, "n_embd": 8, "vocab_size": 16, "n_positions": 8}))
+    weights = "pytorch_model-00001-of-00001.bin" if layout == "index_names_a_pickle" else "pytorch_model.bin"
+    torch.save({"transformer.wte.weight": torch.zeros(16, 8)}, folder / weights)
+    if layout == "index_names_a_pickle":
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": {"transformer.wte.weight": weights}}))
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(str(folder))
+    message = str(err.value)
+    assert str(folder) in message and weights in message
+    assert "refuses pickle weights" in message and "save_pretrained('OUT', safe_serialization=True)" in message
+    assert "weights_only" not in message and "\n" not in message

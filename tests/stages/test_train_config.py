@@ -58,6 +58,9 @@ def test_a_worker_count_that_divides_the_loader_streams_is_accepted():
     ({"steps": 300}, "stages.train.config.steps: unknown key"),  # the flat layout before components
     ({"cluster": {"num_gpus": 1}}, "stages.train.config.cluster.num_gpus: unknown key"),
     ({"optimizer": {"lr": 0}}, "stages.train.config.optimizer.lr: Input should be greater than 0"),
+    # refused when the pipeline is loaded, not inside AdamW after the upstream stages ran
+    ({"optimizer": {"betas": [2, -1]}}, "stages.train.config.optimizer.betas[0]: Input should be less than 1"),
+    ({"optimizer": {"betas": [0.9, -1]}}, "stages.train.config.optimizer.betas[1]: Input should be greater than or equal to 0"),
     ({"parallel": {"mixed_precision": "fp16"}}, "stages.train.config.parallel.mixed_precision: Input should be 'auto', 'bf16' or 'fp32'"),
     ({"in_loop_eval": {"validation": False, "task": None}}, "stages.train.config.in_loop_eval: Value error, in_loop_eval needs validation: true or a task"),
     # the loader's order is the same for any number of workers that divides its streams (64 by default)

@@ -130,6 +130,30 @@ def test_resume_is_exact(shards, tmp_path):
     assert resumed.state.window == straight.state.window
 
 
+def test_a_ray_resume_reads_the_checkpoint_and_leaves_no_copy_behind(shards, tmp_path, monkeypatch):
+    """Restoring under Ray Train reads the checkpoint where Ray hands it over; before, every
+    restore left a full copy (optimizer state included) in the temp folder, never removed."""
+    import tempfile
+
+    import ray.train
+
+    from stages.train.trainer import RayCheckpointer
+
+    cfg = TrainConfig(loop={"steps": 2, "micro_batch_size": 4, "eval_every": 0, "norms_every": 0}, schedule={"warmup_steps": 1},
+                      checkpoint={"every": 2})
+    straight = make_trainer(shards, cfg, tmp_path / "ckpt")
+    straight.train()
+    saved = ray.train.Checkpoint.from_directory(str(tmp_path / "ckpt" / "step_00000002"))
+    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: saved)  # what Ray Train hands a restarted worker
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    resumed = Trainer(cfg, MODEL, TokenShardLoader(shards["train"], 4, seed=0), SEQ_LEN, checkpointer=RayCheckpointer())
+    assert resumed.restore() and resumed.state.step == 2
+    assert all(torch.equal(a, b) for a, b in zip(weights(straight).values(), weights(resumed).values()))
+    assert os.listdir(scratch) == []
+
+
 def test_nonfinite_loss_stops_without_touching_weights(shards, tmp_path):
     cfg = TrainConfig(loop={"steps": 3, "micro_batch_size": 4, "eval_every": 0, "norms_every": 0}, schedule={"warmup_steps": 1},
                       checkpoint={"every": 1})
