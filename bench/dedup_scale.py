@@ -60,9 +60,10 @@ stages:
     report = Runner(load_config(tmp / "p.yaml")).run()
     m = report.stage("minhash_dedup").manifest
     wall = m["timings"]["wall_seconds"]
+    dedup = m["summary"]["data"]  # DedupSummary
     print(json.dumps({
         "docs": args.docs, "cpus": args.cpus, "wall_s": wall, "docs_per_s": round(args.docs / wall),
-        "removed": m["dedup"]["removed"], "edges": m["dedup"]["edges"], "partitions": m["dedup"]["partitions"], "rounds": m["dedup"]["rounds"],
+        "removed": dedup["removed"], "edges": dedup["edges"], "partitions": dedup["partitions"], "rounds": dedup["rounds"],
         "driver_peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         "workers_peak_rss_mib": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024),
     }))

@@ -10,6 +10,7 @@ from pydantic import ValidationError
 
 from pipeline import manifest as mf
 from pipeline import storage as st
+from pipeline.contracts import ConsumedDocuments, PartResult, SummaryRecord
 from pipeline.dag import InputRef
 from pipeline.fanout import FanOut
 from pipeline.io import PartOutputs, read_table
@@ -80,9 +81,9 @@ def _summary_of(manifest: dict[str, Any], cls: type[S]) -> Optional[S]:
     if not summary or summary.get("kind") != cls.kind:
         return None
     try:
-        return cls.model_validate(summary["data"])
-    except ValidationError as e:
-        raise ValueError(f"stage {manifest.get('stage')!r}: its {cls.kind} summary does not validate: {e}") from None
+        return SummaryRecord.model_validate(summary).read(cls)
+    except (ValidationError, ValueError) as e:
+        raise ValueError(f"stage {manifest.get('stage')!r}: {e}") from None
 
 
 @dataclass
@@ -112,14 +113,13 @@ class StageContext:
     attempt: str
     inputs: list[InputDataset]
     resources: Any
-    run_parts: Callable[..., list[dict[str, Any]]] = field(repr=False, default=None)  # set by the runner
+    run_parts: Callable[..., list[PartResult]] = field(repr=False, default=None)  # set by the runner
     metrics: dict[str, float] = field(default_factory=dict)
     artifacts: dict[str, bytes] = field(default_factory=dict)
-    part_results: list[dict[str, Any]] = field(default_factory=list)
-    extra_manifest: dict[str, Any] = field(default_factory=dict)
+    part_results: list[PartResult] = field(default_factory=list)
     # A DatasetStage whose outputs are not documents (token sequences, checkpoints) reports the
-    # documents it consumed here: {"rows_in": n, "kept": k, "rejected": {reason: n}} (funnel, MLflow).
-    counts: dict[str, Any] = field(default_factory=dict)
+    # documents it consumed here (the funnel, MLflow); None: the rows of its outputs are the count.
+    counts: Optional[ConsumedDocuments] = None
     # The MLflow run of this stage and its tracking URI (None when tracking is off).
     mlflow_run_id: Optional[str] = None
     tracking_uri: Optional[str] = None
@@ -195,5 +195,10 @@ class StageContext:
         """For DatasetStage: write rows of one output part on the driver (small outputs)."""
         return PartOutputs(self.storage, self.attempt_uri, self.attempt, part_id, max_rows_per_file, measure_column, dict(formats or {}))
 
-    def add_part_result(self, result: dict[str, Any]) -> None:
-        self.part_results.append(result)
+    def add_part_result(self, result: PartResult) -> None:
+        """A part written on the driver (``ctx.part_outputs(...).close()``), counted with the rest."""
+        self.part_results.append(PartResult.checked(result, self.stage_name))
+
+    def set_counts(self, rows_in: int, kept: int, rejected: Optional[dict[str, int]] = None) -> None:
+        """For a stage whose outputs are not documents: the documents it read, kept and rejected."""
+        self.counts = ConsumedDocuments(rows_in=int(rows_in), kept=int(kept), rejected={r: int(n) for r, n in (rejected or {}).items()})

@@ -13,13 +13,14 @@ import json
 import time
 import traceback
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline import storage as st
 from pipeline.context import PartContext
+from pipeline.contracts import MergedParts, PartResult
 from pipeline.io import PartOutputs, iter_parquet_batches
 from pipeline.stage import DROP_REASON, QUARANTINE_REASON, Part, RowStage, SourceStage, Stage
 
@@ -87,7 +88,7 @@ def split_by_reason(outputs: PartOutputs, table: pa.Table) -> None:
         outputs.write("quarantine", quarantined.drop_columns([DROP_REASON]) if has_d else quarantined)
 
 
-def run_row_part(stage: RowStage, part: Part, job: PartJob) -> dict[str, Any]:
+def run_row_part(stage: RowStage, part: Part, job: PartJob) -> PartResult:
     outputs = PartOutputs(job.storage, job.attempt_uri, job.attempt, part.id, job.max_rows_per_file, stage.measure_column, dict(job.formats))
     uri = part.payload["uri"]
     rows_in = 0
@@ -109,7 +110,7 @@ def run_row_part(stage: RowStage, part: Part, job: PartJob) -> dict[str, Any]:
     return outputs.close(rows_in=rows_in, bytes_in=job.storage.size(uri))
 
 
-def run_generator_part(stage: Stage, part: Part, job: PartJob) -> dict[str, Any]:
+def run_generator_part(stage: Stage, part: Part, job: PartJob) -> PartResult:
     """A SourceStage's ``read_part`` or a DatasetStage's ``process_part``: tables in, routed by reason.
 
     The stage may report ``ctx.count("rows_in", n)`` and ``ctx.count("bytes_in", n)``; without
@@ -124,7 +125,7 @@ def run_generator_part(stage: Stage, part: Part, job: PartJob) -> dict[str, Any]
     return outputs.close(rows_in=None if rows_in is None else int(rows_in), bytes_in=bytes_in)
 
 
-def run_part(stage: Stage, part: Part, job: PartJob) -> dict[str, Any]:
+def run_part(stage: Stage, part: Part, job: PartJob) -> PartResult:
     started = time.perf_counter()
     try:
         if isinstance(stage, RowStage):
@@ -136,10 +137,8 @@ def run_part(stage: Stage, part: Part, job: PartJob) -> dict[str, Any]:
     except Exception as e:
         # returned, not raised: through Ray a worker's exception arrives as a 40-line dump with
         # colour codes; as data it becomes one line on the driver (the traceback kept for --traceback)
-        return {"part": part.id, "error": part_error_message(job.stage_name, part, e), "traceback": traceback.format_exc()}
-    result["seconds"] = time.perf_counter() - started
-    result["node"] = _node_id()
-    return result
+        return PartResult(part=part.id, error=part_error_message(job.stage_name, part, e), traceback=traceback.format_exc())
+    return result.model_copy(update={"seconds": time.perf_counter() - started, "node": _node_id()})
 
 
 class PartFailed(RuntimeError):
@@ -161,9 +160,9 @@ def part_error_message(stage_name: str, part: Part, e: BaseException) -> str:
     return message
 
 
-def _raise_if_failed(result: dict[str, Any]) -> None:
-    if "error" in result:
-        raise PartFailed(result["error"], result.get("traceback", ""))
+def _raise_if_failed(result: PartResult) -> None:
+    if result.error is not None:
+        raise PartFailed(result.error, result.traceback)
 
 
 def _node_id() -> str:
@@ -190,7 +189,7 @@ class PartWorker:
         results = []
         for spec in batch.column("part").to_pylist():
             part = Part(**json.loads(spec))
-            results.append(json.dumps(run_part(self.stage, part, self.job)))
+            results.append(run_part(self.stage, part, self.job).model_dump_json())
         return pa.table({"result": pa.array(results, pa.string())})
 
 
@@ -205,8 +204,8 @@ def run_parts_on_ray(
     job: PartJob,
     resources: Any,
     on_result=None,
-) -> list[dict[str, Any]]:
-    """Run every part on Ray Data; stream results back (small dicts) as parts finish."""
+) -> list[PartResult]:
+    """Run every part on Ray Data; stream results back (small, as JSON) as parts finish."""
     import ray
     import ray.data
 
@@ -232,15 +231,15 @@ def run_parts_on_ray(
     ds = ds.map_batches(fn, batch_size=1, batch_format="pyarrow", compute=compute, **fn_args, **remote_args)
     results = []
     for row in ds.iter_rows():
-        result = json.loads(row["result"])
+        result = PartResult.checked(row["result"], job.stage_name)
         _raise_if_failed(result)  # the first failed part stops the stage
         results.append(result)
         if on_result is not None:
             on_result(result, len(results), len(parts))
-    return sorted(results, key=lambda r: r["part"])
+    return sorted(results, key=lambda r: r.part)
 
 
-def run_parts_locally(stage_cls: type[Stage], config: Any, parts: list[Part], job: PartJob, on_result=None) -> list[dict[str, Any]]:
+def run_parts_locally(stage_cls: type[Stage], config: Any, parts: list[Part], job: PartJob, on_result=None) -> list[PartResult]:
     """The same work in this process (no Ray): for debugging and unit tests."""
     worker = PartWorker(stage_cls, config, job)
     results = []
@@ -250,40 +249,9 @@ def run_parts_locally(stage_cls: type[Stage], config: Any, parts: list[Part], jo
         results.append(result)
         if on_result is not None:
             on_result(results[-1], len(results), len(parts))
-    return sorted(results, key=lambda r: r["part"])
+    return sorted(results, key=lambda r: r.part)
 
 
-def merge_results(results: list[dict[str, Any]]) -> dict[str, Any]:
+def merge_results(results: list[PartResult]) -> MergedParts:
     """Add up part results: rows, chars and reasons per dataset, counters, files in part order."""
-    merged: dict[str, Any] = {"files": {}, "schemas": {}, "rows": {}, "chars": {}, "reasons": {}, "reason_chars": {},
-                              "counters": {}, "rows_in": 0, "bytes_in": 0, "part_seconds": 0.0}
-    for r in sorted(results, key=lambda r: r["part"]):
-        for ds, files in r["files"].items():
-            merged["files"].setdefault(ds, []).extend(files)
-        for ds, schema in r.get("schemas", {}).items():
-            merged["schemas"].setdefault(ds, schema)
-        for key in ("rows", "chars"):
-            for ds, n in r.get(key, {}).items():
-                merged[key][ds] = merged[key].get(ds, 0) + n
-        for key in ("reasons", "reason_chars"):
-            for ds, reasons in r.get(key, {}).items():
-                bucket = merged[key].setdefault(ds, {})
-                for reason, n in reasons.items():
-                    bucket[reason] = bucket.get(reason, 0) + n
-        for name, n in r.get("counters", {}).items():
-            merged["counters"][name] = merged["counters"].get(name, 0) + n
-        merged["rows_in"] += r.get("rows_in", 0)
-        merged["bytes_in"] += r.get("bytes_in", 0)
-        merged["part_seconds"] += r.get("seconds", 0.0)
-        node = r.get("node")
-        if node:
-            merged.setdefault("nodes", {})[node] = merged.setdefault("nodes", {}).get(node, 0) + 1
-    return merged
-
-
-def empty_result(part_id: str) -> dict[str, Any]:
-    return {"part": part_id, "files": {}, "rows": {}, "chars": {}, "reasons": {}, "counters": {}, "rows_in": 0, "bytes_in": 0, "seconds": 0.0}
-
-
-def rows_total(merged: dict[str, Any], datasets: Optional[list[str]] = None) -> int:
-    return sum(n for ds, n in merged["rows"].items() if datasets is None or ds in datasets)
+    return MergedParts.of(results)

@@ -7,6 +7,7 @@ so the same config and input give byte-identical files however many workers ran 
 from __future__ import annotations
 
 import json
+import numbers
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Optional
@@ -16,6 +17,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import storage as st
+from pipeline.contracts import OutputFile, PartResult
 from pipeline.types import DROP_REASON, QUARANTINE_REASON
 
 # zstd level 1: ~35% faster writes than level 3 on real text for ~15% larger files.
@@ -24,12 +26,13 @@ REASON_OF_DATASET = {"rejected": DROP_REASON, "quarantine": QUARANTINE_REASON}
 
 
 class _FileSink:
-    """One dataset of one part: rolls over to a new file every ``max_rows_per_file`` rows.
+    """One dataset of one part: rolls over to a new file every ``max_rows_per_file`` rows (None:
+    one file per part).
 
     ``fmt`` is ``parquet`` (compressed, for documents) or ``arrow`` (Arrow IPC file format,
     uncompressed: memory-mappable, zero-copy reads, for token shards)."""
 
-    def __init__(self, storage: st.Storage, attempt_uri: str, stage_rel: str, dataset: str, part_id: str, max_rows: int,
+    def __init__(self, storage: st.Storage, attempt_uri: str, stage_rel: str, dataset: str, part_id: str, max_rows: Optional[int],
                  fmt: str = "parquet"):
         if fmt not in ("parquet", "arrow"):
             raise ValueError(f"unknown output format {fmt!r} for dataset {dataset!r}")
@@ -78,12 +81,14 @@ class _FileSink:
         while offset < table.num_rows:
             if self._writer is None:
                 self._open(self._schema)
-            take = min(table.num_rows - offset, self.max_rows - self._rows_in_file)
+            take = table.num_rows - offset
+            if self.max_rows is not None:
+                take = min(take, self.max_rows - self._rows_in_file)
             self._writer.write_table(table.slice(offset, take))
             self._rows_in_file += take
             self.files[-1]["rows"] += take
             offset += take
-            if self._rows_in_file >= self.max_rows:
+            if self.max_rows is not None and self._rows_in_file >= self.max_rows:
                 self._close_file()
 
     def _close_file(self) -> None:
@@ -95,9 +100,9 @@ class _FileSink:
                 self._sink = None
             self.files[-1]["bytes"] = self.storage.size(self._uri)
 
-    def close(self) -> list[dict[str, Any]]:
+    def close(self) -> list[OutputFile]:
         self._close_file()
-        return self.files
+        return [OutputFile(**f) for f in self.files]
 
     @property
     def schema(self) -> Optional[pa.Schema]:
@@ -106,20 +111,21 @@ class _FileSink:
 
 @dataclass
 class PartOutputs:
-    """Everything one part writes, with the counts the runner records."""
+    """Everything one part writes, with the counts the runner records; ``close`` gives its
+    :class:`PartResult`. ``max_rows_per_file=None`` writes one file per dataset."""
 
     storage: st.Storage
     attempt_uri: str
     stage_rel: str  # attempt folder name, relative to the stage's fingerprint folder
     part_id: str
-    max_rows_per_file: int = 50_000
+    max_rows_per_file: Optional[int] = 50_000
     measure_column: Optional[str] = "text"
     formats: dict[str, str] = field(default_factory=dict)  # dataset -> "parquet" (default) | "arrow"
     rows: dict[str, int] = field(default_factory=dict)
     chars: dict[str, int] = field(default_factory=dict)
     reasons: dict[str, dict[str, int]] = field(default_factory=dict)
     reason_chars: dict[str, dict[str, int]] = field(default_factory=dict)
-    counters: dict[str, float] = field(default_factory=dict)
+    counters: dict[str, int | float] = field(default_factory=dict)
     _sinks: dict[str, _FileSink] = field(default_factory=dict)
     _started: float = field(default_factory=time.perf_counter)
 
@@ -151,25 +157,27 @@ class PartOutputs:
             )
         sink.write(table)
 
-    def count(self, name: str, value: float = 1) -> None:
+    def count(self, name: str, value: int | float = 1) -> None:
+        # a numpy scalar becomes the Python number the part result's contract holds
+        value = int(value) if isinstance(value, numbers.Integral) else float(value)
         self.counters[name] = self.counters.get(name, 0) + value
 
-    def close(self, rows_in: Optional[int] = None, bytes_in: int = 0) -> dict[str, Any]:
+    def close(self, rows_in: Optional[int] = None, bytes_in: int = 0) -> PartResult:
         files = {name: sink.close() for name, sink in self._sinks.items()}
         schemas = {name: sink.schema.to_string(show_schema_metadata=False) for name, sink in self._sinks.items() if sink.schema is not None}
-        return {
-            "part": self.part_id,
-            "files": files,
-            "schemas": schemas,
-            "rows": dict(self.rows),
-            "chars": dict(self.chars),
-            "reasons": self.reasons,
-            "reason_chars": self.reason_chars,
-            "counters": dict(self.counters),
-            "rows_in": sum(self.rows.values()) if rows_in is None else rows_in,
-            "bytes_in": bytes_in,
-            "seconds": time.perf_counter() - self._started,
-        }
+        return PartResult(
+            part=self.part_id,
+            files=files,
+            schemas=schemas,
+            rows=dict(self.rows),
+            chars=dict(self.chars),
+            reasons=self.reasons,
+            reason_chars=self.reason_chars,
+            counters=dict(self.counters),
+            rows_in=sum(self.rows.values()) if rows_in is None else rows_in,
+            bytes_in=bytes_in,
+            seconds=time.perf_counter() - self._started,
+        )
 
 
 def iter_parquet_batches(storage: st.Storage, uri: str, batch_size: int, columns: Optional[list[str]] = None) -> Iterator[pa.Table]:

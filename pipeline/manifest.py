@@ -17,7 +17,10 @@ import hashlib
 import json
 from typing import Any, Optional
 
+from pydantic import ValidationError
+
 from pipeline import storage as st
+from pipeline.contracts import Manifest, describe_error
 
 MANIFEST = "_manifest.json"
 MANIFEST_FORMAT = 2  # 2: fingerprints include the stage's code digest (fingerprint_payload)
@@ -73,14 +76,34 @@ def stage_manifests(storage: st.Storage, work_dir: str, stage: str) -> list[dict
     return sorted(found, key=lambda m: m.get("timings", {}).get("started_at", ""), reverse=True)
 
 
+# Keys that stages once spread over the manifest's own (their content now lives in ``summary``);
+# a manifest committed before that still reads, without them.
+LEGACY_STAGE_KEYS = ("dedup", "decontaminate")
+
+
+class ManifestInvalid(ValueError):
+    """A committed manifest that does not match :class:`pipeline.contracts.Manifest`."""
+
+
 def load_manifest(storage: st.Storage, stage_dir: str) -> Optional[dict[str, Any]]:
+    """The committed manifest of a stage folder, checked against the :class:`Manifest` contract
+    (None: nothing committed, or a manifest of another format)."""
     uri = manifest_uri(stage_dir)
     if not storage.exists(uri):
         return None
     manifest = storage.read_json(uri)
     if manifest.get("format") != MANIFEST_FORMAT:
         return None
-    return manifest
+    return parse_manifest(manifest, uri)
+
+
+def parse_manifest(manifest: dict[str, Any], where: str) -> dict[str, Any]:
+    """``manifest`` validated as a :class:`Manifest`, as the JSON object readers index."""
+    manifest = {k: v for k, v in manifest.items() if k not in LEGACY_STAGE_KEYS}
+    try:
+        return Manifest.model_validate(manifest).to_json()
+    except ValidationError as e:
+        raise ManifestInvalid(f"{where}: not a valid stage manifest: {describe_error(e)}") from None
 
 
 def dataset_files(manifest: dict[str, Any], stage_dir: str, dataset: str = "data") -> list[str]:

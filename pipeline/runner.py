@@ -19,6 +19,8 @@ from pipeline import storage as st
 from pipeline.code_digest import code_digests, combined as combined_digest
 from pipeline.config import ConfigError, LoadedConfig
 from pipeline.context import InputDataset, StageContext
+from pipeline.contracts import (Counts, DatasetEntry, ExternalInputEntry, InputEntry, Manifest, MergedParts, PartResult, SummaryRecord,
+                                Timings)
 from pipeline.dag import Node, build_dag, downstream_of, upstream_of
 from pipeline.funnel import funnel_artifacts
 from pipeline.locks import ReaderLease, StageLock, describe, live_readers
@@ -327,7 +329,7 @@ class Runner:
             check_cluster_resources(node.name, resources, ray.cluster_resources())
         job = PartJob(node.name, ctx.seed, self.storage, ctx.attempt_uri, ctx.attempt, resources.batch_size,
                       formats=tuple(sorted(node.cls.output_formats.items())), batch_bytes=resources.batch_bytes)
-        def run_parts(parts: list[Part]) -> list[dict[str, Any]]:
+        def run_parts(parts: list[Part]) -> list[PartResult]:
             results = self._run_parts(node.name, node.cls, config, parts, job, resources)
             if isinstance(stage, DatasetStage):
                 ctx.part_results.extend(results)
@@ -384,12 +386,12 @@ class Runner:
         m = mf.load_manifest(self.storage, stage_dir)
         return m["attempt"] if m else None
 
-    def _run_parts(self, stage_name: str, stage_cls, config, parts: list[Part], job: PartJob, resources: Resources) -> list[dict[str, Any]]:
+    def _run_parts(self, stage_name: str, stage_cls, config, parts: list[Part], job: PartJob, resources: Resources) -> list[PartResult]:
         started = time.perf_counter()
         totals = {"rows": 0, "last_log": 0.0}
 
-        def progress(result: dict[str, Any], done: int, total: int) -> None:
-            totals["rows"] += result.get("rows_in", 0)
+        def progress(result: PartResult, done: int, total: int) -> None:
+            totals["rows"] += result.rows_in
             now = time.perf_counter()
             if done != total and now - totals["last_log"] < 5.0:
                 return  # a line every 5 s at most; Ray's progress bar shows the rest
@@ -404,73 +406,74 @@ class Runner:
         return run_parts_locally(stage_cls, config, parts, job, on_result=progress)
 
     def _manifest(self, node: Node, why: "Fingerprint", ctx: StageContext, inputs: list[InputDataset],
-                  merged: dict[str, Any], num_parts: int, started: float, wall: float) -> dict[str, Any]:
+                  merged: MergedParts, num_parts: int, started: float, wall: float) -> dict[str, Any]:
         fp, externals = why.value, why.externals
-        datasets = {}
-        for ds in node.cls.outputs:
-            files = merged["files"].get(ds, [])
-            datasets[ds] = {
-                "files": files,
-                "rows": merged["rows"].get(ds, 0),
-                "bytes": sum(f["bytes"] for f in files),
-                "chars": merged["chars"].get(ds, 0),
-                "schema": merged["schemas"].get(ds),
-            }
-        for ds in merged["files"]:
-            if ds not in datasets:
+        for ds in merged.files:
+            if ds not in node.cls.outputs:
                 raise StageFailed(f"stage {node.name!r} wrote dataset {ds!r} that it does not declare in outputs {node.cls.outputs}")
-        rows_in = int(ctx.counts.get("rows_in", merged["rows_in"]))
-        rejected = dict(merged["reasons"].get("rejected", {}))
-        for reason, n in ctx.counts.get("rejected", {}).items():
-            rejected[reason] = rejected.get(reason, 0) + int(n)
-        counts = {
-            "rows_in": rows_in,
-            "kept": int(ctx.counts.get("kept", merged["rows"].get("data", 0))),
-            "rejected": dict(sorted(rejected.items())),
-            "quarantined": dict(sorted(merged["reasons"].get("quarantine", {}).items())),
-            "chars_rejected": dict(sorted(merged["reason_chars"].get("rejected", {}).items())),
-            "chars_quarantined": dict(sorted(merged["reason_chars"].get("quarantine", {}).items())),
+        datasets = {
+            ds: DatasetEntry(
+                files=merged.files.get(ds, []),
+                rows=merged.rows.get(ds, 0),
+                bytes=sum(f.bytes for f in merged.files.get(ds, [])),
+                chars=merged.chars.get(ds, 0),
+                schema=merged.schemas.get(ds),
+            )
+            for ds in node.cls.outputs
         }
-        return {
-            "format": mf.MANIFEST_FORMAT,
-            "pipeline": self.loaded.declared.name,
-            "stage": node.name,
-            "uses": node.cls.name,
-            "version": node.cls.version,
-            "fingerprint": fp,
-            "attempt": ctx.attempt,
-            "config": self.loaded.declared_stage_configs[node.name].model_dump(mode="json"),
-            "seed": ctx.seed if node.cls.uses_seed else None,
-            "inputs": [
-                {"ref": str(r.ref), "stage": r.ref.stage, "dataset": r.ref.dataset, "fingerprint": r.fingerprint, "stage_dir": r.stage_dir}
+        consumed = ctx.counts
+        rows_in = consumed.rows_in if consumed else merged.rows_in
+        rejected = dict(merged.reasons.get("rejected", {}))
+        for reason, n in (consumed.rejected if consumed else {}).items():
+            rejected[reason] = rejected.get(reason, 0) + n
+        counts = Counts(
+            rows_in=rows_in,
+            kept=consumed.kept if consumed else merged.rows.get("data", 0),
+            rejected=dict(sorted(rejected.items())),
+            quarantined=dict(sorted(merged.reasons.get("quarantine", {}).items())),
+            chars_rejected=dict(sorted(merged.reason_chars.get("rejected", {}).items())),
+            chars_quarantined=dict(sorted(merged.reason_chars.get("quarantine", {}).items())),
+        )
+        manifest = Manifest(
+            format=mf.MANIFEST_FORMAT,
+            pipeline=self.loaded.declared.name,
+            stage=node.name,
+            uses=node.cls.name,
+            version=node.cls.version,
+            fingerprint=fp,
+            attempt=ctx.attempt,
+            config=self.loaded.declared_stage_configs[node.name].model_dump(mode="json"),
+            seed=ctx.seed if node.cls.uses_seed else None,
+            inputs=[
+                InputEntry(ref=str(r.ref), stage=r.ref.stage, dataset=r.ref.dataset, fingerprint=r.fingerprint, stage_dir=r.stage_dir)
                 for r in inputs
             ],
-            "external_inputs": [{"name": e.name, "uri": e.uri, "files": list(e.files)} for e in externals],
-            "datasets": datasets,
-            "counts": counts,
+            external_inputs=[ExternalInputEntry(name=e.name, uri=e.uri, files=list(e.files)) for e in externals],
+            datasets=datasets,
+            counts=counts,
             # what rows_in/kept count: documents (the funnel) or other rows (checkpoints, metrics)
-            "counts_unit": "documents" if (node.cls.measure_column or ctx.counts) else "rows",
-            "counters": merged["counters"],
-            "metrics": dict(ctx.metrics),
-            "parts": num_parts,
-            "parts_per_node": dict(sorted(merged.get("nodes", {}).items())),
-            "bytes_in": merged["bytes_in"],
-            "timings": {
-                "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-                "wall_seconds": round(wall, 3),
-                "worker_seconds": round(merged["part_seconds"], 3),
-                "rows_per_second": round(rows_in / wall, 1) if wall > 0 else 0.0,
-            },
-            "code_version": code_version(),
+            counts_unit="documents" if (node.cls.measure_column or consumed) else "rows",
+            counters=merged.counters,
+            metrics=dict(ctx.metrics),
+            parts=num_parts,
+            parts_per_node=dict(sorted(merged.nodes.items())),
+            bytes_in=merged.bytes_in,
+            timings=Timings(
+                started_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+                wall_seconds=round(wall, 3),
+                worker_seconds=round(merged.part_seconds, 3),
+                rows_per_second=round(rows_in / wall, 1) if wall > 0 else 0.0,
+            ),
+            code_version=code_version(),
             # what the fingerprint was computed from, for `lmpipe explain`
-            "fingerprint_payload": why.payload,
-            "code_files": why.code_files,
-            "summary": self._summary(node, ctx),
-            **ctx.extra_manifest,
-        }
+            fingerprint_payload=why.payload,
+            code_files=why.code_files,
+            summary=self._summary(node, ctx),
+        )
+        return manifest.to_json()
 
     @staticmethod
-    def _summary(node: Node, ctx: StageContext) -> Optional[dict[str, Any]]:
+    def _summary(node: Node, ctx: StageContext) -> Optional[SummaryRecord]:
         declared = node.cls.Summary
         if ctx.summary is None:
             if declared is not None:
@@ -479,7 +482,12 @@ class Runner:
         if declared is None or not isinstance(ctx.summary, declared):
             raise StageFailed(f"stage {node.name!r} set a {type(ctx.summary).__name__} summary; it declares"
                               f" {declared.__name__ if declared else 'none'} (Summary = ...)")
-        return {"kind": declared.kind, "data": ctx.summary.model_dump(mode="json")}
+        record = SummaryRecord.of(ctx.summary)
+        try:  # what is committed must read back as what downstream stages will ask for
+            record.read(declared)
+        except ValueError as e:
+            raise StageFailed(f"stage {node.name!r}: {e}") from None
+        return record
 
     def _check_counts(self, node: Node, manifest: dict[str, Any]) -> None:
         """in = kept + rejected + quarantined, for every stage that maps rows to rows."""

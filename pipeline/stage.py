@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Optional
 
 import pyarrow as pa
 
+from pipeline.contracts import StageSummary
 from pipeline.types import DROP_REASON, QUARANTINE_REASON, REASON_COLUMNS, StrictModel
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -63,16 +64,6 @@ class Part:
 
 class EmptyConfig(StrictModel):
     pass
-
-
-class StageSummary(StrictModel):
-    """What a stage tells the stages after it (a tokenizer's special ids, a tokenize stage's
-    sequence length and splits, a training run's checkpoints), declared as a model. The runner
-    stores it in the manifest under its ``kind``; a consumer asks its context for it by type
-    (``ctx.upstream(TokenizeSummary)``), through any number of stages in between, and gets it
-    validated -- no stage reads another stage's manifest by hand."""
-
-    kind: ClassVar[str] = ""
 
 
 class Stage:

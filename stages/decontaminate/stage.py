@@ -30,10 +30,12 @@ from pydantic import Field
 from pipeline import storage as st
 from pipeline.config import StrictModel
 from pipeline.context import ExternalInput, PartContext, StageContext
+from pipeline.contracts import PartResult
 from pipeline.io import iter_parquet_batches, read_table
 from pipeline.registry import register
 from pipeline.stage import DROP_REASON, DatasetStage, Part, Resources
 from stages.decontaminate.ngrams import NgramIndex, split_words, token_spans, word_ids
+from stages.decontaminate.summary import DecontaminateSummary, TaskContamination
 from stages.evalsets import TaskSpec, builtin_source, load_task, task_spec
 
 CONTAMINATED = "contaminated"
@@ -96,6 +98,7 @@ class Decontaminate(DatasetStage):
     outputs = ("data", "rejected")
     row_preserving = True
     resources = Resources(num_cpus=1, actors=True)
+    Summary = DecontaminateSummary
 
     def __init__(self, config: DecontaminateConfig, seed: int = 0):
         super().__init__(config, seed)
@@ -139,18 +142,18 @@ class Decontaminate(DatasetStage):
         for task, r in report["tasks"].items():
             for key in ("docs", "chars", "examples_found", "docs_rejected", "docs_redacted"):
                 ctx.log_metric(f"contamination.{task}.{key}", r[key])
-        ctx.extra_manifest["decontaminate"] = {
-            "index_path": st.join(ctx.attempt, INDEX_FOLDER),
-            "index_bytes": index.nbytes,
-            "tasks": {t: {k: v for k, v in r.items() if k != "example_ids"} for t, r in report["tasks"].items()},
-        }
+        ctx.set_summary(DecontaminateSummary(
+            index_path=st.join(ctx.attempt, INDEX_FOLDER),
+            index_bytes=int(index.nbytes),
+            tasks={t: TaskContamination(**{k: v for k, v in r.items() if k != "example_ids"}) for t, r in report["tasks"].items()},
+        ))
 
-    def _report(self, ctx: StageContext, index: NgramIndex, results: list[dict[str, Any]]) -> dict[str, Any]:
+    def _report(self, ctx: StageContext, index: NgramIndex, results: list[PartResult]) -> dict[str, Any]:
         cols = ["source", "contaminated_tasks", "contaminated_examples", "contaminated_chars", "redacted_chars"]
         tables = []
         for r in results:
             for ds in ("data", "rejected"):
-                files = [st.join(ctx.stage_dir, f["path"]) for f in r["files"].get(ds, [])]
+                files = [st.join(ctx.stage_dir, f.path) for f in r.files.get(ds, [])]
                 if files:
                     t = read_table(ctx.storage, files, cols)
                     t = t.filter(pc.is_valid(t.column("contaminated_tasks")))

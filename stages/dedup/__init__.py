@@ -1,6 +1,6 @@
 """Deduplication stages: ``exact_dedup`` (normalized-text and URL hashes) and ``minhash_dedup``
 (MinHash LSH near-duplicates). Both keep every input row exactly once: kept rows go to ``data``,
-duplicates to ``rejected`` with ``drop_reason``, ``duplicate_of`` (the kept document"s id),
+duplicates to ``rejected`` with ``drop_reason``, ``duplicate_of`` (the kept document's id),
 ``dup_component`` and ``dup_component_size``. See :mod:`stages.dedup.engine` for how the work is
 distributed and what bounds its memory.
 

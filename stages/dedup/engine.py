@@ -48,7 +48,6 @@ from stages.dedup.components import both_ways, concat_rows, label_components, lo
 from stages.dedup.normalize import hash_strings
 
 log = logging.getLogger("lmpipe")
-NODE_BASE = ("uid", "part", "id", "source", "length")
 
 
 def uids_of(ids: pa.Array) -> np.ndarray:

@@ -24,6 +24,7 @@ from stages.dedup import engine
 from stages.dedup.lsh import band_keys, kind_key, optimal_param
 from stages.dedup.minhash import MinHasher, ShingleConfig
 from stages.dedup.normalize import NormalizeConfig, normalize, normalized_join
+from stages.dedup.summary import DedupSummary
 
 EXACT_DUPLICATE = "exact_duplicate"
 URL_DUPLICATE = "url_duplicate"
@@ -165,6 +166,7 @@ class _DedupStage(DatasetStage):
     row_preserving = True
     requires = ("id", "text", "source")
     resources = Resources(num_cpus=1, batch_size=4096)
+    Summary = DedupSummary
 
     def _keys(self, ctx) -> tuple[Any, list[str], tuple[str, ...], Any]:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -211,10 +213,7 @@ class _DedupStage(DatasetStage):
         ctx.log_metric("dedup.rate", stats["removed"] / total if total else 0.0)
         for source, n in sorted(per_source.items()):
             ctx.log_metric(f"dedup.rate.{source}", stats["removed_per_source"].get(source, 0) / n if n else 0.0)
-        ctx.extra_manifest["dedup"] = {
-            **{k: v for k, v in stats.items() if k != "component_sizes"},
-            "component_sizes": {str(k): v for k, v in sorted(stats["component_sizes"].items())},
-        }
+        ctx.set_summary(DedupSummary(**{**stats, "component_sizes": dict(sorted(stats["component_sizes"].items()))}))
         ctx.log_artifact("component_sizes.png", component_size_histogram(stats["component_sizes"], f"{self.name}: component sizes"))
 
 

@@ -29,7 +29,6 @@ keeps its last ``max_len + 1`` tokens.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -425,7 +424,3 @@ def rolling_windows(tokens: list[int], prefix_token: int, max_len: int) -> list[
         windows.append((tokens[max(0, end - max_len - 1) : end - 1], tokens[end - n : end]))
         predicted = end
     return windows
-
-
-def count_threads(requested: Optional[float]) -> int:
-    return max(1, int(math.floor(requested or 1)))

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import heapq
 import math
-import os
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 
@@ -42,6 +41,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import storage as st
+from pipeline.contracts import PartResult
 from pipeline.io import PartOutputs, iter_parquet_batches
 from stages.sample import keep_score
 from stages.tokenize.hashing import mix64
@@ -188,7 +188,7 @@ def cached_tokenizer(storage: st.Storage, uri: str):
     """One tokenizer per worker process; special-token strings inside documents stay plain text."""
     tok = _TOKENIZERS.get(uri)
     if tok is None:
-        from stages.tokenizer import load_tokenizer
+        from stages.train_tokenizer import load_tokenizer
 
         tok = load_tokenizer(storage, uri)
         tok.encode_special_tokens = True  # a document that contains "<|eos|>" must not get an EOS id
@@ -494,9 +494,10 @@ def bucket_permutation(n: int, seed: int, split: str, bucket: int) -> np.ndarray
 
 
 def write_bucket(storage: st.Storage, split: str, bucket: int, packed: list[dict[str, Any]], attempt_uri: str, attempt: str,
-                 job: PackJob, batch_rows: int) -> dict[str, Any]:
+                 job: PackJob, batch_rows: int) -> tuple[PartResult, int]:
     """Read bucket ``bucket`` of every packed file (``uri`` and ``bytes``, in part order), shuffle,
-    and write the sequences as one Arrow IPC shard in record batches of ``batch_rows`` rows."""
+    and write the sequences as one Arrow IPC shard in record batches of ``batch_rows`` rows.
+    Returns the shard's part result and the bytes read."""
     schema = sequence_schema(job.seq_len, getattr(pa, job.dtype)())
     batches, bytes_read = [], 0
     for f in packed:
@@ -504,19 +505,15 @@ def write_bucket(storage: st.Storage, split: str, bucket: int, packed: list[dict
         bytes_read += n
         if batch is not None:
             batches.append(batch)
-    out = PartOutputs(storage, attempt_uri, attempt, f"{bucket:05d}", 1 << 62, None, {split: "arrow"})
-    out.count(f"bytes_read.{split}", bytes_read)
+    out = PartOutputs(storage, attempt_uri, attempt, part_id=f"{bucket:05d}", max_rows_per_file=None, measure_column=None,
+                      formats={split: "arrow"})
     if batches:
         table = pa.Table.from_batches(batches, schema=schema)
         table = table.take(pa.array(bucket_permutation(table.num_rows, job.seed, split, bucket))).combine_chunks()
         table = pa.Table.from_batches(table.to_batches(max_chunksize=batch_rows))
         out.write(split, table.replace_schema_metadata({ROWS_PER_BATCH_KEY: str(batch_rows).encode()}))
-    return out.close(rows_in=0)
+    return out.close(rows_in=0), bytes_read
 
 
 def threads_env(threads: int) -> dict[str, str]:
     return {"RAYON_NUM_THREADS": str(threads), "RAYON_RS_NUM_CPUS": str(threads), "TOKENIZERS_PARALLELISM": "true"}
-
-
-def local_threads() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -32,12 +32,12 @@ from pydantic import Field, field_validator
 from pipeline import storage as st
 from pipeline.config import PerformanceField, StrictModel
 from pipeline.context import StageContext
-from pipeline.execute import empty_result
+from pipeline.contracts import PartResult
 from pipeline.registry import register
 from pipeline.stage import DatasetStage, Resources
 from stages.tokenize import packing as pk
 from stages.tokenize.summary import MixtureReport, TokenizeSummary
-from stages.tokenizer.summary import TokenizerSummary
+from stages.train_tokenizer.summary import TokenizerSummary
 
 WORK = "_work"
 
@@ -135,7 +135,7 @@ class Tokenize(DatasetStage):
         t2 = time.perf_counter()
         rows, bytes_read = self._shuffle_write(ctx, split_files, pjob, pk.rows_per_batch(c.seq_len, dtype, c.record_batch_bytes), fan)
         timings["shuffle_write"] = time.perf_counter() - t2
-        ctx.add_part_result({**empty_result("docs"), "rows_in": 0, "bytes_in": sum(e["bytes_in"] for e in encoded)})
+        ctx.add_part_result(PartResult(part="docs", bytes_in=sum(e["bytes_in"] for e in encoded)))
 
         # the tokenizer travels with the shards: a training job needs nothing else
         rel_tok = f"{ctx.attempt}/tokenizer.json"
@@ -161,7 +161,7 @@ class Tokenize(DatasetStage):
         # documents in -> documents packed (the funnel counts documents, the shards count sequences)
         docs_total = sum(v["docs"] for per in counts.values() for v in per.values())
         unmixed = sum(v["docs"] for s, v in counts.get(pk.TRAIN, {}).items() if rates.get(s, 1.0) == 0)
-        ctx.counts = {"rows_in": docs_total, "kept": docs_total - unmixed, "rejected": {"not_in_mixture": unmixed} if unmixed else {}}
+        ctx.set_counts(docs_total, docs_total - unmixed, {"not_in_mixture": unmixed} if unmixed else {})
         for split, n in rows.items():
             ctx.log_metric(f"sequences.{split}", n)
         for src, share in summary.mixture.achieved_shares.items():
@@ -239,8 +239,8 @@ class Tokenize(DatasetStage):
                 continue
             files = [{"uri": f["uri"], "bytes": f["bytes"]} for f in packed_files]
             items = [(ctx.storage, split, b, files, ctx.attempt_uri, ctx.attempt, job, batch_rows) for b in range(job.buckets[split])]
-            for result in ctx.fan_out.map(pk.write_bucket, items, step=f"write {split} shards", **fan):
-                bytes_read[split] += int(result["counters"].pop(f"bytes_read.{split}", 0))
+            for result, read in ctx.fan_out.map(pk.write_bucket, items, step=f"write {split} shards", **fan):
+                bytes_read[split] += read
                 ctx.add_part_result(result)
         return rows, bytes_read
 

@@ -17,7 +17,8 @@ the cluster, in-loop evaluation, the export). In YAML::
       cluster: {num_workers: 2}
 
 This module must not import torch: the registry imports every stage's config to list and validate
-pipelines (``lmpipe stages``, ``lmpipe validate``), and torch alone costs seconds.
+pipelines (``lmpipe stages``, ``lmpipe explain``, and ``lmpipe run`` before any work starts), and
+torch alone costs seconds.
 """
 
 from __future__ import annotations

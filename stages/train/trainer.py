@@ -132,11 +132,6 @@ class RayCheckpointer:
         return None
 
 
-class LogSink:
-    def log(self, step: int, metrics: dict[str, float]) -> None:
-        pass
-
-
 def device_peak_flops(device: torch.device, override: Optional[float]) -> Optional[float]:
     if override:
         return override

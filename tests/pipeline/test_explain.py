@@ -162,7 +162,7 @@ def test_code_digests_do_not_depend_on_where_the_checkout_lives(tmp_path):
     from pipeline.code_digest import code_digests
 
     digests = code_digests("stages.tokenize")
-    assert {"stages/tokenize/packing.py", "stages/tokenizer/__init__.py", "pipeline/io.py"} <= set(digests)
+    assert {"stages/tokenize/packing.py", "stages/train_tokenizer/__init__.py", "pipeline/io.py"} <= set(digests)
     root = Path(__file__).resolve().parents[2]
     for package in ("pipeline", "stages"):
         shutil.copytree(root / package, tmp_path / "checkout" / package, ignore=shutil.ignore_patterns("__pycache__"))

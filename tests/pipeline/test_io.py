@@ -20,14 +20,14 @@ def test_routing_counts_and_rollover(tmp_path):
     })
     split_by_reason(out, table)
     result = out.close()
-    assert result["rows"] == {"data": 2, "rejected": 2, "quarantine": 1}
-    assert result["reasons"] == {"rejected": {"short": 2}, "quarantine": {"nul_byte": 1}}
-    assert result["reason_chars"] == {"rejected": {"short": 10}, "quarantine": {"nul_byte": 4}}
-    assert [f["path"] for f in result["files"]["rejected"]] == ["attempt-x/rejected/part-00007-0000.parquet"]
-    assert [f["rows"] for f in result["files"]["data"]] == [2]
+    assert result.rows == {"data": 2, "rejected": 2, "quarantine": 1}
+    assert result.reasons == {"rejected": {"short": 2}, "quarantine": {"nul_byte": 1}}
+    assert result.reason_chars == {"rejected": {"short": 10}, "quarantine": {"nul_byte": 4}}
+    assert [f.path for f in result.files["rejected"]] == ["attempt-x/rejected/part-00007-0000.parquet"]
+    assert [f.rows for f in result.files["data"]] == [2]
     data = read_table(Storage(), [str(tmp_path / "attempt-x" / "data" / "part-00007-0000.parquet")])
     assert data.column_names == ["id", "text"] and data.column("id").to_pylist() == ["a", "c"]
-    rejected = read_table(Storage(), [str(tmp_path / f["path"]) for f in result["files"]["rejected"]])
+    rejected = read_table(Storage(), [str(tmp_path / f.path) for f in result.files["rejected"]])
     assert "quarantine_reason" not in rejected.column_names and rejected.column("drop_reason").to_pylist() == ["short", "short"]
 
 
@@ -37,13 +37,13 @@ def test_arrow_ipc_shards_roll_over_and_read_back(tmp_path):
     tokens = pa.FixedSizeListArray.from_arrays(pa.array(list(range(7 * 4)), pa.uint16()), 4)
     out.write("train", pa.table({"tokens": tokens}))
     result = out.close()
-    files = result["files"]["train"]
-    assert [f["path"] for f in files] == [f"attempt-y/train/part-00000-{i:04d}.arrow" for i in range(3)]
-    assert [f["rows"] for f in files] == [3, 3, 1]
-    back = read_table(Storage(), [str(tmp_path / f["path"]) for f in files])
+    files = result.files["train"]
+    assert [f.path for f in files] == [f"attempt-y/train/part-00000-{i:04d}.arrow" for i in range(3)]
+    assert [f.rows for f in files] == [3, 3, 1]
+    back = read_table(Storage(), [str(tmp_path / f.path) for f in files])
     assert back.column("tokens").type == pa.list_(pa.uint16(), 4)
     assert back.column("tokens").to_pylist()[6] == [24, 25, 26, 27]
-    with pa.memory_map(str(tmp_path / files[0]["path"])) as mm:  # zero-copy
+    with pa.memory_map(str(tmp_path / files[0].path)) as mm:  # zero-copy
         assert pa.ipc.open_file(mm).read_all().num_rows == 3
 
 

@@ -74,7 +74,7 @@ def test_performance_settings_change_no_output_byte_and_reuse_the_cache(tmp_path
     a = _run(tmp_path, data, tmp_path / "a", partitions=1, keep="false", batch=1024, threads=1)
     b = _run(tmp_path, data, tmp_path / "b", partitions=3, keep="true", batch=7, threads=2)
     assert a.stage("exact").manifest["counts"]["rejected"] and a.stage("near").manifest["counts"]["rejected"]  # duplicates found
-    assert b.stage("exact").manifest["dedup"]["partitions"] == 3 and a.stage("exact").manifest["dedup"]["partitions"] == 1
+    assert b.stage("exact").manifest["summary"]["data"]["partitions"] == 3 and a.stage("exact").manifest["summary"]["data"]["partitions"] == 1
     assert _digests(a) == _digests(b)  # every file every manifest lists: byte-identical
     assert [s.fingerprint for s in a.stages] == [s.fingerprint for s in b.stages]
 

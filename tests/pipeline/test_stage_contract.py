@@ -69,7 +69,7 @@ class Vocab(DatasetStage):
         out = ctx.part_outputs("words", measure_column=None)
         out.write("data", pa.table({"word": [w for w, _ in ranked], "count": [c for _, c in ranked]}))
         ctx.add_part_result(out.close(rows_in=docs))
-        ctx.counts = {"rows_in": docs, "kept": docs}
+        ctx.set_counts(rows_in=docs, kept=docs)
         ctx.log_metric("distinct_words", len(ranked))
         ctx.log_metrics({"coverage": sum(c for _, c in ranked[: self.config.top]) / max(1, sum(total.values()))}, step=self.config.top)
         ctx.set_summary(VocabSummary(documents=docs, distinct_words=len(ranked), top=[w for w, _ in ranked[: self.config.top]]))
@@ -92,6 +92,14 @@ class KeepTop(DatasetStage):
         ctx.add_part_result(out.close(rows_in=table.num_rows))
 
 
+class SeenVocab(StageSummary):
+    kind = "test_seen_vocab"
+
+    top: list[str]
+    from_stage: str
+    documents: int
+
+
 @register
 class ReadVocab(DatasetStage):
     name: ClassVar[str] = "test_read_vocab"
@@ -99,10 +107,11 @@ class ReadVocab(DatasetStage):
     produces = ("word",)
     new_rows = True
     measure_column = None
+    Summary = SeenVocab
 
     def run(self, ctx) -> None:
         vocab, stage = ctx.upstream(VocabSummary)
-        ctx.extra_manifest["seen"] = {"top": vocab.top, "from_stage": stage.ref.stage, "documents": vocab.documents}
+        ctx.set_summary(SeenVocab(top=vocab.top, from_stage=stage.ref.stage, documents=vocab.documents))
         out = ctx.part_outputs("x", measure_column=None)
         out.write("data", pa.table({"word": vocab.top}))
         ctx.add_part_result(out.close(rows_in=0))
@@ -155,7 +164,7 @@ def test_a_dataset_stage_written_against_the_context_runs_through_the_runner(ray
     assert vocab["summary"]["data"] == {"documents": len(texts), "distinct_words": len(expected), "top": top}
 
     # read by type two stages downstream, through a stage that declares no summary
-    assert report.stage("reader").manifest["seen"] == {"top": top, "from_stage": "vocab", "documents": len(texts)}
+    assert report.stage("reader").manifest["summary"]["data"] == {"top": top, "from_stage": "vocab", "documents": len(texts)}
 
     # the stage's MLflow run: its summary metric, the metric it logged by step, its manifest
     client = MlflowClient(loaded.resolved.tracking_uri())

@@ -107,7 +107,7 @@ def test_dedup_pipeline_counts_pointers_and_determinism(ray_local, pipeline_file
         assert not kept_ids & set(rejected.column("id").to_pylist())
         assert pc.all(pc.greater_equal(rejected.column("dup_component_size"), 2)).as_py()
     # two runs, 1 and 4 partitions: byte-identical outputs
-    assert [r.stage("minhash_dedup").manifest["dedup"]["partitions"] for r in reports] == [1, 4]
+    assert [r.stage("minhash_dedup").manifest["summary"]["data"]["partitions"] for r in reports] == [1, 4]
     for stage in ("exact_dedup", "minhash_dedup"):
         for ds in ("data", "rejected"):
             a = [hashlib.sha256(p.read_bytes()).hexdigest() for p in _files(reports[0], stage, ds)]
@@ -115,5 +115,5 @@ def test_dedup_pipeline_counts_pointers_and_determinism(ray_local, pipeline_file
             assert a == b and a, (stage, ds)
     m = report.stage("minhash_dedup").manifest
     assert m["metrics"]["lsh.bands"] == 16 and m["metrics"]["lsh.rows"] == 8  # weights (0.05, 0.95)
-    assert m["dedup"]["verified_edges"] <= m["dedup"]["edges"]
+    assert m["summary"]["data"]["verified_edges"] <= m["summary"]["data"]["edges"]
     assert "dedup.rate.news" in m["metrics"]

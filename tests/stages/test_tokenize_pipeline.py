@@ -96,7 +96,7 @@ def test_pipeline_end_to_end(ray_local, pipeline_file, tmp_path):
     assert ingest["counts"]["kept"] == info["docs"]
     c = dec["counts"]
     assert c["rows_in"] == info["docs"] == c["kept"] + sum(c["rejected"].values())
-    mm = dec["decontaminate"]["tasks"]["mmlu"]
+    mm = dec["summary"]["data"]["tasks"]["mmlu"]
     assert mm["docs"] == 2 and mm["docs_redacted"] == 2 and mm["examples_found"] >= 2
     dec_stage = report.stage("decontaminate")
     rows = read_table(Storage(), [str(Path(dec_stage.stage_dir) / f["path"]) for f in dec["datasets"]["data"]["files"]]).to_pylist()
@@ -105,7 +105,7 @@ def test_pipeline_end_to_end(ray_local, pipeline_file, tmp_path):
     assert {f"mmlu:{i}" for i in info["planted"]} <= {e for r in flagged for e in r["contaminated_examples"]}
     para = report.stage("decontaminate_paragraphs").manifest
     assert para["counts"]["rejected"] == {"contaminated": 2} and para["counts"]["kept"] == info["docs"] - 2
-    assert para["decontaminate"]["tasks"]["mmlu"]["examples_found"] == 2
+    assert para["summary"]["data"]["tasks"]["mmlu"]["examples_found"] == 2
 
     tok = report.stage("tokenize")
     m = tok.manifest

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from stages.assets import news_articles
-from stages.tokenizer import SpecialTokens, TrainTokenizerConfig, describe, train_bpe
+from stages.train_tokenizer import SpecialTokens, TrainTokenizerConfig, describe, train_bpe
 
 CASES = {
     "newlines": "first line\nsecond line\n\n\nafter three newlines\n",
@@ -81,7 +81,7 @@ def test_sample_is_bounded_and_chosen_by_the_ids_hash(tmp_path):
     from pipeline.runner import Runner
     from pipeline.stage import stage_seed
     from pipeline.storage import Storage
-    from stages.tokenizer.stage import OVERSAMPLE, SAMPLE_BINS, sample_bin
+    from stages.train_tokenizer.stage import OVERSAMPLE, SAMPLE_BINS, sample_bin
 
     arts = [a["text"] for a in news_articles()[:400] if a["text"]]
     data = tmp_path / "data"
@@ -115,7 +115,7 @@ stages:
 
 
 def test_cutoff_keeps_whole_bins_within_the_bound():
-    from stages.tokenizer.stage import cutoff_bin
+    from stages.train_tokenizer.stage import cutoff_bin
 
     assert cutoff_bin(np.array([10, 10, 10, 10]), 25) == 2
     assert cutoff_bin(np.array([10, 10, 10, 10]), 40) == 4
