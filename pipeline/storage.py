@@ -197,16 +197,70 @@ def _s3fs_options(opts: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def iter_lines(fileobj, chunk_size: int = 1 << 16) -> Iterable[bytes]:
-    """Yield raw lines (without the trailing newline) from a binary stream, bounded memory per line chunk."""
-    buffer = b""
+@dataclass(frozen=True)
+class OversizedLine:
+    """A line longer than ``max_line_bytes``: its size and its first bytes (the rest was read past,
+    never held in memory)."""
+
+    size: int
+    head: bytes
+
+
+def iter_lines(fileobj, chunk_size: int = 1 << 16, max_line_bytes: int | None = None,
+               head_bytes: int = 1 << 10) -> Iterable[bytes | OversizedLine]:
+    """Yield raw lines (without the trailing newline) from a binary stream.
+
+    Linear in the bytes read, however long a line is: the pieces of a line that spans chunks are
+    kept in a list and joined once (re-splitting a growing buffer per chunk is quadratic: a 100 MB
+    line took a minute). A line longer than ``max_line_bytes`` is not kept: it comes out as an
+    :class:`OversizedLine` (its size and first ``head_bytes``), so one line cannot take a worker's
+    memory.
+    """
+    pieces: list[bytes] = []  # the current line's pieces so far (it spans chunks)
+    held = 0  # bytes in ``pieces``
+    skipped: OversizedLine | None = None  # the current line once it passed the limit
+
+    def extend(piece: bytes) -> None:
+        nonlocal held, skipped
+        if skipped is not None:
+            skipped = OversizedLine(skipped.size + len(piece), skipped.head)
+        elif max_line_bytes is not None and held + len(piece) > max_line_bytes:
+            head = bytearray()
+            for p in (*pieces, piece):
+                if len(head) >= head_bytes:
+                    break
+                head += p[: head_bytes - len(head)]
+            skipped = OversizedLine(held + len(piece), bytes(head))
+            pieces.clear()
+            held = 0
+        elif piece:
+            pieces.append(piece)
+            held += len(piece)
+
+    def finish() -> bytes | OversizedLine:
+        nonlocal held, skipped
+        if skipped is not None:
+            out: bytes | OversizedLine = skipped
+        else:
+            out = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        pieces.clear()
+        held, skipped = 0, None
+        return out
+
     while True:
         chunk = fileobj.read(chunk_size)
         if not chunk:
             break
-        buffer += chunk
-        lines = buffer.split(b"\n")
-        buffer = lines.pop()
-        yield from lines
-    if buffer:
-        yield buffer
+        lines = chunk.split(b"\n")
+        extend(lines[0])
+        if len(lines) == 1:
+            continue
+        yield finish()
+        for line in lines[1:-1]:
+            if max_line_bytes is not None and len(line) > max_line_bytes:
+                yield OversizedLine(len(line), line[:head_bytes])
+            else:
+                yield line
+        extend(lines[-1])
+    if held or skipped is not None:
+        yield finish()

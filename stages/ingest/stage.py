@@ -68,6 +68,7 @@ MISSING_TEXT = "missing_text"
 NON_STRING_TEXT = "non_string_text"
 EMPTY_TEXT = "empty_text"
 UNREADABLE_FILE = "unreadable_file"
+RECORD_TOO_LARGE = "record_too_large"  # a JSONL line or text file above the source's max_record_bytes
 
 _COMPRESSIONS = ("", ".gz", ".zst")
 JSONL_SUFFIXES = tuple(s + c for s in (".jsonl", ".ndjson") for c in _COMPRESSIONS)
@@ -98,6 +99,10 @@ class SourceConfig(StrictModel):
         default=None, description="fields kept in metadata (default: all others); dotted paths as for text_field, kept under that name")
     text_glob: str = Field(default="**/*.txt", description="with format auto, the files of a folder read as text (the others"
                                                            " are read by their names; files of no known format are skipped)")
+    max_record_bytes: Optional[int] = Field(
+        default=64 << 20, ge=1,
+        description="largest JSONL line or text file read as one record (bytes); a bigger one is quarantined as"
+                    " record_too_large without being held in memory (null: no limit)")
     allow_empty: bool = Field(default=False, description="accept a source that yields no documents (no records, or every"
                                                          " record quarantined); by default that fails the stage")
 
@@ -432,12 +437,16 @@ class _Prefixed:
 
     def __init__(self, prefix: bytes, stream: Any):
         self.prefix = prefix
+        self.offset = 0  # not re-slicing the prefix per read: that is quadratic in a long first line
         self.stream = stream
 
     def read(self, size: int = -1) -> bytes:
-        if self.prefix:
-            n = len(self.prefix) if size < 0 else size
-            out, self.prefix = self.prefix[:n], self.prefix[n:]
+        if self.offset < len(self.prefix):
+            end = len(self.prefix) if size < 0 else self.offset + size
+            out = self.prefix[self.offset:end]
+            self.offset += len(out)
+            if self.offset >= len(self.prefix):
+                self.prefix, self.offset = b"", 0
             return out
         return self.stream.read(size)
 
@@ -471,9 +480,14 @@ class _LineState:
 
 
 def _jsonl_records(stream: Any, b: _Batcher, source: SourceConfig, state: _LineState, ctx: Optional[PartContext]) -> Iterator[pa.Table]:
-    for line in st.iter_lines(stream):
+    for line in st.iter_lines(stream, max_line_bytes=source.max_record_bytes, head_bytes=RAW_LIMIT):
         state.line += 1
         line_no = state.line
+        if isinstance(line, st.OversizedLine):
+            b.quarantine(line_no, RECORD_TOO_LARGE, _too_large_detail(line.size, source, len(line.head)), line.head)
+            if b.full():
+                yield from b.flush()
+            continue
         if line_no == 1 and line.startswith(BOM):  # a UTF-8 byte order mark is not part of the first record
             line = line[len(BOM):]
         if line.endswith(b"\r"):
@@ -495,6 +509,11 @@ def _jsonl_records(stream: Any, b: _Batcher, source: SourceConfig, state: _LineS
                 _check_record(b, line_no, record, line, source)
         if b.full():
             yield from b.flush()
+
+
+def _too_large_detail(size: int, source: SourceConfig, kept: int) -> str:
+    return (f"{size} bytes, above max_record_bytes={source.max_record_bytes} of source {source.name!r}"
+            f" (the first {kept} bytes are in raw); raise the limit to read it")
 
 
 def _jsonl_checked(stream: Any, counted: _Counting, raw_file: Any, b: _Batcher, source: SourceConfig,
@@ -540,19 +559,22 @@ def _read_rest(stream: Any) -> tuple[bytes, Optional[BaseException]]:
 
 def _read_head(stream: Any) -> tuple[bytes, bool, Optional[BaseException]]:
     """The start of a file up to the end of its first non-blank line: (bytes, at end of file, error)."""
-    head = b""
+    head = bytearray()  # grown in place and searched only where it grew: linear in a long first line
+    blank_to = 0  # the leading BOM and whitespace end here (so far)
     while True:
         try:
             chunk = stream.read(1 << 16)
         except DECOMPRESS_ERRORS as e:
-            return head, True, e
+            return bytes(head), True, e
         if not chunk:
-            return head, True, None
+            return bytes(head), True, None
+        searched_to = len(head)
         head += chunk
-        body = head[len(BOM):] if head.startswith(BOM) else head
-        start = _WS_BYTES.match(body).end()
-        if start < len(body) and b"\n" in body[start:]:
-            return head, False, None
+        if blank_to == 0 and head.startswith(BOM):
+            blank_to = len(BOM)
+        blank_to = _WS_BYTES.match(head, blank_to).end()
+        if blank_to < len(head) and head.find(b"\n", max(blank_to, searched_to)) >= 0:
+            return bytes(head), False, None
 
 
 def _first_line_is_a_value(body: bytes) -> bool:
@@ -758,6 +780,13 @@ def read_parquet(storage: st.Storage, uri: str, relpath: str, source: SourceConf
 
 def read_text_file(storage: st.Storage, uri: str, relpath: str, source: SourceConfig) -> Iterator[pa.Table]:
     b = _Batcher(source.name, relpath, 1)
+    size = storage.size(uri)
+    if source.max_record_bytes is not None and size > source.max_record_bytes:
+        with storage.open(uri, "rb") as f:
+            head = f.read(RAW_LIMIT)
+        b.quarantine(0, RECORD_TOO_LARGE, _too_large_detail(size, source, len(head)), head)
+        yield from b.flush()
+        return
     data = storage.read_bytes(uri)
     try:
         text = data.decode("utf-8")
