@@ -95,8 +95,8 @@ def build_checkpoint(work: Path, steps: int) -> dict:
 
 
 def run_lmpipe(info: dict, limit: int, device: str, threads: int, batch_tokens: int) -> dict:
-    from stages.evaluate.scoring import aggregate
-    from stages.evaluate.tasks import build_requests, load_mc_task
+    from stages.scoring.metrics import aggregate
+    from stages.scoring.tasks import build_requests, load_mc_task
     from stages.evaluate.worker import EvalJob, TaskJob, run_job
 
     t0 = time.perf_counter()
@@ -117,7 +117,7 @@ def run_lm_eval(info: dict, limit: int, device: str, batch_size: int, work: Path
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    from stages.evaluate.tasks import subsample
+    from stages.scoring.tasks import subsample
     from stages.evalsets import load_mmlu
 
     t0 = time.perf_counter()

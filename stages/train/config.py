@@ -135,7 +135,7 @@ class ClusterConfig(StrictModel):
 
 
 class InLoopEvalConfig(StrictModel):
-    """Evaluation inside the training loop (``stages/evaluate/hook.py``), logged to this stage's
+    """Evaluation inside the training loop (``stages/scoring/hook.py``), logged to this stage's
     MLflow run at the training step: ``eval/bits_per_byte/<domain>`` on the tokenize stage's
     validation split and ``eval/<task>_<shots>shot/acc`` / ``acc_norm`` on a multiple-choice task,
     with the evaluate stage's scoring. Its pass over the validation split also gives ``val_loss``

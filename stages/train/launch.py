@@ -33,7 +33,7 @@ class FaultInjection:
 
 
 class InLoopEvalSpec(Protocol):
-    """The in-loop evaluation as the stage hands it to every rank (:class:`stages.evaluate.hook.InLoopEvalSpec`,
+    """The in-loop evaluation as the stage hands it to every rank (:class:`stages.scoring.hook.InLoopEvalSpec`,
     built on the driver: workers never fetch tasks or tokenizers themselves). A protocol, not an
     import: the training code does not depend on the evaluation package."""
 

@@ -11,7 +11,7 @@ format (streamed by a task on a worker: :mod:`stages.train.export`) and records 
   checkpoint: same config, same fingerprint, same Ray Train run.
 
 Outputs: ``data`` lists the checkpoints Ray kept (step, tokens seen, path, losses) for the
-evaluation stage; its :class:`~stages.train.summary.TrainSummary` holds the export folder, the
+evaluation stage; its :class:`~stages.summaries.train.TrainSummary` holds the export folder, the
 final checkpoint and the model's shape. The MLflow stage run gets per-step metrics from rank 0, a loss-curve PNG and a
 LoggedModel (the export) linked to the token shards it was trained on.
 """
@@ -31,12 +31,12 @@ from pipeline import storage as st
 from pipeline.registry import register
 from pipeline.stage import DatasetStage, Resources
 from pipeline.tracking import DatasetRef, ModelRecord
-from stages.tokenize.summary import TokenizeSummary
+from stages.summaries.tokenize import TokenizeSummary
 from stages.train.config import TrainStageConfig
-from stages.train.summary import TrainSummary
+from stages.summaries.train import TrainSummary
 
 if TYPE_CHECKING:
-    from stages.evaluate.hook import InLoopEvalSpec
+    from stages.scoring.hook import InLoopEvalSpec
     from stages.model.transformer import ModelConfig
 
 log = logging.getLogger("lmpipe")
@@ -88,7 +88,7 @@ class TrainStage(DatasetStage):
         ev = cfg.in_loop_eval
         if ev is None:
             return None
-        from stages.evaluate.hook import InLoopEvalSpec, task_requests
+        from stages.scoring.hook import InLoopEvalSpec, task_requests
 
         tokenizer_json = ctx.storage.read_bytes(src.path(info.tokenizer_path)).decode("utf-8")
         prefix = info.prefix_token

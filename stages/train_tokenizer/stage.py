@@ -36,7 +36,7 @@ from pipeline.io import iter_parquet_batches
 from pipeline.registry import register
 from pipeline.stage import DatasetStage, Resources
 from stages.sample import keep_score
-from stages.train_tokenizer.summary import TokenizerSummary
+from stages.summaries.train_tokenizer import TokenizerSummary
 
 TOKENIZER_FILE = "tokenizer.json"
 SAMPLE_BINS = 1024

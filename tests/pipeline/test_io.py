@@ -102,7 +102,7 @@ def test_funnel_counts_documents_only():
 
 def test_text_sets_name_the_bad_line(tmp_path):
     """JSONL text sets (evaluate) fail on the first bad line, naming file and line."""
-    from stages.evaluate.perplexity import read_text_set
+    from stages.scoring.perplexity import read_text_set
 
     path = tmp_path / "texts.jsonl"
     path.write_text('{"text": "fine"}\n\n{"text": 3}\n')

@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 import torch
 
-from stages.evaluate.scoring import aggregate
-from stages.evaluate.tasks import build_requests, load_mc_task
+from stages.scoring.metrics import aggregate
+from stages.scoring.tasks import build_requests, load_mc_task
 from stages.evaluate.worker import EvalJob, TaskJob, TextJob, run_job
 from tests.stages.test_evaluate_support import mmlu_like_records, tiny_run, write_task
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from stages.evaluate.hook import InLoopEval
-from stages.evaluate.scoring import aggregate
-from stages.evaluate.tasks import build_requests, load_mc_task
+from stages.scoring.hook import InLoopEval
+from stages.scoring.metrics import aggregate
+from stages.scoring.tasks import build_requests, load_mc_task
 from stages.evaluate.worker import EvalJob, TaskJob, TextJob, run_job
 from tests.stages.test_evaluate_support import SEQ_LEN, mmlu_like_records, tiny_run, write_task
 

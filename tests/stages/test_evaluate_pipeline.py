@@ -21,8 +21,8 @@ from pipeline.config import StrictModel
 from pipeline.registry import register
 from pipeline.stage import DatasetStage
 from pipeline.tracking import ModelRecord
-from stages.tokenize.summary import TokenizeSummary
-from stages.train.summary import TrainSummary
+from stages.summaries.tokenize import TokenizeSummary
+from stages.summaries.train import TrainSummary
 from tests.stages.test_evaluate_support import mmlu_like_records, tiny_run, write_task
 
 

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from stages.evaluate import report
-from stages.evaluate.lm import CheckpointError, Scorer, load_checkpoint, plan_rows, rolling_windows, tree_mask
-from stages.evaluate.perplexity import token_byte_lengths
-from stages.evaluate.scoring import TextTotals, aggregate, bits_per_byte, domain_metrics, mean_stderr, predictions, score_example
-from stages.evaluate.tasks import build_request, load_mc_task, parse_mc_lines
+from stages.scoring.lm import CheckpointError, Scorer, load_checkpoint, plan_rows, rolling_windows, tree_mask
+from stages.scoring.perplexity import token_byte_lengths
+from stages.scoring.metrics import TextTotals, aggregate, bits_per_byte, domain_metrics, mean_stderr, predictions, score_example
+from stages.scoring.tasks import build_request, load_mc_task, parse_mc_lines
 from stages.evalsets import Example, Task
 from stages.model.transformer import Transformer, model_config
 

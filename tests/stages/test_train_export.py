@@ -66,7 +66,7 @@ def test_export_loads_in_transformers_with_matching_logits(tmp_path, tokenizer_f
     transformers = pytest.importorskip("transformers")
     from safetensors.torch import load_file
 
-    from stages.evaluate.lm import load_checkpoint
+    from stages.scoring.lm import load_checkpoint
 
     cfg = tiny(**overrides)
     model = trained_like(cfg)
@@ -225,7 +225,7 @@ def test_a_failed_export_leaves_no_folder(tmp_path):
 
 def test_export_from_s3_reads_only_weights_and_evaluate_loads_it(tmp_path, tokenizer_file, s3_server, reads):
     from pipeline.storage import Storage
-    from stages.evaluate.lm import load_checkpoint
+    from stages.scoring.lm import load_checkpoint
     from tests.conftest import make_bucket
 
     make_bucket(s3_server, "export")

@@ -17,7 +17,7 @@ from typing import ClassVar
 from pipeline.config import load_config
 from pipeline.registry import register
 from pipeline.stage import DatasetStage, stage_seed
-from stages.tokenize.summary import TokenizeSummary
+from stages.summaries.tokenize import TokenizeSummary
 from tests.stages.train_support import SEQ_LEN, VOCAB, token_table
 
 TRAIN_CONFIG = dict(

@@ -11,7 +11,7 @@ JSONL/Parquet text set given by path.
   are ``len(text.encode("utf-8"))``.
 
 Per domain: ``bits_per_byte``, ``perplexity`` (per token), and the macro average over domains
-(Paloma's headline) -- see :func:`stages.evaluate.scoring.domain_metrics`.
+(Paloma's headline) -- see :func:`stages.scoring.metrics.domain_metrics`.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from typing import Any, Optional
 import numpy as np
 
 from pipeline.io import json_lines
-from stages.evaluate.lm import Scorer, rolling_windows
-from stages.evaluate.scoring import TextTotals
+from stages.scoring.lm import Scorer, rolling_windows
+from stages.scoring.metrics import TextTotals
 
 
 def _bytes_to_unicode() -> dict[int, str]:

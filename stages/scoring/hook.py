@@ -3,7 +3,7 @@ small multiple-choice task every N steps, with the same scoring code as the ``ev
 
 :class:`InLoopEval` is one of the trainer's validators (``stages.train.trainer.Validator``)::
 
-    from stages.evaluate.hook import InLoopEval
+    from stages.scoring.hook import InLoopEval
 
     in_loop = InLoopEval.build(tokenizer_file, every=100, val_rows=val_sets,       # {domain: [n, seq_len + 1]}
                                task=("mmlu", None), limit=100, prefix_token=bos_id)  # 100 MMLU questions, 0-shot
@@ -32,10 +32,10 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from stages.evaluate.lm import Scorer
-from stages.evaluate.perplexity import token_byte_lengths, validation_bpb
-from stages.evaluate.scoring import aggregate, domain_metrics, score_example
-from stages.evaluate.tasks import MCRequest, build_requests, load_mc_task
+from stages.scoring.lm import Scorer
+from stages.scoring.perplexity import token_byte_lengths, validation_bpb
+from stages.scoring.metrics import aggregate, domain_metrics, score_example
+from stages.scoring.tasks import MCRequest, build_requests, load_mc_task
 from stages.model.transformer import Transformer
 
 

@@ -1,0 +1,12 @@
+"""Scoring a language model, shared by the ``evaluate`` stage and the training loop (not a stage):
+
+* :mod:`stages.scoring.lm` -- loading a checkpoint as something that scores text, and the batched passes;
+* :mod:`stages.scoring.tasks` -- multiple-choice tasks as scoring requests;
+* :mod:`stages.scoring.metrics` -- the arithmetic (accuracy, standard errors, bits per byte);
+* :mod:`stages.scoring.perplexity` -- bits per byte over held-out text and the validation split;
+* :mod:`stages.scoring.hook` -- the same code as a validator inside the training loop.
+
+``train`` and ``evaluate`` import this package and it imports neither, so an edit to one stage
+never changes the other's code digest. Nothing is imported with the package (the registry imports
+every package under ``stages/`` at startup, and these modules import torch).
+"""
