@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Optional
 
 from pipeline.config import StrictModel
-from pipeline.stage import StageSummary
+from pipeline.contracts import StageSummary
 
 
 class MixtureReport(StrictModel):

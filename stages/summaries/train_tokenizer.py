@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from pipeline.stage import StageSummary
+from pipeline.contracts import StageSummary
 
 
 class TokenizerSummary(StageSummary):
