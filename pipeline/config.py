@@ -19,6 +19,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
+from urllib.parse import urlparse
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator
@@ -68,9 +69,10 @@ class RayConfig(StrictModel):
 class S3Options(StrictModel):
     endpoint_url: Optional[str] = None
     region: Optional[str] = None
-    key: Optional[str] = Field(default=None, description="use ${AWS_ACCESS_KEY_ID}; never written in clear")
-    secret: Optional[str] = Field(default=None, description="use ${AWS_SECRET_ACCESS_KEY}")
-    token: Optional[str] = None
+    key: Optional[str] = Field(default=None, description="${AWS_ACCESS_KEY_ID} (a literal value is refused); or leave"
+                                                        " key/secret/token out: the standard AWS chain (environment, ~/.aws, role)")
+    secret: Optional[str] = Field(default=None, description="${AWS_SECRET_ACCESS_KEY} (a literal value is refused)")
+    token: Optional[str] = Field(default=None, description="${AWS_SESSION_TOKEN} (a literal value is refused)")
     anon: Optional[bool] = None
 
 
@@ -186,6 +188,28 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+ENV_REF_ONLY = re.compile(r"\$\{[A-Za-z_][A-Za-z0-9_]*\}")
+CREDENTIAL_HINT = ("a credential is never written in the pipeline file (it would be copied into MLflow and into every"
+                   " submitted job): write a ${VAR} reference, or leave it out and let the standard chain"
+                   " (environment, ~/.aws, the instance role) provide it")
+
+
+def refuse_literal_credentials(declared: PipelineConfig, path: str) -> None:
+    """The file as written is logged to MLflow and uploaded by ``submit``: a credential in it must be
+    a ``${VAR}`` reference (resolved only in memory), never the value."""
+    for key in ("key", "secret", "token"):
+        value = getattr(declared.storage.s3, key)
+        if value is not None and not ENV_REF_ONLY.fullmatch(value.strip()):
+            raise ConfigError(f"{path}: storage.s3.{key}: {CREDENTIAL_HINT}")
+    for where, url in (("mlflow.tracking_uri", declared.mlflow.tracking_uri), ("storage.s3.endpoint_url", declared.storage.s3.endpoint_url)):
+        try:
+            password = urlparse(url).password if url else None
+        except ValueError:
+            password = None
+        if password is not None and not ENV_REF_ONLY.fullmatch(password):
+            raise ConfigError(f"{path}: {where}: a password in the URL; {CREDENTIAL_HINT}")
+
+
 def load_config(path: str | os.PathLike, overrides: Optional[dict[str, Any]] = None, base_dir: Optional[str] = None) -> LoadedConfig:
     """Read, validate and resolve a pipeline file; raise ConfigError naming the key on any problem."""
 
@@ -195,6 +219,8 @@ def load_config(path: str | os.PathLike, overrides: Optional[dict[str, Any]] = N
             text = f.read()
     except OSError as e:
         raise ConfigError(f"{path}: cannot read pipeline file: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a text file (byte {e.start} is not UTF-8); a pipeline file is YAML") from None
     try:
         raw = yaml.load(text, Loader=_UniqueKeyLoader)
     except _DuplicateKey as e:
@@ -214,6 +240,7 @@ def load_config(path: str | os.PathLike, overrides: Optional[dict[str, Any]] = N
             raise ConfigError(format_validation_error(e, prefix, path)) from None
 
     declared = validate(PipelineConfig, raw, "", resolve_paths=False)
+    refuse_literal_credentials(declared, path)
     try:
         resolved_raw = substitute_env(raw, "")
     except ConfigError as e:

@@ -126,7 +126,12 @@ def explain(runner, only: Optional[str] = None) -> list[Explanation]:
     for name in names:
         fp = computed[name]
         stage_dir = mf.stage_uri(work_dir, name, fp.value)
-        if mf.load_manifest(storage, stage_dir) is not None:
+        try:
+            committed = mf.read_manifest(storage, stage_dir)
+        except (mf.ManifestUnreadable, mf.ManifestInvalid) as e:
+            out.append(Explanation(name, fp.value, "will run", stage_dir, [f"{e} -- treated as not committed"]))
+            continue
+        if committed is not None:
             out.append(Explanation(name, fp.value, "cached", stage_dir))
             continue
         history = mf.stage_manifests(storage, work_dir, name)

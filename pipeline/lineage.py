@@ -28,7 +28,7 @@ def stage_dir_from_run(tracking_uri: str, run_id: str) -> str:
 
 
 def lineage_tree(storage: st.Storage, stage_dir: str) -> dict[str, Any]:
-    manifest = mf.load_manifest(storage, stage_dir)
+    manifest = mf.read_manifest(storage, stage_dir)  # a damaged one is an error naming the file
     if manifest is None:
         raise FileNotFoundError(f"{stage_dir}: no committed manifest")
     node = {

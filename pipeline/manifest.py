@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from typing import Any, Optional
 
 from pydantic import ValidationError
 
 from pipeline import storage as st
 from pipeline.contracts import Manifest, describe_error
+
+log = logging.getLogger("lmpipe")
 
 MANIFEST = "_manifest.json"
 MANIFEST_FORMAT = 2  # 2: fingerprints include the stage's code digest (fingerprint_payload)
@@ -85,16 +88,43 @@ class ManifestInvalid(ValueError):
     """A committed manifest that does not match :class:`pipeline.contracts.Manifest`."""
 
 
-def load_manifest(storage: st.Storage, stage_dir: str) -> Optional[dict[str, Any]]:
+class ManifestUnreadable(ValueError):
+    """A ``_manifest.json`` that is not a JSON object (truncated, damaged, not UTF-8)."""
+
+
+def read_manifest(storage: st.Storage, stage_dir: str) -> Optional[dict[str, Any]]:
     """The committed manifest of a stage folder, checked against the :class:`Manifest` contract
-    (None: nothing committed, or a manifest of another format)."""
+    (None: nothing committed, or a manifest of another format). A manifest that cannot be read
+    raises :class:`ManifestUnreadable` or :class:`ManifestInvalid`, naming the file."""
     uri = manifest_uri(stage_dir)
     if not storage.exists(uri):
         return None
-    manifest = storage.read_json(uri)
+    data = storage.read_bytes(uri)
+    try:
+        manifest = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ManifestUnreadable(f"{uri}: not a readable stage manifest ({len(data)} bytes): {e}") from None
+    if not isinstance(manifest, dict):
+        raise ManifestUnreadable(f"{uri}: not a readable stage manifest: a JSON {type(manifest).__name__}, not an object")
     if manifest.get("format") != MANIFEST_FORMAT:
         return None
     return parse_manifest(manifest, uri)
+
+
+_warned: set[str] = set()
+
+
+def load_manifest(storage: st.Storage, stage_dir: str) -> Optional[dict[str, Any]]:
+    """As :func:`read_manifest`, but a manifest that cannot be read is an output that is not
+    committed (None, after one warning naming the file): the stage is computed again and its
+    commit replaces the damaged file, so one bad file never blocks a run (``--force`` included)."""
+    try:
+        return read_manifest(storage, stage_dir)
+    except (ManifestUnreadable, ManifestInvalid) as e:
+        if str(e) not in _warned:
+            _warned.add(str(e))
+            log.warning("%s -- treated as not committed: the stage is computed again", e)
+        return None
 
 
 def parse_manifest(manifest: dict[str, Any], where: str) -> dict[str, Any]:
