@@ -29,6 +29,9 @@ from stages.dedup.summary import DedupSummary
 EXACT_DUPLICATE = "exact_duplicate"
 URL_DUPLICATE = "url_duplicate"
 NEAR_DUPLICATE = "near_duplicate"
+# An exchange step of the shuffle makes partitions x partitions blocks (object references on Ray):
+# 256 is ~65 k per step; 2000 took 9.5 GB of driver memory.
+MAX_PARTITIONS = 256
 
 
 class KeepConfig(StrictModel):
@@ -38,7 +41,9 @@ class KeepConfig(StrictModel):
     )
     source_priority: list[str] = Field(default_factory=list, description="preferred sources first; unlisted sources after")
     num_partitions: Optional[int] = PerformanceField(
-        default=None, ge=1, description="shuffle partitions (default: ~2 M key rows each, at least one per CPU up to 32); outputs do not depend on it")
+        default=None, ge=1, le=MAX_PARTITIONS,
+        description=f"shuffle partitions (default: ~2 M key rows each, at least one per CPU up to 32; at most {MAX_PARTITIONS},"
+                    " and never more than there are key rows); outputs do not depend on it")
     batch_rows: int = Field(default=8192, ge=1, description="rows per batch when routing the output")
     keep_work: bool = PerformanceField(default=False, description="keep the intermediate files under <attempt>/_work (for debugging)")
 
@@ -158,7 +163,14 @@ def default_partitions(key_rows: int, cpus: int) -> int:
     """~2 million key rows per partition (what one shuffle task holds at once), and at least one
     per CPU of the cluster (up to 32), so that every step of the shuffles keeps the cluster busy.
     The outputs do not depend on it."""
-    return max(1, min(256, max(key_rows // 2_000_000 + 1, min(cpus, 32))))
+    return max(1, min(MAX_PARTITIONS, max(key_rows // 2_000_000 + 1, min(cpus, 32))))
+
+
+def usable_partitions(configured: Optional[int], key_rows: int, cpus: int) -> int:
+    """The configured partitions (else the default), never more than there are key rows: an
+    exchange step holds partitions x partitions blocks, so 2000 partitions over 198 documents
+    took 9.5 GB for nothing. The outputs do not depend on it."""
+    return max(1, min(configured or default_partitions(key_rows, cpus), key_rows))
 
 
 class _DedupStage(DatasetStage):
@@ -180,7 +192,7 @@ class _DedupStage(DatasetStage):
         keys_fn, key_columns, extra, reason_fn = self._keys(ctx)
         rows = ctx.inputs[0].num_rows
         cpus = int(ctx.fan_out.cluster_resources().get("CPU", 1))
-        partitions = cfg.num_partitions or default_partitions(rows * len(key_columns), cpus)
+        partitions = usable_partitions(cfg.num_partitions, rows * len(key_columns), cpus)
         files = engine.build_nodes_and_keys(ctx, work, self._columns(), keys_fn, key_columns, partitions)
         verify = getattr(cfg, "verify", None)
         job = engine.ComponentJob(ctx.storage, work, cfg.keep, tuple(cfg.source_priority), extra,
