@@ -14,7 +14,7 @@ from pipeline.config import load_config
 from pipeline.io import read_table
 from pipeline.runner import Runner
 from pipeline.storage import Storage
-from stages.ingest.stage import SourceConfig, doc_id, read_jsonl
+from stages.ingest import SourceConfig, doc_id, read_jsonl
 
 GOOD_1 = {"text": "The first real document.", "url": "https://example.org/1", "lang": "en"}
 GOOD_2 = {"text": "Zweites Dokument mit Umlauten: äöü — and a dash.", "meta": {"k": [1, 2]}}

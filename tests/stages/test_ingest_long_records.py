@@ -7,7 +7,7 @@ import json
 import time
 
 from pipeline.storage import Storage
-from stages.ingest.stage import SourceConfig, read_json, read_jsonl
+from stages.ingest import SourceConfig, read_json, read_jsonl
 from tests.stages.test_ingest_robustness import _balanced, _collect, _run
 
 

@@ -15,7 +15,7 @@ import zstandard
 
 from pipeline.io import read_table
 from pipeline.storage import Storage
-from stages.ingest.stage import SourceConfig, doc_id, read_json, read_jsonl, read_parquet
+from stages.ingest import SourceConfig, doc_id, read_json, read_jsonl, read_parquet
 from tests.stages.test_ingest import _run_ingest
 
 BOM = b"\xef\xbb\xbf"
