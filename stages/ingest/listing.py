@@ -62,6 +62,9 @@ def _folder_format(rel: str, source: SourceConfig) -> Optional[str]:
     return "text" if _matches_text_glob(rel, source.text_glob) else None
 
 
+NO_KNOWN_FORMAT = "no known format by its name or text_glob (set text_glob or format: on the source to read it)"
+
+
 def short_list(names: list[str], limit: int = 10) -> str:
     if not names:
         return "nothing"
@@ -69,21 +72,64 @@ def short_list(names: list[str], limit: int = 10) -> str:
     return ", ".join(names[:limit]) + more
 
 
-def source_files(storage: st.Storage, source: SourceConfig) -> tuple[list[tuple[str, str, str]], list[str]]:
+def folder_files(storage: st.Storage, folder: str) -> tuple[list[str], list[tuple[str, str]]]:
+    """Every file below ``folder``, sorted, and the entries passed over with the reason why.
+
+    A symlink to a folder is followed (its files are named by their path through the link); one
+    that leads back to a folder being walked (a loop), or to a folder already read through
+    another path (its files would be read twice), is passed over, as is a broken link or anything
+    that is neither a file nor a folder. Object stores have no links: their listing is used as is.
+    """
+    if st.is_remote(folder):
+        return storage.find_files(folder), []
+    root = folder[len("file://"):] if folder.startswith("file://") else folder
+    files: list[str] = []
+    skipped: list[tuple[str, str]] = []
+    walked: dict[str, str] = {}  # real path of each folder walked -> the path it was reached by
+
+    def walk(path: str, ancestors: frozenset[str]) -> None:
+        real = os.path.realpath(path)
+        if real in ancestors:
+            skipped.append((path, f"a symlink back to {real}, a folder above it (a loop): not followed"))
+            return
+        if real in walked:
+            skipped.append((path, f"a symlink to {real}, already read as {walked[real]}: not read twice"))
+            return
+        walked[real] = path
+        with os.scandir(path) as it:
+            entries = sorted(it, key=lambda e: e.name)
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=True):
+                walk(entry.path, ancestors | {real})
+            elif entry.is_file(follow_symlinks=True):
+                files.append(entry.path)
+            elif entry.is_symlink():
+                skipped.append((entry.path, f"a broken symlink (to {os.readlink(entry.path)}): nothing to read"))
+            else:
+                skipped.append((entry.path, "neither a file nor a folder (a socket, a pipe, a device)"))
+
+    walk(root.rstrip("/") or "/", frozenset())
+    return sorted(files), skipped
+
+
+def source_files(storage: st.Storage, source: SourceConfig) -> tuple[list[tuple[str, str, str]], list[tuple[str, str]]]:
     """(file uri, path relative to its source root, format) for every file of a source, sorted; and
-    the files of its folders that are skipped (format auto: no known format by name or text_glob)."""
+    what its folders hold that is not read, with the reason (format auto: no known format by name
+    or text_glob; a symlink loop, a broken link -- see :func:`folder_files`)."""
     files: list[tuple[str, str, str]] = []
-    skipped: list[str] = []
+    skipped: list[tuple[str, str]] = []
     for pattern in source.paths:
         matches = storage.glob(pattern)
         if not matches:
             raise FileNotFoundError(f"source {source.name!r}: {pattern} matches no file")
         for m in matches:
             if storage.isdir(m):
-                found = [(f, _relpath(f, m)) for f in storage.find_files(m)]
+                found_files, passed_over = folder_files(storage, m)
+                skipped.extend(passed_over)
+                found = [(f, _relpath(f, m)) for f in found_files]
                 if source.format == "auto":
                     readable = [(f, rel, _folder_format(rel, source)) for f, rel in found]
-                    skipped.extend(f for f, _, fmt in readable if fmt is None)
+                    skipped.extend((f, NO_KNOWN_FORMAT) for f, _, fmt in readable if fmt is None)
                     readable = [r for r in readable if r[2] is not None]
                 else:
                     readable = [(f, rel, source.format) for f, rel in found]

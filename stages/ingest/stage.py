@@ -61,9 +61,12 @@ class Ingest(SourceStage):
         out = []
         for si, source in enumerate(self.config.sources):
             files, skipped = source_files(storage, source)
-            if skipped:
-                log.warning("[ingest] source %r: %d file(s) of no known format skipped: %s (set text_glob or format:"
-                            " to read them)", source.name, len(skipped), short_list(skipped, 5))
+            by_reason: dict[str, list[str]] = {}
+            for path, reason in skipped:
+                by_reason.setdefault(reason, []).append(path)
+            for reason, paths in by_reason.items():
+                log.warning("[ingest] source %r: %d entr%s skipped, %s: %s", source.name, len(paths),
+                            "y" if len(paths) == 1 else "ies", reason, short_list(paths, 5))
             for uri, rel, fmt in files:
                 out.append((si, uri, rel, fmt))
         return out
