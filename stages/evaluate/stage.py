@@ -40,7 +40,8 @@ from pipeline.context import ExternalInput, InputDataset, StageContext, Upstream
 from pipeline.registry import register
 from pipeline.stage import DatasetStage, Resources
 from pipeline.tracking import DatasetRef
-from stages.evaluate import report
+from stages.evaluate import lmeval_stage, report
+from stages.evaluate.lmeval_stage import LmEvalTaskEntry
 from stages.scoring.metrics import aggregate
 from stages.scoring.tasks import PromptFormat, build_requests, load_mc_task
 from stages.summaries.evaluate import EvaluateSummary
@@ -84,6 +85,7 @@ class EvaluateConfig(StrictModel):
     every_nth: int = Field(default=1, ge=1, description="with checkpoints: every_nth, every Nth checkpoint counted back from the final one")
     paths: list[str] = Field(default_factory=list, description="more checkpoints by path or s3:// URI (train checkpoints or Hugging Face exports)")
     tasks: list[TaskEntry] = Field(default_factory=list)
+    lm_eval_tasks: list[LmEvalTaskEntry] = Field(default_factory=list, description="lm-evaluation-harness task YAMLs, run as they are")
     validation: Optional[bool] = Field(default=None, description="bits per byte per source on the tokenize stage's validation split"
                                                                  " (default: when a tokenize stage is upstream)")
     validation_max_sequences: Optional[int] = Field(default=256, ge=1, description="per source (None: all)")
@@ -125,6 +127,7 @@ class Evaluate(DatasetStage):
                 out.append(ExternalInput(f"evalset:{t.name}", t.path, ({"uri": t.path, **ctx.storage.file_identity(t.path)},)))
         for s in self.config.text_sets:
             out.append(ExternalInput(f"textset:{s.name}", s.path, ({"uri": s.path, **ctx.storage.file_identity(s.path)},)))
+        out += lmeval_stage.external_inputs(self.config.lm_eval_tasks, ctx.storage)
         for p in self.config.paths:
             files = ctx.storage.find_files(p) if ctx.storage.exists(p) else []
             out.append(ExternalInput("checkpoint", p, tuple({"uri": f, **ctx.storage.file_identity(f)} for f in files[:64])))
@@ -143,7 +146,8 @@ class Evaluate(DatasetStage):
         tokenizers = {ck["path"]: self._tokenizer(ctx, tokenize, ck) for ck in checkpoints}
 
         loaded_tasks = [(entry, load_mc_task(entry.name, entry.path, ctx.storage)) for entry in c.tasks]
-        bad_report = self._report_bad_lines(ctx, loaded_tasks)
+        lmeval_tasks = lmeval_stage.load_tasks(c.lm_eval_tasks, ctx.storage)
+        bad_report = (self._report_bad_lines(ctx, loaded_tasks) + lmeval_stage.bad_lines(lmeval_tasks))[:MAX_REPORTED_BAD_LINES]
         task_groups = []
         for entry, lt in loaded_tasks:
             jobs = tuple(TaskJob(f"{entry.name}_{k}shot", tuple(build_requests(lt.task, entry.prompt_format(), k, entry.limit)))
@@ -160,10 +164,12 @@ class Evaluate(DatasetStage):
             own = dict(tokenizer_json=tokenizer_json, prefix_token=tok_info["prefix_token"], meta=ck, **common)
             for group in task_groups:
                 jobs.append(EvalJob(checkpoint=ck["path"], tasks=group, **own))
+            for lt in lmeval_tasks:
+                jobs.append(EvalJob(checkpoint=ck["path"], lmeval=lt.jobs, **own))
             if text_jobs:
                 jobs.append(EvalJob(checkpoint=ck["path"], texts=tuple(text_jobs), **own))
         log.info("[%s] %d checkpoint(s) x %d task group(s) = %d evaluation task(s) on %s", ctx.stage_name, len(checkpoints),
-                 len(task_groups) + bool(text_jobs), len(jobs), device)
+                 len(task_groups) + len(lmeval_tasks) + bool(text_jobs), len(jobs), device)
         env = {"OMP_NUM_THREADS": str(max(1, int(c.cpus_per_task))), "TOKENIZERS_PARALLELISM": "false"}
         results = ctx.fan_out.map(run_job, [(j,) for j in jobs], step="evaluate", num_cpus=c.cpus_per_task, num_gpus=num_gpus,
                                   env=env, max_parallel=c.max_parallel)
@@ -171,7 +177,7 @@ class Evaluate(DatasetStage):
         rows, example_rows, timings = self._collect(results, train_info)
         self._write(ctx, rows, example_rows)
         digests = {f"{e.name}": lt.digest for e, lt in loaded_tasks} | text_digests
-        self._track(ctx, rows, checkpoints, loaded_tasks)
+        self._track(ctx, rows, checkpoints, loaded_tasks, lmeval_tasks)
         table_md = report.markdown_table(rows)
         ctx.log_artifact("eval_table.md", table_md)
         ctx.log_artifact("eval_table.csv", report.csv_table(rows))
@@ -183,7 +189,8 @@ class Evaluate(DatasetStage):
         ctx.set_summary(EvaluateSummary(
             checkpoints=checkpoints, device=device, tokenizer=", ".join(sorted({info["source"] for _, info in tokenizers.values()})),
             tasks={e.name: {"source": lt.source, "digest": lt.digest, "examples": len(lt.task.examples), "shots": e.shots,
-                            "prompt": e.prompt_format(), "limit": e.limit, "skipped_lines": lt.skipped} for e, lt in loaded_tasks},
+                            "prompt": e.prompt_format(), "limit": e.limit, "skipped_lines": lt.skipped} for e, lt in loaded_tasks}
+            | lmeval_stage.summary_entries(lmeval_tasks),
             bad_lines=bad_report, text_sets=text_digests, timings=timings,
             wall_seconds=round(time.perf_counter() - t0, 3), table=table_md,
         ))
@@ -324,6 +331,10 @@ class Evaluate(DatasetStage):
                 timings.append({"checkpoint": res["checkpoint"], "task": key, "examples": len(t["results"]),
                                 "seconds": round(t["seconds"], 3), "examples_per_second": round(t["examples_per_second"], 2),
                                 "device": res["device"], "node": res["node"]})
+            lm_rows, lm_examples, lm_timings = lmeval_stage.result_rows(base, res.get("lmeval", {}))
+            rows += lm_rows
+            examples += lm_examples
+            timings += [{**t, "device": res["device"], "node": res["node"]} for t in lm_timings]
             for key, t in res["texts"].items():
                 for domain, metrics in t["domains"].items():
                     n = int(metrics.get("tokens", 0))
@@ -347,12 +358,14 @@ class Evaluate(DatasetStage):
                 ("greedy", pa.list_(pa.bool_()))])))
         ctx.add_part_result(out.close(rows_in=len(example_rows)))
 
-    def _track(self, ctx: StageContext, rows, checkpoints, loaded_tasks) -> None:
+    def _track(self, ctx: StageContext, rows, checkpoints, loaded_tasks, lmeval_tasks=()) -> None:
         """Metrics with step = tokens seen, the task data as inputs, the final model linked."""
         datasets = []
         for entry, lt in loaded_tasks:
             uri = lt.source if not lt.source.startswith("builtin:") else _builtin_path(entry.name)
             datasets.append(DatasetRef(f"task:{entry.name}", uri, lt.digest.removeprefix("sha256:")))
+        for t in lmeval_tasks:
+            datasets.append(DatasetRef(f"task:{t.task.name}", t.task.path, t.task.digest.removeprefix("sha256:")))
         model_ids = tuple(ck["model_id"] for ck in checkpoints if ck.get("model_id"))
         ctx.log_inputs(datasets, context="evaluation", model_ids=model_ids)
         model_of = {ck["path"]: ck.get("model_id") for ck in checkpoints}

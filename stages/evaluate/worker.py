@@ -36,6 +36,7 @@ class EvalJob:
     prefix_token: int
     tasks: tuple[TaskJob, ...] = ()
     texts: tuple[TextJob, ...] = ()
+    lmeval: tuple = ()  # tuple[LmEvalJob, ...]: lm-eval task files (stages.evaluate.lmeval_run)
     storage: Any = None
     device: str = "cpu"
     dtype: str = "float32"
@@ -75,6 +76,10 @@ def run_job(job: EvalJob) -> dict[str, Any]:
         results = [score_example(r.id, r.gold, r.choices, [s[0] for s in sc], [s[1] for s in sc]) for r, sc in zip(reqs, scores)]
         seconds = time.perf_counter() - t
         out["tasks"][task.key] = {"results": results, "seconds": seconds, "examples_per_second": len(reqs) / max(seconds, 1e-9)}
+    if job.lmeval:
+        from stages.evaluate.lmeval_run import run_lmeval_job
+
+        out["lmeval"] = {t.key: run_lmeval_job(t, scorer, job.prefix_token) for t in job.lmeval}
     byte_lengths = None
     for text in job.texts:
         t = time.perf_counter()

