@@ -69,7 +69,7 @@ def main() -> None:
     os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
 
     from stages.assets import news_articles
-    from stages.train_tokenizer import TrainTokenizerConfig, train_bpe
+    from stages.train_tokenizer.stage import TrainTokenizerConfig, train_bpe
 
     tmp = Path(tempfile.mkdtemp(prefix="tokbench-"))
     arts = [a["text"] for a in news_articles()]

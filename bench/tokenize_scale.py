@@ -139,7 +139,7 @@ def main() -> None:
     tok_path = root / "tokenizer.json"
     if not tok_path.exists():
         from stages.assets import news_articles
-        from stages.train_tokenizer import TrainTokenizerConfig, train_bpe
+        from stages.train_tokenizer.stage import TrainTokenizerConfig, train_bpe
 
         arts = [a["text"] for a in news_articles()]
         train_bpe(iter([arts[i : i + 500] for i in range(0, 2000, 500)]), TrainTokenizerConfig(vocab_size=16384)).save(str(tok_path))

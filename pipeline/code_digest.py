@@ -1,28 +1,42 @@
 """The digest of a stage's own code, part of its fingerprint: editing a stage can never reuse an
 output that older code wrote, whether or not its ``version`` was bumped.
 
-What is hashed: every module of the stage's top-level package that the stage's module can import
-(found statically, lazy imports inside functions included), the data files next to those
-modules (word lists, tokenizer tables), and the two framework modules that turn a stage's tables
-into bytes (:mod:`pipeline.io`, :mod:`pipeline.execute`). A module is hashed as its syntax tree
-without docstrings, so comments, formatting and documentation can be edited without recomputing
-a corpus, while any change to what the code does recomputes the stage and everything after it.
+What is hashed, and nothing more (an over-broad digest recomputes outputs that an unrelated edit
+cannot have changed, and every pipeline variant multiplies that waste):
 
-The per-module digests are recorded in the manifest, so ``lmpipe explain`` can name the file
-whose change made a stage run again.
+* the stage's module, the packages above it (a package's ``__init__.py`` runs on import) and
+  every module of its top-level package that it can import, directly or through each other
+  (found statically, lazy imports inside functions included) -- so a stage's digest reaches
+  another stage's code only where it imports it (shared code lives in packages that import no
+  stage: ``stages/model``, ``stages/scoring``, ``stages/summaries``);
+* the data files next to those modules (word lists, tokenizer tables);
+* the framework modules that turn this stage's tables into bytes, as the stage declares them
+  (``Stage.writes_through``: the Parquet/Arrow writers, part routing, storage), themselves only.
+
+A module is hashed as its syntax tree without docstrings, so comments, formatting and
+documentation can be edited without recomputing a corpus, while any change to what the code does
+recomputes the stage and everything after it. The versions of the libraries that decide a stage's
+bytes (``Stage.libraries``) are read from the installed distributions (:func:`library_versions`).
+
+The per-module digests and library versions are recorded in the manifest, so ``lmpipe explain``
+can name the file or the library whose change made a stage run again.
 """
 
 from __future__ import annotations
 
 import ast
 import hashlib
+import importlib.metadata
 import importlib.util
 import os
 from functools import lru_cache
-from typing import Optional
+from typing import Iterable, Optional
 
-# Framework modules whose code decides the bytes of every stage's output files.
-WRITER_MODULES = ("pipeline.io", "pipeline.execute")
+# What the digest covers (recorded in every fingerprint, so that ``lmpipe explain`` can say that
+# a stage recomputes because the rule changed, not its code). 1: the stage's whole top-level
+# package closure plus pipeline/io.py and pipeline/execute.py; 2: the closure of the stage's
+# module, the framework modules it writes through, and its libraries' versions.
+DIGEST_SCOPE = 2
 DATA_SUFFIXES_IGNORED = (".pyc", ".pyo", ".md")
 
 
@@ -107,12 +121,14 @@ def _imported_modules(tree: ast.AST, module: str, is_package: bool) -> set[str]:
     return names
 
 
-def module_closure(module: str) -> tuple[tuple[str, str], ...]:
-    """(module name, file path) of ``module`` and of every module of its top-level package that it
-    imports, directly or through other such modules, plus the writer modules."""
+def module_closure(module: str, framework: Iterable[str] = ()) -> tuple[tuple[str, str], ...]:
+    """(module name, file path) of ``module``, of the packages above it, and of every module of its
+    top-level package that it imports, directly or through other such modules; plus the
+    ``framework`` modules themselves (their own imports are the framework's, not the stage's)."""
     top = module.split(".")[0]
+    parts = module.split(".")
     seen: dict[str, str] = {}
-    todo = [module, *WRITER_MODULES]
+    todo = [".".join(parts[: i + 1]) for i in range(len(parts))]
     while todo:
         name = todo.pop()
         if name in seen:
@@ -125,6 +141,11 @@ def module_closure(module: str) -> tuple[tuple[str, str], ...]:
         for dep in _imported_modules(tree, name, origin.endswith("__init__.py")):
             if dep.split(".")[0] == top and dep not in seen:
                 todo.append(dep)
+    for name in framework:
+        origin = _origin(name)
+        if origin is None:
+            raise ValueError(f"framework module {name!r} (a stage's writes_through) is not a Python file on the path")
+        seen[name] = origin
     return tuple(sorted(seen.items()))
 
 
@@ -134,13 +155,15 @@ def _display_name(module: str, origin: str) -> str:
     return f"{tail}/__init__.py" if origin.endswith("__init__.py") else f"{tail}.py"
 
 
-def code_digests(module: str) -> dict[str, str]:
-    """{file: digest} for the stage module's closure and the data files beside those modules."""
+def code_digests(module: str, framework: Iterable[str] = ()) -> dict[str, str]:
+    """{file: digest} for the stage module's closure, the data files beside those modules and the
+    ``framework`` modules the stage writes through."""
     out: dict[str, str] = {}
     folders: dict[str, str] = {}
-    for name, origin in module_closure(module):
+    framework = tuple(framework)
+    for name, origin in module_closure(module, framework):
         out[_display_name(name, origin)] = _parse(origin)[0]
-        if origin.endswith("__init__.py"):
+        if origin.endswith("__init__.py") and name not in framework:
             folders[os.path.dirname(origin)] = name.replace(".", "/")
     for folder, display in folders.items():
         for entry in sorted(os.listdir(folder)):
@@ -157,3 +180,16 @@ def combined(digests: dict[str, str]) -> str:
     for name, digest in sorted(digests.items()):
         h.update(f"{name}={digest}\n".encode())
     return h.hexdigest()[:16]
+
+
+def library_version(distribution: str) -> Optional[str]:
+    """The installed version of ``distribution`` (its metadata only: nothing is imported), or None."""
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def library_versions(distributions: Iterable[str]) -> dict[str, Optional[str]]:
+    """{distribution: installed version} of the libraries a stage declares (``Stage.libraries``)."""
+    return {name: library_version(name) for name in sorted(set(distributions))}

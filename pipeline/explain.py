@@ -12,6 +12,11 @@ from pipeline import manifest as mf
 from pipeline.tracking import flatten
 
 MAX_LISTED = 5
+# What each code digest scope (pipeline.code_digest.DIGEST_SCOPE) changed, for the one-time recompute it causes.
+SCOPE_CHANGES = {
+    2: "the digest covers the modules the stage imports and the framework modules that write its bytes,"
+       " and its libraries' versions enter the fingerprint",
+}
 
 
 @dataclass
@@ -61,6 +66,26 @@ def _code_changes(old: dict[str, str], new: dict[str, str]) -> list[str]:
     return out
 
 
+def _library_changes(old: Optional[dict[str, Optional[str]]], new: dict[str, Optional[str]]) -> list[str]:
+    """``library pyarrow 25.0.1 -> 26.0.0``; an output from before library versions were part of
+    the fingerprint (``old`` None) names the versions it is now pinned to."""
+    if old is None:
+        return [f"library versions now part of the fingerprint: {_listed([f'{k} {_version(v)}' for k, v in sorted(new.items())])}"] if new else []
+    out = []
+    for name in sorted(set(old) | set(new)):
+        if name not in old:
+            out.append(f"library {name} added ({_version(new[name])})")
+        elif name not in new:
+            out.append(f"library {name} removed (was {_version(old[name])})")
+        elif old[name] != new[name]:
+            out.append(f"library {name} {_version(old[name])} -> {_version(new[name])}")
+    return out
+
+
+def _version(v: Optional[str]) -> str:
+    return "(not installed)" if v is None else v
+
+
 def _file_key(f: dict[str, Any]) -> tuple:
     return tuple(sorted((k, str(v)) for k, v in f.items()))
 
@@ -89,8 +114,12 @@ def differences(old_payload: dict[str, Any], new_payload: dict[str, Any], old_co
         reasons.append(f"stage type changed: {old_payload.get('uses')} -> {new_payload.get('uses')}")
     if old_payload.get("version") != new_payload.get("version"):
         reasons.append(f"version changed: {old_payload.get('version')} -> {new_payload.get('version')}")
+    old_scope, new_scope = old_payload.get("code_scope", 1), new_payload.get("code_scope", 1)
+    if old_scope != new_scope:
+        reasons.append(f"code digest scope changed: {old_scope} -> {new_scope} ({SCOPE_CHANGES.get(new_scope, 'what the digest covers')})")
     if old_payload.get("code") != new_payload.get("code"):
         reasons += _code_changes(old_code, new_code) or [f"code digest changed: {old_payload.get('code')} -> {new_payload.get('code')}"]
+    reasons += _library_changes(old_payload.get("libraries"), new_payload.get("libraries", {}))
     reasons += _config_changes(old_payload.get("config", {}), new_payload.get("config", {}))
     old_inputs = {ref: fp for ref, fp in old_payload.get("inputs", [])}
     new_inputs = {ref: fp for ref, fp in new_payload.get("inputs", [])}

@@ -41,13 +41,19 @@ def fingerprint_payload(
     extras: dict[str, Any],
     seed: Optional[int],
     code: str,
+    code_scope: int,
+    libraries: dict[str, Optional[str]],
 ) -> dict[str, Any]:
     """Everything a stage's output depends on. Stored in the manifest, so that ``lmpipe explain``
-    can say which part changed when a stage has to run again."""
+    can say which part changed when a stage has to run again. ``code_scope``: what the code digest
+    covers (:data:`pipeline.code_digest.DIGEST_SCOPE`); ``libraries``: the installed versions of
+    the libraries that decide the stage's bytes."""
     return {
         "uses": uses,
         "version": version,
         "code": code,
+        "code_scope": code_scope,
+        "libraries": dict(sorted(libraries.items())),
         "config": config,
         "inputs": [list(i) for i in sorted(inputs)],  # lists, as the manifest's JSON reads back
         "extras": extras,

@@ -1,12 +1,13 @@
 """The stage registry: ``uses: <name>`` in YAML resolves here.
 
-Built-in stages live in ``stages/<name>/`` and register themselves on import; third-party
+Built-in stages live in ``stages/<name>/stage.py`` and register themselves on import; third-party
 packages can add stages through the ``lmpipe.stages`` entry-point group.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import pkgutil
 from importlib.metadata import entry_points
 
@@ -41,7 +42,11 @@ def _discover() -> None:
 
     for info in pkgutil.iter_modules(stages.__path__):
         if info.ispkg:
-            importlib.import_module(f"stages.{info.name}")
+            # A stage package's stage module registers it. Importing it rather than relying on the
+            # package's __init__ lets __init__ stay empty: it runs whenever any module of the
+            # package is imported, so it is in the code digest of every stage that imports one.
+            has_stage = any(m.name == "stage" for m in pkgutil.iter_modules([os.path.join(p, info.name) for p in stages.__path__]))
+            importlib.import_module(f"stages.{info.name}.stage" if has_stage else f"stages.{info.name}")
     for ep in entry_points(group="lmpipe.stages"):
         ep.load()
 

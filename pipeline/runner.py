@@ -16,7 +16,7 @@ from typing import Any, Optional
 from pipeline import manifest as mf
 from pipeline import preflight
 from pipeline import storage as st
-from pipeline.code_digest import code_digests, combined as combined_digest
+from pipeline.code_digest import DIGEST_SCOPE, code_digests, combined as combined_digest, library_versions
 from pipeline.config import ConfigError, LoadedConfig
 from pipeline.context import InputDataset, StageContext
 from pipeline.contracts import (Counts, DatasetEntry, ExternalInputEntry, InputEntry, Manifest, MergedParts, PartResult, SummaryRecord,
@@ -70,7 +70,7 @@ class Fingerprint:
     """A stage's fingerprint and what it was computed from."""
 
     value: str
-    payload: dict[str, Any]  # mf.fingerprint_payload: version, code digest, config, inputs, extras, seed
+    payload: dict[str, Any]  # mf.fingerprint_payload: version, code digest, libraries, config, inputs, extras, seed
     code_files: dict[str, str]  # file -> digest of the stage's code (pipeline.code_digest)
     externals: list  # ExternalInput
 
@@ -182,8 +182,9 @@ class Runner:
         declared = fingerprinted_config(self.loaded.declared_stage_configs[node.name])
         inputs = [(str(r), fingerprints[r.stage]) for r in node.inputs]
         seed = self.loaded.resolved.seed if node.cls.uses_seed else None
-        code_files = code_digests(node.cls.__module__)
-        payload = mf.fingerprint_payload(node.cls.name, node.cls.version, declared, inputs, extras, seed, combined_digest(code_files))
+        code_files = code_digests(node.cls.__module__, node.cls.writes_through)
+        payload = mf.fingerprint_payload(node.cls.name, node.cls.version, declared, inputs, extras, seed, combined_digest(code_files),
+                                         DIGEST_SCOPE, library_versions(node.cls.libraries))
         return Fingerprint(mf.digest(payload), payload, code_files, externals)
 
     def fingerprints(self) -> dict[str, "Fingerprint"]:

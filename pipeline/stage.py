@@ -33,8 +33,16 @@ from pipeline.types import DROP_REASON, QUARANTINE_REASON, REASON_COLUMNS, Stric
 if TYPE_CHECKING:  # pragma: no cover
     from pipeline.context import ExternalInput, PartContext, StageContext
 
-__all__ = ["DROP_REASON", "QUARANTINE_REASON", "REASON_COLUMNS", "DatasetStage", "Part", "Resources", "RowStage", "SourceStage",
-           "Stage", "StageSummary", "stage_seed"]
+__all__ = ["DROP_REASON", "OUTPUT_WRITERS", "PART_WRITERS", "QUARANTINE_REASON", "REASON_COLUMNS", "DatasetStage", "Part", "Resources",
+           "RowStage", "SourceStage", "Stage", "StageSummary", "stage_seed"]
+
+
+# What writes a stage's bytes (Stage.writes_through, part of its code digest). Parts that run
+# through the runner (a row or source stage's, ``ctx.run_parts``) are batched and routed by
+# execute, written by io with the reason columns of types, and committed by storage;
+# ``ctx.part_outputs`` (PartOutputs) writes through io and storage only.
+PART_WRITERS = ("pipeline.execute", "pipeline.io", "pipeline.storage", "pipeline.types")
+OUTPUT_WRITERS = ("pipeline.io", "pipeline.storage")
 
 
 @dataclass(frozen=True)
@@ -89,6 +97,13 @@ class Stage:
     uses_seed: ClassVar[bool] = False
     # The string column whose characters the runner counts per dataset (None: no such column).
     measure_column: ClassVar[Optional[str]] = "text"
+    # The framework modules whose code decides the bytes this stage writes; with the stage's own
+    # import closure they make its code digest (pipeline.code_digest).
+    writes_through: ClassVar[tuple[str, ...]] = PART_WRITERS
+    # The libraries (distribution names) whose version decides this stage's bytes: their installed
+    # versions enter its fingerprint. pyarrow writes every stage's files (its version is in each
+    # Parquet footer); a stage adds what computes its output (tokenizers, torch, a language model).
+    libraries: ClassVar[tuple[str, ...]] = ("pyarrow",)
     # The summary this stage hands downstream (set with ctx.set_summary), if any.
     Summary: ClassVar[Optional[type[StageSummary]]] = None
 
@@ -157,6 +172,9 @@ class DatasetStage(Stage):
     """
 
     row_preserving: ClassVar[bool] = False
+    # Outputs written through ``ctx.part_outputs``/PartOutputs; a stage whose outputs go through
+    # ``ctx.run_parts`` declares PART_WRITERS.
+    writes_through: ClassVar[tuple[str, ...]] = OUTPUT_WRITERS
 
     def run(self, ctx: "StageContext") -> None:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -33,7 +33,7 @@ from pipeline.context import ExternalInput, PartContext, StageContext
 from pipeline.contracts import PartResult
 from pipeline.io import iter_parquet_batches, read_table
 from pipeline.registry import register
-from pipeline.stage import DROP_REASON, DatasetStage, Part, Resources
+from pipeline.stage import DROP_REASON, PART_WRITERS, DatasetStage, Part, Resources
 from stages.decontaminate.ngrams import NgramIndex, split_words, token_spans, word_ids
 from stages.decontaminate.summary import DecontaminateSummary, TaskContamination
 from stages.evalsets import TaskSpec, builtin_source, load_task, task_spec
@@ -98,6 +98,8 @@ class Decontaminate(DatasetStage):
     outputs = ("data", "rejected")
     row_preserving = True
     resources = Resources(num_cpus=1, actors=True)
+    writes_through = PART_WRITERS  # the rows are routed through ctx.run_parts
+    libraries = ("pyarrow", "numpy")
     Summary = DecontaminateSummary
 
     def __init__(self, config: DecontaminateConfig, seed: int = 0):

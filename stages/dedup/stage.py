@@ -19,7 +19,7 @@ from pydantic import Field, model_validator
 from pipeline import storage as st
 from pipeline.config import PerformanceField, StrictModel
 from pipeline.registry import register
-from pipeline.stage import DatasetStage, Part, Resources
+from pipeline.stage import PART_WRITERS, DatasetStage, Part, Resources
 from stages.dedup import engine
 from stages.dedup.lsh import band_keys, kind_key, optimal_param
 from stages.dedup.minhash import MinHasher, ShingleConfig
@@ -178,6 +178,9 @@ class _DedupStage(DatasetStage):
     row_preserving = True
     requires = ("id", "text", "source")
     resources = Resources(num_cpus=1, batch_size=4096)
+    writes_through = PART_WRITERS  # the duplicates are routed through ctx.run_parts
+    # numba compiles the hashing kernels; scipy integrates the LSH band/row choice.
+    libraries = ("pyarrow", "numpy", "numba", "scipy")
     Summary = DedupSummary
 
     def _keys(self, ctx) -> tuple[Any, list[str], tuple[str, ...], Any]:  # pragma: no cover - abstract

@@ -110,6 +110,7 @@ class Evaluate(DatasetStage):
     outputs: ClassVar[tuple[str, ...]] = ("data", "examples")
     measure_column: ClassVar[Optional[str]] = None
     resources: ClassVar[Resources] = Resources(num_cpus=1)
+    libraries: ClassVar[tuple[str, ...]] = ("pyarrow", "numpy", "torch", "tokenizers")  # the forward passes and the encoding
     requires: ClassVar[tuple[str, ...]] = ("step", "tokens_seen", "path")
     produces: ClassVar[tuple[str, ...]] = report.ROW_FIELDS
     new_rows: ClassVar[bool] = True

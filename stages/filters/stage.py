@@ -27,6 +27,7 @@ class QualityFilter(RowStage):
     requires = ("text",)
     produces = ("text", *quality.SCORE_COLUMNS)
     resources = Resources(num_cpus=1, batch_size=2048)
+    libraries = ("pyarrow", "numpy", "pandas")  # the rules count in pyarrow compute, numpy and pandas
 
     def process_batch(self, batch: pa.Table) -> pa.Table:
         prep = common.prepare(batch)
@@ -67,6 +68,7 @@ class LanguageFilter(RowStage):
     requires = ("text",)
     produces = ("lang", "lang_score")
     resources = Resources(num_cpus=1, batch_size=4096)
+    libraries = ("pyarrow", "pycld2")  # CLD2 decides the language and its score
 
     def setup(self) -> None:
         import pycld2  # noqa: F401 - fail at start-up, not in the first batch, if it is missing
@@ -88,6 +90,7 @@ class ToxicityFilter(RowStage):
     requires = ("text",)
     produces = ("toxic_list", "toxic_word_count", "toxic_word_ratio")
     resources = Resources(num_cpus=1, batch_size=4096)
+    libraries = ("pyarrow", "numpy")
 
     def setup(self) -> None:
         toxicity.patterns(self.config.default_language)  # fetch + checksum the lists once

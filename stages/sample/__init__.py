@@ -1,7 +1,5 @@
 """Sample: keep a seeded, deterministic fraction of documents (by a hash of their id).
 
-The stage class lives in :mod:`stages.sample.stage`; importing the package registers it."""
-
-from stages.sample.stage import Sample, keep_score
-
-__all__ = ["Sample", "keep_score"]
+The stage lives in :mod:`stages.sample.stage` (the registry imports it). Nothing is imported with
+the package: other stages import ``keep_score`` from it, and whatever ran here would enter their
+code digests."""

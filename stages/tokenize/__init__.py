@@ -1,7 +1,5 @@
 """tokenize: documents -> packed, mixed, shuffled token sequences in Arrow IPC shards.
 
-The stage class lives in :mod:`stages.tokenize.stage`; importing the package registers it."""
-
-from stages.tokenize.stage import Tokenize, TokenizeConfig, mixture_rates
-
-__all__ = ["Tokenize", "TokenizeConfig", "mixture_rates"]
+The stage lives in :mod:`stages.tokenize.stage` (the registry imports it). Nothing is imported with
+the package: other stages import its shared modules, and whatever ran here would enter their
+code digests."""

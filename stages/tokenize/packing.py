@@ -43,7 +43,7 @@ import pyarrow as pa
 from pipeline import storage as st
 from pipeline.contracts import PartResult
 from pipeline.io import PartOutputs, iter_parquet_batches
-from stages.sample import keep_score
+from stages.sample.stage import keep_score
 from stages.tokenize.hashing import mix64
 
 TRAIN, VALIDATION = "train", "validation"
@@ -188,7 +188,7 @@ def cached_tokenizer(storage: st.Storage, uri: str):
     """One tokenizer per worker process; special-token strings inside documents stay plain text."""
     tok = _TOKENIZERS.get(uri)
     if tok is None:
-        from stages.train_tokenizer import load_tokenizer
+        from stages.train_tokenizer.stage import load_tokenizer
 
         tok = load_tokenizer(storage, uri)
         tok.encode_special_tokens = True  # a document that contains "<|eos|>" must not get an EOS id

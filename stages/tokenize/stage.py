@@ -96,6 +96,7 @@ class Tokenize(DatasetStage):
     uses_seed = True
     measure_column = None
     resources = Resources(num_cpus=1)
+    libraries = ("pyarrow", "numpy", "tokenizers")  # tokenizers decides every token id
     Summary = TokenizeSummary
 
     def run(self, ctx: StageContext) -> None:

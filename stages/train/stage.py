@@ -49,6 +49,9 @@ class TrainStage(DatasetStage):
     description: ClassVar[str] = "pretrain a LLaMA-style model with Ray Train + FSDP2; export to Hugging Face"
     Config = TrainStageConfig
     resources: ClassVar[Resources] = Resources(num_cpus=1)
+    # writes_through: the DatasetStage default (io and storage write the checkpoint table); the
+    # checkpoints are written by the trainer's own code (torch.distributed.checkpoint).
+    libraries: ClassVar[tuple[str, ...]] = ("pyarrow", "numpy", "torch", "tokenizers")  # tokenizers: the in-loop evaluation, the export's tokenizer config
     uses_seed: ClassVar[bool] = True
     outputs: ClassVar[tuple[str, ...]] = ("data",)
     measure_column: ClassVar[Optional[str]] = None

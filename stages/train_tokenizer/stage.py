@@ -35,7 +35,7 @@ from pipeline.context import ExternalInput, StageContext
 from pipeline.io import iter_parquet_batches
 from pipeline.registry import register
 from pipeline.stage import DatasetStage, Resources
-from stages.sample import keep_score
+from stages.sample.stage import keep_score
 from stages.summaries.train_tokenizer import TokenizerSummary
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -125,6 +125,7 @@ class TrainTokenizer(DatasetStage):
     uses_seed = True
     measure_column = None
     resources = Resources(num_cpus=1)
+    libraries = ("pyarrow", "numpy", "tokenizers")  # tokenizers trains the BPE
     Summary = TokenizerSummary
 
     def external_inputs(self, ctx: StageContext) -> list[ExternalInput]:

@@ -34,6 +34,7 @@ from pipeline.stage import RowStage
 class Shout(RowStage):
     name = "test_shout"
     requires = ("text",)
+    libraries = ("pyarrow", "tokenizers")
 
     def process_batch(self, batch: pa.Table) -> pa.Table:
         # a comment
@@ -161,7 +162,7 @@ def test_code_digests_do_not_depend_on_where_the_checkout_lives(tmp_path):
 
     from pipeline.code_digest import code_digests
 
-    digests = code_digests("stages.tokenize")
+    digests = code_digests("stages.tokenize.stage", ("pipeline.io",))
     assert {"stages/tokenize/packing.py", "stages/train_tokenizer/__init__.py", "pipeline/io.py"} <= set(digests)
     root = Path(__file__).resolve().parents[2]
     for package in ("pipeline", "stages"):
@@ -170,7 +171,7 @@ def test_code_digests_do_not_depend_on_where_the_checkout_lives(tmp_path):
         import json, sys
         sys.path.insert(0, sys.argv[1])
         from pipeline.code_digest import code_digests
-        print(json.dumps(code_digests("stages.tokenize")))
+        print(json.dumps(code_digests("stages.tokenize.stage", ("pipeline.io",))))
     """)
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "checkout")], capture_output=True, text=True, timeout=120, cwd="/")
     assert proc.returncode == 0, proc.stderr
@@ -214,3 +215,37 @@ stages:
         assert str(tmp_path) not in json.dumps(identity) and identity["sha256"] == ASSETS[BUILTIN_ASSETS["mmlu"]].sha256
         fingerprints.append({name: f.value for name, f in computed.items()})
     assert fingerprints[0] == fingerprints[1]
+
+
+def test_a_library_version_change_is_named_and_recomputes_only_the_stages_that_declare_it(project, monkeypatch):
+    from pipeline import code_digest
+
+    path = project["write"]()
+    _runner(path).run()
+    installed = code_digest.library_version
+    tokenizers, pyarrow = installed("tokenizers"), installed("pyarrow")
+    assert tokenizers and pyarrow
+
+    # only the plugin stage declares tokenizers: it alone runs again, and explain names the upgrade
+    monkeypatch.setattr(code_digest, "library_version", lambda name: "0.0.1" if name == "tokenizers" else installed(name))
+    status = _status(path)
+    assert [s for s, e in status.items() if e.status != "cached"] == ["shout"]
+    assert status["shout"].reasons == [f"library tokenizers {tokenizers} -> 0.0.1"]
+
+    # pyarrow writes every stage's files: every stage runs again, each saying so
+    monkeypatch.setattr(code_digest, "library_version", lambda name: "99.0.0" if name == "pyarrow" else installed(name))
+    status = _status(path)
+    assert {s: e.reasons[0] for s, e in status.items()} == {s: f"library pyarrow {pyarrow} -> 99.0.0" for s in ("ingest", "quality", "shout")}
+
+
+def test_an_output_fingerprinted_before_digest_scopes_names_the_scope_and_the_libraries():
+    """Outputs committed before the digest was scoped recompute once, and explain says why."""
+    from pipeline.explain import differences
+
+    old = {"uses": "train", "version": "2", "code": "a", "config": {}, "inputs": [], "extras": {}, "seed": 1}
+    new = {**old, "code": "b", "code_scope": 2, "libraries": {"pyarrow": "25.0.1", "torch": "2.13.0"}}
+    reasons = differences(old, new, {"stages/train/stage.py": "1", "stages/evaluate/report.py": "2", "pipeline/execute.py": "3"},
+                          {"stages/train/stage.py": "1", "pipeline/storage.py": "4"})
+    assert reasons[0].startswith("code digest scope changed: 1 -> 2 (the digest covers the modules the stage imports")
+    assert reasons[1:] == ["code added: pipeline/storage.py", "code removed: pipeline/execute.py, stages/evaluate/report.py",
+                           "library versions now part of the fingerprint: pyarrow 25.0.1, torch 2.13.0"]

@@ -17,7 +17,7 @@ from pipeline.io import read_table
 from pipeline.runner import Runner
 from pipeline.storage import Storage
 from stages.assets import news_articles, python_doc_topics
-from stages.tokenize import mixture_rates
+from stages.tokenize.stage import mixture_rates
 from stages.tokenize.packing import Stream, bucket_of, bucket_permutation, pack_stream
 
 PIPELINE = """

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from stages.assets import news_articles
-from stages.train_tokenizer import SpecialTokens, TrainTokenizerConfig, describe, train_bpe
+from stages.train_tokenizer.stage import SpecialTokens, TrainTokenizerConfig, describe, train_bpe
 
 CASES = {
     "newlines": "first line\nsecond line\n\n\nafter three newlines\n",
