@@ -110,7 +110,8 @@ class Evaluate(DatasetStage):
     outputs: ClassVar[tuple[str, ...]] = ("data", "examples")
     measure_column: ClassVar[Optional[str]] = None
     resources: ClassVar[Resources] = Resources(num_cpus=1)
-    libraries: ClassVar[tuple[str, ...]] = ("pyarrow", "numpy", "torch", "tokenizers")  # the forward passes and the encoding
+    # torch: the forward passes; tokenizers: the encoding; jinja2: lm-eval task prompts
+    libraries: ClassVar[tuple[str, ...]] = ("pyarrow", "numpy", "torch", "tokenizers", "jinja2")
     requires: ClassVar[tuple[str, ...]] = ("step", "tokens_seen", "path")
     produces: ClassVar[tuple[str, ...]] = report.ROW_FIELDS
     new_rows: ClassVar[bool] = True
