@@ -122,11 +122,31 @@ def _embedded_store_lock(tracking_uri: str):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def _complete_schema() -> tuple[Optional[set[str]], Optional[str]]:
+    """The tables and the alembic revision of a finished store of this MLflow (None where this
+    MLflow does not say): what a half-created store is told apart by."""
+    try:
+        import mlflow.store.model_registry.sqlalchemy_store  # noqa: F401  (defines the registry's tables)
+        import mlflow.store.tracking.sqlalchemy_store  # noqa: F401  (defines the tracking tables)
+        from mlflow.store.db.base_sql_model import Base
+        from mlflow.store.db.utils import _get_latest_schema_revision
+    except ImportError:  # another MLflow layout: fall back to the leftovers and the version row
+        return None, None
+    try:
+        head = _get_latest_schema_revision()
+    except Exception:
+        head = None
+    return set(Base.metadata.tables), head
+
+
 def _move_aside_if_half_created(path: str) -> None:
-    """A first run stopped while MLflow created the store (a full disk) leaves alembic's temporary
-    tables behind, and every later run fails with "table _alembic_tmp_... already exists". A store
-    in that state that holds no runs is moved aside (kept, not deleted) and created anew; one
-    that holds runs is left alone with an error that says what to do."""
+    """A first run stopped while MLflow created the store (a full disk) leaves part of the schema:
+    alembic's temporary tables, or tables of a migration that stopped half-way with the version
+    row of the one before -- and every later run fails ("table _alembic_tmp_... already exists",
+    "table secrets already exists"), because MLflow finds tables missing and replays migrations
+    over what is there. Such a store is recognised by its tables and revision, not by the
+    version row alone: one that holds no runs is moved aside (kept, not deleted) and created
+    anew; one that holds runs is left alone with an error that says what to do."""
     import sqlite3
 
     if not os.path.exists(path) or os.path.getsize(path) == 0:
@@ -134,17 +154,26 @@ def _move_aside_if_half_created(path: str) -> None:
     with sqlite3.connect(path) as db:
         tables = {r[0] for r in db.execute("select name from sqlite_master where type = 'table'")}
         leftovers = sorted(t for t in tables if t.startswith("_alembic_tmp_"))
-        finished = "alembic_version" in tables and not leftovers
+        version = db.execute("select version_num from alembic_version").fetchone() if "alembic_version" in tables else None
         runs = db.execute("select count(*) from runs").fetchone()[0] if "runs" in tables else 0
-    if finished:
+    expected, head = _complete_schema()
+    missing = sorted(expected - tables) if expected is not None else []
+    behind = head is not None and version is not None and version[0] != head
+    if version is not None and not leftovers and not missing and not behind:
         return
     if runs:
-        raise RuntimeError(f"MLflow store {path} holds {runs} runs but an interrupted schema migration left {leftovers or 'no alembic_version'};"
+        if not leftovers and not missing:  # a finished store of an older MLflow: MLflow says to upgrade it
+            return
+        raise RuntimeError(f"MLflow store {path} holds {runs} runs but an interrupted schema migration left"
+                           f" {leftovers or ('missing tables ' + ', '.join(missing[:5]))};"
                            f" back it up, then drop the tables {leftovers} and run again (MLflow redoes the migration)")
+    what = (", ".join(leftovers) if leftovers else "no schema version" if version is None
+            else f"{len(missing)} of {len(expected or ())} tables missing at revision {version[0]}" if missing
+            else f"revision {version[0]}, not {head}")
     aside = f"{path}.incomplete-{time.strftime('%Y%m%dT%H%M%S')}"
     os.replace(path, aside)
     log.warning("MLflow store %s was left half-created by an earlier run (%s); moved it aside to %s and creating a new one",
-                path, ", ".join(leftovers) or "no schema version", aside)
+                path, what, aside)
 
 
 class Tracker:

@@ -61,3 +61,37 @@ def test_two_first_runs_at_once_both_get_the_store(tmp_path):
 
     runs = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}").search_runs(["1"])
     assert len(runs) == 3
+
+
+# A full disk, simulated: every SQLite connection of MLflow's store creation may hold 50 pages (200 KB)
+FULL_DISK = """
+import sqlite3, sys
+_connect = sqlite3.connect
+def connect(*args, **kwargs):
+    db = _connect(*args, **kwargs)
+    db.execute("PRAGMA max_page_count = 50")
+    return db
+sqlite3.connect = sqlite3.dbapi2.connect = connect
+from mlflow import MlflowClient
+MlflowClient(tracking_uri=f"sqlite:///{sys.argv[1]}").search_experiments()
+"""
+
+
+def test_a_store_whose_creation_ran_out_of_disk_is_recognised_by_its_tables(tmp_path, caplog):
+    """The disk fills while MLflow creates the store: a migration stops half-way, after the version
+    row of the one before it was written. Every later run failed with "table ... already exists"
+    (MLflow sees tables missing and replays the migration); the store must be moved aside instead."""
+    from pipeline.tracking import Tracker
+
+    db = tmp_path / "mlflow.db"
+    full = subprocess.run([sys.executable, "-c", FULL_DISK, str(db)], capture_output=True, text=True, timeout=180)
+    assert full.returncode != 0 and "database or disk is full" in full.stderr
+    with sqlite3.connect(db) as conn:  # the half-made store has a schema version: not what the old check looked for
+        assert conn.execute("select count(*) from alembic_version").fetchone()[0] == 1
+        assert not [r for r in conn.execute("select name from sqlite_master where name like '_alembic_tmp_%'")]
+
+    tracker = Tracker(f"sqlite:///{db}", "exp")
+    run_id = tracker.start_pipeline("p", str(tmp_path / "p.yaml"), "name: p", params={}, tags={})
+    assert tracker.client.get_run(run_id).info.status == "RUNNING"
+    assert len(list(tmp_path.glob("mlflow.db.incomplete-*"))) == 1
+    assert "tables missing at revision" in caplog.text and "moved it aside" in caplog.text
