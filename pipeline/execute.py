@@ -13,7 +13,7 @@ import json
 import time
 import traceback
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 from pipeline import storage as st
 from pipeline.context import PartContext
 from pipeline.contracts import MergedParts, PartResult
-from pipeline.io import PartOutputs, iter_parquet_batches
+from pipeline.io import PartOutputs, iter_parquet_batches, string_bytes_per_row
 from pipeline.stage import DROP_REASON, QUARANTINE_REASON, Part, RowStage, SourceStage, Stage
 
 
@@ -42,6 +42,7 @@ class PartJob:
     max_rows_per_file: int = 50_000
     formats: tuple[tuple[str, str], ...] = ()
     batch_bytes: int = 16 * 2**20
+    max_bytes_per_file: Optional[int] = None  # the stage's output_file_bytes()
 
 
 def bounded_batches(batch: pa.Table, max_bytes: int) -> list[pa.Table]:
@@ -50,12 +51,7 @@ def bounded_batches(batch: pa.Table, max_bytes: int) -> list[pa.Table]:
     length of its documents. Zero-copy slices; a batch within the bound is returned whole."""
     if batch.num_rows <= 1 or batch.nbytes <= max_bytes:
         return [batch]
-    import numpy as np
-
-    sizes = np.zeros(batch.num_rows, dtype=np.int64)
-    for col in batch.columns:
-        if pa.types.is_string(col.type) or pa.types.is_large_string(col.type) or pa.types.is_binary(col.type):
-            sizes += pc.fill_null(pc.binary_length(col), 0).to_numpy(zero_copy_only=False)
+    sizes = string_bytes_per_row(batch)
     out, start, total = [], 0, 0
     for i, size in enumerate(sizes.tolist()):
         if i > start and total + size > max_bytes:
@@ -89,7 +85,8 @@ def split_by_reason(outputs: PartOutputs, table: pa.Table) -> None:
 
 
 def run_row_part(stage: RowStage, part: Part, job: PartJob) -> PartResult:
-    outputs = PartOutputs(job.storage, job.attempt_uri, job.attempt, part.id, job.max_rows_per_file, stage.measure_column, dict(job.formats))
+    outputs = PartOutputs(job.storage, job.attempt_uri, job.attempt, part.id, job.max_rows_per_file, stage.measure_column, dict(job.formats),
+                          max_bytes_per_file=job.max_bytes_per_file)
     uri = part.payload["uri"]
     rows_in = 0
     checked = False
@@ -115,7 +112,8 @@ def run_generator_part(stage: Stage, part: Part, job: PartJob) -> PartResult:
 
     The stage may report ``ctx.count("rows_in", n)`` and ``ctx.count("bytes_in", n)``; without
     ``rows_in`` every row written counts as one row in."""
-    outputs = PartOutputs(job.storage, job.attempt_uri, job.attempt, part.id, job.max_rows_per_file, stage.measure_column, dict(job.formats))
+    outputs = PartOutputs(job.storage, job.attempt_uri, job.attempt, part.id, job.max_rows_per_file, stage.measure_column, dict(job.formats),
+                          max_bytes_per_file=job.max_bytes_per_file)
     ctx = PartContext(job.stage_name, job.seed, job.storage, outputs)
     produce = stage.read_part if isinstance(stage, SourceStage) else stage.process_part
     for table in produce(part, ctx):

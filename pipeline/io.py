@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Optional
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -25,15 +26,26 @@ PARQUET_OPTIONS = dict(compression="zstd", compression_level=1, use_dictionary=F
 REASON_OF_DATASET = {"rejected": DROP_REASON, "quarantine": QUARANTINE_REASON}
 
 
+def string_bytes_per_row(table: pa.Table) -> np.ndarray:
+    """Bytes of string and binary data in each row of ``table`` (what bounds a batch or a file)."""
+    sizes = np.zeros(table.num_rows, dtype=np.int64)
+    for col in table.columns:
+        if pa.types.is_string(col.type) or pa.types.is_large_string(col.type) or pa.types.is_binary(col.type):
+            sizes += pc.fill_null(pc.binary_length(col), 0).to_numpy(zero_copy_only=False)
+    return sizes
+
+
 class _FileSink:
-    """One dataset of one part: rolls over to a new file every ``max_rows_per_file`` rows (None:
-    one file per part).
+    """One dataset of one part: rolls over to a new file every ``max_rows_per_file`` rows and, with
+    ``max_bytes``, before a row would take the file past that many bytes of string data (a row
+    larger than that alone); None: no such bound. The cuts depend only on the rows, never on how
+    they were batched, so the files are the same however the part was read.
 
     ``fmt`` is ``parquet`` (compressed, for documents) or ``arrow`` (Arrow IPC file format,
     uncompressed: memory-mappable, zero-copy reads, for token shards)."""
 
     def __init__(self, storage: st.Storage, attempt_uri: str, stage_rel: str, dataset: str, part_id: str, max_rows: Optional[int],
-                 fmt: str = "parquet"):
+                 fmt: str = "parquet", max_bytes: Optional[int] = None):
         if fmt not in ("parquet", "arrow"):
             raise ValueError(f"unknown output format {fmt!r} for dataset {dataset!r}")
         self.fmt = fmt
@@ -43,6 +55,8 @@ class _FileSink:
         self.dataset = dataset
         self.part_id = part_id
         self.max_rows = max_rows
+        self.max_bytes = max_bytes
+        self._bytes_in_file = 0
         self.files: list[dict[str, Any]] = []
         self._writer: Any = None
         self._sink: Any = None
@@ -62,6 +76,7 @@ class _FileSink:
             self._sink = fs.open_output_stream(path)
             self._writer = pa.ipc.new_file(self._sink, schema)
         self._rows_in_file = 0
+        self._bytes_in_file = 0
         self.files.append({"path": f"{self.stage_rel}/{self.dataset}/{name}", "rows": 0, "bytes": 0})
 
     def write(self, table: pa.Table) -> None:
@@ -77,6 +92,7 @@ class _FileSink:
                     f"dataset {self.dataset!r}, part {self.part_id}: batch schema {table.schema} does not match"
                     f" the part's first batch {self._schema}: {e}"
                 ) from None
+        cumulative = None if self.max_bytes is None else np.cumsum(string_bytes_per_row(table))
         offset = 0
         while offset < table.num_rows:
             if self._writer is None:
@@ -84,11 +100,24 @@ class _FileSink:
             take = table.num_rows - offset
             if self.max_rows is not None:
                 take = min(take, self.max_rows - self._rows_in_file)
+            full = self.max_rows is not None and self._rows_in_file + take >= self.max_rows
+            if cumulative is not None:
+                before = int(cumulative[offset - 1]) if offset else 0
+                room = self.max_bytes - self._bytes_in_file
+                fits = int(np.searchsorted(cumulative[offset:offset + take] - before, room, side="right"))
+                if fits == 0 and self._rows_in_file == 0:
+                    fits = 1  # a row above the bound goes alone in a file
+                if fits < take:
+                    take, full = fits, True
+                if take == 0:
+                    self._close_file()
+                    continue
+                self._bytes_in_file += int(cumulative[offset + take - 1]) - before
             self._writer.write_table(table.slice(offset, take))
             self._rows_in_file += take
             self.files[-1]["rows"] += take
             offset += take
-            if self.max_rows is not None and self._rows_in_file >= self.max_rows:
+            if full:
                 self._close_file()
 
     def _close_file(self) -> None:
@@ -121,6 +150,7 @@ class PartOutputs:
     max_rows_per_file: Optional[int] = 50_000
     measure_column: Optional[str] = "text"
     formats: dict[str, str] = field(default_factory=dict)  # dataset -> "parquet" (default) | "arrow"
+    max_bytes_per_file: Optional[int] = None  # string data per output file (None: no bound)
     rows: dict[str, int] = field(default_factory=dict)
     chars: dict[str, int] = field(default_factory=dict)
     reasons: dict[str, dict[str, int]] = field(default_factory=dict)
@@ -153,7 +183,7 @@ class PartOutputs:
         if sink is None:
             sink = self._sinks[dataset] = _FileSink(
                 self.storage, self.attempt_uri, self.stage_rel, dataset, self.part_id, self.max_rows_per_file,
-                self.formats.get(dataset, "parquet"),
+                self.formats.get(dataset, "parquet"), self.max_bytes_per_file,
             )
         sink.write(table)
 

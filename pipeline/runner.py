@@ -329,7 +329,8 @@ class Runner:
 
             check_cluster_resources(node.name, resources, ray.cluster_resources())
         job = PartJob(node.name, ctx.seed, self.storage, ctx.attempt_uri, ctx.attempt, resources.batch_size,
-                      formats=tuple(sorted(node.cls.output_formats.items())), batch_bytes=resources.batch_bytes)
+                      formats=tuple(sorted(node.cls.output_formats.items())), batch_bytes=resources.batch_bytes,
+                      max_bytes_per_file=stage.output_file_bytes())
         def run_parts(parts: list[Part]) -> list[PartResult]:
             results = self._run_parts(node.name, node.cls, config, parts, job, resources)
             if isinstance(stage, DatasetStage):

@@ -123,6 +123,13 @@ class Stage:
         version (size + mtime/ETag) and recorded as MLflow input datasets for lineage."""
         return []
 
+    def output_file_bytes(self) -> Optional[int]:
+        """The most string data one output file of a part holds before the part rolls over to its
+        next file (None: no bound). A source stage that may read a big file in one part (a
+        compressed stream) sets it, so that every later stage -- one part per file it reads --
+        gets parts of bounded size."""
+        return None
+
     def check(self, manifest: dict[str, Any]) -> None:
         """Called with the finished manifest before it is committed; raise to fail the stage."""
 

@@ -47,6 +47,12 @@ class IngestConfig(StrictModel):
     max_bad_fraction: Optional[float] = Field(default=None, ge=0, le=1, description="fail if quarantined/read exceeds this")
     batch_rows: int = Field(default=4096, ge=1, description="rows per Arrow batch while reading")
     text_files_per_part: int = Field(default=1000, ge=1, description="text files read by one task")
+    max_part_bytes: int = Field(
+        default=64 << 20, ge=1,
+        description="the most text one part holds, whatever the input's layout: an uncompressed JSONL file above it is"
+                    " read by several tasks in byte ranges cut at line boundaries, a Parquet file in runs of row groups,"
+                    " text files grouped up to it; a compressed stream (.gz/.zst, .json) is read by one task whose output"
+                    " files roll over at it. Every later stage keeps one part per file, so its parts stay bounded too")
 
     @field_validator("sources")
     @classmethod

@@ -97,7 +97,16 @@ class Prefixed:
         return self.stream.read(size)
 
 
+COMPRESSED_SUFFIXES = (".gz", ".zst")
+
+
+def is_compressed(uri: str) -> bool:
+    """Whether a file is read through a decompressor (so it cannot be entered in the middle)."""
+    return uri.lower().endswith(COMPRESSED_SUFFIXES)
+
+
 def open_decompressed(storage: st.Storage, uri: str):
+    """(stream of the decompressed bytes, the raw file): .gz and .zst by name, else the file itself."""
     f = storage.open(uri, "rb")
     low = uri.lower()
     if low.endswith(".gz"):

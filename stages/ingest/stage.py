@@ -24,7 +24,9 @@ from pipeline.context import ExternalInput, PartContext, StageContext
 from pipeline.registry import register
 from pipeline.stage import QUARANTINE_REASON, Part, Resources, SourceStage
 from stages.ingest.config import IngestConfig, SourceConfig
+from stages.ingest.decompress import is_compressed
 from stages.ingest.listing import expand_source, short_list, source_files
+from stages.ingest.planning import LineSpan, RowGroupSpan, line_spans, row_group_spans
 from stages.ingest.readers import read_json, read_jsonl, read_parquet, read_text_file
 
 log = logging.getLogger("lmpipe")
@@ -81,7 +83,12 @@ class Ingest(SourceStage):
         return result
 
     def plan(self, ctx: StageContext) -> list[Part]:
-        """One part per JSONL/JSON/Parquet file; text files grouped (many small files make one part)."""
+        """Parts of at most ``max_part_bytes`` of text where the input allows it: an uncompressed
+        JSONL file above the bound in byte ranges cut at line boundaries, a Parquet file above a
+        quarter of it in runs of row groups (its footer says how big they are uncompressed), text
+        files grouped up to it; any other file is one part (its output files roll over at the
+        bound). A file within the bound is one part, with the id it always had."""
+        bound = self.config.max_part_bytes
         parts: list[Part] = []
         group: list[list[str]] = []
         group_bytes = 0
@@ -100,17 +107,35 @@ class Ingest(SourceStage):
                 group_source = si
                 group.append([uri, rel])
                 group_bytes += ctx.storage.size(uri)
-                if len(group) >= self.config.text_files_per_part or group_bytes >= 64 << 20:
+                if len(group) >= self.config.text_files_per_part or group_bytes >= bound:
                     flush_group()
-            else:
-                group_source = -1
-                parts.append(Part(f"{len(parts):05d}", {"uri": uri, "relpath": rel, "source": si, "format": fmt}))
+                continue
+            group_source = -1
+            payload = {"uri": uri, "relpath": rel, "source": si, "format": fmt}
+            for span in self._spans(ctx, uri, fmt, bound):
+                parts.append(Part(f"{len(parts):05d}", {**payload, **span}))
         flush_group()
         return parts
+
+    @staticmethod
+    def _spans(ctx: StageContext, uri: str, fmt: str, bound: int) -> list[dict[str, Any]]:
+        """The part payloads' spans of one file (``[{}]``: the whole file, one part)."""
+        if fmt == "jsonl" and not is_compressed(uri):
+            size = ctx.storage.size(uri)
+            if size > bound:
+                return [{"span": [s.start, s.end, s.first_line]} for s in line_spans(ctx.storage, uri, size, bound, ctx.fan_out)]
+        elif fmt == "parquet" and ctx.storage.size(uri) > bound // 4:
+            spans = row_group_spans(ctx.storage, uri, bound)
+            if spans is not None and len(spans) > 1:
+                return [{"row_groups": [s.first, s.stop, s.first_row]} for s in spans]
+        return [{}]
 
     def read_part(self, part: Part, ctx: PartContext) -> Iterator[pa.Table]:
         source = self.config.sources[part.payload["source"]]
         yield from _counted(self._read_part(part, ctx, source), ctx, source.name)
+
+    def output_file_bytes(self) -> int:
+        return self.config.max_part_bytes
 
     def _read_part(self, part: Part, ctx: PartContext, source: SourceConfig) -> Iterator[pa.Table]:
         fmt = part.payload["format"]
@@ -122,15 +147,22 @@ class Ingest(SourceStage):
                 yield from read_text_file(ctx.storage, uri, rel, source)
             return
         uri, rel = part.payload["uri"], part.payload["relpath"]
-        ctx.count("bytes_in", ctx.storage.size(uri))
-        ctx.count("files")
-        ctx.count(_source_counter(source.name, "files"))
+        line_span = LineSpan(*part.payload["span"]) if "span" in part.payload else None
+        group_span = RowGroupSpan(*part.payload["row_groups"]) if "row_groups" in part.payload else None
+        first_piece = (line_span is None or line_span.start == 0) and (group_span is None or group_span.first == 0)
+        if line_span is not None:
+            ctx.count("bytes_in", line_span.end - line_span.start)
+        elif first_piece:  # a file read in runs of row groups counts its size once
+            ctx.count("bytes_in", ctx.storage.size(uri))
+        if first_piece:
+            ctx.count("files")
+            ctx.count(_source_counter(source.name, "files"))
         if fmt == "jsonl":
-            yield from read_jsonl(ctx.storage, uri, rel, source, self.config.batch_rows, ctx)
+            yield from read_jsonl(ctx.storage, uri, rel, source, self.config.batch_rows, ctx, line_span)
         elif fmt == "json":
             yield from read_json(ctx.storage, uri, rel, source, self.config.batch_rows, ctx)
         else:
-            yield from read_parquet(ctx.storage, uri, rel, source, self.config.batch_rows)
+            yield from read_parquet(ctx.storage, uri, rel, source, self.config.batch_rows, group_span)
 
     def check(self, manifest: dict[str, Any]) -> None:
         counts = manifest["counts"]

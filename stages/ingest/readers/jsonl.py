@@ -11,6 +11,7 @@ from pipeline import storage as st
 from pipeline.context import PartContext
 from stages.ingest.config import SourceConfig
 from stages.ingest.decompress import DECOMPRESS_ERRORS, Counting, open_decompressed, stream_position, unreadable_detail
+from stages.ingest.planning import LineRange, LineSpan
 from stages.ingest.records import (BOM, INVALID_JSON, INVALID_UTF8, RAW_LIMIT, RECORD_TOO_LARGE, UNREADABLE_FILE, Batcher,
                                    check_record, too_large_detail)
 
@@ -52,23 +53,31 @@ def jsonl_records(stream: Any, b: Batcher, source: SourceConfig, state: LineStat
 
 
 def jsonl_checked(stream: Any, counted: Counting, raw_file: Any, b: Batcher, source: SourceConfig,
-                   ctx: Optional[PartContext]) -> Iterator[pa.Table]:
-    """JSON Lines from ``stream``; a stream that breaks (truncated/corrupt .gz/.zst) keeps the lines
-    read so far and adds one ``unreadable_file`` record after them."""
+                  ctx: Optional[PartContext], first_line: int = 1) -> Iterator[pa.Table]:
+    """JSON Lines from ``stream`` (its first line is line ``first_line`` of the file); a stream that
+    breaks (truncated/corrupt .gz/.zst) keeps the lines read so far and adds one ``unreadable_file``
+    record after them."""
     state = LineState()
+    state.line = first_line - 1
     try:
         yield from jsonl_records(stream, b, source, state, ctx)
     except DECOMPRESS_ERRORS as e:
         b.quarantine(state.line + 1, UNREADABLE_FILE, unreadable_detail(e, f"line {state.line}", stream_position(counted, raw_file)), b"")
 
 
-def read_jsonl(storage: st.Storage, uri: str, relpath: str, source: SourceConfig, batch_rows: int, ctx: Optional[PartContext] = None) -> Iterator[pa.Table]:
-    """JSON Lines, streamed (memory: one line and one batch). Locator: the 1-based line number."""
+def read_jsonl(storage: st.Storage, uri: str, relpath: str, source: SourceConfig, batch_rows: int, ctx: Optional[PartContext] = None,
+               span: Optional[LineSpan] = None) -> Iterator[pa.Table]:
+    """JSON Lines, streamed (memory: one line and one batch). Locator: the 1-based line number in
+    the file. With ``span`` (an uncompressed file only), just the lines that start in its byte range."""
     b = Batcher(source.name, relpath, batch_rows)
     stream, raw_file = open_decompressed(storage, uri)
+    if span is not None:
+        if stream is not raw_file:
+            raise ValueError(f"{uri}: a compressed file cannot be read from a byte range")
+        stream = LineRange(raw_file, span.start, span.end)
     counted = Counting(stream)
     try:
-        yield from jsonl_checked(counted, counted, raw_file, b, source, ctx)
+        yield from jsonl_checked(counted, counted, raw_file, b, source, ctx, span.first_line if span is not None else 1)
     finally:
         stream.close()
         raw_file.close()

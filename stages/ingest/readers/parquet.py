@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Iterator
+from typing import Iterator, Optional
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -12,6 +12,7 @@ from pipeline import storage as st
 from stages.ingest.config import SourceConfig
 from stages.ingest.listing import short_list
 from stages.ingest.decompress import unreadable_detail
+from stages.ingest.planning import RowGroupSpan
 from stages.ingest.records import UNREADABLE_FILE, Batcher, check_record
 
 
@@ -50,8 +51,10 @@ def _parquet_has(schema: pa.Schema, path: str) -> bool:
 PARQUET_ERRORS = (OSError, ValueError, EOFError, pa.ArrowException)
 
 
-def read_parquet(storage: st.Storage, uri: str, relpath: str, source: SourceConfig, batch_rows: int) -> Iterator[pa.Table]:
-    """A Parquet file, batch by batch (locator: the 0-based row). A file that is not readable
+def read_parquet(storage: st.Storage, uri: str, relpath: str, source: SourceConfig, batch_rows: int,
+                 span: Optional[RowGroupSpan] = None) -> Iterator[pa.Table]:
+    """A Parquet file, batch by batch (locator: the 0-based row in the file); with ``span``, only its
+    row groups. A file that is not readable
     Parquet (a bad footer, a damaged page) keeps the rows read before the damage and adds one
     ``unreadable_file`` record with the reason, as a damaged .gz/.zst does; a text field the file
     does not have is a config error and fails the stage."""
@@ -69,8 +72,9 @@ def read_parquet(storage: st.Storage, uri: str, relpath: str, source: SourceConf
         paths = _parquet_paths(schema)
         raise KeyError(f"{uri}: no column {source.text_field!r} (columns: {short_list(paths, 50)}); set text_field on source"
                        f" {source.name!r} (a dotted path reaches into struct columns)")
-    row = 0
-    batches = pf.iter_batches(batch_size=batch_rows)
+    row = 0 if span is None else span.first_row
+    groups = None if span is None else list(range(span.first, span.stop))
+    batches = pf.iter_batches(batch_size=batch_rows, row_groups=groups)
     while True:
         try:
             rb = next(batches, None)
