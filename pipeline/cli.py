@@ -228,8 +228,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def cmd_job(args: argparse.Namespace) -> int:
     from ray.job_submission import JobSubmissionClient
 
+    from pipeline.preflight import check_dashboard_address
     from pipeline.submit import auth_headers, follow
 
+    check_dashboard_address(args.address)
     client = JobSubmissionClient(args.address, headers=auth_headers() or None)
     if args.action == "status":
         info = client.get_job_info(args.job_id)

@@ -149,6 +149,9 @@ class Runner:
 
     def _check_addresses(self, track: bool) -> None:
         resolved = self.loaded.resolved
+        ray_address = self.address or resolved.ray.address or os.environ.get("LMPIPE_RAY_ADDRESS")
+        if self.use_ray and ray_address not in (None, "", "local"):  # before the MLflow store is opened
+            preflight.check_ray_address(ray_address)
         if track:
             preflight.check_tracking_uri(resolved.tracking_uri())
         uses_s3 = st.is_remote(self.work_dir) or "s3://" in json.dumps(

@@ -67,7 +67,10 @@ def submit(config_path: str, address: str, wait: bool = True, python: Optional[s
     import pipeline as pipeline_pkg
     import stages as stages_pkg
 
+    from pipeline.preflight import check_dashboard_address
+
     loaded = load_config(config_path)  # validate before submitting anything
+    check_dashboard_address(address)  # seconds, naming the address, where Ray would retry for minutes
     # Relative paths keep meaning what they mean here (a local or shared filesystem); on remote
     # clusters use s3:// paths.
     base_dir = os.path.dirname(os.path.abspath(config_path))
