@@ -1,0 +1,151 @@
+"""HTML -> text: charset decoding and the main-content extractors, as run inside the extraction
+worker process (``sandbox.py``). Nothing here has a time limit of its own: the worker is killed
+from outside when a page takes too long.
+
+Extractors:
+
+* ``resiliparse`` (DCLM's): ``extract_plain_text(main_content=True, preserve_formatting=True)`` --
+  code blocks keep their line breaks and indentation, table rows stay one line each (cells
+  separated by tabs); ~8x trafilatura's speed (BENCHMARKS.md).
+* ``trafilatura`` (FineWeb's): ``extract(include_tables=True)``, plain text; tables as Markdown rows.
+* ``function``: a user's ``module:function`` taking the decoded HTML (str) and returning text.
+"""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import importlib
+import importlib.util
+import re
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from typing import Callable, Optional
+
+# the libraries whose code decides an extractor's output, recorded in its rows and fingerprint
+LIBRARIES = {
+    "resiliparse": ("resiliparse",),
+    "trafilatura": ("trafilatura", "lxml", "lxml_html_clean", "justext", "courlan", "htmldate"),
+    "function": (),
+}
+# decoding uses resiliparse's detector whatever the extractor
+DECODE_LIBRARIES = ("resiliparse",)
+PLAIN_TYPES = ("text/plain",)
+
+META_CHARSET = re.compile(rb"""<meta[^>]+charset\s*=\s*["']?\s*([A-Za-z0-9_\-:.]+)""", re.IGNORECASE)
+REPLACEMENT = "\ufffd"
+MAX_REPLACEMENT_FRACTION = 0.01  # more undecodable bytes than this: the charset was not found
+
+
+class Undecodable(ValueError):
+    """No charset decodes the page."""
+
+
+@dataclass(frozen=True)
+class Decoded:
+    text: str
+    charset: str  # the codec used (Python's name)
+    source: str  # declared (HTTP header) | meta (<meta charset>) | utf-8 | detected
+
+
+def library_versions(extractor: str) -> dict[str, str]:
+    out = {}
+    for name in sorted(set(LIBRARIES[extractor]) | set(DECODE_LIBRARIES)):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def function_digest(path: str) -> str:
+    """sha256 of a user extractor's module source: a change to it changes the stage's fingerprint."""
+    module = path.split(":", 1)[0]
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        raise ValueError(f"extractor function {path!r}: module {module!r} not found")
+    with open(spec.origin, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def _codec(label: Optional[str]) -> Optional[str]:
+    if not label:
+        return None
+    try:
+        return codecs.lookup(label.strip().strip("'\"")).name
+    except LookupError:
+        return None
+
+
+def _strict(payload: bytes, codec: str) -> Optional[str]:
+    try:
+        return payload.decode(codec)
+    except UnicodeDecodeError:
+        return None
+
+
+def decode(payload: bytes, declared: Optional[str]) -> Decoded:
+    """The page as text: the declared charset if it decodes the bytes, else a ``<meta>`` charset,
+    else UTF-8, else what resiliparse's detector (uchardet) says, with replacement characters
+    for what still does not decode -- unless they exceed 1%: then the page is ``Undecodable``."""
+    if payload.startswith(codecs.BOM_UTF8):
+        return Decoded(payload[len(codecs.BOM_UTF8):].decode("utf-8", "replace"), "utf-8", "bom")
+    meta = META_CHARSET.search(payload[:4096])
+    for label, source in ((declared, "declared"), (meta.group(1).decode("ascii", "replace") if meta else None, "meta"),
+                          ("utf-8", "utf-8")):
+        codec = _codec(label)
+        if codec is not None:
+            text = _strict(payload, codec)
+            if text is not None:
+                return Decoded(text, codec, source)
+    from resiliparse.parse.encoding import detect_encoding
+
+    codec = _codec(detect_encoding(payload))
+    if codec is None:
+        raise Undecodable("no charset found (declared, <meta>, UTF-8 and detection all failed)")
+    text = payload.decode(codec, "replace")
+    bad = text.count(REPLACEMENT)
+    if bad > MAX_REPLACEMENT_FRACTION * max(len(text), 1):
+        raise Undecodable(f"{bad} of {len(text)} characters do not decode as {codec} (detected); declared {declared!r}")
+    return Decoded(text, codec, "detected")
+
+
+def _resiliparse(options: dict) -> Callable[[str], str]:
+    from resiliparse.extract.html2text import extract_plain_text
+    from resiliparse.parse.html import HTMLTree
+
+    kwargs = {"main_content": True, "preserve_formatting": True, "alt_texts": False, "links": False, **options}
+
+    def run(html: str) -> str:
+        return extract_plain_text(HTMLTree.parse(html), **kwargs)
+
+    return run
+
+
+def _trafilatura(options: dict) -> Callable[[str], str]:
+    import trafilatura
+
+    kwargs = {"include_tables": True, "include_comments": False, "deduplicate": False, "output_format": "txt",
+              "with_metadata": False, **options}
+
+    def run(html: str) -> str:
+        return trafilatura.extract(html, **kwargs) or ""
+
+    return run
+
+
+def _function(path: str) -> Callable[[str], str]:
+    module, _, name = path.partition(":")
+    if not name:
+        raise ValueError(f"extractor function {path!r}: write it as module:function")
+    return getattr(importlib.import_module(module), name)
+
+
+def load(extractor: str, options: dict, function: Optional[str] = None) -> Callable[[str], str]:
+    if extractor == "resiliparse":
+        return _resiliparse(options)
+    if extractor == "trafilatura":
+        return _trafilatura(options)
+    if extractor == "function":
+        return _function(function or "")
+    raise ValueError(f"unknown extractor {extractor!r}")
