@@ -26,7 +26,9 @@ class ExternalInput:
 
     name: str
     uri: str
-    files: tuple[dict[str, Any], ...]  # each {"uri", "size", "mtime"/"etag"}
+    files: tuple[dict[str, Any], ...]  # each {"uri", "size", "mtime"/"etag"} or {"uri", "size", "sha256"}
+    # What identifies a file's version: "stat" (size and mtime/ETag) or "content" (sha256 of its bytes).
+    identity: str = "stat"
 
 
 @dataclass

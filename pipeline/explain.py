@@ -27,10 +27,11 @@ class Explanation:
     stage_dir: str
     reasons: list[str] = field(default_factory=list)
     previous: Optional[dict[str, Any]] = None  # {"fingerprint", "started_at", "stage_dir"} of the output compared with
+    sources: list[str] = field(default_factory=list)  # how each external input's files are identified ("news: by content (sha256)")
 
     def to_json(self) -> dict[str, Any]:
         return {"stage": self.stage, "fingerprint": self.fingerprint, "status": self.status, "stage_dir": self.stage_dir,
-                "reasons": self.reasons, "previous": self.previous}
+                "reasons": self.reasons, "previous": self.previous, "sources": self.sources}
 
 
 def _short(value: Any, limit: int = 60) -> str:
@@ -90,9 +91,17 @@ def _file_key(f: dict[str, Any]) -> tuple:
     return tuple(sorted((k, str(v)) for k, v in f.items()))
 
 
+# How an external input's files are identified (the ``identity`` of its payload entry; absent: stat).
+IDENTITY_RULES = {"stat": "by size and mtime/ETag", "content": "by content (sha256)"}
+
+
+def identity_rule(entry: dict[str, Any]) -> str:
+    return IDENTITY_RULES.get(entry.get("identity", "stat"), str(entry.get("identity")))
+
+
 def _external_changes(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[str]:
-    a = {e["name"]: e["files"] for e in old}
-    b = {e["name"]: e["files"] for e in new}
+    a = {e["name"]: e for e in old}
+    b = {e["name"]: e for e in new}
     out = []
     for name in sorted(set(a) | set(b)):
         if name not in a:
@@ -100,10 +109,15 @@ def _external_changes(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> l
         elif name not in b:
             out.append(f"external input {name} removed")
         elif a[name] != b[name]:
-            old_files = {f.get("uri", str(i)): _file_key(f) for i, f in enumerate(a[name])}
-            new_files = {f.get("uri", str(i)): _file_key(f) for i, f in enumerate(b[name])}
+            rule_a, rule_b = identity_rule(a[name]), identity_rule(b[name])
+            if rule_a != rule_b:
+                out.append(f"external input {name}: files now identified {rule_b} (were {rule_a})")
+                continue
+            old_files = {f.get("uri", str(i)): _file_key(f) for i, f in enumerate(a[name]["files"])}
+            new_files = {f.get("uri", str(i)): _file_key(f) for i, f in enumerate(b[name]["files"])}
             differ = sorted(u for u in set(old_files) | set(new_files) if old_files.get(u) != new_files.get(u))
-            out.append(f"external input {name}: {len(differ)} file(s) added, removed or modified: {_listed(differ)}")
+            out.append(f"external input {name}: {len(differ)} file(s) added, removed or modified, files identified {rule_b}:"
+                       f" {_listed(differ)}")
     return out
 
 
@@ -161,7 +175,7 @@ def explain(runner, only: Optional[str] = None) -> list[Explanation]:
             out.append(Explanation(name, fp.value, "will run", stage_dir, [f"{e} -- treated as not committed"]))
             continue
         if committed is not None:
-            out.append(Explanation(name, fp.value, "cached", stage_dir))
+            out.append(Explanation(name, fp.value, "cached", stage_dir, sources=_source_rules(fp.payload)))
             continue
         history = mf.stage_manifests(storage, work_dir, name)
         ours = [m for m in history if m.get("pipeline") == pipeline_name] or history
@@ -175,8 +189,13 @@ def explain(runner, only: Optional[str] = None) -> list[Explanation]:
             reasons = ["the last output was written by an lmpipe that did not record its fingerprint's inputs"]
         else:
             reasons = differences(last["fingerprint_payload"], fp.payload, last.get("code_files", {}), fp.code_files)
-        out.append(Explanation(name, fp.value, "will run", stage_dir, reasons, previous))
+        out.append(Explanation(name, fp.value, "will run", stage_dir, reasons, previous, _source_rules(fp.payload)))
     return out
+
+
+def _source_rules(payload: dict[str, Any]) -> list[str]:
+    """``news: by content (sha256)`` for each external input: the rule that says whether it changed."""
+    return [f"{e['name']}: {identity_rule(e)}" for e in payload.get("extras", {}).get("external_inputs", [])]
 
 
 def format_explanations(items: list[Explanation]) -> str:
@@ -184,8 +203,11 @@ def format_explanations(items: list[Explanation]) -> str:
     lines = []
     for e in items:
         head = f"{e.stage:<{width}}  {e.status:<11}  {e.fingerprint}"
+        # the default rule (size and mtime/ETag) goes unsaid on a cached stage; a rerun's reason names it
+        sources = f"{'':<{width}}    source files identified: {'; '.join(e.sources)}" if any("content" in s for s in e.sources) else None
         if e.status == "cached":
             lines.append(f"{head}  {e.stage_dir}")
+            lines += [sources] if sources else []
             continue
         if e.previous:
             head += f"  (last built: {e.previous['fingerprint']} at {e.previous['started_at']})"

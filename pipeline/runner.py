@@ -181,7 +181,9 @@ class Runner:
         externals = stage.external_inputs(probe)
         extras = stage.fingerprint_extras(probe)
         if externals:
-            extras = {**extras, "external_inputs": [{"name": e.name, "files": list(e.files)} for e in externals]}
+            # the rule enters the payload only when it is not the default (outputs built before keep their fingerprint)
+            extras = {**extras, "external_inputs": [{"name": e.name, "files": list(e.files), **({"identity": e.identity} if e.identity != "stat" else {})}
+                                                    for e in externals]}
         declared = fingerprinted_config(self.loaded.declared_stage_configs[node.name])
         inputs = [(str(r), fingerprints[r.stage]) for r in node.inputs]
         seed = self.loaded.resolved.seed if node.cls.uses_seed else None

@@ -31,6 +31,11 @@ class SourceConfig(StrictModel):
         default=64 << 20, ge=1,
         description="largest JSONL line or text file read as one record (bytes); a bigger one is quarantined as"
                     " record_too_large without being held in memory (null: no limit)")
+    identity: Literal["stat", "content"] = Field(
+        default="stat",
+        description="what says a file changed: stat (size and mtime, or the ETag on S3; cheap, but `touch` reruns the"
+                    " pipeline and a same-size edit that keeps the old mtime is not seen) or content (the sha256 of"
+                    " its bytes, cached per file in the work dir and read again only when the file was rewritten)")
     allow_empty: bool = Field(default=False, description="accept a source that yields no documents (no records, or every"
                                                          " record quarantined); by default that fails the stage")
 

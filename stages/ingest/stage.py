@@ -25,6 +25,7 @@ from pipeline.registry import register
 from pipeline.stage import QUARANTINE_REASON, Part, Resources, SourceStage
 from stages.ingest.config import IngestConfig, SourceConfig
 from stages.ingest.decompress import is_compressed
+from stages.ingest.identity import CONTENT, content_identity
 from stages.ingest.listing import expand_source, short_list, source_files
 from stages.ingest.planning import LineSpan, RowGroupSpan, line_spans, row_group_spans
 from stages.ingest.readers import read_json, read_jsonl, read_parquet, read_text_file
@@ -78,8 +79,10 @@ class Ingest(SourceStage):
         for source in self.config.sources:
             files = []
             for uri, rel, _fmt in expand_source(ctx.storage, source):
-                files.append({"uri": uri, "relpath": rel, **ctx.storage.file_identity(uri)})
-            result.append(ExternalInput(source.name, source.paths[0] if len(source.paths) == 1 else ",".join(source.paths), tuple(files)))
+                version = content_identity(ctx.storage, uri, ctx.work_dir) if source.identity == CONTENT else ctx.storage.file_identity(uri)
+                files.append({"uri": uri, "relpath": rel, **version})
+            result.append(ExternalInput(source.name, source.paths[0] if len(source.paths) == 1 else ",".join(source.paths), tuple(files),
+                                        identity=source.identity))
         return result
 
     def plan(self, ctx: StageContext) -> list[Part]:
