@@ -34,6 +34,13 @@ __all__ = ["ConfigError", "LoadedConfig", "PathStr", "PerformanceField", "Pipeli
 STAGE_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
+def lmpipe_home() -> str:
+    """What belongs to no work dir (the default MLflow store of a pipeline whose work_dir is on
+    S3): ``$LMPIPE_HOME``, else ``~/.lmpipe``. It was ``./.lmpipe``, so ``lmpipe status`` from
+    another folder saw other runs, or none."""
+    return os.path.abspath(os.path.expanduser(os.environ.get("LMPIPE_HOME") or "~/.lmpipe"))
+
+
 class ResourcesConfig(StrictModel):
     """Per-stage overrides of the resources a stage declares."""
 
@@ -103,16 +110,27 @@ class PipelineConfig(StrictModel):
     def tracking_uri(self) -> str:
         if self.mlflow.tracking_uri:
             return self.mlflow.tracking_uri
-        root = self.work_dir if not st.is_remote(self.work_dir) else os.path.abspath(".lmpipe")
-        return f"sqlite:///{os.path.abspath(os.path.join(root, 'mlflow.db'))}"
+        return f"sqlite:///{os.path.join(self._local_root(), 'mlflow.db')}"
 
     def artifact_location(self) -> Optional[str]:
         if self.mlflow.artifact_location:
             return self.mlflow.artifact_location
         if self.tracking_uri().startswith(("http://", "https://", "databricks")):
             return None  # a tracking server decides (proxied artifacts)
-        root = self.work_dir if not st.is_remote(self.work_dir) else os.path.abspath(".lmpipe")
-        return Path(os.path.abspath(os.path.join(root, "mlartifacts"))).as_uri()
+        return Path(os.path.join(self._local_root(), "mlartifacts")).as_uri()
+
+    def _local_root(self) -> str:
+        """Where the default MLflow store lives: the work dir, or for a remote one lmpipe's home
+        (one place, whatever folder lmpipe runs from)."""
+        return os.path.abspath(self.work_dir) if not st.is_remote(self.work_dir) else lmpipe_home()
+
+    def describe_tracking(self) -> str:
+        """The line a run starts with: where its lineage goes."""
+        uri = self.tracking_uri()
+        if not self.mlflow.tracking_uri and st.is_remote(self.work_dir):
+            return (f"MLflow store: {uri} (the default for a remote work_dir: $LMPIPE_HOME, else ~/.lmpipe, on this machine;"
+                    f" set mlflow.tracking_uri to a server to share it)")
+        return f"MLflow store: {uri}"
 
 
 @dataclass(frozen=True)

@@ -141,6 +141,8 @@ class Runner:
         self.by_name = {n.name: n for n in self.order}
         self.work_dir = loaded.resolved.work_dir
         self.tracker: Optional[Tracker] = None
+        if track:
+            log.info("%s", loaded.resolved.describe_tracking())
         self._check_addresses(track)  # fail in seconds, naming the address, where a client would retry for minutes
         if track:
             self.tracker = Tracker(loaded.resolved.tracking_uri(), loaded.resolved.mlflow.experiment, loaded.resolved.artifact_location())
@@ -158,6 +160,11 @@ class Runner:
             {name: cfg.model_dump(mode="json") for name, cfg in self.loaded.resolved_stage_configs.items()})
         if uses_s3:
             preflight.check_s3_endpoint(resolved.storage.s3.endpoint_url)
+        bucket = self.storage.missing_bucket(self.work_dir)
+        if bucket is not None:
+            raise FileNotFoundError(f"work_dir {self.work_dir}: the bucket {bucket!r} does not exist"
+                                    f"{' at ' + resolved.storage.s3.endpoint_url if resolved.storage.s3.endpoint_url else ''};"
+                                    f" create it or fix work_dir")
 
     # -- planning ---------------------------------------------------------------------------
     def _context(self, node: Node, fingerprint: str, input_datasets: list[InputDataset]) -> StageContext:

@@ -13,7 +13,7 @@ import os
 import posixpath
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
 
 import fsspec
 import pyarrow.fs as pafs
@@ -166,6 +166,21 @@ class Storage:
                 name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
                 out.append(name)
         return sorted(out)
+
+    def missing_bucket(self, uri: str) -> Optional[str]:
+        """The bucket of an ``s3://`` URI when it positively does not exist (else None: a local path,
+        an existing bucket, or one this identity may not look at), so that an error can name it
+        (S3 only says "The specified bucket does not exist")."""
+        if not uri.startswith("s3://"):
+            return None
+        bucket = uri[len("s3://"):].split("/", 1)[0]
+        try:
+            self.fs(uri).info(bucket)
+        except FileNotFoundError:
+            return bucket
+        except Exception:
+            return None
+        return None
 
     def file_identity(self, uri: str) -> dict[str, Any]:
         """What identifies a source file's version cheaply: size plus mtime or ETag."""

@@ -20,6 +20,20 @@ os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def lmpipe_home(tmp_path_factory):
+    """The default MLflow store of a pipeline with a remote work_dir lives in $LMPIPE_HOME: the
+    tests' own, never the user's ~/.lmpipe."""
+    home = tmp_path_factory.mktemp("lmpipe-home")
+    previous = os.environ.get("LMPIPE_HOME")
+    os.environ["LMPIPE_HOME"] = str(home)
+    yield home
+    if previous is None:
+        os.environ.pop("LMPIPE_HOME", None)
+    else:
+        os.environ["LMPIPE_HOME"] = previous
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """One embedded Ray for every in-process test (starting one costs ~5 s)."""

@@ -121,7 +121,9 @@ def source_files(storage: st.Storage, source: SourceConfig) -> tuple[list[tuple[
     for pattern in source.paths:
         matches = storage.glob(pattern)
         if not matches:
-            raise FileNotFoundError(f"source {source.name!r}: {pattern} matches no file")
+            bucket = storage.missing_bucket(pattern)
+            why = f": the bucket {bucket!r} does not exist" if bucket else " matches no file"
+            raise FileNotFoundError(f"source {source.name!r}: {pattern}{why}")
         for m in matches:
             if storage.isdir(m):
                 found_files, passed_over = folder_files(storage, m)
