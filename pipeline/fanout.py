@@ -52,9 +52,11 @@ def _unwrap(error: BaseException) -> BaseException:
 class FanOut:
     """Parallel work of one stage: on Ray when the runner runs on Ray, else in this process."""
 
-    def __init__(self, stage_name: str, on_ray: bool):
+    def __init__(self, stage_name: str, on_ray: bool, check: Optional[Callable[[], None]] = None):
         self.stage_name = stage_name
         self.on_ray = on_ray
+        # called as tasks finish; raises to stop the stage (the runner's: its lease was lost)
+        self.check: Callable[[], None] = check or (lambda: None)
 
     def cluster_resources(self) -> dict[str, float]:
         """What the tasks can run on: the Ray cluster's resources (CPU, GPU, custom), or one CPU
@@ -76,6 +78,7 @@ class FanOut:
             for item in items:
                 out.append(fn(*item))
                 progress.tick()
+                self.check()
             return out
         import ray
 
@@ -96,6 +99,7 @@ class FanOut:
                     ready, pending = ray.wait(pending, num_returns=1)
                     ray.get(ready)  # fail fast: a failed task stops the submission of more
                     progress.tick()
+                    self.check()
                 ref = remote.remote(*item)
                 refs.append(ref)
                 pending.append(ref)
@@ -103,11 +107,16 @@ class FanOut:
                 ready, pending = ray.wait(pending, num_returns=1)
                 ray.get(ready)
                 progress.tick()
+                self.check()
             return ray.get(refs)
         except ray.exceptions.RayTaskError as e:
             for ref in pending:
                 ray.cancel(ref, force=False)
             raise _unwrap(e) from None
+        except BaseException:  # stopped (a lost lease, an interrupt): the remaining tasks are not needed
+            for ref in pending:
+                ray.cancel(ref, force=False)
+            raise
 
     def exchange(self, fn: Callable[..., tuple[list, dict]], inputs: list[list[Any]], partitions: int, *args: Any,
                  step: Optional[str] = None, num_cpus: float = 1.0) -> tuple[list[list[Any]], list[dict[str, Any]]]:
@@ -123,6 +132,7 @@ class FanOut:
                 for j in range(partitions):
                     received[j].append(outs[j])
                 stats.append(st)
+                self.check()
             return received, stats
         import ray
 
@@ -135,6 +145,7 @@ class FanOut:
             stats = ray.get([r[partitions] for r in refs])
         except ray.exceptions.RayTaskError as e:
             raise _unwrap(e) from None
+        self.check()
         return [[refs[k][j] for k in range(partitions)] for j in range(partitions)], stats
 
 

@@ -5,10 +5,12 @@ Layout of one stage output::
     <work_dir>/<stage>/<fingerprint>/
         attempt-<uuid>/data/part-00000-0000.parquet   # written by one attempt
         attempt-<uuid>/rejected/...
+        attempt-<uuid>/_lease.json                    # the run that writes it (its lock token, host, pid)
         _manifest.json                                # written last, atomically: the commit
 
 Readers only read files that a manifest lists, so an attempt that crashed (no manifest, or a
-manifest naming another attempt) is invisible; the next attempt deletes it.
+manifest naming another attempt) is invisible; it is deleted by the next attempt once its run is
+known to be gone, else by the next commit (see :mod:`pipeline.locks`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from pydantic import ValidationError
 
@@ -154,17 +156,35 @@ def dataset_uri(manifest: dict[str, Any], stage_dir: str, dataset: str = "data")
 
 
 FAILED_MARKER = "_FAILED.json"
+ATTEMPT_HOLDER = "_lease.json"  # in an attempt folder: the run writing it (its stage lock's token, host, pid)
 
 
-def remove_stale_attempts(storage: st.Storage, stage_dir: str, keep: Optional[str], keep_failed: bool = False) -> list[str]:
+def attempt_holder(storage: st.Storage, stage_dir: str, attempt: str) -> Optional[dict[str, Any]]:
+    """Who wrote an attempt folder (None when it does not say: written before holders were recorded)."""
+    try:
+        holder = storage.read_json(st.join(stage_dir, attempt, ATTEMPT_HOLDER))
+    except (FileNotFoundError, ValueError):
+        return None
+    return holder if isinstance(holder, dict) else None
+
+
+def attempts(storage: st.Storage, stage_dir: str) -> list[str]:
+    return [name for name in storage.ls_dirs(stage_dir) if name.startswith("attempt-")]
+
+
+def remove_stale_attempts(storage: st.Storage, stage_dir: str, keep: Optional[str], keep_failed: bool = False,
+                          removable: Optional[Callable[[str], bool]] = None) -> list[str]:
     """Delete attempt folders other than ``keep`` (crashed or superseded runs). ``keep_failed``:
     also keep attempts that a stage's own check refused (they hold what its error told the user
-    to inspect, e.g. a quarantine dataset) until the stage next commits."""
+    to inspect, e.g. a quarantine dataset) until the stage next commits. ``removable(name)``:
+    whether an attempt may go now (default: every one)."""
     removed = []
-    for name in storage.ls_dirs(stage_dir):
-        if not name.startswith("attempt-") or name == keep:
+    for name in attempts(storage, stage_dir):
+        if name == keep:
             continue
         if keep_failed and storage.exists(st.join(stage_dir, name, FAILED_MARKER)):
+            continue
+        if removable is not None and not removable(name):
             continue
         storage.rm(st.join(stage_dir, name))
         removed.append(name)

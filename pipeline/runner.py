@@ -23,7 +23,7 @@ from pipeline.contracts import (Counts, DatasetEntry, ExternalInputEntry, InputE
                                 Timings)
 from pipeline.dag import Node, build_dag, downstream_of, upstream_of
 from pipeline.funnel import funnel_artifacts
-from pipeline.locks import ReaderLease, StageLock, describe, live_readers
+from pipeline.locks import ReaderLease, StageLock, describe, live_readers, process_gone
 from pipeline.fanout import FanOut
 from pipeline.execute import PartJob, merge_results, run_parts_locally, run_parts_on_ray
 from pipeline.stage import DatasetStage, Resources, RowStage, SourceStage, Part, stage_seed
@@ -147,7 +147,7 @@ class Runner:
         if track:
             self.tracker = Tracker(loaded.resolved.tracking_uri(), loaded.resolved.mlflow.experiment, loaded.resolved.artifact_location())
         self.ray_address = RAY_NOT_STARTED if use_ray else "none (in-process)"
-        self._reader_lease: Optional[str] = None  # this run's ReaderLease id, while it runs
+        self._reader_lease: Optional[ReaderLease] = None  # this run's, while it runs
 
     def _check_addresses(self, track: bool) -> None:
         resolved = self.loaded.resolved
@@ -254,10 +254,13 @@ class Runner:
         stage_dirs = [mf.stage_uri(self.work_dir, name, fp) for name, fp in fingerprints.items()]
         try:
             with ReaderLease(self.storage, self.work_dir, stage_dirs, run=report.pipeline_run_id) as lease:
-                self._reader_lease = lease.id
-                for name in selected:
-                    node = self.by_name[name]
-                    report.stages.append(self._run_stage(node, fingerprints, computed[name], name in forced, report))
+                self._reader_lease = lease
+                try:
+                    for name in selected:
+                        node = self.by_name[name]
+                        report.stages.append(self._run_stage(node, fingerprints, computed[name], name in forced, report))
+                finally:
+                    self._reader_lease = None
             status = "FINISHED"
         finally:
             if self.tracker:
@@ -290,13 +293,13 @@ class Runner:
             if not forced:  # committed by a run that finished between our look and the lock
                 existing = mf.load_manifest(self.storage, stage_dir)
         try:
-            return self._run_stage_locked(node, fingerprints, why, stage_dir, existing)
+            return self._run_stage_locked(node, fingerprints, why, stage_dir, existing, lock)
         finally:
             if lock is not None:
                 lock.release()
 
     def _run_stage_locked(self, node: Node, fingerprints: dict[str, str], why: "Fingerprint", stage_dir: str,
-                          existing: Optional[dict[str, Any]]) -> StageReport:
+                          existing: Optional[dict[str, Any]], lock: Optional[StageLock]) -> StageReport:
         fp = why.value
         cached = existing is not None
         entry = self.loaded.declared.stages[node.name]
@@ -313,7 +316,7 @@ class Runner:
                 log.info("[%s] cached (fingerprint %s): %s", node.name, fp, stage_dir)
                 artifacts: dict[str, bytes] = {}
             else:
-                manifest, artifacts = self._compute(node, why, inputs, run_id)
+                manifest, artifacts = self._compute(node, why, inputs, lock, run_id)
             if run_id:
                 refs = [{"ref": f"{r.ref.stage}.{r.ref.dataset}", "uri": r.uri, "fingerprint": r.fingerprint} for r in inputs]
                 self.tracker.finish_stage(run_id, manifest, stage_dir, refs, artifacts)
@@ -323,7 +326,7 @@ class Runner:
             raise
         return StageReport(node.name, fp, cached, stage_dir, manifest, run_id)
 
-    def _compute(self, node: Node, why: "Fingerprint", inputs: list[InputDataset],
+    def _compute(self, node: Node, why: "Fingerprint", inputs: list[InputDataset], lock: StageLock,
                  run_id: Optional[str] = None) -> tuple[dict[str, Any], dict[str, bytes]]:
         fp = why.value
         if self.use_ray and self.ray_address == RAY_NOT_STARTED:  # started only when something must run
@@ -333,7 +336,12 @@ class Runner:
         ctx.attempt = f"attempt-{uuid.uuid4().hex[:12]}"
         if self.tracker and run_id:
             ctx.mlflow_run_id, ctx.tracking_uri = run_id, self.tracker.tracking_uri
-        self._remove_stale_attempts(node.name, ctx.stage_dir, keep=self._committed_attempt(ctx.stage_dir), keep_failed=True)
+        # attempts of runs known to be gone go now; those of a run that may only be paused go
+        # after our commit, when it can no longer commit them (StageLock.commit)
+        self._remove_stale_attempts(node.name, ctx.stage_dir, lock, keep=self._committed_attempt(ctx.stage_dir), keep_failed=True,
+                                    removable=lambda name: self._attempt_run_gone(ctx.stage_dir, name))
+        self.storage.write_json_atomic(st.join(ctx.attempt_uri, mf.ATTEMPT_HOLDER), lock.holder)
+        ctx.fan_out.check = lambda: self._check_leases(lock)
         stage = node.cls(config, seed=ctx.seed)
         resources = ctx.resources
         if self.use_ray:
@@ -344,7 +352,7 @@ class Runner:
                       formats=tuple(sorted(node.cls.output_formats.items())), batch_bytes=resources.batch_bytes,
                       max_bytes_per_file=stage.output_file_bytes())
         def run_parts(parts: list[Part]) -> list[PartResult]:
-            results = self._run_parts(node.name, node.cls, config, parts, job, resources)
+            results = self._run_parts(node.name, node.cls, config, parts, job, resources, lock)
             if isinstance(stage, DatasetStage):
                 ctx.part_results.extend(results)
             return results
@@ -377,8 +385,9 @@ class Runner:
         except Exception as e:
             self.storage.write_json_atomic(st.join(ctx.attempt_uri, mf.FAILED_MARKER), {"error": str(e), "manifest": manifest})
             raise CheckFailed(f"{e} [this attempt's outputs are kept in {ctx.attempt_uri} until {node.name!r} next commits]") from e
-        self.storage.write_json_atomic(mf.manifest_uri(ctx.stage_dir), manifest)  # the commit
-        self._remove_stale_attempts(node.name, ctx.stage_dir, keep=ctx.attempt)
+        self._check_leases(lock)
+        lock.commit(manifest)  # the commit: conditional on our lease and on the marker we saw
+        self._remove_stale_attempts(node.name, ctx.stage_dir, lock, keep=ctx.attempt)
         c = manifest["counts"]
         log.info(
             "[%s] committed %s: %d in, %d kept, %d rejected, %d quarantined in %.1fs",
@@ -386,25 +395,42 @@ class Runner:
         )
         return manifest, ctx.artifacts
 
-    def _remove_stale_attempts(self, stage: str, stage_dir: str, keep: Optional[str], keep_failed: bool = False) -> None:
+    def _remove_stale_attempts(self, stage: str, stage_dir: str, lock: StageLock, keep: Optional[str], keep_failed: bool = False,
+                               removable=None) -> None:
         """Crashed and superseded attempts go, unless another running pipeline may read them: then
-        they stay until a later commit of this stage finds no such reader."""
-        readers = live_readers(self.storage, self.work_dir, stage_dir, ignore=self._reader_lease)
+        they stay until a later commit of this stage finds no such reader. Only while the stage's
+        lock is still ours (renewed first)."""
+        readers = live_readers(self.storage, self.work_dir, stage_dir, ignore=self._reader_lease.id if self._reader_lease else None)
         if readers:
             log.info("[%s] keeping earlier attempts in %s: %d other run(s) may read them (%s)", stage, stage_dir, len(readers),
                      "; ".join(describe(r) for r in readers))
             return
-        mf.remove_stale_attempts(self.storage, stage_dir, keep=keep, keep_failed=keep_failed)
+        lock.renew()
+        mf.remove_stale_attempts(self.storage, stage_dir, keep=keep, keep_failed=keep_failed, removable=removable)
+
+    def _attempt_run_gone(self, stage_dir: str, attempt: str) -> bool:
+        """Whether the run that wrote an attempt is known to be gone (a dead pid on this host, or
+        an attempt that does not say who wrote it)."""
+        holder = mf.attempt_holder(self.storage, stage_dir, attempt)
+        return holder is None or process_gone(holder.get("host"), holder.get("pid"))
+
+    def _check_leases(self, lock: StageLock) -> None:
+        """Stop the stage (LeaseLost) once its lock, or this run's reader lease, is lost."""
+        lock.check()
+        if self._reader_lease is not None:
+            self._reader_lease.check()
 
     def _committed_attempt(self, stage_dir: str) -> Optional[str]:
         m = mf.load_manifest(self.storage, stage_dir)
         return m["attempt"] if m else None
 
-    def _run_parts(self, stage_name: str, stage_cls, config, parts: list[Part], job: PartJob, resources: Resources) -> list[PartResult]:
+    def _run_parts(self, stage_name: str, stage_cls, config, parts: list[Part], job: PartJob, resources: Resources,
+                   lock: StageLock) -> list[PartResult]:
         started = time.perf_counter()
         totals = {"rows": 0, "last_log": 0.0}
 
         def progress(result: PartResult, done: int, total: int) -> None:
+            self._check_leases(lock)  # a lost lease stops the stage at the next part
             totals["rows"] += result.rows_in
             now = time.perf_counter()
             if done != total and now - totals["last_log"] < 5.0:

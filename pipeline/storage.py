@@ -4,18 +4,32 @@ Every path the pipeline touches goes through :class:`Storage`, so a ``work_dir``
 can be local or on S3 without the stages knowing. Writes that must be atomic (manifests) use
 write-to-temporary-then-rename locally and a single PUT on object stores (which is atomic per
 object).
+
+Leases and the commit marker need more than atomic writes: a write that happens only if the
+object is still the version the writer last saw (:meth:`Storage.put_if`, :meth:`Storage.delete_if`),
+and the age of an object measured on the storage's own clock (:meth:`Storage.read_versioned`,
+:meth:`Storage.now`), never by comparing two hosts' clocks. On S3 these are conditional requests
+(``If-Match`` on the ETag, ``If-None-Match: *``) and ``LastModified``; on a local or mounted disk,
+a compare of the file's content and a rename under a short ``flock`` of the folder's
+``.lmpipe-cas`` file, and modification times.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import hashlib
 import json
 import os
 import posixpath
+import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import fsspec
+import fsspec.asyn
 import pyarrow.fs as pafs
 
 
@@ -31,6 +45,50 @@ def join(base: str, *parts: str) -> str:
 
 def _strip_file_scheme(uri: str) -> str:
     return uri[len("file://") :] if uri.startswith("file://") else uri
+
+
+CAS_FILE = ".lmpipe-cas"  # a local folder's compare-and-swap lock (flock), never read
+CAS_WAIT_S = 30.0  # a writer holds it for microseconds; longer means a stopped process holds it
+
+
+class PreconditionFailed(Exception):
+    """A conditional write or delete found another version of the object (or none)."""
+
+
+@dataclass(frozen=True)
+class Versioned:
+    """An object's bytes, its version (the S3 ETag; locally a digest of the content) and the
+    storage's time of its last write (``LastModified``; locally the file's mtime)."""
+
+    data: bytes
+    version: str
+    modified: float
+
+
+def _content_version(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:32]
+
+
+def json_bytes(obj: Any) -> bytes:
+    """How every JSON object of the work dir is written (manifests, leases)."""
+    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
+
+
+def _split_s3(uri: str) -> tuple[str, str]:
+    bucket, _, key = uri.split("://", 1)[1].partition("/")
+    return bucket, key
+
+
+def _s3_code(error: BaseException) -> Optional[str]:
+    """The S3 error code behind an s3fs exception (s3fs keeps botocore's error as the cause)."""
+    for e in (error, error.__cause__):
+        response = getattr(e, "response", None)
+        if isinstance(response, dict):
+            return response.get("Error", {}).get("Code")
+    return None
+
+
+_CONFLICT_CODES = {"PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey", "404"}
 
 
 @dataclass(frozen=True)
@@ -112,7 +170,97 @@ class Storage:
         return True
 
     def write_json_atomic(self, uri: str, obj: Any) -> None:
-        self.write_bytes_atomic(uri, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+        self.write_bytes_atomic(uri, json_bytes(obj))
+
+    # -- conditional writes (leases, the commit marker) -----------------------------------------
+    def read_versioned(self, uri: str) -> Versioned:
+        """The object with its version and the storage's time of its last write
+        (FileNotFoundError when it does not exist)."""
+        if is_remote(uri):
+            bucket, key = _split_s3(uri)
+            fs = self.fs(uri)
+            out, data = fsspec.asyn.sync(fs.loop, _s3_get, fs, bucket, key)  # body and ETag of one GET
+            return Versioned(data, out["ETag"], out["LastModified"].timestamp())
+        path = _strip_file_scheme(uri)
+        with open(path, "rb") as f:
+            data = f.read()
+            modified = os.fstat(f.fileno()).st_mtime
+        return Versioned(data, _content_version(data), modified)
+
+    def version_of(self, uri: str) -> Optional[str]:
+        """The object's current version, or None when it does not exist."""
+        try:
+            return self.read_versioned(uri).version
+        except FileNotFoundError:
+            return None
+
+    def put_if(self, uri: str, data: bytes, version: Optional[str]) -> str:
+        """Write the whole object only if its current version is ``version`` (``None``: only if it
+        does not exist); returns the new version, raises :class:`PreconditionFailed` otherwise."""
+        if is_remote(uri):
+            bucket, key = _split_s3(uri)
+            condition = {"IfNoneMatch": "*"} if version is None else {"IfMatch": version}
+            try:
+                out = self.fs(uri).call_s3("put_object", Bucket=bucket, Key=key, Body=data, **condition)
+            except (OSError, FileNotFoundError) as e:
+                if isinstance(e, (FileExistsError, FileNotFoundError)) or _s3_code(e) in _CONFLICT_CODES:
+                    raise PreconditionFailed(uri) from e
+                raise
+            return out["ETag"]
+        path = _strip_file_scheme(uri)
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        with _folder_lock(folder):
+            if _local_version(path) != version:
+                raise PreconditionFailed(uri)
+            tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        return _content_version(data)
+
+    def delete_if(self, uri: str, version: str) -> None:
+        """Delete the object only if its current version is ``version`` (else
+        :class:`PreconditionFailed`: it changed, or is gone)."""
+        if is_remote(uri):
+            bucket, key = _split_s3(uri)
+            fs = self.fs(uri)
+            try:
+                fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=version)
+            except (OSError, FileNotFoundError) as e:
+                if isinstance(e, FileNotFoundError) or _s3_code(e) in _CONFLICT_CODES:
+                    raise PreconditionFailed(uri) from e
+                raise
+            return
+        path = _strip_file_scheme(uri)
+        with _folder_lock(os.path.dirname(os.path.abspath(path))):
+            if _local_version(path) != version:
+                raise PreconditionFailed(uri)
+            os.remove(path)
+
+    def now(self, folder: str) -> float:
+        """The current time as the storage at ``folder`` sees it: the time it stamps on a probe
+        object written now. Compared with an object's ``modified`` time, it gives the object's
+        age on one clock, whatever the clocks of the hosts that wrote it."""
+        probe = join(folder, f"_clock-{uuid.uuid4().hex}")
+        if is_remote(folder):
+            fs = self.fs(folder)
+            bucket, key = _split_s3(probe)
+            fs.call_s3("put_object", Bucket=bucket, Key=key, Body=b"")
+            try:
+                return fs.call_s3("head_object", Bucket=bucket, Key=key)["LastModified"].timestamp()
+            finally:
+                fs.call_s3("delete_object", Bucket=bucket, Key=key)
+        path = _strip_file_scheme(probe)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        try:
+            return os.fstat(fd).st_mtime
+        finally:
+            os.close(fd)
+            os.remove(path)
 
     def makedirs(self, uri: str) -> None:
         if not is_remote(uri):
@@ -192,6 +340,40 @@ class Storage:
                 ident[key.lower()] = value if isinstance(value, (int, float, str)) else str(value)
                 break
         return ident
+
+
+async def _s3_get(fs, bucket: str, key: str) -> tuple[dict[str, Any], bytes]:
+    out = await fs._call_s3("get_object", Bucket=bucket, Key=key)
+    async with out["Body"] as body:
+        return out, await body.read()
+
+
+def _local_version(path: str) -> Optional[str]:
+    try:
+        with open(path, "rb") as f:
+            return _content_version(f.read())
+    except FileNotFoundError:
+        return None
+
+
+@contextmanager
+def _folder_lock(folder: str) -> Iterator[None]:
+    """An exclusive flock of the folder's CAS file for one compare-and-write, waited for
+    ``CAS_WAIT_S`` at most (a process stopped while holding it would otherwise block everyone)."""
+    fd = os.open(os.path.join(folder, CAS_FILE), os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        deadline = time.monotonic() + CAS_WAIT_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as e:
+                if e.errno not in (errno.EAGAIN, errno.EACCES) or time.monotonic() > deadline:
+                    raise OSError(e.errno, f"{folder}: could not lock {CAS_FILE} for {CAS_WAIT_S:.0f}s") from e
+                time.sleep(0.01)
+        yield
+    finally:
+        os.close(fd)  # closing releases the flock
 
 
 def _s3fs_options(opts: dict[str, Any]) -> dict[str, Any]:

@@ -136,3 +136,111 @@ def test_the_attempt_a_failed_check_points_to_survives_the_next_run(tmp_path):
 
     marker = json.loads(Path(failed[0], "_FAILED.json").read_text())
     assert "all 3 records were quarantined" in marker["error"] and marker["manifest"]["counts"]["quarantined"] == {"missing_text": 3}
+
+
+# -- fencing: a holder stopped past its lease neither commits nor deletes anything of the run
+# that took its place ------------------------------------------------------------------------
+FENCED = """
+name: fenced
+work_dir: {work}
+{storage}
+stages:
+  ingest:
+    uses: ingest
+    config:
+      sources: [{{name: docs, paths: ["{data}/*.jsonl"]}}]
+  gated:
+    uses: gated_copy
+    inputs: [ingest]
+"""
+TTL_S = 2.0  # the lease time to live of both runs (LMPIPE_LEASE_TTL_S), so the test takes seconds
+RUN = ("import sys, tests.pipeline.gated_stage; from pipeline.config import load_config; from pipeline.runner import Runner; "
+       "Runner(load_config(sys.argv[1]), use_ray=False, track=False).run()")
+
+
+def _run_env(**extra: str) -> dict[str, str]:
+    import os
+
+    repo = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")]), "LMPIPE_LEASE_TTL_S": str(TTL_S)}
+    env.pop("LMPIPE_TEST_GATE", None)
+    return {**env, **extra}
+
+
+def _snapshot(storage: Storage, stage_dir: str, skip: list[str]) -> dict[str, bytes]:
+    """Every file of a stage folder (bytes), but the lease machinery's own and those of the
+    attempt folders in ``skip``."""
+    out = {}
+    for uri in storage.find_files(stage_dir):
+        name = uri[len(stage_dir) + 1:]
+        if name.startswith((".lmpipe-cas", "_lock.json", "_clock-", *(f"{a}/" for a in skip))):
+            continue
+        out[name] = storage.read_bytes(uri)
+    return out
+
+
+def _stopped_holder_is_fenced(tmp_path: Path, storage: Storage, work: str, storage_yaml: str = "", env: dict | None = None) -> None:
+    import os
+    import signal
+
+    import tests.pipeline.gated_stage  # noqa: F401  (registers gated_copy for the fingerprints below)
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in list(python_doc_topics().values())[:10]))
+    path = tmp_path / "fenced.yaml"
+    path.write_text(FENCED.format(work=work, data=data, storage=storage_yaml))
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    first = subprocess.Popen([sys.executable, "-c", RUN, str(path)], env=_run_env(LMPIPE_TEST_GATE=str(gate), **(env or {})),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (gate / "started").exists():  # the first run holds gated's lock, mid-part
+            assert first.poll() is None and time.monotonic() < deadline, first.communicate()[1][-3000:]
+            time.sleep(0.05)
+        stage_dir = _stage_dir(path, "gated")
+        first_attempt = [n for n in storage.ls_dirs(stage_dir) if n.startswith("attempt-")]  # its own, if it wrote any yet
+        os.kill(first.pid, signal.SIGSTOP)
+        time.sleep(TTL_S + 2)  # its lease goes stale: no heartbeat while it is stopped
+
+        second = subprocess.run([sys.executable, "-c", RUN, str(path)], env=_run_env(**(env or {})),
+                                capture_output=True, text=True, timeout=120)
+        assert second.returncode == 0, second.stderr[-3000:]
+        assert "took over the lock of pid" in second.stderr
+        committed = mf.load_manifest(storage, stage_dir)
+        assert committed["attempt"] not in first_attempt
+        before = _snapshot(storage, stage_dir, skip=first_attempt)
+        assert "_manifest.json" in before and any(name.startswith(f"{committed['attempt']}/data/") for name in before)
+
+        (gate / "open").touch()
+        os.kill(first.pid, signal.SIGCONT)  # the first run wakes up, its part finishes
+        _, err = first.communicate(timeout=120)
+    finally:
+        if first.poll() is None:
+            os.kill(first.pid, signal.SIGCONT)
+            first.kill()
+            first.wait()
+    assert first.returncode != 0
+    assert "LeaseLost: lease on gated lost to " in err and "this run's attempt was not committed" in err, err[-3000:]
+    after = _snapshot(storage, stage_dir, skip=first_attempt)
+    assert after == before  # the second run's commit and attempt, byte for byte
+    assert mf.load_manifest(storage, stage_dir)["attempt"] == committed["attempt"]
+    for uri in mf.dataset_files(committed, stage_dir):
+        assert storage.exists(uri)
+
+
+def test_a_stopped_holder_neither_commits_nor_deletes_anything_of_the_run_that_took_over(tmp_path):
+    _stopped_holder_is_fenced(tmp_path, Storage(), str(tmp_path / "work"))
+
+
+def test_a_stopped_holder_is_fenced_on_s3(tmp_path, s3_env):
+    from tests.conftest import make_bucket
+
+    s3_server = s3_env
+    make_bucket(s3_server, "fenced")
+    storage = Storage({"s3": {"endpoint_url": s3_server["endpoint_url"], "key": s3_server["key"], "secret": s3_server["secret"]}})
+    yaml = (f"storage:\n  s3:\n    endpoint_url: {s3_server['endpoint_url']}\n    key: ${{AWS_ACCESS_KEY_ID}}\n"
+            f"    secret: ${{AWS_SECRET_ACCESS_KEY}}\n")
+    env = {"AWS_ACCESS_KEY_ID": s3_server["key"], "AWS_SECRET_ACCESS_KEY": s3_server["secret"], "AWS_DEFAULT_REGION": s3_server["region"]}
+    _stopped_holder_is_fenced(tmp_path, storage, "s3://fenced/work", yaml, env)
