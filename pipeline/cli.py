@@ -65,6 +65,28 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gc(args: argparse.Namespace) -> int:
+    from pipeline.cleanup import apply_gc, human_bytes, plan_gc
+    from pipeline.config import load_config
+
+    plan = plan_gc([load_config(path) for path in args.config])
+    for k in plan.kept:
+        print(f"keep    {'':>10}  {k.uri}  ({k.reason})")
+    if not args.yes:
+        for r in plan.remove:
+            print(f"remove  {human_bytes(r.bytes):>10}  {r.uri}  ({r.reason})")
+        print(f"would free {human_bytes(plan.bytes)} in {len(plan.remove)} path(s); run again with --yes to remove them"
+              if plan.remove else "nothing to remove")
+        return 0
+    done, kept = apply_gc(plan)
+    for k in kept:
+        print(f"keep    {'':>10}  {k.uri}  ({k.reason})")
+    for r in done:
+        print(f"removed {human_bytes(r.bytes):>10}  {r.uri}  ({r.reason})")
+    print(f"freed {human_bytes(sum(r.bytes for r in done))} in {len(done)} path(s)")
+    return 0
+
+
 def cmd_stages(args: argparse.Namespace) -> int:
     from pipeline.registry import all_stages
 
@@ -296,6 +318,11 @@ def build_parser() -> argparse.ArgumentParser:
     jb.add_argument("--address", required=True, help="the cluster's dashboard, e.g. http://HEAD:8265")
     jb.add_argument("-f", "--follow", action="store_true", help="with logs: follow until the job ends")
     jb.set_defaults(func=cmd_job)
+
+    gc = sub.add_parser("gc", help="list (with --yes remove) stage outputs and attempts the named pipeline files no longer use")
+    gc.add_argument("config", nargs="+", metavar="FILE", help="the pipeline files whose current outputs are kept")
+    gc.add_argument("--yes", action="store_true", help="remove them (without it: only list them, with the bytes they hold)")
+    gc.set_defaults(func=cmd_gc)
 
     st_ = sub.add_parser("stages", help="list registered stages with their config fields")
     st_.set_defaults(func=cmd_stages)

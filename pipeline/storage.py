@@ -210,15 +210,19 @@ class Storage:
         path = _strip_file_scheme(uri)
         folder = os.path.dirname(os.path.abspath(path))
         os.makedirs(folder, exist_ok=True)
-        with _folder_lock(folder):
-            if _local_version(path) != version:
-                raise PreconditionFailed(uri)
-            tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        with open(tmp, "wb") as f:  # written before the flock: the compare-and-rename holds it for microseconds
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            with _folder_lock(folder):
+                if _local_version(path) != version:
+                    raise PreconditionFailed(uri)
+                os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
         return _content_version(data)
 
     def delete_if(self, uri: str, version: str) -> None:

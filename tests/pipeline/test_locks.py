@@ -16,6 +16,7 @@ from pipeline import manifest as mf
 from pipeline.config import load_config
 from pipeline.locks import ReaderLease, StageBusy, StageLock, live_readers
 from pipeline.runner import Runner
+from pipeline import storage as st
 from pipeline.storage import Storage
 from stages.assets import python_doc_topics
 
@@ -228,6 +229,14 @@ def _stopped_holder_is_fenced(tmp_path: Path, storage: Storage, work: str, stora
     assert mf.load_manifest(storage, stage_dir)["attempt"] == committed["attempt"]
     for uri in mf.dataset_files(committed, stage_dir):
         assert storage.exists(uri)
+
+    # what the stopped run left behind is a superseded attempt: `lmpipe gc` removes it, and only it
+    from pipeline.cleanup import apply_gc, plan_gc
+
+    plan = plan_gc([load_config(str(path))])
+    assert [r.uri for r in plan.remove] == [st.join(stage_dir, a) for a in first_attempt if storage.exists(st.join(stage_dir, a))]
+    apply_gc(plan)
+    assert _snapshot(storage, stage_dir, skip=[]) == before
 
 
 def test_a_stopped_holder_neither_commits_nor_deletes_anything_of_the_run_that_took_over(tmp_path):
