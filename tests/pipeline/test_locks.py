@@ -253,3 +253,59 @@ def test_a_stopped_holder_is_fenced_on_s3(tmp_path, s3_env):
             f"    secret: ${{AWS_SECRET_ACCESS_KEY}}\n")
     env = {"AWS_ACCESS_KEY_ID": s3_server["key"], "AWS_SECRET_ACCESS_KEY": s3_server["secret"], "AWS_DEFAULT_REGION": s3_server["region"]}
     _stopped_holder_is_fenced(tmp_path, storage, "s3://fenced/work", yaml, env)
+
+
+def test_staleness_is_read_on_the_storages_clock_not_the_holders(tmp_path):
+    """A holder whose clock is a day ahead or behind: only the lock file's age on the storage counts."""
+    import os
+    import socket
+
+    from pipeline.locks import LOCK_FILE
+
+    stage_dir = tmp_path / "work" / "s" / "0123456789abcdef"
+    stage_dir.mkdir(parents=True)
+    lock_file = stage_dir / LOCK_FILE
+    skewed = {"host": "elsewhere", "pid": 1, "run": "skewed", "token": "t", "started": time.time() - 86400, "heartbeat": time.time() - 86400}
+    lock_file.write_text(json.dumps(skewed))  # just written: live, whatever its times say
+    with pytest.raises(StageBusy, match="pipeline run skewed"):
+        StageLock(Storage(), str(stage_dir), "s", ttl_s=5).acquire()
+    ahead = {**skewed, "started": time.time() + 86400, "heartbeat": time.time() + 86400, "host": socket.gethostname() + "-other"}
+    lock_file.write_text(json.dumps(ahead))
+    old = time.time() - 60
+    os.utime(lock_file, (old, old))  # not renewed for a minute on the storage's clock: stale
+    with StageLock(Storage(), str(stage_dir), "s", ttl_s=5) as lock:
+        assert json.loads(lock_file.read_text())["token"] == lock.token
+
+
+def test_a_lock_taken_over_is_lost_to_its_new_holder_and_never_deleted_by_the_old_one(tmp_path):
+    from pipeline.locks import LeaseLost
+
+    storage = Storage()
+    stage_dir = str(tmp_path / "work" / "s" / "0123456789abcdef")
+    first = StageLock(storage, stage_dir, "s", run="first", ttl_s=60)
+    first.acquire()
+    stale = storage.read_versioned(f"{stage_dir}/_lock.json")
+    second = StageLock(storage, stage_dir, "s", run="second", ttl_s=60)
+    assert second.lease.take_over(stale.version)  # as if the first had stopped for a minute
+    assert not StageLock(storage, stage_dir, "s", run="third", ttl_s=60).lease.take_over(stale.version)  # only one takes it over
+    with pytest.raises(LeaseLost, match=r"lease on s lost to pid \d+ on .*pipeline run second; this run's attempt was not committed"):
+        first.renew()
+    with pytest.raises(LeaseLost):
+        first.commit({"format": 2})
+    first.release()
+    assert json.loads(Path(stage_dir, "_lock.json").read_text())["token"] == second.token  # still the second's
+    assert not Path(stage_dir, "_manifest.json").exists()
+    second.release()
+    assert not Path(stage_dir, "_lock.json").exists()
+
+
+def test_a_commit_never_overwrites_one_made_after_the_lock_was_taken(tmp_path):
+    from pipeline.locks import LeaseLost
+
+    storage = Storage()
+    stage_dir = str(tmp_path / "work" / "s" / "0123456789abcdef")
+    with StageLock(storage, stage_dir, "s", ttl_s=60) as lock:
+        storage.write_json_atomic(f"{stage_dir}/_manifest.json", {"attempt": "attempt-other"})  # another run's commit
+        with pytest.raises(LeaseLost, match="another run committed .* meanwhile; this run's attempt was not committed"):
+            lock.commit({"attempt": "attempt-mine"})
+    assert storage.read_json(f"{stage_dir}/_manifest.json") == {"attempt": "attempt-other"}
