@@ -11,6 +11,7 @@ import sys
 import time
 from typing import Optional
 
+from pipeline import console
 from pipeline.config import ConfigError
 
 log = logging.getLogger("lmpipe")
@@ -37,8 +38,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.runner import Runner
 
     loaded = _load(args)
-    runner = Runner(loaded, address=args.address)
-    report = runner.run(only=args.stage, start_from=getattr(args, "from"), force=args.force, argv=sys.argv)
+    log_path = os.path.join(console.default_log_dir(loaded.resolved.work_dir),
+                            time.strftime("run-%Y%m%d-%H%M%S", time.gmtime()) + f"-{os.getpid()}.log")
+    with console.RunOutput(log_path, verbose=args.verbose):
+        log.info("pipeline %s: everything this run prints, Ray's and the workers' output included, goes to %s", loaded.resolved.name, log_path)
+        runner = Runner(loaded, address=args.address)
+        report = runner.run(only=args.stage, start_from=getattr(args, "from"), force=args.force, argv=sys.argv)
     print(f"pipeline {loaded.resolved.name}: MLflow run {report.pipeline_run_id} ({loaded.resolved.tracking_uri()})")
     for s in report.stages:
         c = s.manifest["counts"]

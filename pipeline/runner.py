@@ -13,6 +13,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from pipeline import console
 from pipeline import manifest as mf
 from pipeline import preflight
 from pipeline import storage as st
@@ -115,18 +116,27 @@ def init_ray(loaded: LoadedConfig, address: Optional[str]) -> str:
     if not ray.is_initialized():
         cfg = loaded.resolved.ray
         address = address or cfg.address or os.environ.get("LMPIPE_RAY_ADDRESS")
+        marked = False  # whether workers mark lmpipe's log lines (pipeline/console.py)
         if address in (None, "", "local"):
             kwargs: dict[str, Any] = dict(address="local", include_dashboard=cfg.include_dashboard, log_to_driver=True)
             if cfg.num_cpus:
                 kwargs["num_cpus"] = cfg.num_cpus
             if cfg.object_store_memory:
                 kwargs["object_store_memory"] = cfg.object_store_memory
-            ray.init(**kwargs)
+            if console.is_active():
+                kwargs["runtime_env"] = {"worker_process_setup_hook": "pipeline.console.setup_worker_logging"}
+                marked = True
+            info = ray.init(**kwargs)
         else:
             preflight.check_ray_address(address)
-            ray.init(address=address, log_to_driver=True)
+            info = ray.init(address=address, log_to_driver=True)
+        console.route_ray_output(marked_workers=marked)
+        dashboard = getattr(info, "dashboard_url", None)
+        log.info("Ray at %s%s", ray.get_runtime_context().gcs_address, f", dashboard http://{dashboard}" if dashboard else "")
     ctx = DataContext.get_current()
-    ctx.enable_progress_bars = os.environ.get("LMPIPE_PROGRESS", "1") != "0"
+    # lmpipe reports progress itself (pipeline/console.py); Ray Data's bars and logged progress
+    # blocks only with LMPIPE_PROGRESS=1 (or --verbose, which shows everything)
+    ctx.enable_progress_bars = os.environ.get("LMPIPE_PROGRESS", "0") == "1"
     ctx.execution_options.preserve_order = False
     return ray.get_runtime_context().gcs_address
 
@@ -248,6 +258,8 @@ class Runner:
                     "lmpipe.work_dir": self.work_dir,
                 },
             )
+        if report.pipeline_run_id:
+            log.info("pipeline %s: MLflow run %s (%s)", self.loaded.resolved.name, report.pipeline_run_id, self.tracker.tracking_uri)
         status = "FAILED"
         # every stage folder this run may read, published before any manifest is read, so that
         # another run's commit never deletes an attempt under it
@@ -427,19 +439,22 @@ class Runner:
     def _run_parts(self, stage_name: str, stage_cls, config, parts: list[Part], job: PartJob, resources: Resources,
                    lock: StageLock) -> list[PartResult]:
         started = time.perf_counter()
-        totals = {"rows": 0, "last_log": 0.0}
+        totals = {"rows": 0, "bytes": 0, "last_log": 0.0}
 
         def progress(result: PartResult, done: int, total: int) -> None:
             self._check_leases(lock)  # a lost lease stops the stage at the next part
             totals["rows"] += result.rows_in
+            totals["bytes"] += result.bytes_in
             now = time.perf_counter()
-            if done != total and now - totals["last_log"] < 5.0:
-                return  # a line every 5 s at most; Ray's progress bar shows the rest
-            totals["last_log"] = now
             elapsed = max(now - started, 1e-9)
-            eta = elapsed / done * (total - done)
-            log.info("[%s] %d/%d parts done: %d rows, %.0f rows/s, ETA %.0fs",
-                     stage_name, done, total, totals["rows"], totals["rows"] / elapsed, eta)
+            line = (f"[{stage_name}] {done}/{total} parts done: {totals['rows']:,} rows,"
+                    f" {console.format_rate(totals['rows'] / elapsed, ' rows')}, {console.format_rate(totals['bytes'] / elapsed, 'B')},"
+                    f" ETA {console.format_eta(elapsed / done * (total - done))}")
+            console.status(line)  # the live line, in a terminal
+            if done != total and now - totals["last_log"] < (60.0 if console.is_live() else 5.0):
+                return  # elsewhere, a line every 5 s at most
+            totals["last_log"] = now
+            log.info("%s", line)
 
         if self.use_ray:
             return run_parts_on_ray(stage_cls, config, parts, job, resources, on_result=progress)
