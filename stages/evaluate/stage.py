@@ -273,16 +273,12 @@ class Evaluate(DatasetStage):
         if c.validation or (c.validation is None and tokenize is not None):
             if tokenize is None or "validation" not in tokenize[1].manifest["datasets"]:
                 raise ValueError(f"stage {ctx.stage_name!r}: validation: true but no tokenize stage with a validation split was found upstream")
-            from stages.tokenize.shards import read_token_table
+            from stages.tokenize.validation import first_per_domain
 
-            stage = tokenize[1]
-            table = read_token_table(stage.dataset_files("validation"), ctx.storage, ["tokens", "source"])
-            sources = table.column("source").to_pylist()
-            keep = _first_per_domain(sources, c.validation_max_sequences)
-            col = table.column("tokens").combine_chunks()
-            width = col.type.list_size
-            tokens = col.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)[keep].astype(np.int32)
-            jobs.append(TextJob("validation", "validation", tokens=tokens, sources=tuple(sources[i] for i in keep)))
+            summary, stage = tokenize
+            sample = first_per_domain(stage.dataset_files("validation"), ctx.storage, c.validation_max_sequences,
+                                      summary.tokens.get("validation", {}))
+            jobs.append(TextJob("validation", "validation", tokens=sample.tokens.astype(np.int32), sources=sample.sources))
             digests["validation"] = stage.fingerprint
         for s in c.text_sets:
             texts, domains, digest = read_text_set(s.path, ctx.storage, s.text_field, s.domain_field, s.name, s.max_docs)
@@ -387,15 +383,3 @@ def _builtin_path(name: str) -> str:
     from stages.evalsets import builtin_source
 
     return builtin_source(name)[0]
-
-
-def _first_per_domain(sources: list[str], limit: Optional[int]) -> list[int]:
-    if limit is None:
-        return list(range(len(sources)))
-    seen: dict[str, int] = {}
-    keep = []
-    for i, s in enumerate(sources):
-        if seen.get(s, 0) < limit:
-            seen[s] = seen.get(s, 0) + 1
-            keep.append(i)
-    return keep

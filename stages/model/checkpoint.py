@@ -160,6 +160,15 @@ def load_model_config(path: str, storage: Any = None) -> ModelConfig:
         return ModelConfig.from_dict(json.load(f))
 
 
+def model_mismatch(path: str, saved: ModelConfig, ours: ModelConfig) -> Optional[str]:
+    """Why a checkpoint cannot continue into this model (each differing field), or None."""
+    a, b = saved.to_dict(), ours.to_dict()
+    if a == b:
+        return None
+    differ = ", ".join(f"{k}={a.get(k)!r} (this run: {b.get(k)!r})" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
+    return f"{path} holds another model: {differ}"
+
+
 def load_full_model(path: str, dtype: torch.dtype = torch.float32) -> Transformer:
     """The whole model on CPU from a sharded checkpoint, in one process (export, evaluation)."""
     cfg = load_model_config(path)

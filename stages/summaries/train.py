@@ -5,6 +5,16 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from pipeline.contracts import StageSummary
+from pipeline.types import StrictModel
+
+
+class ResumedFrom(StrictModel):
+    """The checkpoint a run continued (``checkpoint.resume_from``): its lineage."""
+
+    checkpoint: str
+    step: int
+    tokens_seen: int
+    world_size: int  # the workers that wrote it (this run may have another number)
 
 
 class TrainSummary(StageSummary):
@@ -26,3 +36,4 @@ class TrainSummary(StageSummary):
     final_val_loss: Optional[float] = None
     skipped_steps: list[dict[str, Any]] = []
     clip_events: int = 0
+    resumed_from: Optional[ResumedFrom] = None  # None: trained from step 0

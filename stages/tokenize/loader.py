@@ -57,11 +57,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import struct
 import threading
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
 import numpy as np
@@ -69,7 +66,11 @@ import pyarrow as pa
 
 from pipeline import manifest as mf
 from pipeline import storage as st
+from stages.tokenize.chunk_cache import ChunkCache
 from stages.tokenize.hashing import mix64
+from stages.tokenize.order import _U, feistel, order_key, stream_segments
+from stages.tokenize.shard_index import ShardError, open_local_shard, open_remote_shards, tokens_view
+from stages.tokenize.shards import ROWS_PER_BATCH_KEY
 
 log = logging.getLogger("lmpipe.loader")
 
@@ -77,9 +78,7 @@ STATE_VERSION = 2
 DEFAULT_STREAMS = 64
 DEFAULT_SHUFFLE_WINDOW = 1024
 DEFAULT_CACHE_BYTES = 512 << 20
-ROWS_PER_BATCH_KEY = b"lmpipe.rows_per_batch"
 _PLAN_BATCHES = 64  # micro-batches whose positions are mapped to chunks together
-_TAIL_BYTES = 16 << 10  # first read of a remote file's end: the footer of a shard of <= ~500 batches
 
 
 def shard_files(storage: st.Storage, stage_dir: str, split: str = "train") -> list[str]:
@@ -89,312 +88,6 @@ def shard_files(storage: st.Storage, stage_dir: str, split: str = "train") -> li
         raise FileNotFoundError(f"{stage_dir}: no committed stage output (no {mf.MANIFEST})")
     return mf.dataset_files(manifest, stage_dir, split)
 
-
-# -- a keyed bijection over [0, n) -------------------------------------------------------------------
-
-_U = np.uint64
-
-
-_ROUND_CONSTANTS = mix64(np.arange(1, 9, dtype=np.uint64) * _U(0x9E3779B97F4A7C15))
-
-
-def _key(*parts: Any) -> int:
-    return int.from_bytes(hashlib.blake2b(json.dumps(parts).encode(), digest_size=8).digest(), "little")
-
-
-def feistel(x: np.ndarray, n: Any, key: Any, rounds: int = 4) -> np.ndarray:  # rounds <= 8
-    """A keyed permutation of ``[0, n)`` applied to ``x``: a balanced Feistel network over the
-    smallest even number of bits covering ``n`` (at most 4n values), cycle-walking values that
-    land outside ``[0, n)`` back in. ``n`` and ``key`` may be arrays (one permutation per element)."""
-    x = np.asarray(x, dtype=np.uint64).reshape(-1)
-    n = np.broadcast_to(np.asarray(n, dtype=np.uint64), x.shape).copy()
-    key = np.broadcast_to(np.asarray(key, dtype=np.uint64), x.shape).copy()
-    bits = np.ceil(np.log2(np.maximum(n, 1).astype(np.float64))).astype(np.uint64)
-    bits += (np.left_shift(_U(1), bits) < n).astype(np.uint64)  # float log2 rounding
-    bits = np.maximum(bits + (bits & _U(1)), _U(2))
-    half = bits >> _U(1)
-    mask = np.left_shift(_U(1), half) - _U(1)
-    round_keys = [mix64(key ^ _ROUND_CONSTANTS[r]) for r in range(rounds)]
-
-    def once(v: np.ndarray, sel: np.ndarray) -> np.ndarray:
-        h, m = half[sel], mask[sel]
-        left, right = v >> h, v & m
-        for rk in round_keys:
-            left, right = right, left ^ (mix64(right ^ rk[sel]) & m)
-        return (left << h) | right
-
-    everything = np.arange(len(x))
-    y = once(x, everything)
-    out = y >= n
-    while out.any():  # expected < 4 rounds of walking: the domain is < 4n
-        idx = np.nonzero(out)[0]
-        y[idx] = once(y[idx], idx)
-        out[idx] = y[idx] >= n[idx]
-    return y.astype(np.int64)
-
-
-def segment_of_stream(streams: int) -> np.ndarray:
-    """Which segment of the chunk-ordered corpus each stream reads: the stream number's digits
-    reversed in the mixed radix of ``streams``'s prime factors, smallest first. The streams of one
-    rank (``s = r mod W``) then hold contiguous segments whenever W is a product of the smallest
-    factors (every power of two for ``streams = 64``), so only W - 1 segment boundaries lie
-    between two ranks."""
-    factors, n, f = [], streams, 2
-    while n > 1:
-        while n % f == 0:
-            factors.append(f)
-            n //= f
-        f += 1
-    out = np.zeros(streams, dtype=np.int64)
-    for stream in range(streams):
-        rest, weight, g = stream, streams, 0
-        for f in factors:
-            weight //= f
-            g += (rest % f) * weight
-            rest //= f
-        out[stream] = g
-    return out
-
-
-def stream_segments(num_sequences: int, streams: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per stream: its length (streams ``s < N mod C`` hold one more, so that global position
-    ``p`` is valid exactly when ``p < N``), where its segment starts, and whether it reads it
-    backwards. Odd segments are read backwards, so the two streams that share a boundary chunk read
-    it at the same time (both at the start of the epoch, or both at the end): one read serves both
-    where they are on the same rank."""
-    q, r = divmod(num_sequences, streams)
-    length = q + (np.arange(streams) < r)
-    segment = segment_of_stream(streams)
-    by_segment = np.argsort(segment)
-    first = np.zeros(streams, dtype=np.int64)
-    first[by_segment] = np.concatenate([[0], np.cumsum(length[by_segment])[:-1]])
-    return length.astype(np.int64), first, segment % 2 == 1
-
-
-# -- shards and their chunks -----------------------------------------------------------------------
-
-class ShardError(ValueError):
-    """A shard the loader cannot use: the message names the file."""
-
-
-def _u32(b: bytes, pos: int) -> int:
-    return struct.unpack_from("<I", b, pos)[0]
-
-
-def _field(b: bytes, table: int, index: int) -> Optional[int]:
-    """Absolute position of field ``index`` of the flatbuffer table at ``table`` (None: absent)."""
-    vtable = table - struct.unpack_from("<i", b, table)[0]
-    vt_len = struct.unpack_from("<H", b, vtable)[0]
-    slot = 4 + 2 * index
-    if slot >= vt_len:
-        return None
-    off = struct.unpack_from("<H", b, vtable + slot)[0]
-    return table + off if off else None
-
-
-def _footer_blocks(footer: bytes) -> list[tuple[int, int, int]]:
-    """(offset, metadata length, body length) of every record batch, from an Arrow IPC file footer
-    (flatbuffer ``Footer``: field 3 is ``recordBatches``, a vector of 24-byte ``Block`` structs)."""
-    root = _u32(footer, 0)
-    pos = _field(footer, root, 3)
-    if pos is None:
-        return []
-    vec = pos + _u32(footer, pos)
-    return [struct.unpack_from("<qi4xq", footer, vec + 4 + 24 * i) for i in range(_u32(footer, vec))]
-
-
-def _message_rows(meta: bytes) -> int:
-    """The row count in an encapsulated IPC message's metadata (``Message.header`` -> ``RecordBatch.length``)."""
-    start = 8 if meta[:4] == b"\xff\xff\xff\xff" else 4
-    fb = meta[start:]
-    root = _u32(fb, 0)
-    header = _field(fb, root, 2)
-    if header is None:
-        return 0
-    batch = header + _u32(fb, header)
-    length = _field(fb, batch, 0)
-    return struct.unpack_from("<q", fb, length)[0] if length is not None else 0
-
-
-def _tokens_view(batch: pa.RecordBatch, uri: str, index: int) -> np.ndarray:
-    col = batch.column("tokens")
-    width = col.type.list_size
-    flat = col.values.slice(col.offset * width, len(col) * width)
-    if flat.null_count:
-        raise ShardError(f"{uri}: record batch {index} has null tokens")
-    return flat.to_numpy(zero_copy_only=True).reshape(len(col), width)
-
-
-def _check_schema(schema: pa.Schema, uri: str) -> int:
-    """The shard's sequence width (seq_len + 1)."""
-    idx = schema.get_field_index("tokens")
-    if idx < 0:
-        raise ShardError(f"{uri}: not a token shard (no 'tokens' column; columns: {schema.names})")
-    typ = schema.field(idx).type
-    if not pa.types.is_fixed_size_list(typ) or not pa.types.is_integer(typ.value_type):
-        raise ShardError(f"{uri}: 'tokens' is {typ}, expected fixed_size_list<integer> (one sequence per row)")
-    return typ.list_size
-
-
-@dataclass
-class _Shard:
-    uri: str
-    width: int
-    rows: list[int]  # per record batch
-    hinted: bool = False  # rows come (partly) from the rows_per_batch hint: check them when read
-    reader: Any = None  # local: the memory-mapped file reader
-    blocks: Optional[list[tuple[int, int, int]]] = None  # remote: byte ranges of the batches
-    schema: Optional[pa.Schema] = None
-
-
-def _open_local(uri: str) -> _Shard:
-    path = uri[len("file://"):] if uri.startswith("file://") else uri
-    try:
-        reader = pa.ipc.open_file(pa.memory_map(path))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{uri}: shard listed but missing") from None
-    except (pa.ArrowInvalid, OSError) as e:
-        raise ShardError(f"{uri}: not an Arrow IPC file (truncated or foreign): {e}") from None
-    width = _check_schema(reader.schema, uri)
-    rows = [reader.get_batch(i).num_rows for i in range(reader.num_record_batches)]  # zero-copy: headers only
-    return _Shard(uri, width, rows, reader=reader, schema=reader.schema)
-
-
-def _open_remote(storage: st.Storage, uris: list[str]) -> tuple[list[_Shard], int]:
-    """All remote shards' footers (and batch row counts), with few batched requests; returns the
-    shards and the bytes read."""
-    fs = storage.fs(uris[0])
-    paths = [u.split("://", 1)[1] for u in uris]
-    try:
-        sizes = fs.sizes(paths)
-    except FileNotFoundError:
-        missing = next(u for u, p in zip(uris, paths) if not fs.exists(p))
-        raise FileNotFoundError(f"{missing}: shard listed but missing") from None
-    starts = [max(0, s - _TAIL_BYTES) for s in sizes]
-    tails = fs.cat_ranges(paths, starts, sizes)
-    fetched = sum(len(t) for t in tails)
-    shards, header_reads = [], []
-    for uri, size, start, tail in zip(uris, sizes, starts, tails):
-        if isinstance(tail, Exception):
-            raise tail
-        if size < 18 or tail[-6:] != b"ARROW1":
-            raise ShardError(f"{uri}: not an Arrow IPC file (truncated or foreign: no ARROW1 footer)")
-        footer_len = struct.unpack_from("<i", tail, len(tail) - 10)[0]
-        if footer_len <= 0 or footer_len + 10 > size - 8:
-            raise ShardError(f"{uri}: not an Arrow IPC file (bad footer length {footer_len})")
-        if footer_len + 10 > len(tail):
-            tail = fs.cat_file(paths[len(shards)], start=size - footer_len - 10, end=size)
-            fetched += len(tail)
-            start = size - len(tail)
-        footer = tail[len(tail) - 10 - footer_len: len(tail) - 10]
-        try:  # the schema through Arrow's own reader, from the footer bytes already here
-            schema = pa.ipc.open_file(pa.BufferReader(b"ARROW1\0\0" + footer + tail[-10:])).schema
-            blocks = _footer_blocks(footer)
-        except (pa.ArrowInvalid, struct.error, IndexError) as e:
-            raise ShardError(f"{uri}: not an Arrow IPC file (unreadable footer: {e})") from None
-        if any(off + meta + body > size - footer_len - 10 for off, meta, body in blocks):
-            raise ShardError(f"{uri}: truncated (a record batch lies beyond the data)")
-        width = _check_schema(schema, uri)
-        hint = (schema.metadata or {}).get(ROWS_PER_BATCH_KEY)
-        shard = _Shard(uri, width, [0] * len(blocks), blocks=blocks, schema=schema)
-        if hint is not None and blocks:
-            shard.rows = [int(hint)] * len(blocks)
-            shard.hinted = True
-            need = [len(blocks) - 1]
-        else:
-            need = list(range(len(blocks)))
-        header_reads += [(len(shards), i) for i in need]
-        shards.append(shard)
-    if header_reads:
-        heads = fs.cat_ranges([paths[s] for s, _ in header_reads],
-                              [shards[s].blocks[i][0] for s, i in header_reads],
-                              [shards[s].blocks[i][0] + shards[s].blocks[i][1] for s, i in header_reads])
-        for (s, i), meta in zip(header_reads, heads):
-            if isinstance(meta, Exception):
-                raise meta
-            fetched += len(meta)
-            try:
-                shards[s].rows[i] = _message_rows(meta)
-            except (struct.error, IndexError) as e:
-                raise ShardError(f"{shards[s].uri}: record batch {i} has an unreadable header ({e})") from None
-    return shards, fetched
-
-
-class _ChunkCache:
-    """Decoded remote chunks, least recently used first out, within ``budget`` bytes; ``prefetch``
-    loads chunks on a background thread while what is cached and in flight fits the budget."""
-
-    def __init__(self, budget: int, load, threads: int):
-        self.budget, self._load = budget, load
-        self._lock = threading.Lock()
-        self._data: OrderedDict[int, np.ndarray] = OrderedDict()
-        self._bytes = 0
-        self._inflight: dict[int, Future] = {}
-        self._pending: dict[int, int] = {}  # prefetched (or being prefetched), not yet asked for: chunk -> bytes
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="lmpipe-prefetch") if threads else None
-        self.hits = self.misses = self.loads = 0
-        self.peak_bytes = 0
-
-    def _insert(self, chunk: int, arr: np.ndarray) -> None:
-        if chunk in self._data:
-            return
-        self._data[chunk] = arr
-        self._bytes += arr.nbytes
-        while self._bytes > self.budget and len(self._data) > 1:
-            evicted, old = self._data.popitem(last=False)
-            self._bytes -= old.nbytes
-            self._pending.pop(evicted, None)
-        self.peak_bytes = max(self.peak_bytes, self._bytes)
-
-    def _fetch(self, chunk: int) -> np.ndarray:
-        try:
-            arr = self._load(chunk)
-            with self._lock:
-                self.loads += 1
-                self._insert(chunk, arr)
-            return arr
-        finally:
-            with self._lock:
-                self._inflight.pop(chunk, None)
-
-    def get(self, chunk: int) -> np.ndarray:
-        with self._lock:
-            self._pending.pop(chunk, None)
-            arr = self._data.get(chunk)
-            if arr is not None:
-                self._data.move_to_end(chunk)
-                self.hits += 1
-                return arr
-            future = self._inflight.get(chunk)
-            self.misses += future is None
-        if future is not None:
-            return future.result()
-        return self._fetch(chunk)
-
-    def prefetch(self, chunks: list[int], chunk_bytes) -> int:
-        """Queue ``chunks`` in order while the prefetched-but-unused ones fit half the budget (the
-        other half holds the chunks in use); returns how many of ``chunks`` are cached or queued."""
-        if self._pool is None:
-            return len(chunks)
-        with self._lock:
-            ahead = sum(self._pending.values())
-            for k, c in enumerate(chunks):
-                if c in self._data or c in self._inflight:
-                    continue
-                size = chunk_bytes(c)
-                if ahead + size > self.budget // 2:
-                    return k
-                ahead += size
-                self._pending[c] = size
-                self._inflight[c] = self._pool.submit(self._fetch, c)
-        return len(chunks)
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-
-
-# -- the loader -------------------------------------------------------------------------------------
 
 class TokenShardLoader:
     """Iterate ``(inputs, targets)`` LongTensor batches of shape ``[batch_size, seq_len]``.
@@ -431,9 +124,9 @@ class TokenShardLoader:
         if any(remote) and not all(remote):
             raise ValueError("TokenShardLoader: shards must be all local or all remote")
         if all(remote):
-            self.shards, self.bytes_fetched = _open_remote(self.storage, self.files)
+            self.shards, self.bytes_fetched = open_remote_shards(self.storage, self.files)
         else:
-            self.shards = [_open_local(f) for f in self.files]
+            self.shards = [open_local_shard(f) for f in self.files]
         self.width = self.shards[0].width
         for shard in self.shards:
             if shard.width != self.width:
@@ -453,10 +146,11 @@ class TokenShardLoader:
         self._remote = all(remote)
         self._views: OrderedDict[int, np.ndarray] = OrderedDict()
         self._plan: Optional[tuple] = None
-        self._cache = _ChunkCache(cache_bytes, self._read_chunk, prefetch_threads) if self._remote else None
+        self._cache = ChunkCache(cache_bytes, self._read_chunk, prefetch_threads) if self._remote else None
         if self._cache is not None and shuffle:
             rows = self.num_sequences / self.num_chunks
-            working_set = 2 * (streams // world_size) * (shuffle_window / rows + 1) * rows * self.width * 2
+            token_bytes = max(shard.token_bytes for shard in self.shards)
+            working_set = 2 * (streams // world_size) * (shuffle_window / rows + 1) * rows * self.width * token_bytes
             if working_set > cache_bytes:
                 log.warning("loader: this rank's working set (~%d MiB: 2 x %d streams x a shuffle window's chunks) exceeds "
                             "cache_bytes (%d MiB); chunks will be read more than once", working_set / 2**20,
@@ -475,7 +169,7 @@ class TokenShardLoader:
         """The chunks' order in ``epoch`` and where each starts in their concatenation."""
         if self._layout_epoch != epoch:
             if self.shuffle:
-                self._perm = feistel(np.arange(self.num_chunks), self.num_chunks, _key("chunks", self.seed, epoch))
+                self._perm = feistel(np.arange(self.num_chunks), self.num_chunks, order_key("chunks", self.seed, epoch))
             else:
                 self._perm = np.arange(self.num_chunks)
             self._starts = np.concatenate([[0], np.cumsum(self.chunk_rows[self._perm])]).astype(np.int64)
@@ -492,7 +186,7 @@ class TokenShardLoader:
             length, first, backward = self._stream_len[s], self._stream_first[s], self._stream_backward[s]
             w, j = i // k, i % k
             span = np.minimum(k, length - w * k)
-            keys = mix64(_U(_key("window", self.seed, epoch)) ^ mix64(s.astype(np.uint64) * _U(0x100000001B3) + w.astype(np.uint64)))
+            keys = mix64(_U(order_key("window", self.seed, epoch)) ^ mix64(s.astype(np.uint64) * _U(0x100000001B3) + w.astype(np.uint64)))
             within = w * k + feistel(j, span, keys)
             offset = first + np.where(backward, length - 1 - within, within)
         else:
@@ -529,10 +223,13 @@ class TokenShardLoader:
         if batch.num_rows != self.chunk_rows[chunk]:
             said = f"its schema metadata {ROWS_PER_BATCH_KEY.decode()}" if shard.hinted else "its header"
             raise ShardError(f"{shard.uri}: record batch {index} has {batch.num_rows} rows, {said} gave {self.chunk_rows[chunk]}")
-        return _tokens_view(batch, shard.uri, index)
+        return tokens_view(batch, shard.uri, index)
 
-    def _chunk_bytes(self, chunk: int) -> int:
-        return int(self.chunk_rows[chunk]) * self.width * 8  # an upper bound (int64 tokens)
+    def chunk_bytes(self, chunk: int) -> int:
+        """What the chunk will hold in the cache: its rows in the shard's own token dtype (the
+        cache keeps zero-copy views; counting int64 halved (uint32) or quartered (uint16) how far
+        ahead the prefetch could read)."""
+        return int(self.chunk_rows[chunk]) * self.width * self.shards[self.chunk_shard[chunk]].token_bytes
 
     def chunk_tokens(self, chunk: int) -> np.ndarray:
         """The ``[rows, seq_len + 1]`` tokens of one chunk (a view: memory-mapped or cached)."""
@@ -560,7 +257,7 @@ class TokenShardLoader:
             chunks, _ = self.locate(self.epoch, positions)
             uniq, at = np.unique(chunks, return_index=True)
             order = np.argsort(at)
-            queued = self._cache.prefetch([int(c) for c in uniq[order]], self._chunk_bytes)
+            queued = self._cache.prefetch([int(c) for c in uniq[order]], self.chunk_bytes)
             self._prefetched_until = last if queued == len(order) else int(positions[at[order[queued]]])
         self._prefetch_next_look = start + max(1, (self._prefetched_until - start) // 4)
 

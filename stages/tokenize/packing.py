@@ -45,10 +45,10 @@ from pipeline.contracts import PartResult
 from pipeline.io import PartOutputs, iter_parquet_batches
 from stages.sample.stage import keep_score
 from stages.tokenize.hashing import mix64
+from stages.tokenize.shards import ROWS_PER_BATCH_KEY
 
 TRAIN, VALIDATION = "train", "validation"
 SPLIT_CODE = {TRAIN: 0, VALIDATION: 1}
-ROWS_PER_BATCH_KEY = b"lmpipe.rows_per_batch"
 
 
 def token_dtype(vocab_size: int) -> pa.DataType:

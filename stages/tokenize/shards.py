@@ -1,5 +1,6 @@
-"""Reading the tokenize stage's Arrow IPC shards whole (validation splits, evaluation). Training
-streams them with :class:`stages.tokenize.loader.TokenShardLoader` instead."""
+"""The tokenize stage's Arrow IPC shards: their schema metadata, and reading them whole (tests,
+small splits). Training streams them with :class:`stages.tokenize.loader.TokenShardLoader`; the
+validation split is read with :mod:`stages.tokenize.validation`."""
 
 from __future__ import annotations
 
@@ -8,6 +9,10 @@ from typing import Optional
 import pyarrow as pa
 
 from pipeline import storage as st
+
+# Schema metadata of every shard: the rows of each record batch but the last (the writer's
+# ``batch_rows``), so that the loader learns a remote shard's chunk sizes from one batch header.
+ROWS_PER_BATCH_KEY = b"lmpipe.rows_per_batch"
 
 
 def read_token_table(files: list[str], storage: Optional[st.Storage], columns: list[str]) -> pa.Table:

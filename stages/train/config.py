@@ -119,6 +119,10 @@ class CheckpointConfig(StrictModel):
 
     every: int = Field(default=100, ge=1, description="checkpoint every N steps")
     keep: Optional[int] = Field(default=None, ge=1, description="checkpoints Ray Train keeps (default: all)")
+    resume_from: Optional[PathStr] = Field(default=None, description=(
+        "a checkpoint of another run (a folder with model_config.json, local or s3://) to continue: model, optimizer, "
+        "step and data order, on any number of workers that divides loop.loader_streams; used when this stage's own "
+        "Ray Train run has no checkpoint yet"))
 
 
 class ClusterConfig(StrictModel):

@@ -1,28 +1,28 @@
 """What the training loop reads: the tokenize stage's Arrow shards.
 
-Training batches come from the tokenize stage's resumable ``TokenShardLoader``. Validation is
-small, so it is read whole here, grouped by the ``source`` column (one loss per domain).
+Training batches come from the tokenize stage's resumable ``TokenShardLoader``. Validation is the
+first ``loop.eval_max_sequences`` sequences of each domain (``source``), streamed by the reader
+the evaluate stage uses too (:mod:`stages.tokenize.validation`): one loss per domain.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Iterable, Optional
 
 import torch
 
 from pipeline import storage as st
-from stages.tokenize.shards import read_token_table
+from stages.tokenize.validation import first_per_domain
 
-def read_validation(files: list[str], storage: Optional[st.Storage], max_sequences_per_domain: int) -> dict[str, torch.Tensor]:
-    """Every rank's validation sequences per domain: the first ``max`` of each, ``[n, seq_len + 1]`` int64."""
+
+def read_validation(files: list[str], storage: Optional[st.Storage], max_sequences_per_domain: int,
+                    domains: Iterable[str] = ()) -> dict[str, torch.Tensor]:
+    """Every rank's validation sequences per domain: the first ``max`` of each, ``[n, seq_len + 1]``
+    int64 (only those rows are widened). ``domains``: the split's sources, to stop reading early."""
     if not files:
         return {}
-    table = read_token_table(files, storage, ["tokens", "source"])
-    sources = table.column("source").to_pylist()
-    tokens = table.column("tokens").combine_chunks()
-    width = tokens.type.list_size
-    flat = torch.from_numpy(tokens.flatten().to_numpy(zero_copy_only=False).astype("int64")).view(-1, width)
-    return {domain: flat[[i for i, s in enumerate(sources) if s == domain][:max_sequences_per_domain]] for domain in sorted(set(sources))}
+    sample = first_per_domain(files, storage, max_sequences_per_domain, domains)
+    return {domain: torch.from_numpy(rows.astype("int64")) for domain, rows in sample.by_domain().items()}
 
 
 def rank_share(sets: dict[str, torch.Tensor], rank: int, world_size: int) -> dict[str, torch.Tensor]:
@@ -37,6 +37,6 @@ def rank_share(sets: dict[str, torch.Tensor], rank: int, world_size: int) -> dic
 
 
 def validation_sets(files: list[str], storage: Optional[st.Storage], rank: int, world_size: int,
-                    max_sequences_per_domain: int) -> dict[str, torch.Tensor]:
+                    max_sequences_per_domain: int, domains: Iterable[str] = ()) -> dict[str, torch.Tensor]:
     """This rank's validation sequences per domain (see :func:`read_validation`, :func:`rank_share`)."""
-    return rank_share(read_validation(files, storage, max_sequences_per_domain), rank, world_size)
+    return rank_share(read_validation(files, storage, max_sequences_per_domain, domains), rank, world_size)

@@ -51,6 +51,7 @@ class TrainSpec:
     seq_len: int
     train_files: list[str]
     val_files: list[str] = field(default_factory=list)
+    val_domains: tuple[str, ...] = ()  # the validation split's sources (the tokenize summary's), to stop reading early
     seed: int = 0  # model init and data order
     storage: st.Storage = st.Storage()
     metrics: Optional[MetricsSink] = None  # the stage's MLflow run (pipeline.tracking.RunLogger); rank 0 logs to it
@@ -102,11 +103,13 @@ def run_training(spec: TrainSpec, rank: int, world_size: int, device: torch.devi
     loader = TokenShardLoader(spec.train_files, loop.micro_batch_size, rank=rank, world_size=world_size,
                               seed=spec.seed, storage=spec.storage, streams=loop.loader_streams,
                               shuffle_window=loop.shuffle_window)
-    validation = read_validation(spec.val_files, spec.storage, loop.eval_max_sequences)
+    validation = read_validation(spec.val_files, spec.storage, loop.eval_max_sequences, spec.val_domains)
     sink = spec.metrics if rank == 0 else None
     trainer = Trainer(spec.train, spec.model, loader, spec.seq_len, validators(spec, validation, rank, world_size),
                       checkpointer=checkpointer, sink=sink, device=device, seed=spec.seed)
-    trainer.restore()
+    resume_from = spec.train.checkpoint.resume_from
+    if not trainer.restore() and resume_from:  # this run's own checkpoints come first: a restart continues them
+        trainer.restore(resume_from, spec.storage)
     return trainer.train(on_step_end=_fault_hook(spec.fault, rank))
 
 

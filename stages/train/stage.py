@@ -4,11 +4,15 @@ The stage (on the driver) turns its config (:mod:`stages.train.config`: model, o
 schedule, loop, parallel, checkpoint, cluster) into a :class:`~stages.train.launch.TrainSpec`, runs
 it on ``cluster.num_workers`` Ray Train workers, then exports the final checkpoint to Hugging Face
 format (streamed by a task on a worker: :mod:`stages.train.export`) and records the result. Ray Train keeps its checkpoints in this stage's own folder
-(``RunConfig(storage_path=<work_dir>/<stage>, name=<fingerprint>)``), so:
+(``RunConfig(storage_path=<stage folder>, name=ray-train-<id>)``, see :func:`ray_train_run`), so:
 
-* a failed worker group restarts from the latest checkpoint (``cluster.max_failures`` times), and
+* a failed worker group restarts from the latest checkpoint (``cluster.max_failures`` times),
 * rerunning a stage that did not finish (crash, Ctrl-C, lost driver) resumes from its latest
-  checkpoint: same config, same fingerprint, same Ray Train run.
+  checkpoint: same config, same fingerprint, same Ray Train run, and
+* ``--force`` (or ``--stage``) starts a new Ray Train run, from step 0 -- or from
+  ``checkpoint.resume_from``, another run's checkpoint, on any number of workers that divides
+  ``loop.loader_streams``; the summary, the manifest's external inputs and the MLflow model
+  record which checkpoint it came from.
 
 Outputs: ``data`` lists the checkpoints Ray kept (step, tokens seen, path, losses) for the
 evaluation stage; its :class:`~stages.summaries.train.TrainSummary` holds the export folder, the
@@ -27,13 +31,15 @@ from typing import TYPE_CHECKING, Any, ClassVar, Optional
 
 import pyarrow as pa
 
+from pipeline import manifest as mf
 from pipeline import storage as st
+from pipeline.context import ExternalInput
 from pipeline.registry import register
 from pipeline.stage import DatasetStage, Resources
 from pipeline.tracking import DatasetRef, ModelRecord
 from stages.summaries.tokenize import TokenizeSummary
 from stages.train.config import TrainStageConfig
-from stages.summaries.train import TrainSummary
+from stages.summaries.train import ResumedFrom, TrainSummary
 
 if TYPE_CHECKING:
     from stages.scoring.hook import InLoopEvalSpec
@@ -71,18 +77,54 @@ class TrainStage(DatasetStage):
         model_cfg = cfg.model.build(info.vocab_size, info.seq_len)
         val_files = src.dataset_files("validation") if "validation" in src.manifest["datasets"] else []
         spec = TrainSpec(
-            train=cfg, model=model_cfg, seq_len=info.seq_len, train_files=src.files(), val_files=val_files, seed=ctx.seed,
+            train=cfg, model=model_cfg, seq_len=info.seq_len, train_files=src.files(), val_files=val_files,
+            val_domains=tuple(sorted(info.tokens.get("validation", {}))), seed=ctx.seed,
             storage=ctx.storage, metrics=ctx.run_logger,
             threads_per_worker=cfg.cluster.worker_threads(), in_loop_eval=self._in_loop_eval(ctx, cfg, src, info),
         )
         self._check_cluster(ctx, cfg)
-        result = launch_ray(spec, cfg.cluster, storage_path=st.join(ctx.work_dir, ctx.stage_name), name=ctx.fingerprint,
-                            storage=ctx.storage)
+        resumed_from = self._resumed_from(ctx, cfg, model_cfg)
+        run_name = ray_train_run(ctx)
+        result = launch_ray(spec, cfg.cluster, storage_path=ctx.stage_dir, name=run_name, storage=ctx.storage)
         if result.error is not None:
             raise RuntimeError(f"training failed: {result.error}") from result.error
         if result.checkpoint is None:
             raise RuntimeError("training finished without a checkpoint")
-        self._record(ctx, cfg, result, model_cfg, info, src)
+        self._record(ctx, cfg, result, model_cfg, info, src, st.join(ctx.stage_dir, run_name), resumed_from)
+
+    def external_inputs(self, ctx) -> list[ExternalInput]:
+        """The checkpoint of ``checkpoint.resume_from``: its version enters the fingerprint (a
+        checkpoint rewritten in place retrains), and MLflow records it as an input of the run."""
+        path = self.config.checkpoint.resume_from
+        if path is None:
+            return []
+        from stages.model.checkpoint import DCP_METADATA, MODEL_CONFIG  # torch: only for a pipeline that resumes
+
+        files = [st.join(path, name) for name in (MODEL_CONFIG, DCP_METADATA)]
+        missing = [f for f in files if not ctx.storage.exists(f)]
+        if missing:
+            raise ValueError(f"stages.{ctx.stage_name}.config.checkpoint.resume_from: {path} is not a complete checkpoint "
+                             f"(no {', '.join(os.path.basename(f) for f in missing)})")
+        return [ExternalInput("resume_from", path, tuple({"uri": f, **ctx.storage.file_identity(f)} for f in files))]
+
+    @staticmethod
+    def _resumed_from(ctx, cfg: TrainStageConfig, model_cfg: ModelConfig) -> Optional[ResumedFrom]:
+        """Check ``checkpoint.resume_from`` on the driver, before any worker starts: the same
+        model, and a step before ``loop.steps``; its step, tokens and workers for the lineage."""
+        path = cfg.checkpoint.resume_from
+        if path is None:
+            return None
+        from stages.model.checkpoint import load_extra, load_model_config, model_mismatch
+
+        key = f"stages.{ctx.stage_name}.config.checkpoint.resume_from"
+        mismatch = model_mismatch(path, load_model_config(path, ctx.storage), model_cfg)
+        if mismatch:
+            raise ValueError(f"{key}: {mismatch}")
+        extra = load_extra(path, 0, ctx.storage)
+        if int(extra["step"]) >= cfg.loop.steps:
+            raise ValueError(f"{key}: {path} is at step {extra['step']}; loop.steps ({cfg.loop.steps}) must be larger to train anything")
+        return ResumedFrom(checkpoint=path, step=int(extra["step"]), tokens_seen=int(extra["tokens_seen"]),
+                           world_size=int(extra["world_size"]))
 
     @staticmethod
     def _in_loop_eval(ctx, cfg: TrainStageConfig, src, info: TokenizeSummary) -> Optional[InLoopEvalSpec]:
@@ -123,7 +165,8 @@ class TrainStage(DatasetStage):
                 )
 
     # -- after training, on the driver ------------------------------------------------------------
-    def _record(self, ctx, cfg: TrainStageConfig, result, model_cfg: ModelConfig, info: TokenizeSummary, src) -> None:
+    def _record(self, ctx, cfg: TrainStageConfig, result, model_cfg: ModelConfig, info: TokenizeSummary, src, run_uri: str,
+                resumed_from: Optional[ResumedFrom]) -> None:
         from stages.model import checkpoint as ckpt
         from stages.model.hf import ExportError
         from stages.train.export import export_task
@@ -162,12 +205,13 @@ class TrainStage(DatasetStage):
         if export_uri:
             with tempfile.TemporaryDirectory() as tmp:
                 hf_dir = _export_descriptors(ctx.storage, export_uri, tmp)
-                model_id = ctx.log_model(exported_model(ctx, hf_dir, model_cfg, src, extra["step"], rows[-1] if rows else {}, export_uri))
+                model_id = ctx.log_model(exported_model(ctx, hf_dir, model_cfg, src, extra["step"], rows[-1] if rows else {}, export_uri,
+                                                        resumed_from))
 
         last = rows[-1] if rows else {}
         ctx.set_summary(TrainSummary(
             hf_export=export_uri, hf_export_error=export_error, final_checkpoint=final_path,
-            ray_train_run=st.join(ctx.work_dir, ctx.stage_name, ctx.fingerprint),
+            ray_train_run=run_uri, resumed_from=resumed_from,
             steps=int(extra["step"]), tokens_seen=int(extra["tokens_seen"]), world_size=int(extra["world_size"]),
             model=model_cfg.to_dict(), num_params=model_cfg.num_params(), flops_per_token=model_cfg.flops_per_token(model_cfg.max_seq_len),
             final_loss=last.get("loss"), final_val_loss=last.get("val_loss"),
@@ -181,6 +225,36 @@ class TrainStage(DatasetStage):
             ctx.log_metric("final_loss", last["loss"])
         if last.get("val_loss") is not None:
             ctx.log_metric("final_val_loss", last["val_loss"])
+
+
+RAY_TRAIN_RUN = "ray_train_run.json"  # in the stage folder: the Ray Train run its computation continues
+
+
+def ray_train_run(ctx) -> str:
+    """The name of the Ray Train run (a folder of the stage folder) that this computation
+    continues or starts. Ray Train resumes a run of the same name from its storage, so the name
+    decides where training starts:
+
+    * no committed output (a first run, or a rerun after a crash, Ctrl-C or a lost driver): the
+      run this fingerprint's last computation started, which continues from its latest checkpoint;
+    * a committed output being replaced (``--force``, ``--stage``): a new run, which starts from
+      step 0 (or ``checkpoint.resume_from``) -- resuming the committed run would train nothing.
+      Runs neither committed nor current (an earlier replacement that did not finish) go."""
+    pointer = st.join(ctx.stage_dir, RAY_TRAIN_RUN)
+    committed = mf.load_manifest(ctx.storage, ctx.stage_dir)
+    if committed is None and ctx.storage.exists(pointer):
+        name = ctx.storage.read_json(pointer)["name"]
+        log.info("[%s] continuing Ray Train run %s", ctx.stage_name, st.join(ctx.stage_dir, name))
+        return name
+    name = "ray-train-" + ctx.attempt.removeprefix("attempt-")
+    if committed is not None:
+        keep = (committed.get("summary") or {}).get("data", {}).get("ray_train_run")
+        for old in ctx.storage.ls_dirs(ctx.stage_dir):
+            if old.startswith("ray-train-") and st.join(ctx.stage_dir, old) != keep:
+                ctx.storage.rm(st.join(ctx.stage_dir, old))
+        log.info("[%s] replacing the committed output: a new Ray Train run %s", ctx.stage_name, st.join(ctx.stage_dir, name))
+    ctx.storage.write_json_atomic(pointer, {"name": name, "attempt": ctx.attempt})
+    return name
 
 
 def _uri(path: str, work_dir: str) -> str:
@@ -230,18 +304,21 @@ def loss_curve_png(history: list[dict[str, float]], title: str) -> Optional[byte
     return buf.getvalue()
 
 
-def exported_model(ctx, hf_dir: str, model_cfg: ModelConfig, src, step: int, last: dict[str, Any], weights_uri: str) -> ModelRecord:
+def exported_model(ctx, hf_dir: str, model_cfg: ModelConfig, src, step: int, last: dict[str, Any], weights_uri: str,
+                   resumed_from: Optional[ResumedFrom] = None) -> ModelRecord:
     """The export as an MLflow LoggedModel of the stage run, linked to the token shards: the
     model's tags name the dataset, and its final losses are logged against that dataset."""
     from stages.model.hf import hf_architecture
 
     dataset = DatasetRef(f"{src.ref.stage}.{src.ref.dataset}", src.uri, src.fingerprint)
+    lineage = {} if resumed_from is None else {"lmpipe.resumed_from": resumed_from.checkpoint,
+                                              "lmpipe.resumed_from_step": str(resumed_from.step)}
     return ModelRecord(
         name=ctx.stage_name, local_dir=hf_dir, model_type=hf_architecture(model_cfg), step=step,
         params={k: str(v) for k, v in model_cfg.to_dict().items()},
         tags={"lmpipe.fingerprint": ctx.fingerprint, "lmpipe.train_dataset": dataset.name, "lmpipe.train_dataset_uri": src.uri,
               "lmpipe.train_dataset_digest": src.fingerprint, "lmpipe.step": str(step), "lmpipe.format": "huggingface",
-              "lmpipe.weights_uri": weights_uri},
+              "lmpipe.weights_uri": weights_uri, **lineage},
         metrics={f"final_{key}": last[key] for key in ("loss", "val_loss") if last.get(key) is not None},
         dataset=dataset,
     )

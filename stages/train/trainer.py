@@ -307,14 +307,11 @@ class Trainer:
             return latest is not None and self._restore_from(latest, None)
 
     def _restore_from(self, path: str, storage: Any) -> bool:
-        from stages.model.checkpoint import load_extra, load_model_config
+        from stages.model.checkpoint import load_extra, load_model_config, model_mismatch
 
-        saved_model = load_model_config(path, storage).to_dict()
-        ours = self.model_cfg.to_dict()
-        if saved_model != ours:
-            differ = ", ".join(f"{k}={saved_model.get(k)!r} (this run: {ours.get(k)!r})" for k in sorted(set(saved_model) | set(ours))
-                               if saved_model.get(k) != ours.get(k))
-            raise RuntimeError(f"{path} holds another model: {differ}")
+        mismatch = model_mismatch(path, load_model_config(path, storage), self.model_cfg)
+        if mismatch:
+            raise RuntimeError(mismatch)
         saved_world = load_extra(path, 0, storage)["world_size"]
         if saved_world != self.world and not getattr(self.loader, "resumes_on_any_world_size", False):
             raise RuntimeError(f"{path} was written by {saved_world} workers; this run has {self.world}, and its loader "

@@ -11,7 +11,10 @@ import pytest
 import torch
 
 from pipeline.storage import Storage
-from stages.tokenize.loader import ROWS_PER_BATCH_KEY, ShardError, TokenShardLoader, feistel
+from stages.tokenize.loader import TokenShardLoader
+from stages.tokenize.order import feistel
+from stages.tokenize.shard_index import ShardError
+from stages.tokenize.shards import ROWS_PER_BATCH_KEY
 
 SEQ = 16
 
@@ -283,7 +286,7 @@ def test_ranks_read_each_remote_chunk_about_once_per_epoch(s3_storage, tmp_path)
 
 
 def test_a_ranks_streams_hold_contiguous_segments():
-    from stages.tokenize.loader import segment_of_stream
+    from stages.tokenize.order import segment_of_stream
 
     for streams, worlds in ((64, (1, 2, 4, 8, 16, 32, 64)), (6, (1, 2, 6)), (12, (1, 2, 4, 12))):
         segment = segment_of_stream(streams)
@@ -432,3 +435,12 @@ def test_training_resumes_on_another_number_of_ranks(tmp_path):
     with pytest.raises(RuntimeError, match="step_00000002 holds another model: dim=32 \\(this run: 48\\)"):
         _train(files, 0, 1, tmp_path / "other", resume=checkpoint,
                model=model_config("debug", dim=48, n_layers=2, n_heads=2, ffn_dim=64, max_seq_len=32))
+
+
+def test_the_prefetch_budget_counts_the_bytes_a_chunk_really_takes(files):
+    """Cached chunks are views in the shards' dtype (uint16 here): the prefetch budget counts those
+    bytes, not int64's four times as many (which let it read only a quarter as far ahead)."""
+    loader = TokenShardLoader(files, batch_size=4, shuffle=False)
+    sizes = [loader.chunk_bytes(c) for c in range(loader.num_chunks)]
+    assert sizes == [loader.chunk_tokens(c).nbytes for c in range(loader.num_chunks)]
+    assert sizes == [n * (SEQ + 1) * 2 for n in (50, 37, 13)]

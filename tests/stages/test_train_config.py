@@ -41,7 +41,7 @@ def test_demo_training_settings():
         "spike_min_window": 20, "on_nonfinite": "stop", "max_nonfinite_skips": 10, "log_every": 10, "norms_every": 50, "eval_every": 50,
         "eval_max_sequences": 64, "peak_tflops": None, "deterministic": True, "loader_streams": 64, "shuffle_window": 1024}
     assert cfg.parallel.model_dump() == {"activation_checkpointing": False, "compile": False, "mixed_precision": "auto"}
-    assert cfg.checkpoint.model_dump() == {"every": 100, "keep": None}
+    assert cfg.checkpoint.model_dump() == {"every": 100, "keep": None, "resume_from": None}
     assert cfg.cluster.model_dump() == {"num_workers": 2, "use_gpu": False, "resources_per_worker": {"CPU": 1.0},
                                         "threads_per_worker": None, "max_failures": 2}
     assert cfg.cluster.worker_threads() == 1

@@ -71,3 +71,25 @@ def test_killed_worker_resumes_to_identical_weights(job):
     # the restarted group resumed from checkpoints on S3 (moto's server), not from local disk
     assert killed["checkpoint_path"].startswith("trainckpt/killed-run/"), killed
     assert killed["checkpoint_filesystem"] == "PyFileSystem", killed  # pyarrow over s3fs
+
+
+def test_resume_from_continues_another_runs_checkpoint_on_another_worker_count(job):
+    first = job["resumed"]["first"]
+    summary = first["summary"]
+    assert not first["cached"] and summary["steps"] == 26 and summary["world_size"] == 1
+    # the lineage: the 2-worker run's final checkpoint, in the summary, the manifest and MLflow
+    source = job["manifest_train"]["final_checkpoint"]
+    assert summary["resumed_from"] == {"checkpoint": source, "step": 24, "tokens_seen": 24 * 2 * 4 * 32, "world_size": 2}
+    assert "resume_from" in first["external_inputs"]
+    assert first["model_tags"]["lmpipe.resumed_from"] == source and first["model_tags"]["lmpipe.resumed_from_step"] == "24"
+    assert first["loss_steps"] == [25, 26]  # trained only the steps after the checkpoint
+    assert first["history_steps"][-1] == 26 and 24 in first["history_steps"]  # the source run's history continues
+
+
+def test_force_trains_afresh_in_a_new_ray_train_run(job):
+    first, forced = job["resumed"]["first"], job["resumed"]["forced"]
+    assert not forced["cached"]
+    # before: Ray Train resumed the committed run (same name, same storage) at step 26 and trained nothing
+    assert forced["loss_steps"] == [25, 26]
+    assert forced["summary"]["ray_train_run"] != first["summary"]["ray_train_run"]
+    assert forced["summary"]["steps"] == 26 and job["resumed"]["forced_same_weights"]

@@ -149,9 +149,58 @@ def main(work: str, out_json: str) -> None:
     }
     rerun = Runner(loaded).run()
     result["rerun_cached"] = rerun.stage("train").cached
+    result["resumed"] = resume_and_force(work, manifest["summary"]["data"]["final_checkpoint"])
     with open(out_json, "w") as f:
         json.dump(result, f, indent=1, default=str)
     ray.shutdown()
+
+
+def resume_and_force(work: str, checkpoint: str) -> dict:
+    """Another pipeline continues the 2-worker run's final checkpoint (step 24) on 1 worker to step
+    26 (``checkpoint.resume_from``); then ``--stage train --force`` reruns it, which must train
+    steps 25-26 again in a new Ray Train run (Ray Train resumed the committed run, at step 26)."""
+    from mlflow import MlflowClient
+
+    from pipeline.runner import Runner
+    from stages.model import checkpoint as ckpt
+
+    train_config = {**TRAIN_CONFIG, "loop": {**TRAIN_CONFIG["loop"], "steps": 26, "log_every": 1, "eval_every": 0, "norms_every": 0},
+                    "checkpoint": {"every": 8, "resume_from": checkpoint}, "cluster": {**TRAIN_CONFIG["cluster"], "num_workers": 1}}
+    yaml_path = os.path.join(work, "resume.yaml")
+    with open(yaml_path, "w") as f:
+        f.write(textwrap.dedent(f"""
+            name: train-resume-test
+            work_dir: {work}/work
+            seed: 7
+            stages:
+              tokenize:
+                uses: test_token_shards
+              train:
+                uses: train
+                inputs: [tokenize.train]
+                config: {json.dumps(train_config)}
+            """))
+    loaded = load_config(yaml_path)
+    client = MlflowClient(loaded.resolved.tracking_uri())
+    out = {}
+    for label, run in (("first", lambda: Runner(loaded).run()), ("forced", lambda: Runner(loaded).run(only="train", force=True))):
+        stage = run().stage("train")
+        summary = stage.manifest["summary"]["data"]
+        model_id = summary["mlflow_model_id"]
+        out[label] = {
+            "cached": stage.cached,
+            "summary": summary,
+            "external_inputs": [e["name"] for e in stage.manifest.get("external_inputs", [])],
+            "loss_steps": sorted(m.step for m in client.get_metric_history(stage.run_id, "loss")),
+            "model_tags": client.get_logged_model(model_id).tags if model_id else {},
+            "history_steps": [h["step"] for h in json.loads(ckpt.load_extra(summary["final_checkpoint"], 0)["trainer"])["history"]],
+        }
+    import torch
+
+    a = ckpt.load_full_model(out["first"]["summary"]["final_checkpoint"]).state_dict()
+    b = ckpt.load_full_model(out["forced"]["summary"]["final_checkpoint"]).state_dict()
+    out["forced_same_weights"] = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    return out
 
 
 if __name__ == "__main__":

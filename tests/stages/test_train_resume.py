@@ -1,0 +1,40 @@
+"""Where training starts, decided on the driver without Ray: the Ray Train run a computation
+continues or replaces, and ``checkpoint.resume_from`` checked before any worker starts."""
+
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+import pytest
+
+from pipeline import manifest as mf
+from pipeline.storage import Storage
+from stages.train.config import TrainStageConfig
+from stages.train.stage import TrainStage, ray_train_run
+
+
+def stage_ctx(stage_dir, attempt: str):
+    return SimpleNamespace(stage_dir=str(stage_dir), attempt=attempt, stage_name="train", storage=Storage())
+
+
+def test_a_rerun_continues_its_run_and_a_replacement_starts_a_new_one(tmp_path):
+    storage = Storage()
+    first = ray_train_run(stage_ctx(tmp_path, "attempt-aaa"))
+    os.makedirs(tmp_path / first)
+    # crashed before committing: the next computation continues the same Ray Train run
+    assert ray_train_run(stage_ctx(tmp_path, "attempt-bbb")) == first
+    storage.write_json_atomic(mf.manifest_uri(str(tmp_path)), {"format": mf.MANIFEST_FORMAT, "summary": {"kind": "train", "data": {"ray_train_run": str(tmp_path / first)}}})
+    # a committed output being replaced (--force, --stage): a new run, so training starts afresh
+    forced = ray_train_run(stage_ctx(tmp_path, "attempt-ccc"))
+    assert forced not in (first, "") and os.path.isdir(tmp_path / first)  # the committed run stays while it is committed
+    os.makedirs(tmp_path / forced)  # this replacement dies; the next one removes its run, never the committed one
+    again = ray_train_run(stage_ctx(tmp_path, "attempt-ddd"))
+    assert again not in (first, forced) and not os.path.exists(tmp_path / forced) and os.path.isdir(tmp_path / first)
+
+
+def test_resume_from_a_folder_without_a_checkpoint_names_the_key(tmp_path):
+    stage = TrainStage(TrainStageConfig.model_validate({"checkpoint": {"resume_from": str(tmp_path / "nothing")}}))
+    with pytest.raises(ValueError, match=r"stages\.train\.config\.checkpoint\.resume_from: .*nothing is not a complete checkpoint "
+                                         r"\(no model_config.json, .metadata\)"):
+        stage.external_inputs(stage_ctx(tmp_path, "attempt-aaa"))
