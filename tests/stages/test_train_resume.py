@@ -18,13 +18,21 @@ def stage_ctx(stage_dir, attempt: str):
     return SimpleNamespace(stage_dir=str(stage_dir), attempt=attempt, stage_name="train", storage=Storage())
 
 
+def committed_manifest(ray_train_run: str) -> dict:
+    """The least a committed train output's manifest holds: the Ray Train run it came from."""
+    return {"format": mf.MANIFEST_FORMAT, "pipeline": "p", "stage": "train", "uses": "train", "version": "2", "fingerprint": "f",
+            "attempt": "attempt-aaa", "config": {}, "datasets": {}, "counts": {"rows_in": 0, "kept": 0},
+            "timings": {"started_at": "2026-12-03T00:00:00Z", "wall_seconds": 1.0},
+            "summary": {"kind": "train", "data": {"final_checkpoint": "x", "steps": 1, "tokens_seen": 1, "ray_train_run": ray_train_run}}}
+
+
 def test_a_rerun_continues_its_run_and_a_replacement_starts_a_new_one(tmp_path):
     storage = Storage()
     first = ray_train_run(stage_ctx(tmp_path, "attempt-aaa"))
     os.makedirs(tmp_path / first)
     # crashed before committing: the next computation continues the same Ray Train run
     assert ray_train_run(stage_ctx(tmp_path, "attempt-bbb")) == first
-    storage.write_json_atomic(mf.manifest_uri(str(tmp_path)), {"format": mf.MANIFEST_FORMAT, "summary": {"kind": "train", "data": {"ray_train_run": str(tmp_path / first)}}})
+    storage.write_json_atomic(mf.manifest_uri(str(tmp_path)), committed_manifest(str(tmp_path / first)))
     # a committed output being replaced (--force, --stage): a new run, so training starts afresh
     forced = ray_train_run(stage_ctx(tmp_path, "attempt-ccc"))
     assert forced not in (first, "") and os.path.isdir(tmp_path / first)  # the committed run stays while it is committed
