@@ -42,7 +42,7 @@ class RankMemory:
     grads: int  # fp32 gradients (this rank's shards)
     optimizer: int  # AdamW's exp_avg and exp_avg_sq, fp32
     mixed_precision: int  # compute-dtype copies: FSDP's all-gathered units (the current and the prefetched block, the root's embedding and head)
-    accumulation: int  # unsharded gradients kept between the micro-batches of one step (FSDP, grad_accum > 1)
+    accumulation: int  # unsharded fp32 gradients kept between the micro-batches of one step (FSDP, grad_accum > 1)
     activations: int  # saved for backward, all layers of one micro-batch
     logits: int  # the loss at the start of backward
     peak: int
@@ -81,7 +81,8 @@ def rank_memory(cfg: ModelConfig, world_size: int, micro_batch: int, seq_len: in
         mixed_precision = compute_bytes * (2 * layer + head)
     else:  # autocast caches a compute-dtype copy of every weight during the forward (none in fp32)
         mixed_precision = compute_bytes * full if compute_bytes < 4 else 0
-    accumulation = compute_bytes * full if sharded and grad_accum > 1 else 0
+    # FSDP2 without gradient sync keeps every unsharded gradient, upcast to the reduce dtype (fp32)
+    accumulation = 4 * full if sharded and grad_accum > 1 else 0
     tokens = micro_batch * seq_len
     per_layer = cfg.dim * compute_bytes if activation_checkpointing else activation_bytes_per_token_and_layer(cfg, compute_bytes)
     activations = tokens * cfg.n_layers * per_layer

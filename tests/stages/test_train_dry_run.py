@@ -38,7 +38,7 @@ def test_the_dry_run_takes_the_trainers_own_step_and_reports_the_terms_apart():
     assert r["states_match_formula"] and r["state_bytes"] == 16 * r["local_params"]
     f = r["formula"]
     assert f["fp32_state"] == r["share_bytes"]
-    assert f["mixed_precision"] > 0 and f["accumulation"] == 2 * r["full_params"]  # bf16, unsharded between micro-batches
+    assert f["mixed_precision"] > 0 and f["accumulation"] == 4 * r["full_params"]  # unsharded fp32 (reduce dtype) between micro-batches
     assert f["activations"] > 0 and f["logits"] == 2 * 16 * 512 * 12
 
 
