@@ -4,8 +4,12 @@ Output rows: ``id`` (stable: source + file + line/row/element), ``text``, ``sour
 (JSON of the remaining fields), ``url`` and ``origin`` (``file:line`` for JSONL lines and Parquet
 rows, ``file#n`` for text files (n = 0) and JSON array elements (n = element index); lineage).
 Malformed records go to the ``quarantine`` dataset with ``file``/``line``, a reason and the raw bytes;
-a file that cannot be read to its end (truncated or corrupt .gz/.zst) keeps what was read and adds
-one ``unreadable_file`` record saying where it stopped.
+a file that cannot be read to its end (truncated or corrupt .gz/.zst, damaged Parquet) keeps what was
+read and adds one ``unreadable_file`` record saying where it stopped.
+
+A part holds at most ``max_part_bytes`` of text whatever the input's layout (see
+:mod:`stages.ingest.planning`): a big file is read as several parts, a compressed stream as one part
+whose output files roll over at the bound.
 
 Nothing is dropped silently: a folder is read by the formats of the files it holds (and refused at
 plan time when it holds none), and a source that yields no documents -- no records at all, or every
@@ -107,9 +111,12 @@ class Ingest(SourceStage):
             if fmt != "text" or si != group_source:
                 flush_group()
             if fmt == "text":
+                size = ctx.storage.size(uri)
+                if group and group_bytes + size > bound:
+                    flush_group()
                 group_source = si
                 group.append([uri, rel])
-                group_bytes += ctx.storage.size(uri)
+                group_bytes += size
                 if len(group) >= self.config.text_files_per_part or group_bytes >= bound:
                     flush_group()
                 continue

@@ -170,3 +170,13 @@ def test_split_parts_give_the_same_bytes_with_one_and_two_workers(tmp_path, one_
     a, b = _digests(one, ["ingest", "language", "exact"]), _digests(two, ["ingest", "language", "exact"])
     assert a == b and len(a) >= 12
     assert one.stage("exact").manifest["counts"]["rejected"]  # the duplicate is found across parts
+
+
+def test_text_files_are_grouped_up_to_the_bound(tmp_path):
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    for i in range(10):
+        (folder / f"t{i}.txt").write_text(f"text file {i} " * 800)  # ~10 KB each
+    _, report = _run(tmp_path, folder, "grouped", 25_000)
+    st = report.stage("ingest")
+    assert st.manifest["parts"] == 5 and st.manifest["counts"]["kept"] == 10  # two files (~20 KB) per part
