@@ -20,6 +20,12 @@ fewer of a perturbed copy (10,696 of 31,624 at 8 copies vs 1,578 of 3,953 at 1: 
 line's final punctuation inward, which C4's and FineWeb's line rules count). Decontamination finds
 fewer MMLU 13-grams in perturbed copies (the swaps break them).
 
+``--layout one-file`` writes the same corpus with each source in one uncompressed JSONL file
+(news: every copy's articles; python_docs and shakespeare: one record per text file), the layout
+of a corpus that comes as a few huge files, and ``--max-part-bytes`` sets ingest's part bound:
+
+    flock /tmp/lmpipe-heavy.lock .venv/bin/python bench/pipeline_scale.py --layout one-file --copies 1 8 --max-part-bytes 4194304
+
 Each stage runs in its own measured process (``Runner.run(only=stage)``: upstream from the cache,
 this stage recomputed), so driver peak RSS (ru_maxrss), worker peak RSS (every ``ray::`` process
 below the driver, sampled every 0.2 s) and S3 bytes (counted by a TCP proxy in front of moto: bodies
@@ -124,7 +130,35 @@ def make_corpus(demo: Path, out: Path, copies: int) -> dict:
     return info
 
 
-def pipeline_yaml(corpus: Path, copies: int, name: str, local: Path, endpoint: str) -> str:
+ONE_FILE_SOURCES = ("news", "python_docs", "shakespeare")
+
+
+def make_one_file_corpus(corpus: Path, out: Path, copies: int) -> dict[str, Path]:
+    """Each source of ``copies`` copies of the (many-file) corpus as one uncompressed JSONL file."""
+    import zstandard
+
+    out.mkdir(parents=True, exist_ok=True)
+    files = {s: out / f"{s}-x{copies}.jsonl" for s in ONE_FILE_SOURCES}
+    if all(f.exists() for f in files.values()):
+        return files
+    for source, target in files.items():
+        tmp = target.with_suffix(".tmp")
+        with open(tmp, "w", encoding="utf-8") as w:
+            for c in range(copies):
+                if source == "news":
+                    for shard in sorted((corpus / "news").glob(f"*-c{c:03d}.jsonl.zst")):
+                        w.write(zstandard.ZstdDecompressor().stream_reader(shard.read_bytes()).read().decode())
+                else:
+                    folder = corpus / source / f"copy-{c:03d}"
+                    for f in sorted(folder.rglob("*.txt")):
+                        w.write(json.dumps({"text": f.read_text(encoding="utf-8"), "path": str(f.relative_to(folder))},
+                                           ensure_ascii=False) + "\n")
+        tmp.replace(target)
+    return files
+
+
+def pipeline_yaml(corpus: Path, copies: int, name: str, local: Path, endpoint: str,
+                  one_file: dict[str, Path] | None = None, max_part_bytes: int | None = None) -> str:
     """examples/demo.yaml's data stages with this run's sources, work_dir, MLflow and S3 endpoint."""
     import yaml
 
@@ -133,10 +167,15 @@ def pipeline_yaml(corpus: Path, copies: int, name: str, local: Path, endpoint: s
     if list(stages) != DATA_STAGES:
         raise SystemExit(f"examples/demo.yaml: expected data stages {DATA_STAGES}, found {list(stages)}")
     for src in stages["ingest"]["config"]["sources"]:
-        if src["name"] == "news":
+        if one_file is not None:
+            src["paths"] = [str(one_file[src["name"]])]
+            src.pop("format", None)  # read by its name: JSONL
+        elif src["name"] == "news":
             src["paths"] = [str(corpus / "news" / f"*-c{c:03d}.jsonl.zst") for c in range(copies)]
         else:
             src["paths"] = [str(corpus / src["name"] / f"copy-{c:03d}") for c in range(copies)]
+    if max_part_bytes is not None:
+        stages["ingest"]["config"]["max_part_bytes"] = max_part_bytes
     doc = {
         "name": f"pipeline-scale-{copies}",
         "work_dir": f"s3://{BUCKET}/{name}",
@@ -264,10 +303,10 @@ def mib(b: int) -> str:
 
 
 def table(results: list[dict]) -> str:
-    rows = ["| copies | CPUs | stage | wall s | worker CPU s | driver CPU s | docs in | docs out | S3 read MiB | S3 written MiB | driver peak MiB | worker peak RSS / private MiB | load 1m before/after |",
-            "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    rows = ["| copies | CPUs | stage | parts | wall s | worker CPU s | driver CPU s | docs in | docs out | S3 read MiB | S3 written MiB | driver peak MiB | worker peak RSS / private MiB | load 1m before/after |",
+            "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in results:
-        rows.append(f"| {r['copies']} | {r['cpus']} | {r['stage']} | {r['wall_s']:.1f} | {r['worker_cpu_s']:.1f} | {r['driver_cpu_s']:.1f} | {r['docs_in']:,} |"
+        rows.append(f"| {r['copies']} | {r['cpus']} | {r['stage']} | {r.get('parts') or '-'} | {r['wall_s']:.1f} | {r['worker_cpu_s']:.1f} | {r['driver_cpu_s']:.1f} | {r['docs_in']:,} |"
                     f" {r['docs_out']:,} | {r['s3_read'] / 2**20:,.1f} | {r['s3_written'] / 2**20:,.1f} | {mib(r['driver_peak_rss'])} |"
                     f" {mib(r['worker_peak_rss'])} / {mib(r['worker_peak_private']) if 'worker_peak_private' in r else '-'} |"
                     f" {r['load_before'][0]:.2f} / {r['load_after'][0]:.2f} |")
@@ -334,6 +373,9 @@ def main() -> None:
     ap.add_argument("--demo", default=str(REPO / "data/demo"))
     ap.add_argument("--root", default="/tmp/pipescale")
     ap.add_argument("--out", default=str(REPO / "bench/results/pipeline_scale.json"))
+    ap.add_argument("--layout", choices=["many-files", "one-file"], default="many-files",
+                    help="many-files: the demo's shards and folders per copy; one-file: each source in one JSONL file")
+    ap.add_argument("--max-part-bytes", type=int, help="ingest's max_part_bytes (default: the stage's)")
     ap.add_argument("--profile", action="store_true", help="py-spy every measured stage (slows it; numbers are for where time goes)")
     ap.add_argument("--report", help="print the tables of a results JSON and exit")
     ap.add_argument("--measure", nargs=3, help=argparse.SUPPRESS)
@@ -367,7 +409,8 @@ def main() -> None:
             local = root / name
             local.mkdir()
             yaml_path = local / "pipeline.yaml"
-            yaml_path.write_text(pipeline_yaml(root / "corpus", copies, name, local, endpoint))
+            one_file = make_one_file_corpus(root / "corpus", root / "one-file", copies) if args.layout == "one-file" else None
+            yaml_path.write_text(pipeline_yaml(root / "corpus", copies, name, local, endpoint, one_file, args.max_part_bytes))
             print(f"# {copies} copies: {corpus['documents']:,} documents, {corpus['chars'] / 1e6:.0f} M chars", flush=True)
             last = max(DATA_STAGES.index(s) for s in args.stages)
             for stage in DATA_STAGES[: last + 1]:  # upstream of a measured stage runs unmeasured
@@ -376,7 +419,7 @@ def main() -> None:
                 for cpus in (args.cpus if every else [max(args.cpus)]):
                     profile = local / f"profile-{stage}-{cpus}cpu.txt" if (measured and args.profile) else None
                     r = run_stage(yaml_path, stage, cpus, proxy, env, profile)
-                    r.update(copies=copies, corpus=corpus, measured=measured, date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+                    r.update(copies=copies, corpus=corpus, measured=measured, layout=args.layout, max_part_bytes=args.max_part_bytes, date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
                     print(json.dumps(r), flush=True)
                     if measured:
                         results.append(r)
