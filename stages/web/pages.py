@@ -9,9 +9,11 @@ The demo crawl, the tests and the extraction benchmark are built from them.
 from __future__ import annotations
 
 import io
+import os
 import tarfile
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable, Optional
 
 from stages import assets
@@ -24,6 +26,23 @@ class Page:
     url: str
     html: bytes
     source: Optional[str]  # the reST the page was generated from, when the archive has it
+
+
+ASSET_TYPES = {".css": "text/css", ".js": "application/javascript", ".png": "image/png"}
+
+
+def lxml_doc_files(include_api: bool = False) -> tuple[list[Page], list[tuple[str, str, bytes]]]:
+    """The site's pages and its other files ((URL, content type, bytes): stylesheets, scripts, images)."""
+    asset = assets.ASSETS["lxml"]
+    root = f"lxml-{asset.version}/doc/html/"
+    files: list[tuple[str, str, bytes]] = []
+    with tarfile.open(assets.fetch("lxml"), "r:gz") as t:
+        for member in sorted(t.getmembers(), key=lambda m: m.name):
+            rel = member.name[len(root):] if member.name.startswith(root) else ""
+            ext = rel[rel.rfind("."):] if "." in rel else ""
+            if member.isfile() and ext in ASSET_TYPES and (include_api or "/" not in rel):
+                files.append((SITE + rel, ASSET_TYPES[ext], t.extractfile(member).read()))
+    return lxml_doc_pages(include_api), files
 
 
 def lxml_doc_pages(include_api: bool = False) -> list[Page]:
@@ -74,3 +93,32 @@ def write_warc(out: io.BufferedIOBase, pages: Iterable[Page], gzip: bool = True,
         ids = {"WARC-Record-ID": record_id(page.url, "response"), "WARC-Date": date}
         writer.write_record(writer.create_warc_record(page.url, "response", payload=io.BytesIO(page.html), http_headers=headers,
                                                       warc_headers_dict=ids))
+
+
+def write_demo_crawl(out_dir: str | os.PathLike) -> dict[str, int]:
+    """The web demo's crawl: lxml.de as two gzipped WARC files, byte-identical on every run --
+    the site's pages (request + response records) in the first, its API reference pages and the
+    stylesheets, scripts and images both sites link to in the second (responses the ingest
+    rejects as not_html)."""
+    from warcio.statusandheaders import StatusAndHeaders
+    from warcio.warcwriter import WARCWriter
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pages, files = lxml_doc_files(include_api=True)
+    site = [p for p in pages if "/apidoc/" not in p.url]
+    api = [p for p in pages if "/apidoc/" in p.url]
+    targets = [out / "crawl-00000.warc.gz", out / "crawl-00001.warc.gz"]
+    for target, group in zip(targets, (site, api)):
+        tmp = target.with_suffix(".tmp")
+        with open(tmp, "wb") as f:
+            write_warc(f, group)
+            if group is api:
+                writer = WARCWriter(f, gzip=True)
+                for url, content_type, body in files:
+                    headers = StatusAndHeaders("200 OK", [("Content-Type", content_type)], protocol="HTTP/1.1")
+                    ids = {"WARC-Record-ID": record_id(url, "response"), "WARC-Date": "2026-01-01T00:00:00Z"}
+                    writer.write_record(writer.create_warc_record(url, "response", payload=io.BytesIO(body), http_headers=headers,
+                                                                  warc_headers_dict=ids))
+        tmp.replace(target)
+    return {"web_pages": len(pages), "web_other_files": len(files)}
