@@ -226,6 +226,7 @@ def _stopped_holder_is_fenced(tmp_path: Path, storage: Storage, work: str, stora
     assert "LeaseLost: lease on gated lost to " in err and "this run's attempt was not committed" in err, err[-3000:]
     after = _snapshot(storage, stage_dir, skip=first_attempt)
     assert after == before  # the second run's commit and attempt, byte for byte
+    assert not storage.exists(st.join(stage_dir, "_lock.json"))  # its heartbeat did not write the released lock again
     assert mf.load_manifest(storage, stage_dir)["attempt"] == committed["attempt"]
     for uri in mf.dataset_files(committed, stage_dir):
         assert storage.exists(uri)
