@@ -253,8 +253,6 @@ def load_task_file(path: str, storage=None) -> TaskFile:
     output_type = raw.get("output_type", "generate_until")
     if output_type not in OUTPUT_TYPES:
         fail("output_type", f"{output_type!r} is not one of {', '.join(OUTPUT_TYPES)}")
-    if output_type == "generate_until":
-        fail("output_type", "generate_until is not supported yet")
     if raw.get("repeats", 1) != 1:
         fail("repeats", "only 1 (greedy decoding, no sampling)")
 

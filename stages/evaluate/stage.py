@@ -163,7 +163,7 @@ class Evaluate(DatasetStage):
         jobs: list[EvalJob] = []
         for ck in checkpoints:
             tokenizer_json, tok_info = tokenizers[ck["path"]]
-            own = dict(tokenizer_json=tokenizer_json, prefix_token=tok_info["prefix_token"], meta=ck, **common)
+            own = dict(tokenizer_json=tokenizer_json, prefix_token=tok_info["prefix_token"], eos_token=tok_info["eos_token"], meta=ck, **common)
             for group in task_groups:
                 jobs.append(EvalJob(checkpoint=ck["path"], tasks=group, **own))
             for lt in lmeval_tasks:
@@ -261,7 +261,7 @@ class Evaluate(DatasetStage):
         prefix = bos if bos is not None else eos
         if prefix is None:
             raise ValueError(f"tokenizer {source}: has neither a BOS nor an EOS token to condition empty contexts and documents on")
-        return text, {"source": source, "prefix_token": int(prefix)}
+        return text, {"source": source, "prefix_token": int(prefix), "eos_token": eos}
 
     def _text_jobs(self, ctx: StageContext, tokenize) -> tuple[list[TextJob], dict[str, str]]:
         import numpy as np

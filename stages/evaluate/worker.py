@@ -34,6 +34,7 @@ class EvalJob:
     checkpoint: str
     tokenizer_json: str
     prefix_token: int
+    eos_token: Optional[int] = None  # ends a generation (lm-eval's generate_until)
     tasks: tuple[TaskJob, ...] = ()
     texts: tuple[TextJob, ...] = ()
     lmeval: tuple = ()  # tuple[LmEvalJob, ...]: lm-eval task files (stages.evaluate.lmeval_run)
@@ -79,7 +80,12 @@ def run_job(job: EvalJob) -> dict[str, Any]:
     if job.lmeval:
         from stages.evaluate.lmeval_run import run_lmeval_job
 
-        out["lmeval"] = {t.key: run_lmeval_job(t, scorer, job.prefix_token) for t in job.lmeval}
+        generator = None
+        if any(t.output_type == "generate_until" for t in job.lmeval):
+            from stages.evaluate.generate import Generator
+
+            generator = Generator(loaded.model, tokenizer, job.eos_token, job.device, job.batch_tokens, job.max_batch_size)
+        out["lmeval"] = {t.key: run_lmeval_job(t, scorer, job.prefix_token, generator) for t in job.lmeval}
     byte_lengths = None
     for text in job.texts:
         t = time.perf_counter()

@@ -153,6 +153,20 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x * cos + rotate_half(x) * sin).to(x.dtype)
 
 
+class LayerCache:
+    """One layer's keys and values of the tokens already seen ([batch, kv_heads, seen, head_dim]),
+    so that generating a token attends to them without recomputing them (a KV cache)."""
+
+    def __init__(self):
+        self.k: Optional[torch.Tensor] = None
+        self.v: Optional[torch.Tensor] = None
+
+    def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
+        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
+        return self.k, self.v
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -165,9 +179,10 @@ class Attention(nn.Module):
         self.q_norm = make_norm(cfg.norm, cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = make_norm(cfg.norm, cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Causal self-attention; ``mask [B, 1, T, T]`` (True = may attend) replaces the causal mask
-        (the evaluator's shared-context batches)."""
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                cache: Optional[LayerCache] = None) -> torch.Tensor:
+        """Causal self-attention; ``mask [B, 1, T, S]`` (True = may attend) replaces the causal mask
+        (the evaluator's shared-context batches; with a ``cache``, S counts the cached keys too)."""
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim)
@@ -176,6 +191,8 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (y.transpose(1, 2) for y in (q, k, v))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.extend(k, v)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.kv_heads != self.n_heads)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
@@ -203,8 +220,9 @@ class Block(nn.Module):
         self.post_attention_layernorm = make_norm(cfg.norm, cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                cache: Optional[LayerCache] = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -243,14 +261,17 @@ class Transformer(nn.Module):
         self.rope_sin.copy_(sin)
 
     def forward(self, tokens: torch.Tensor, positions: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None,
-                return_hidden: bool = False) -> torch.Tensor:
+                return_hidden: bool = False, cache: Optional[list[LayerCache]] = None) -> torch.Tensor:
         """tokens [batch, seq] -> logits [batch, seq, vocab].
 
         The evaluator lays several continuations after one shared context: ``positions [batch, seq]``
         are then each token's RoPE position, and ``mask [batch, seq, seq]`` (True = may attend)
         replaces the causal mask. ``return_hidden`` stops before the output head and returns the
         final hidden states (after the last norm), so that :meth:`logits` -- the largest matmul of
-        a small model -- runs only at the positions a caller scores."""
+        a small model -- runs only at the positions a caller scores. ``cache`` (one
+        :class:`LayerCache` per layer, filled by earlier calls) makes ``tokens`` the continuation of
+        what the cache holds: generation feeds one new token per call (``positions`` and ``mask``
+        then given explicitly)."""
         t = tokens.shape[1]
         if positions is None and t > self.cfg.max_seq_len:  # a shared-context row may be longer than any position it uses
             raise ValueError(f"sequence length {t} exceeds max_seq_len {self.cfg.max_seq_len}")
@@ -260,8 +281,8 @@ class Transformer(nn.Module):
         else:
             cos, sin = self.rope_cos[positions].to(h.dtype)[:, None], self.rope_sin[positions].to(h.dtype)[:, None]
         attn_mask = mask[:, None] if mask is not None else None
-        for layer in self.layers:
-            h = layer(h, cos, sin, attn_mask)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, attn_mask, cache[i] if cache is not None else None)
         h = self.norm(h)
         return h if return_hidden else self.logits(h)
 

@@ -278,3 +278,163 @@ def test_task_scores_do_not_depend_on_batch_size(run, task_dir):
         for a, b in zip(one["samples"], many["samples"]):
             if "lls" in a:
                 assert a["pred"] == b["pred"] and np.allclose(a["lls"], b["lls"], rtol=0, atol=1e-6)
+
+
+# -- generation ---------------------------------------------------------------------------------------
+
+GEN_TASKS = {
+    "lmpipe_triviaqa": ("""dataset_path: json
+dataset_kwargs:
+  data_files:
+    validation: trivia.jsonl
+validation_split: validation
+output_type: generate_until
+doc_to_text: "Question: {{question}}\\nAnswer:"
+doc_to_target: "{{answers}}"
+generation_kwargs:
+  until: ["\\n", "."]
+  max_gen_toks: 12
+  do_sample: false
+metric_list:
+  - metric: exact_match
+    ignore_case: true
+    ignore_punctuation: true
+""", {"trivia.jsonl": lambda: [{"question": " ".join(ex.context.split()[:12]), "answers": [c for c in ex.choices[:2]]}
+                               for ex in mmlu_examples(N_DOCS, offset=13)]}),
+    "lmpipe_gsm8k": ("""dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: gsm.jsonl
+    train: gsm_train.jsonl
+test_split: test
+fewshot_split: train
+num_fewshot: 2
+output_type: generate_until
+doc_to_text: "Question: {{question}}\\nAnswer:"
+doc_to_target: "{{answer}}"
+generation_kwargs:
+  until: ["Question:", "</s>", "\\n\\n"]
+  max_gen_toks: 16
+filter_list:
+  - name: strict-match
+    filter:
+      - function: regex
+        regex_pattern: "#### (\\\\-?[0-9\\\\.\\\\,]+)"
+      - function: take_first
+  - name: flexible-extract
+    filter:
+      - function: regex
+        group_select: -1
+        regex_pattern: "(-?[$0-9.,]{2,})|(-?[0-9]+)"
+      - function: take_first
+metric_list:
+  - metric: exact_match
+    ignore_case: true
+    regexes_to_ignore: [",", "\\\\$", "(?s).*#### ", "\\\\.$"]
+""", {"gsm.jsonl": lambda: [{"question": " ".join(ex.context.split()[:10]), "answer": f"So it is {i * 7}.\n#### {i * 7}"}
+                            for i, ex in enumerate(mmlu_examples(N_DOCS, offset=17))],
+      "gsm_train.jsonl": lambda: [{"question": " ".join(ex.context.split()[:8]), "answer": f"{i} and {i}.\n#### {2 * i}"}
+                                  for i, ex in enumerate(mmlu_examples(6, offset=29))]}),
+}
+
+
+@pytest.fixture(scope="module")
+def gen_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("lmeval-gen")
+    for name, (body, files) in GEN_TASKS.items():
+        text = body
+        for fname, make in files.items():
+            _write_jsonl(d / fname, make())
+            text = text.replace(f": {fname}", f": {d / fname}")
+        (d / f"{name}.yaml").write_text(f"task: {name}\n" + text)
+    return d
+
+
+_GENERATIONS: dict = {}
+
+
+def _lm_eval_generations(model_dir: str, gen_dir: Path, batch_size: int = 16):
+    if (model_dir, gen_dir) not in _GENERATIONS:
+        _GENERATIONS[(model_dir, gen_dir)] = _lm_eval_generate(model_dir, gen_dir, batch_size)
+    return _GENERATIONS[(model_dir, gen_dir)]
+
+
+def _lm_eval_generate(model_dir: str, gen_dir: Path, batch_size: int):
+    from lm_eval.tasks import TaskManager
+
+    out = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={model_dir},dtype=float32", tasks=sorted(GEN_TASKS),
+                                  task_manager=TaskManager(include_path=str(gen_dir)), batch_size=batch_size, device="cpu",
+                                  log_samples=True, bootstrap_iters=0, random_seed=0, numpy_random_seed=0, torch_random_seed=0)
+    return {t: (out["results"][t], sorted(out["samples"][t], key=lambda s: s["doc_id"])) for t in GEN_TASKS}
+
+
+def _check_generations(ours, theirs, samples, task):
+    filters = sorted({s["filter"] for s in samples})  # lm-eval logs one sample per document and filter
+    for f in filters:
+        per_doc = [s for s in samples if s["filter"] == f]
+        assert len(ours["samples"]) == len(per_doc)
+        for mine, s in zip(ours["samples"], per_doc):
+            assert mine["generation"] == s["resps"][0][0], (task, mine["generation"], s["resps"][0][0])
+            assert mine[f"filtered/{f}"] == s["filtered_resps"][0]
+        key = metric_key("exact_match", f)
+        assert ours["metrics"][key]["value"] == theirs[f"exact_match,{f}"], (task, key)
+
+
+def random_llama(folder: Path, tokenizer_file: str) -> str:
+    """lmpipe's own architecture with random weights drawn wide, exported: its greedy answers are
+    varied text (the trained tiny model repeats one token), so a difference in any step shows."""
+    from stages.model.transformer import Transformer, model_config
+    from stages.train.export import export_model
+
+    cfg = model_config("debug", vocab_size=512, dim=32, n_layers=2, n_heads=2, ffn_dim=64, max_seq_len=64, init_std=0.5)
+    model = Transformer(cfg)
+    model.init_weights(seed=3)
+    export_model(model, str(folder), tokenizer_file, {"bos_id": 0, "eos_id": 1, "pad_id": 2})
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def varied_model(run, tmp_path_factory):
+    return random_llama(tmp_path_factory.mktemp("llama-gen") / "llama", run["tokenizer"])
+
+
+@pytest.mark.parametrize("task", sorted(GEN_TASKS))
+def test_generations_match_lm_evals_generate_until(run, gen_dir, varied_model, task):
+    """lmpipe's own model, with its KV cache, gives lm-eval's HF generations token for token: the
+    trained checkpoint (DCP) and its export, and a model whose answers vary more."""
+    for checkpoints, reference in (((run["checkpoints"][-1], run["hf"]), run["hf"]), ((varied_model,), varied_model)):
+        theirs, samples = _lm_eval_generations(reference, gen_dir)[task]
+        for checkpoint in checkpoints:
+            _, ours = _gen_results(checkpoint, run, str(gen_dir / f"{task}.yaml"))
+            _check_generations(ours, theirs, samples, task)
+    if task == "lmpipe_gsm8k":  # the varied model's answers differ from document to document
+        assert len({s["generation"] for s in ours["samples"]}) >= 3
+
+
+def _gen_results(checkpoint: str, run, yaml_path: str, max_batch_size: int = 64, tokenizer: str | None = None):
+    tf = load_task_file(yaml_path)
+    shots = tf.num_fewshot or 0
+    requests, bad = build_doc_requests(tf, load_docs(tf, _storage()), shots)
+    assert not bad
+    job = LmEvalJob(f"{tf.name}_{shots}shot", tf.name, tf.output_type, tuple(requests), tf.metrics, tf.filters, tf.until, tf.max_gen_toks)
+    ej = EvalJob(checkpoint=checkpoint, tokenizer_json=Path(tokenizer or run["tokenizer"]).read_text(), prefix_token=0, eos_token=1,
+                 batch_tokens=8192, max_batch_size=max_batch_size, lmeval=(job,))
+    return requests, run_job(ej)["lmeval"][job.key]
+
+
+def test_generations_of_a_foreign_architecture_match_lm_eval(run, gen_dir, tmp_path_factory):
+    """A GPT-NeoX model (run by transformers with its own past_key_values) generates as lm-eval's HF backend does."""
+    from tests.stages.test_evaluate_baseline import gpt_neox
+
+    neox = gpt_neox(tmp_path_factory.mktemp("neox-gen") / "neox", run["tokenizer"])
+    theirs, samples = _lm_eval_generations(neox, gen_dir)["lmpipe_gsm8k"]
+    _, ours = _gen_results(neox, run, str(gen_dir / "lmpipe_gsm8k.yaml"))
+    _check_generations(ours, theirs, samples, "lmpipe_gsm8k")
+
+
+def test_generations_do_not_depend_on_batch_size(run, gen_dir, varied_model):
+    for task in GEN_TASKS:
+        _, one = _gen_results(varied_model, run, str(gen_dir / f"{task}.yaml"), max_batch_size=1)
+        _, many = _gen_results(varied_model, run, str(gen_dir / f"{task}.yaml"), max_batch_size=64)
+        assert [s["generation"] for s in one["samples"]] == [s["generation"] for s in many["samples"]]
+        assert one["metrics"] == many["metrics"]
