@@ -66,6 +66,8 @@ class ExtractHtml(RowStage):
     requires = ("payload", "content_type", "charset")
     produces = ("text", "extractor", "html_charset", "html_charset_source")
     removes = ("payload",)  # unless keep_payload
+    # resiliparse also decodes; trafilatura's own dependencies (lxml, justext, ...) are in fingerprint_extras
+    libraries = ("pyarrow", "resiliparse", "trafilatura")
     resources = Resources(num_cpus=1, actors=True, batch_size=512)
 
     def __init__(self, config: ExtractConfig, seed: int = 0):
@@ -77,7 +79,7 @@ class ExtractHtml(RowStage):
             self.label = f"{config.extractor} {extractors.library_versions(config.extractor)[config.extractor]}"
 
     def fingerprint_extras(self, ctx) -> dict[str, Any]:
-        extras: dict[str, Any] = {"libraries": extractors.library_versions(self.config.extractor)}
+        extras: dict[str, Any] = {"libraries": extractors.library_versions(self.config.extractor)}  # with their dependencies
         if self.config.function:
             extras["function_source_sha256"] = extractors.function_digest(self.config.function)
         return extras

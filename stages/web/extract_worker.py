@@ -11,7 +11,7 @@ import threading
 import time
 from typing import Any, BinaryIO, Optional
 
-from stages.web.sandbox import COUNT, ERROR, EXTRACT_ERROR, OK, PAGE, READY, RESULT, UNDECODABLE_HTML
+from stages.web.protocol import COUNT, ERROR, EXTRACT_ERROR, OK, PAGE, READY, RESULT, UNDECODABLE_HTML
 
 
 def _read_exact(stream: BinaryIO, n: int) -> Optional[bytes]:
@@ -76,6 +76,3 @@ def worker_main(spec: dict[str, Any]) -> None:
             except Exception as e:  # noqa: BLE001 - one page's failure, reported with its reason
                 send(ERROR, EXTRACT_ERROR.encode(), f"{type(e).__name__}: {e}"[:1000].encode("utf-8", "replace"))
 
-
-if __name__ == "__main__":
-    worker_main(json.loads(sys.argv[1]))

@@ -21,7 +21,6 @@ import json
 import os
 import select
 import signal
-import struct
 import subprocess
 import sys
 import time
@@ -29,17 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-OK, ERROR, READY = 0, 1, 255
-PAGE = struct.Struct("!III")
-RESULT = struct.Struct("!BII")
-COUNT = struct.Struct("!I")
-
-# Quarantine reasons (stable names).
-EXTRACT_TIMEOUT = "extract_timeout"
-EXTRACT_CRASHED = "extract_crashed"
-EXTRACT_ERROR = "extract_error"
-UNDECODABLE_HTML = "undecodable_html"
-
+from stages.web import extract_worker  # imported so that its code is part of the stage's code digest
+from stages.web.protocol import COUNT, EXTRACT_CRASHED, EXTRACT_TIMEOUT, OK, PAGE, READY, RESULT
 
 @dataclass(frozen=True)
 class PageResult:
@@ -74,7 +64,9 @@ class ExtractorProcess:
         repo = str(Path(__file__).resolve().parents[2])  # the folder holding the stages package
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (repo, env.get("PYTHONPATH", "")) if p)
-        self.proc = subprocess.Popen([sys.executable, "-m", "stages.web.extract_worker", json.dumps(self.spec)],
+        # -c, not -m: the module is already imported by its package, which -m warns about
+        code = f"from {extract_worker.__name__} import worker_main; import json, sys; worker_main(json.loads(sys.argv[1]))"
+        self.proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(self.spec)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, bufsize=0)
         self.buf = b""
         try:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import re
 from functools import cached_property
-from importlib.metadata import version
 from typing import Any, Literal, Optional
 from urllib.parse import urlsplit, urlunsplit
 
@@ -126,6 +125,7 @@ class UrlFilter(RowStage):
     requires = ("url",)
     produces = ("url_host", "url_domain")
     resources = Resources(num_cpus=1, batch_size=4096)
+    libraries = ("pyarrow", "tldextract")  # its bundled public suffix list decides url_domain
 
     def fingerprint_extras(self, ctx) -> dict[str, Any]:
         cfg: UrlFilterConfig = self.config
@@ -133,7 +133,7 @@ class UrlFilter(RowStage):
         digests = {}
         for path in files:
             digests[path] = hashlib.sha256(_read(path)).hexdigest()
-        return {"libraries": {"tldextract": version("tldextract")}, "list_files_sha256": digests}
+        return {"list_files_sha256": digests}
 
     @cached_property
     def _extract(self):

@@ -263,6 +263,7 @@ class WarcIngest(SourceStage):
     outputs = ("data", "rejected", "quarantine")
     measure_column = None
     resources = Resources(num_cpus=1)
+    libraries = ("pyarrow", "fastwarc", "zstandard")
 
     def external_inputs(self, ctx: StageContext) -> list[ExternalInput]:
         out = []
