@@ -44,7 +44,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         log.info("pipeline %s: everything this run prints, Ray's and the workers' output included, goes to %s", loaded.resolved.name, log_path)
         runner = Runner(loaded, address=args.address)
         report = runner.run(only=args.stage, start_from=getattr(args, "from"), force=args.force, argv=sys.argv)
-    print(f"pipeline {loaded.resolved.name}: MLflow run {report.pipeline_run_id} ({loaded.resolved.tracking_uri()})")
+    if runner.tracker is not None and runner.tracker.offline is not None:
+        print(f"pipeline {loaded.resolved.name}: not all recorded in MLflow: {runner.tracker.offline}; run the same command"
+              f" again when it is back to record it")
+    else:
+        print(f"pipeline {loaded.resolved.name}: MLflow run {report.pipeline_run_id} ({loaded.resolved.tracking_uri()})")
     for s in report.stages:
         c = s.manifest["counts"]
         print(

@@ -19,7 +19,7 @@ import time
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import lru_cache, wraps
 from typing import Any, Optional
 
 from pipeline import manifest as mf
@@ -29,6 +29,62 @@ from pipeline.locks import process_gone
 log = logging.getLogger("lmpipe")
 
 MAX_PARAM_LEN = 6000
+
+# MLflow's HTTP client waits 120 s per request and retries 7 times with backoff: a tracking server
+# that died kept a run waiting 12 minutes. These bounds (a user's own settings win) make a dead
+# server known in seconds (refused connections) and a hung one in about a minute and a half.
+HTTP_BOUNDS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "30", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+               "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+HEALTH_TIMEOUT_S = 5.0
+
+
+def bound_http_requests() -> None:
+    for key, value in HTTP_BOUNDS.items():
+        os.environ.setdefault(key, value)
+
+
+def server_not_answering(tracking_uri: str) -> Optional[str]:
+    """Why an http(s) tracking server does not answer (None: it answers, or the store is not a
+    server). Any HTTP answer counts as answering: the error was then something else."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return None
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(tracking_uri.rstrip("/") + "/health", timeout=HEALTH_TIMEOUT_S):
+            return None
+    except urllib.error.HTTPError:
+        return None
+    except Exception as e:
+        reason = getattr(e, "reason", e)
+        return getattr(reason, "strerror", None) or str(reason) or type(e).__name__
+
+
+OFFLINE_ADVICE = ("this run goes on without recording to MLflow; its outputs are committed as usual -- run the same"
+                  " command again when the server is back to record them (every finished stage is then cached)")
+
+
+def _recording(what: str):
+    """A Tracker method that records to MLflow: if the tracking server stops answering, the run
+    goes on without it (one warning naming the server) instead of failing or waiting; any other
+    error is raised as before."""
+    def wrap(method):
+        @wraps(method)
+        def guarded(self, *args, **kwargs):
+            if self.offline is not None:
+                return None
+            try:
+                return method(self, *args, **kwargs)
+            except Exception:
+                why = server_not_answering(self.tracking_uri)
+                if why is None:
+                    raise
+                self.offline = f"the MLflow tracking server at {self.tracking_uri} stopped answering ({why})"
+                log.warning("%s while recording %s: %s", self.offline, what, OFFLINE_ADVICE)
+                return None
+        return guarded
+    return wrap
 
 
 def flatten(obj: Any, prefix: str = "") -> dict[str, str]:
@@ -184,6 +240,8 @@ class Tracker:
         from mlflow import MlflowClient
 
         self.tracking_uri = tracking_uri
+        self.offline: Optional[str] = None  # why recording stopped: the tracking server stopped answering
+        bound_http_requests()
         with _embedded_store_lock(tracking_uri):  # the first use creates the schema: one process at a time
             self.client = MlflowClient(tracking_uri=tracking_uri)
             mlflow.set_tracking_uri(tracking_uri)  # artifact repositories resolve through it
@@ -195,6 +253,7 @@ class Tracker:
         self.parent_id: Optional[str] = None
 
     # -- pipeline run ---------------------------------------------------------------------
+    @_recording("the pipeline run")
     def start_pipeline(self, name: str, config_path: str, config_text: str, params: dict[str, Any], tags: dict[str, str]) -> str:
         self.close_dead_runs()
         all_tags = {
@@ -232,6 +291,7 @@ class Tracker:
             closed.append(run.info.run_id)
         return closed
 
+    @_recording("the end of the pipeline run")
     def end_pipeline(self, status: str, summary: Optional[dict[str, Any]] = None, artifacts: Optional[dict[str, bytes]] = None,
                      tags: Optional[dict[str, str]] = None) -> None:
         if self.parent_id is None:
@@ -254,6 +314,7 @@ class Tracker:
             self.client.log_artifacts(run_id, tmp)
 
     # -- stage runs -----------------------------------------------------------------------
+    @_recording("a stage run")
     def start_stage(self, stage: str, uses: str, version: str, fingerprint: str, cached: bool, config: dict[str, Any], ray_address: str) -> str:
         tags = {
             "mlflow.parentRunId": self.parent_id or "",
@@ -272,6 +333,7 @@ class Tracker:
         self._log_params(run.info.run_id, params)
         return run.info.run_id
 
+    @_recording("a finished stage")
     def finish_stage(
         self,
         run_id: str,
@@ -292,6 +354,7 @@ class Tracker:
             self._log_artifact_bytes(run_id, artifacts)
         self.client.set_terminated(run_id, status="FINISHED")
 
+    @_recording("a failed stage")
     def fail_stage(self, run_id: str, error: str) -> None:
         self.client.set_tag(run_id, "lmpipe.error", error[:5000])
         self.client.set_terminated(run_id, status="FAILED")
@@ -354,15 +417,17 @@ class RunLogger:
         self.tracking_uri = tracking_uri
         self.run_id = run_id
         self._client = None
+        self.offline: Optional[str] = None  # the tracking server stopped answering: metrics are dropped
 
     def __getstate__(self):
-        return {"tracking_uri": self.tracking_uri, "run_id": self.run_id, "_client": None}
+        return {"tracking_uri": self.tracking_uri, "run_id": self.run_id, "_client": None, "offline": None}
 
     @property
     def client(self):
         if self._client is None:
             from mlflow import MlflowClient
 
+            bound_http_requests()  # in a Ray worker too (a training rank logs its steps)
             self._client = MlflowClient(tracking_uri=self.tracking_uri)
         return self._client
 
@@ -370,6 +435,7 @@ class RunLogger:
         """The training loop's sink: every finite metric at ``step``."""
         self.log_metrics(metrics, step=step)
 
+    @_recording("metrics")
     def log_metrics(self, metrics: dict[str, Optional[float]], step: int = 0, model_id: Optional[str] = None,
                     dataset: Optional[DatasetRef] = None) -> None:
         import math
@@ -388,6 +454,7 @@ class RunLogger:
         for i in range(0, len(items), 1000):
             self.client.log_batch(self.run_id, metrics=items[i : i + 1000])
 
+    @_recording("input datasets")
     def log_inputs(self, datasets: list[DatasetRef], context: str = "input", model_ids: tuple[str, ...] = ()) -> None:
         """Datasets (with their digests) and models the stage read. A model id from another
         tracking server cannot be linked: the datasets are still logged."""
@@ -404,7 +471,8 @@ class RunLogger:
             if entities:
                 self.client.log_inputs(self.run_id, datasets=entities)
 
-    def log_model(self, model: ModelRecord) -> str:
+    @_recording("a model")
+    def log_model(self, model: ModelRecord) -> Optional[str]:
         """A LoggedModel of this run with its files, metrics linked to it, and READY; returns its id."""
         from mlflow.entities import LoggedModelOutput
 
@@ -505,6 +573,7 @@ def existing_store(tracking_uri: str) -> str:
     from pipeline.preflight import check_tracking_uri
 
     check_tracking_uri(tracking_uri)
+    bound_http_requests()
     if tracking_uri.startswith("sqlite:///"):
         path = tracking_uri[len("sqlite:///") :]
         if not os.path.exists(path):
