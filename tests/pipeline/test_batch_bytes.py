@@ -41,7 +41,7 @@ def test_a_row_stage_never_gets_more_than_batch_bytes_of_text(tmp_path):
     job = PartJob("recorder", 0, st.Storage(), str(tmp_path / "out"), "attempt-x", batch_size=2048, batch_bytes=1_000_000)
     _Recorder.seen = []
     result = run_row_part(_Recorder(EmptyConfig()), Part("p0", {"uri": path}), job)
-    assert result["rows_in"] == len(sizes)
+    assert result.rows_in == len(sizes)
     assert sum(_Recorder.seen) == sum(sizes)
     assert max(_Recorder.seen) == 1_500_000  # the one document above the bound comes alone
     assert sorted(_Recorder.seen)[-2] <= 1_000_000
