@@ -40,7 +40,8 @@ MODEL_FILE = "classifier.bin"
 
 class LabelSource(StrictModel):
     source: Optional[str] = Field(default=None, description="the input's documents of this source")
-    file: Optional[PathStr] = Field(default=None, description="reference texts: .jsonl (a text field) or a text file, one document per line")
+    file: Optional[PathStr] = Field(default=None, description="reference texts: .jsonl (a text field), a text file (one document per"
+                                                              " line) or a folder (one document per file)")
 
     @model_validator(mode="after")
     def _one(self) -> "LabelSource":
@@ -85,8 +86,19 @@ def _held_out(key: int, fraction: float) -> bool:
     return (key & 0xFFFF) < fraction * 0x10000  # low bits: independent of the sampling order (high bits)
 
 
+def reference_files(storage: st.Storage, uri: str) -> list[str]:
+    return sorted(storage.find_files(uri)) if storage.isdir(uri) else [uri]
+
+
 def read_reference_texts(storage: st.Storage, uri: str) -> Iterator[tuple[str, str]]:
-    """(id, text) of a reference file: JSONL with a ``text`` field, or one document per line."""
+    """(id, text) of a reference file -- JSONL with a ``text`` field, or one document per line --
+    or of a folder, each of its files one document."""
+    if storage.isdir(uri):
+        for path in reference_files(storage, uri):
+            text = storage.read_bytes(path).decode("utf-8")
+            if text.strip():
+                yield f"file:{hashlib.sha1(text.encode()).hexdigest()[:20]}", text
+        return
     data = storage.read_bytes(uri).decode("utf-8")
     jsonl = uri.endswith((".jsonl", ".ndjson"))
     for n, line in enumerate(data.splitlines(), 1):
@@ -118,8 +130,9 @@ class TrainClassifier(DatasetStage):
     Summary = ClassifierSummary
 
     def external_inputs(self, ctx: StageContext) -> list[ExternalInput]:
-        files = [s.file for s in (self.config.positive, self.config.negative) if s is not None and s.file is not None]
-        return [ExternalInput("reference_texts", f, ({"uri": f, **ctx.storage.file_identity(f)},)) for f in files]
+        specs = [s.file for s in (self.config.positive, self.config.negative) if s is not None and s.file is not None]
+        return [ExternalInput("reference_texts", f, tuple({"uri": p, **ctx.storage.file_identity(p)} for p in reference_files(ctx.storage, f)))
+                for f in specs]
 
     def _label_of(self, source: str) -> Optional[str]:
         c = self.config

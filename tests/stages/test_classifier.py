@@ -107,3 +107,19 @@ def test_trained_in_the_pipeline_scores_and_thresholds(ray_local, pipeline_file,
     wrong = user.replace(sha, "0" * 64)
     with pytest.raises(Exception, match="is not the pinned model_sha256"):
         Runner(load_config(_pipeline(pipeline_file, tmp_path, corpus, wrong, "wrong.yaml"))).run()
+
+
+def test_reference_texts_from_a_folder_a_text_file_and_jsonl(tmp_path):
+    from pipeline.storage import Storage
+    from stages.classifier.train import read_reference_texts
+
+    storage = Storage({})
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.txt").write_text("First document,\nover two lines.")
+    (tmp_path / "docs" / "b.txt").write_text("Second document.")
+    (tmp_path / "lines.txt").write_text("one\n\ntwo\n")
+    (tmp_path / "refs.jsonl").write_text('{"text": "x y"}\n{"no_text": 1}\n')
+    assert [t for _, t in read_reference_texts(storage, str(tmp_path / "docs"))] == ["First document,\nover two lines.", "Second document."]
+    assert [t for _, t in read_reference_texts(storage, str(tmp_path / "lines.txt"))] == ["one", "two"]
+    with pytest.raises(ValueError, match="refs.jsonl:2: not a JSON object with a text field"):
+        list(read_reference_texts(storage, str(tmp_path / "refs.jsonl")))
