@@ -135,3 +135,49 @@ def result_rows(base: dict[str, Any], results: dict[str, Any]) -> tuple[list[dic
         timings.append({"checkpoint": base["checkpoint"], "task": key, "examples": len(res["samples"]), "seconds": round(res["seconds"], 3),
                         "examples_per_second": round(res["examples_per_second"], 2)})
     return rows, examples, timings
+
+
+LOWER_IS_BETTER = {"perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte"}
+
+
+def lmpipe_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lmpipe")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def results_json(loaded: list[LoadedLmEvalTask], rows: list[dict[str, Any]], checkpoint: str) -> dict[str, Any]:
+    """One checkpoint's scores in lm-eval's results layout (``simple_evaluate``'s return value, as
+    ``--output_path`` writes it), so tools that read lm-eval results read these: ``results`` keyed
+    by ``<task>_<k>shot`` with ``metric,filter`` keys, ``n-shot``, ``versions``, ``higher_is_better``,
+    ``n-samples``, and per task the stamp of what was scored (task file and data digests, shots,
+    few-shot seed, lmpipe's version)."""
+    by_key = {j.key: (t, j) for t in loaded for j in t.jobs}
+    out: dict[str, Any] = {"results": {}, "group_subtasks": {}, "configs": {}, "versions": {}, "n-shot": {}, "higher_is_better": {},
+                           "n-samples": {}, "config": {"model": "lmpipe", "model_args": checkpoint}, "lmpipe_version": lmpipe_version()}
+    for r in rows:
+        if r["checkpoint"] != checkpoint or r["task"] not in by_key:
+            continue
+        task, job = by_key[r["task"]]
+        key = r["task"]
+        metric, _, filter_name = r["metric"].partition("/")
+        filter_name = filter_name or "none"
+        res = out["results"].setdefault(key, {"alias": key})
+        res[f"{metric},{filter_name}"] = r["value"]
+        res[f"{metric}_stderr,{filter_name}"] = r["stderr"] if r["stderr"] is not None else "N/A"
+        out["higher_is_better"].setdefault(key, {})[metric] = metric not in LOWER_IS_BETTER
+        shots = int(key.rsplit("_", 1)[1].removesuffix("shot"))
+        out["n-shot"][key] = shots
+        out["versions"][key] = "Yaml"  # lm-eval's version of a task file without metadata.version
+        out["group_subtasks"][key] = []
+        out["n-samples"][key] = {"original": len(task.docs.splits[task.task.eval_split]), "effective": int(r["n"])}
+        out["configs"][key] = {
+            "task": task.task.name, "output_type": task.task.output_type, "num_fewshot": shots,
+            "fewshot_config": {"sampler": task.task.fewshot["sampler"]},
+            "metadata": {"task_file": task.task.path, "task_file_digest": task.task.digest, "data_files": task.docs.data_digests,
+                         "fewshot_seed": task.entry.fewshot_seed, "lmpipe_version": out["lmpipe_version"]},
+        }
+    return out

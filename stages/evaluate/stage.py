@@ -183,6 +183,11 @@ class Evaluate(DatasetStage):
         table_md = report.markdown_table(rows)
         ctx.log_artifact("eval_table.md", table_md)
         ctx.log_artifact("eval_table.csv", report.csv_table(rows))
+        if lmeval_tasks:  # lm-eval's results layout, one file per checkpoint, for the tools that read it
+            import json
+
+            for i, ck in enumerate(checkpoints):
+                ctx.log_artifact(f"lm_eval_results/{i:03d}.json", json.dumps(lmeval_stage.results_json(lmeval_tasks, rows, ck["path"]), indent=2))
         png = report.metrics_png(rows, ctx.stage_name)
         if png:
             ctx.log_artifact("eval_metrics.png", png)

@@ -268,16 +268,20 @@ def test_mean_metrics_carry_lm_evals_standard_error(run, task_dir):
 
 
 def test_task_scores_do_not_depend_on_batch_size(run, task_dir):
-    for task in ("lmpipe_arc_fewshot", "lmpipe_winogrande", "lmpipe_rolling"):
+    """The same scores at batch sizes 1, 7 and 64 and at different token budgets per pass (fp32)."""
+    for task in ("lmpipe_arc_fewshot", "lmpipe_winogrande", "lmpipe_lambada", "lmpipe_rolling"):
         path = str(task_dir / f"{task}.yaml")
-        _, one = lmpipe_results(run["checkpoints"][-1], run, path, batch_tokens=64, max_batch_size=1)
-        _, many = lmpipe_results(run["checkpoints"][-1], run, path, batch_tokens=8192, max_batch_size=64)
-        for key in one["metrics"]:
-            # perplexities are exponentials of sums of thousands of terms: compared relatively
-            assert one["metrics"][key]["value"] == pytest.approx(many["metrics"][key]["value"], rel=1e-6, abs=1e-6), (task, key)
-        for a, b in zip(one["samples"], many["samples"]):
-            if "lls" in a:
-                assert a["pred"] == b["pred"] and np.allclose(a["lls"], b["lls"], rtol=0, atol=1e-6)
+        _, ref = lmpipe_results(run["checkpoints"][-1], run, path, batch_tokens=64, max_batch_size=1)
+        for batch_tokens, max_batch_size in ((512, 7), (8192, 64)):
+            _, other = lmpipe_results(run["checkpoints"][-1], run, path, batch_tokens=batch_tokens, max_batch_size=max_batch_size)
+            for key in ref["metrics"]:
+                # perplexities are exponentials of sums of thousands of terms: compared relatively
+                assert ref["metrics"][key]["value"] == pytest.approx(other["metrics"][key]["value"], rel=1e-6, abs=1e-6), (task, key)
+            for a, b in zip(ref["samples"], other["samples"]):
+                if "lls" in a:
+                    assert a["pred"] == b["pred"] and a["pred_norm"] == b["pred_norm"] and np.allclose(a["lls"], b["lls"], rtol=0, atol=1e-6)
+                else:
+                    assert a["ll"] == pytest.approx(b["ll"], abs=1e-6)
 
 
 # -- generation ---------------------------------------------------------------------------------------
@@ -435,6 +439,29 @@ def test_generations_of_a_foreign_architecture_match_lm_eval(run, gen_dir, tmp_p
 def test_generations_do_not_depend_on_batch_size(run, gen_dir, varied_model):
     for task in GEN_TASKS:
         _, one = _gen_results(varied_model, run, str(gen_dir / f"{task}.yaml"), max_batch_size=1)
-        _, many = _gen_results(varied_model, run, str(gen_dir / f"{task}.yaml"), max_batch_size=64)
-        assert [s["generation"] for s in one["samples"]] == [s["generation"] for s in many["samples"]]
-        assert one["metrics"] == many["metrics"]
+        for size in (7, 64):
+            _, many = _gen_results(varied_model, run, str(gen_dir / f"{task}.yaml"), max_batch_size=size)
+            assert [s["generation"] for s in one["samples"]] == [s["generation"] for s in many["samples"]]
+            assert one["metrics"] == many["metrics"]
+
+
+def test_results_are_written_in_lm_evals_results_layout(run, task_dir, lm_eval_results):
+    """The stage's lm_eval_results/*.json: lm-eval's own table maker reads it, and its numbers are lm-eval's."""
+    from lm_eval.utils import make_table
+
+    from stages.evaluate.lmeval_stage import LmEvalTaskEntry, load_tasks, result_rows, results_json
+
+    loaded = load_tasks([LmEvalTaskEntry(path=str(task_dir / "lmpipe_arc.yaml"))], _storage())
+    job = loaded[0].jobs[0]
+    ej = EvalJob(checkpoint=run["hf"], tokenizer_json=Path(run["tokenizer"]).read_text(), prefix_token=0, batch_tokens=512, lmeval=(job,))
+    rows, _, _ = result_rows({"checkpoint": run["hf"], "step": None, "tokens_seen": None}, run_job(ej)["lmeval"])
+    out = json.loads(json.dumps(results_json(loaded, rows, run["hf"])))
+    theirs, _ = lm_eval_results["lmpipe_arc"]
+    ours = out["results"]["lmpipe_arc_0shot"]
+    assert ours["acc,none"] == theirs["acc,none"] and ours["acc_norm,none"] == theirs["acc_norm,none"]
+    assert out["n-shot"] == {"lmpipe_arc_0shot": 0} and out["higher_is_better"]["lmpipe_arc_0shot"] == {"acc": True, "acc_norm": True}
+    meta = out["configs"]["lmpipe_arc_0shot"]["metadata"]
+    assert meta["task_file_digest"].startswith("sha256:") and meta["fewshot_seed"] == 1234 and list(meta["data_files"]) == [str(task_dir / "arc.jsonl")]
+    table = make_table(out)
+    cells = [[c.strip() for c in line.split("|")] for line in table.splitlines()]
+    assert any("lmpipe_arc_0shot" in row and "acc" in row for row in cells) and any("acc_norm" in row for row in cells)
