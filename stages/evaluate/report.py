@@ -12,7 +12,13 @@ from typing import Any, Optional
 # The long-format rows of the evaluate stage's ``data`` output.
 ROW_FIELDS = ("checkpoint", "step", "tokens_seen", "task", "metric", "value", "stderr", "n")
 # Which metrics make the table (others stay in the data output and MLflow).
-TABLE_METRICS = ("acc", "acc_norm", "bits_per_byte")
+TABLE_METRICS = ("acc", "acc_norm", "exact_match", "token_f1", "bits_per_byte")
+# Fractions of examples, shown as percentages (a filtered score is "<metric>/<filter>").
+PERCENT_METRICS = ("acc", "acc_norm", "acc_bytes", "exact_match", "token_f1")
+
+
+def _is_percent(metric: str) -> bool:
+    return metric.split("/")[0] in PERCENT_METRICS
 
 
 def human_tokens(n: Optional[int]) -> str:
@@ -42,7 +48,7 @@ def _columns(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
 def _fmt(value: float, stderr: Optional[float], metric: str) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
-    if metric.startswith("acc"):
+    if _is_percent(metric):
         text = f"{100 * value:.2f}"
         if stderr is not None and not math.isnan(stderr):
             text += f" ± {100 * stderr:.2f}"
@@ -55,12 +61,12 @@ def table_rows(rows: list[dict[str, Any]], metrics: tuple[str, ...] = TABLE_METR
     header = ["task", "metric"] + [label for _, label in cols]
     cells: dict[tuple[str, str], dict[str, str]] = {}
     for r in rows:
-        if r["metric"] not in metrics:
+        if r["metric"].split("/")[0] not in metrics:
             continue
         cells.setdefault((r["task"], r["metric"]), {})[r["checkpoint"]] = _fmt(r["value"], r.get("stderr"), r["metric"])
     body = []
     for (task, metric), by_ckpt in sorted(cells.items(), key=lambda kv: (kv[0][1] == "bits_per_byte", kv[0])):
-        unit = " (%)" if metric.startswith("acc") else ""
+        unit = " (%)" if _is_percent(metric) else ""
         body.append([task, metric + unit] + [by_ckpt.get(ckpt, "") for ckpt, _ in cols])
     return header, body
 

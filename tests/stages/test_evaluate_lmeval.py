@@ -211,7 +211,7 @@ def lm_eval_results(run, task_dir):
     return {t: (out["results"][t], sorted(out["samples"][t], key=lambda s: s["doc_id"])) for t in TASKS}
 
 
-def lmpipe_results(checkpoint: str, run, yaml_path: str, batch_tokens: int = 512, max_batch_size: int = 256):
+def lmpipe_results(checkpoint: str, run, yaml_path: str, batch_tokens: int = 512, max_batch_size: int = 256, dtype: str = "float32"):
     tf = load_task_file(yaml_path)
     docs = load_docs(tf, _storage())
     shots = tf.num_fewshot or 0
@@ -219,7 +219,7 @@ def lmpipe_results(checkpoint: str, run, yaml_path: str, batch_tokens: int = 512
     assert not bad
     job = LmEvalJob(f"{tf.name}_{shots}shot", tf.name, tf.output_type, tuple(requests), tf.metrics, tf.filters, tf.until, tf.max_gen_toks)
     ej = EvalJob(checkpoint=checkpoint, tokenizer_json=Path(run["tokenizer"]).read_text(), prefix_token=0, batch_tokens=batch_tokens,
-                 max_batch_size=max_batch_size, lmeval=(job,))
+                 max_batch_size=max_batch_size, dtype=dtype, lmeval=(job,))
     return requests, run_job(ej)["lmeval"][job.key]
 
 
@@ -267,13 +267,14 @@ def test_mean_metrics_carry_lm_evals_standard_error(run, task_dir):
     assert ours["metrics"]["acc"]["stderr"] == pytest.approx(mean_stderr(accs), rel=1e-12)
 
 
-def test_task_scores_do_not_depend_on_batch_size(run, task_dir):
-    """The same scores at batch sizes 1, 7 and 64 and at different token budgets per pass (fp32)."""
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_task_scores_do_not_depend_on_batch_size(run, task_dir, dtype):
+    """The same scores at batch sizes 1, 7 and 64 and at different token budgets per pass."""
     for task in ("lmpipe_arc_fewshot", "lmpipe_winogrande", "lmpipe_lambada", "lmpipe_rolling"):
         path = str(task_dir / f"{task}.yaml")
-        _, ref = lmpipe_results(run["checkpoints"][-1], run, path, batch_tokens=64, max_batch_size=1)
+        _, ref = lmpipe_results(run["checkpoints"][-1], run, path, batch_tokens=64, max_batch_size=1, dtype=dtype)
         for batch_tokens, max_batch_size in ((512, 7), (8192, 64)):
-            _, other = lmpipe_results(run["checkpoints"][-1], run, path, batch_tokens=batch_tokens, max_batch_size=max_batch_size)
+            _, other = lmpipe_results(run["checkpoints"][-1], run, path, batch_tokens=batch_tokens, max_batch_size=max_batch_size, dtype=dtype)
             for key in ref["metrics"]:
                 # perplexities are exponentials of sums of thousands of terms: compared relatively
                 assert ref["metrics"][key]["value"] == pytest.approx(other["metrics"][key]["value"], rel=1e-6, abs=1e-6), (task, key)
@@ -415,14 +416,14 @@ def test_generations_match_lm_evals_generate_until(run, gen_dir, varied_model, t
         assert len({s["generation"] for s in ours["samples"]}) >= 3
 
 
-def _gen_results(checkpoint: str, run, yaml_path: str, max_batch_size: int = 64, tokenizer: str | None = None):
+def _gen_results(checkpoint: str, run, yaml_path: str, max_batch_size: int = 64, tokenizer: str | None = None, dtype: str = "float32"):
     tf = load_task_file(yaml_path)
     shots = tf.num_fewshot or 0
     requests, bad = build_doc_requests(tf, load_docs(tf, _storage()), shots)
     assert not bad
     job = LmEvalJob(f"{tf.name}_{shots}shot", tf.name, tf.output_type, tuple(requests), tf.metrics, tf.filters, tf.until, tf.max_gen_toks)
     ej = EvalJob(checkpoint=checkpoint, tokenizer_json=Path(tokenizer or run["tokenizer"]).read_text(), prefix_token=0, eos_token=1,
-                 batch_tokens=8192, max_batch_size=max_batch_size, lmeval=(job,))
+                 batch_tokens=8192, max_batch_size=max_batch_size, dtype=dtype, lmeval=(job,))
     return requests, run_job(ej)["lmeval"][job.key]
 
 
@@ -436,11 +437,12 @@ def test_generations_of_a_foreign_architecture_match_lm_eval(run, gen_dir, tmp_p
     _check_generations(ours, theirs, samples, "lmpipe_gsm8k")
 
 
-def test_generations_do_not_depend_on_batch_size(run, gen_dir, varied_model):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_generations_do_not_depend_on_batch_size(run, gen_dir, varied_model, dtype):
     for task in GEN_TASKS:
-        _, one = _gen_results(varied_model, run, str(gen_dir / f"{task}.yaml"), max_batch_size=1)
+        _, one = _gen_results(varied_model, run, str(gen_dir / f"{task}.yaml"), max_batch_size=1, dtype=dtype)
         for size in (7, 64):
-            _, many = _gen_results(varied_model, run, str(gen_dir / f"{task}.yaml"), max_batch_size=size)
+            _, many = _gen_results(varied_model, run, str(gen_dir / f"{task}.yaml"), max_batch_size=size, dtype=dtype)
             assert [s["generation"] for s in one["samples"]] == [s["generation"] for s in many["samples"]]
             assert one["metrics"] == many["metrics"]
 

@@ -141,3 +141,14 @@ def test_generation_metrics_and_filters_as_lm_eval_computes_them():
     assert token_f1("the Eiffel Tower", "Eiffel tower in Paris") == pytest.approx(2 * (2 / 2) * (2 / 4) / (2 / 2 + 2 / 4))
     assert generation_metrics("Paris", ["London", "paris"], (MetricSpec("exact_match", {"ignore_case": True}), MetricSpec("token_f1")))\
         == {"exact_match": 1.0, "token_f1": 1.0}
+
+
+def test_generative_scores_make_the_table_with_their_filter():
+    from stages.evaluate import report
+
+    rows = [{"checkpoint": "c1", "step": 10, "tokens_seen": 1000, "task": "gsm_5shot", "metric": m, "value": v, "stderr": 0.1, "n": 10}
+            for m, v in (("exact_match/strict-match", 0.2), ("exact_match/flexible-extract", 0.3), ("token_f1", 0.45))]
+    lines = report.markdown_table(rows).splitlines()
+    assert lines[2:] == ["| gsm_5shot | exact_match/flexible-extract (%) | 30.00 ± 10.00 |",
+                         "| gsm_5shot | exact_match/strict-match (%) | 20.00 ± 10.00 |",
+                         "| gsm_5shot | token_f1 (%) | 45.00 ± 10.00 |"]
