@@ -13,7 +13,7 @@ import pytest
 from bench.extract_quality import code_lines_kept, recall_precision
 from stages.web.extract_html import ExtractConfig, ExtractHtml
 from stages.web.pages import lxml_doc_pages
-from tests.stages.web_extractors import CRASH, HANG
+from tests.stages.web_extractors import CRASH, GREEDY, HANG
 
 
 @pytest.fixture(scope="module")
@@ -70,10 +70,11 @@ def test_a_page_that_loops_in_c_is_killed_and_the_worker_carries_on(pages):
     good = [p.html for p in pages[:3]]
     hang = b"<html><body><p>" + HANG.encode() + b"</p></body></html>"
     crash = b"<html><body><p>" + CRASH.encode() + b"</p></body></html>"
+    greedy = b"<html><body><p>" + GREEDY.encode() + b"</p></body></html>"
     t0 = time.monotonic()
-    out = stage.process_batch(_batch([good[0], hang, good[1], crash, good[2]]))
+    out = stage.process_batch(_batch([good[0], hang, good[1], crash, good[2], greedy]))
     elapsed = time.monotonic() - t0
-    assert out.column("quarantine_reason").to_pylist() == [None, "extract_timeout", None, "extract_crashed", None]
+    assert out.column("quarantine_reason").to_pylist() == [None, "extract_timeout", None, "extract_crashed", None, "extract_error"]
     assert all(out.column("text")[i].as_py() for i in (0, 2, 4))
     assert stage.worker.restarts == 2 and elapsed < 30
     # the next batch goes to the restarted worker

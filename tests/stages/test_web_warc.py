@@ -205,3 +205,23 @@ def test_warc_ingest_on_s3_splits_a_big_file_and_counts_add_up(ray_local, s3_env
     expected = [i for t in (whole, half) for i, r in zip(t.column("id").to_pylist(), t.column("drop_reason").to_pylist()) if r is None]
     assert data_rows.column("id").to_pylist() == expected  # in file order, each record once
     assert [f["uri"] for f in m["external_inputs"][0]["files"]] == ["s3://crawl/2026/a.warc.gz", "s3://crawl/2026/b.warc.gz"]
+
+
+def test_a_50_mb_page_is_rejected_and_the_rest_is_read(pages):
+    from warcio.statusandheaders import StatusAndHeaders
+    from warcio.warcwriter import WARCWriter
+
+    out = io.BytesIO()
+    write_warc(out, pages[:2])
+    writer = WARCWriter(out, gzip=True)
+    huge = b"<html><body>" + b"<p>a very long page</p>" * (50 * 2**20 // 23) + b"</body></html>"
+    headers = StatusAndHeaders("200 OK", [("Content-Type", "text/html")], protocol="HTTP/1.1")
+    writer.write_record(writer.create_warc_record("https://lxml.de/huge.html", "response", payload=io.BytesIO(huge),
+                                                  http_headers=headers))
+    write_warc(out, pages[2:4])
+    rows, bad = _read(out.getvalue())
+    assert bad is None
+    kept = rows.filter(pa.compute.is_null(rows.column("drop_reason")))
+    assert kept.column("url").to_pylist() == [p.url for p in pages[:4]]
+    big = rows.filter(pa.compute.equal(rows.column("url"), "https://lxml.de/huge.html")).to_pylist()
+    assert [(r["drop_reason"], r["payload"]) for r in big] == [("payload_too_large", None)]
