@@ -181,3 +181,44 @@ def results_json(loaded: list[LoadedLmEvalTask], rows: list[dict[str, Any]], che
                          "fewshot_seed": task.entry.fewshot_seed, "lmpipe_version": out["lmpipe_version"]},
         }
     return out
+
+
+def sample_schema():
+    import pyarrow as pa
+
+    return pa.schema([
+        ("checkpoint", pa.string()), ("step", pa.int64()), ("tokens_seen", pa.int64()), ("task", pa.string()), ("id", pa.string()),
+        ("doc_id", pa.int64()), ("prompt", pa.string()), ("continuations", pa.list_(pa.string())), ("lls", pa.list_(pa.float64())),
+        ("greedy", pa.list_(pa.bool_())), ("generation", pa.string()), ("filtered", pa.string()), ("target", pa.string()),
+        ("pred", pa.int64()), ("metrics", pa.string()),
+    ])
+
+
+def sample_rows(results: list[dict[str, Any]], loaded: list[LoadedLmEvalTask]) -> list[dict[str, Any]]:
+    """Every scored document of every lm-eval task, per checkpoint, as lm-eval's ``--log_samples``
+    keeps them: the prompt and continuations sent, per-continuation log-likelihoods (or the
+    generation and its filtered answers), the gold, the prediction and the document's metrics."""
+    import json
+
+    requests = {j.key: {r.doc_id: r for r in j.requests} for t in loaded for j in t.jobs}
+    out = []
+    for res in results:
+        base = {"checkpoint": res["checkpoint"], "step": res.get("step"), "tokens_seen": res.get("tokens_seen")}
+        for key, task_res in res.get("lmeval", {}).items():
+            for s in task_res["samples"]:
+                req = requests[key][s["doc_id"]]
+                lls = s.get("lls", [s["ll"]] if "ll" in s else None)
+                greedy = s.get("greedy")
+                out.append({
+                    **base, "task": key, "id": s["where"], "doc_id": s["doc_id"],
+                    "prompt": req.pairs[0][0] if req.pairs else "", "continuations": [c for _, c in req.pairs] if req.pairs else None,
+                    "lls": lls, "greedy": greedy if isinstance(greedy, list) else ([greedy] if greedy is not None else None),
+                    "generation": s.get("generation"),
+                    "filtered": json.dumps({k.split("/", 1)[1]: v for k, v in s.items() if k.startswith("filtered/")}) if "generation" in s else None,
+                    "target": json.dumps(req.gold if req.gold is not None else req.target), "pred": s.get("pred"),
+                    "metrics": json.dumps({k: v for k, v in s.items() if k in _METRIC_NAMES or "/" in k and not k.startswith("filtered/")}),
+                })
+    return out
+
+
+_METRIC_NAMES = {"acc", "acc_norm", "acc_bytes", "exact_match", "token_f1"}

@@ -14,7 +14,8 @@ batched, sorted by length, and the choices of a question share one forward pass
   average, on the validation split and on JSONL/Parquet text sets given by path.
 
 Outputs: ``data``, long-format rows (checkpoint, step, tokens_seen, task, metric, value, stderr,
-n), and ``examples``, every scored question (per-choice log-likelihoods, pred, pred_norm, gold).
+n), ``examples``, every scored question (per-choice log-likelihoods, pred, pred_norm, gold), and
+``samples``, every document of the lm-eval task files as lm-eval's ``--log_samples`` keeps it.
 The stage's MLflow run (nested under the pipeline run) gets every metric with step = tokens seen,
 the task files and text sets as input datasets (with their sha256 digests), the final
 checkpoint's LoggedModel as a model input with the metrics linked to it, and the table
@@ -107,7 +108,7 @@ class Evaluate(DatasetStage):
     description: ClassVar[str] = "multiple-choice accuracy (lm-eval semantics) and bits per byte per domain, per checkpoint, on Ray"
     Config = EvaluateConfig
     num_inputs: ClassVar[tuple[int, Optional[int]]] = (0, 2)  # 0: models given by path only (baselines)
-    outputs: ClassVar[tuple[str, ...]] = ("data", "examples")
+    outputs: ClassVar[tuple[str, ...]] = ("data", "examples", "samples")  # samples: lm-eval task files' documents
     measure_column: ClassVar[Optional[str]] = None
     resources: ClassVar[Resources] = Resources(num_cpus=1)
     # torch: the forward passes; tokenizers: the encoding; jinja2: lm-eval task prompts
@@ -177,7 +178,7 @@ class Evaluate(DatasetStage):
                                   env=env, max_parallel=c.max_parallel)
 
         rows, example_rows, timings = self._collect(results, train_info)
-        self._write(ctx, rows, example_rows)
+        self._write(ctx, rows, example_rows, lmeval_stage.sample_rows(results, lmeval_tasks))
         digests = {f"{e.name}": lt.digest for e, lt in loaded_tasks} | text_digests
         self._track(ctx, rows, checkpoints, loaded_tasks, lmeval_tasks)
         table_md = report.markdown_table(rows)
@@ -349,7 +350,7 @@ class Evaluate(DatasetStage):
                                 "node": res["node"]})
         return rows, examples, timings
 
-    def _write(self, ctx: StageContext, rows, example_rows) -> None:
+    def _write(self, ctx: StageContext, rows, example_rows, sample_rows=()) -> None:
         out = ctx.part_outputs("results", measure_column=None)
         out.write("data", pa.Table.from_pylist(rows, schema=pa.schema([
             ("checkpoint", pa.string()), ("step", pa.int64()), ("tokens_seen", pa.int64()), ("task", pa.string()),
@@ -359,6 +360,8 @@ class Evaluate(DatasetStage):
                 ("checkpoint", pa.string()), ("step", pa.int64()), ("tokens_seen", pa.int64()), ("task", pa.string()), ("id", pa.string()),
                 ("gold", pa.int64()), ("pred", pa.int64()), ("pred_norm", pa.int64()), ("lls", pa.list_(pa.float64())),
                 ("greedy", pa.list_(pa.bool_()))])))
+        if sample_rows:
+            out.write("samples", pa.Table.from_pylist(list(sample_rows), schema=lmeval_stage.sample_schema()))
         ctx.add_part_result(out.close(rows_in=len(example_rows)))
 
     def _track(self, ctx: StageContext, rows, checkpoints, loaded_tasks, lmeval_tasks=()) -> None:

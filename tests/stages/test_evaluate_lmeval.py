@@ -467,3 +467,19 @@ def test_results_are_written_in_lm_evals_results_layout(run, task_dir, lm_eval_r
     table = make_table(out)
     cells = [[c.strip() for c in line.split("|")] for line in table.splitlines()]
     assert any("lmpipe_arc_0shot" in row and "acc" in row for row in cells) and any("acc_norm" in row for row in cells)
+
+
+def test_generation_samples_keep_what_lm_evals_log_samples_keeps(run, gen_dir, varied_model):
+    from stages.evaluate.lmeval_stage import LmEvalTaskEntry, load_tasks, sample_rows
+
+    loaded = load_tasks([LmEvalTaskEntry(path=str(gen_dir / "lmpipe_gsm8k.yaml"))], _storage())
+    ej = EvalJob(checkpoint=varied_model, tokenizer_json=Path(run["tokenizer"]).read_text(), prefix_token=0, eos_token=1,
+                 lmeval=loaded[0].jobs)
+    rows = sample_rows([run_job(ej)], loaded)
+    theirs, samples = _lm_eval_generations(varied_model, gen_dir)["lmpipe_gsm8k"]
+    strict = [s for s in samples if s["filter"] == "strict-match"]
+    assert len(rows) == len(strict) == N_DOCS
+    for row, s in zip(sorted(rows, key=lambda r: r["doc_id"]), strict):
+        assert row["prompt"] == s["arguments"][0][0] and row["generation"] == s["resps"][0][0]
+        assert json.loads(row["filtered"])["strict-match"] == s["filtered_resps"][0] and json.loads(row["target"]) == s["target"]
+        assert json.loads(row["metrics"])["exact_match/strict-match"] == s["exact_match"]

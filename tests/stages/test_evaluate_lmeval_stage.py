@@ -75,6 +75,12 @@ def test_the_stage_runs_a_folder_of_task_files_with_data_on_s3(tmp_path_factory,
     assert info["skipped_lines"]["gold_out_of_range"] == 1 and info["skipped_lines"]["invalid_json"] == 1
     bad = {b["where"]: b["reason"] for b in summary["bad_lines"]}
     assert bad["s3://evalsets/qa/test.jsonl:4"] == "gold_out_of_range" and bad["s3://evalsets/qa/test.jsonl:6"] == "invalid_json"
+    samples = read_table(Storage(), [str(Path(stage.stage_dir) / f["path"]) for f in stage.manifest["datasets"]["samples"]["files"]]).to_pylist()
+    zero = sorted((s for s in samples if s["task"] == "qa_s3_0shot"), key=lambda s: s["doc_id"])
+    assert len(zero) == 11 and zero[0]["id"] == "s3://evalsets/qa/test.jsonl:1"
+    assert zero[0]["prompt"] == records[0]["context"] and zero[0]["continuations"] == [" " + c for c in records[0]["choices"]]
+    assert len(zero[0]["lls"]) == 4 and zero[0]["pred"] == max(range(4), key=lambda i: zero[0]["lls"][i])
+    assert json.loads(zero[0]["target"]) == records[0]["gold"] and json.loads(zero[0]["metrics"])["acc"] == float(zero[0]["pred"] == records[0]["gold"])
     # 2-shot: a document whose shots include the bad one is quarantined too (counts add up: 13 lines)
     assert scored[("qa_s3_2shot", "acc")]["n"] + info["skipped_lines"].get("bad_fewshot_document", 0) == 11
 
