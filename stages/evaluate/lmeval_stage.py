@@ -15,14 +15,17 @@ from pipeline import storage as st
 from pipeline.config import PathStr, StrictModel
 from stages.evaluate.lmeval_run import LmEvalJob
 from stages.evaluate.lmeval_tasks import (
-    DEFAULT_FEWSHOT_SEED, BadDoc, TaskDocs, TaskFile, TaskFileError, build_doc_requests, load_docs, load_task_file, task_files_in,
+    DEFAULT_FEWSHOT_SEED, BadDoc, TaskDocs, TaskFile, TaskFileError, build_doc_requests, bundled_task_file, load_docs, load_task_file,
+    task_files_in,
 )
 
 log = logging.getLogger("lmpipe")
 
 
 class LmEvalTaskEntry(StrictModel):
-    path: PathStr = Field(description="an lm-eval task YAML, or a folder of them; data in local or s3:// JSON/JSONL/Parquet files")
+    path: Optional[PathStr] = Field(default=None, description="an lm-eval task YAML, or a folder of them; data in local or s3:// JSON/JSONL/Parquet files")
+    task: Optional[str] = Field(default=None, description="one of lm-eval's bundled tasks by name (arc_easy), its data given by data_files")
+    data_files: Optional[dict[str, PathStr]] = Field(default=None, description="{split: file}: the task's data (replaces its dataset)")
     shots: Optional[list[int]] = Field(default=None, description="few-shot counts (default: the task's num_fewshot, else 0)")
     limit: Optional[int] = Field(default=None, ge=1, description="the first N documents, as lm-eval's --limit")
     fewshot_seed: int = Field(default=DEFAULT_FEWSHOT_SEED, description="lm-eval's fewshot_random_seed")
@@ -37,13 +40,20 @@ class LmEvalTaskEntry(StrictModel):
     @model_validator(mode="after")
     def _task_files_are_valid(self):
         """A local task file is read and validated with the pipeline's config, before any work."""
-        if not st.is_remote(self.path):
+        if (self.path is None) == (self.task is None):
+            raise ValueError("give either path (task files) or task (one of lm-eval's bundled tasks)")
+        if self.task is not None and not self.data_files:
+            raise ValueError(f"task {self.task!r}: a bundled task's data is on a hub; give data_files ({{split: file}})")
+        if self.task is not None or not st.is_remote(self.path):
             try:
-                for f in task_files_in(self.path, st.Storage()):
-                    load_task_file(f)
+                for f in self.files(st.Storage()):
+                    load_task_file(f, data_files=self.data_files)
             except TaskFileError as e:
                 raise ValueError(str(e)) from None
         return self
+
+    def files(self, storage) -> list[str]:
+        return [bundled_task_file(self.task)] if self.task is not None else task_files_in(self.path, storage)
 
 
 @dataclass
@@ -60,7 +70,7 @@ class LoadedLmEvalTask:
 
 
 def task_files(entries: list[LmEvalTaskEntry], storage) -> list[tuple[LmEvalTaskEntry, str]]:
-    return [(e, f) for e in entries for f in task_files_in(e.path, storage)]
+    return [(e, f) for e in entries for f in e.files(storage)]
 
 
 def external_inputs(entries: list[LmEvalTaskEntry], storage) -> list:
@@ -68,8 +78,8 @@ def external_inputs(entries: list[LmEvalTaskEntry], storage) -> list:
     from pipeline.context import ExternalInput
 
     out = []
-    for _, path in task_files(entries, storage):
-        task = load_task_file(path, storage)
+    for entry, path in task_files(entries, storage):
+        task = load_task_file(path, storage, entry.data_files)
         files = list(task.files) + [f for fs in task.data_files.values() for f in fs]
         out.append(ExternalInput(f"lmeval:{task.name}", path, tuple({"uri": f, **storage.file_identity(f)} for f in files)))
     return out
@@ -78,7 +88,7 @@ def external_inputs(entries: list[LmEvalTaskEntry], storage) -> list:
 def load_tasks(entries: list[LmEvalTaskEntry], storage) -> list[LoadedLmEvalTask]:
     out, names = [], set()
     for entry, path in task_files(entries, storage):
-        task = load_task_file(path, storage)
+        task = load_task_file(path, storage, entry.data_files)
         if task.name in names:
             raise TaskFileError(f"{path}: task {task.name!r} is named twice")
         names.add(task.name)

@@ -226,8 +226,29 @@ class TaskFile:
         return self.test_split if self.test_split is not None else self.validation_split  # type: ignore[return-value]
 
 
-def load_task_file(path: str, storage=None) -> TaskFile:
-    """Read and validate one task YAML; every refusal is a one-line :class:`TaskFileError`."""
+def bundled_task_file(name: str) -> str:
+    """The YAML of one of lm-eval's own tasks (``arc_easy``), from the installed lm-eval package."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("lm_eval")
+    if spec is None or not spec.submodule_search_locations:
+        raise TaskFileError(f"task {name!r}: lm-eval's bundled tasks need lm-eval installed (pip install 'lmpipe[eval]'), or give the YAML's path")
+    root = os.path.join(list(spec.submodule_search_locations)[0], "tasks")
+    pattern = re.compile(rf"^task:\s*['\"]?{re.escape(name)}['\"]?\s*$", re.MULTILINE)
+    for folder, _, names in sorted(os.walk(root)):
+        for n in sorted(names):
+            if n.endswith(".yaml"):
+                f = os.path.join(folder, n)
+                with open(f, encoding="utf-8", errors="replace") as fh:
+                    if pattern.search(fh.read()):
+                        return f
+    raise TaskFileError(f"task {name!r}: not one of the installed lm-eval's tasks")
+
+
+def load_task_file(path: str, storage=None, data_files: Optional[dict] = None) -> TaskFile:
+    """Read and validate one task YAML; every refusal is a one-line :class:`TaskFileError`.
+    ``data_files`` ({split: file(s)}) replaces the file's dataset: a hub task (lm-eval's bundled
+    ``arc_easy``) then reads local or s3:// copies of its data, and the splits not given are unset."""
     from stages.evaluate import lmeval_metrics
 
     if storage is None:
@@ -235,6 +256,15 @@ def load_task_file(path: str, storage=None) -> TaskFile:
 
         storage = st.Storage()
     raw, text, files = _merged(path, storage)
+    if data_files is not None:
+        first = next(iter(data_files.values()), "")
+        first = first[0] if isinstance(first, list) and first else first
+        raw["dataset_path"] = "parquet" if str(first).endswith(".parquet") else "json"
+        raw.pop("dataset_name", None)
+        raw["dataset_kwargs"] = {"data_files": dict(data_files)}
+        for key in ("test_split", "validation_split", "training_split", "fewshot_split"):
+            if raw.get(key) is not None and raw[key] not in data_files:
+                raw.pop(key)
 
     def fail(key: str, why: str):
         raise TaskFileError(f"{_where(path, text, key)}: {key}: {why}")

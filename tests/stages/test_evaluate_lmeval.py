@@ -483,3 +483,33 @@ def test_generation_samples_keep_what_lm_evals_log_samples_keeps(run, gen_dir, v
         assert row["prompt"] == s["arguments"][0][0] and row["generation"] == s["resps"][0][0]
         assert json.loads(row["filtered"])["strict-match"] == s["filtered_resps"][0] and json.loads(row["target"]) == s["target"]
         assert json.loads(row["metrics"])["exact_match/strict-match"] == s["exact_match"]
+
+
+def test_a_bundled_lm_eval_task_runs_by_name_on_local_data(run, task_dir, tmp_path):
+    """lm-eval's own arc_easy.yaml (from the installed package), its hub dataset replaced by a
+    local file: the same per-question log-likelihoods as lm-eval running that YAML on that file."""
+    from lm_eval.tasks import TaskManager
+
+    from stages.evaluate.lmeval_stage import LmEvalTaskEntry, load_tasks
+    from stages.evaluate.lmeval_tasks import bundled_task_file
+
+    data = str(task_dir / "arc.jsonl")
+    bundled = bundled_task_file("arc_easy")
+    assert bundled.endswith("arc/arc_easy.yaml")
+    (tmp_path / "local_arc_easy.yaml").write_text(
+        f"include: {bundled}\ntask: local_arc_easy\ndataset_path: json\ndataset_name: null\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {data}\ntraining_split: null\nvalidation_split: null\n")
+    out = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={run['hf']},dtype=float32", tasks=["local_arc_easy"],
+                                  task_manager=TaskManager(include_path=str(tmp_path)), batch_size=16, device="cpu", log_samples=True,
+                                  bootstrap_iters=0)
+    samples = sorted(out["samples"]["local_arc_easy"], key=lambda s: s["doc_id"])
+    loaded = load_tasks([LmEvalTaskEntry(task="arc_easy", data_files={"test": data})], _storage())
+    assert loaded[0].task.path == bundled and loaded[0].task.training_split is None
+    ej = EvalJob(checkpoint=run["hf"], tokenizer_json=Path(run["tokenizer"]).read_text(), prefix_token=0, batch_tokens=512, lmeval=loaded[0].jobs)
+    ours = run_job(ej)["lmeval"]["arc_easy_0shot"]
+    assert len(ours["samples"]) == len(samples) == N_DOCS
+    for mine, s in zip(ours["samples"], samples):
+        assert np.allclose(mine["lls"], [r[0] for r in s["filtered_resps"]], rtol=0, atol=1e-4)
+    assert ours["metrics"]["acc"]["value"] == out["results"]["local_arc_easy"]["acc,none"]
+    with pytest.raises(ValueError, match="data_files"):
+        LmEvalTaskEntry(task="arc_easy")
