@@ -232,6 +232,10 @@ def _move_aside_if_half_created(path: str) -> None:
                 path, what, aside)
 
 
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"  # MLflow 3's value for model training experiments (not "genai_development")
+
+
 class Tracker:
     """Records a pipeline run and its stage runs in MLflow (tracking URI given explicitly)."""
 
@@ -250,6 +254,10 @@ class Tracker:
                 self.experiment_id = self.client.create_experiment(experiment, artifact_location=artifact_location)
             else:
                 self.experiment_id = exp.experiment_id
+            if exp is None or EXPERIMENT_KIND_TAG not in exp.tags:
+                # MLflow 3's UI opens an experiment without this tag in its GenAI (traces) view; a
+                # pipeline's runs, metrics and models belong in the model-development view
+                self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         self.parent_id: Optional[str] = None
 
     # -- pipeline run ---------------------------------------------------------------------

@@ -95,3 +95,16 @@ def test_a_store_whose_creation_ran_out_of_disk_is_recognised_by_its_tables(tmp_
     assert tracker.client.get_run(run_id).info.status == "RUNNING"
     assert len(list(tmp_path.glob("mlflow.db.incomplete-*"))) == 1
     assert "tables missing at revision" in caplog.text and "moved it aside" in caplog.text
+
+
+def test_the_experiment_opens_in_mlflows_model_development_view(tmp_path):
+    """MLflow 3 opens an experiment without ``mlflow.experimentKind`` in its GenAI view; lmpipe marks
+    its experiments as model development, and leaves a kind a user chose alone."""
+    from pipeline.tracking import EXPERIMENT_KIND_TAG, Tracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = Tracker(uri, "exp")
+    assert tracker.client.get_experiment(tracker.experiment_id).tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
+    tracker.client.set_experiment_tag(tracker.experiment_id, EXPERIMENT_KIND_TAG, "finetuning")
+    again = Tracker(uri, "exp")
+    assert again.client.get_experiment(again.experiment_id).tags[EXPERIMENT_KIND_TAG] == "finetuning"
