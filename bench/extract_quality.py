@@ -5,7 +5,8 @@ sidebar menu, navigation and footers are real boilerplate), plus its Sphinx API 
 For each extractor: word recall and precision against the page's reST (bags of lower-cased
 words), the fraction of internally indented code lines (``<pre>`` blocks) kept in place (same
 indentation relative to the block's first line), docs/s of the raw extractor call on one core,
-and docs/s of ``extract_html.process_batch`` (decoding, the worker process, Arrow) on the same pages.
+and docs/s of ``extract_html.process_batch`` (decoding, the worker process, Arrow) on the same pages,
+interleaved with the raw calls, best of ``--repeat`` each.
 
     .venv/bin/python bench/extract_quality.py
 """
@@ -108,12 +109,15 @@ def main() -> None:
             k, t = code_lines_kept(page.html, text)
             kept, total = kept + k, total + t
         decoded = [extractors.decode(p.html, "utf-8").text for p in speed_pages]
-        raw = min(_timed(lambda: [extract(h) for h in decoded]) for _ in range(args.repeat))
         stage = ExtractHtml(ExtractConfig(extractor=name, timeout_seconds=60))
         stage.setup()
         batch = pa.table({"payload": pa.array([p.html for p in speed_pages], pa.large_binary()),
                           "content_type": ["text/html"] * len(speed_pages), "charset": ["utf-8"] * len(speed_pages)})
-        staged = min(_timed(lambda: stage.process_batch(batch)) for _ in range(args.repeat))
+        raws, stages = [], []
+        for _ in range(args.repeat):  # interleaved, so that a change of load touches both alike
+            raws.append(_timed(lambda: [extract(h) for h in decoded]))
+            stages.append(_timed(lambda: stage.process_batch(batch)))
+        raw, staged = min(raws), min(stages)
         stage.worker.close()
         n = len(speed_pages)
         print(f"| {stage.label} | {statistics.median(recalls):.3f} / {statistics.mean(recalls):.3f} |"
