@@ -374,17 +374,36 @@ class Evaluate(DatasetStage):
             datasets.append(DatasetRef(f"task:{t.task.name}", t.task.path, t.task.digest.removeprefix("sha256:")))
         model_ids = tuple(ck["model_id"] for ck in checkpoints if ck.get("model_id"))
         ctx.log_inputs(datasets, context="evaluation", model_ids=model_ids)
-        model_of = {ck["path"]: ck.get("model_id") for ck in checkpoints}
+        model_of = {ck["path"]: ck.get("model_id") or self._checkpoint_model(ctx, ck) for ck in checkpoints}
         by_task = {d.name: d for d in datasets}
         stderrs: dict[int, dict[str, Optional[float]]] = {}
         for r in rows:
             step = int(r["tokens_seen"] or 0)
             task_name = r["task"].rsplit("_", 1)[0]
-            dataset = by_task.get(f"task:{task_name}") if r["metric"].startswith("acc") else None
+            dataset = by_task.get(f"task:{task_name}")  # None for bits per byte (no task)
             ctx.log_metrics({f"{r['task']}/{r['metric']}": r["value"]}, step=step, model_id=model_of.get(r["checkpoint"]), dataset=dataset)
             stderrs.setdefault(step, {})[f"{r['task']}/{r['metric']}_stderr"] = r.get("stderr")
         for step, metrics in sorted(stderrs.items()):
             ctx.log_metrics(metrics, step=step)
+
+
+    def _checkpoint_model(self, ctx: StageContext, ck: dict[str, Any]) -> Optional[str]:
+        """A LoggedModel for an evaluated checkpoint that has none (one saved during training, a
+        baseline), named after the pipeline, the model and the step, so each checkpoint's scores
+        are linked to a model of its own. It records where the weights are, not a copy of them."""
+        import json
+        import tempfile
+
+        from pipeline.tracking import ModelRecord
+
+        train = ctx.inputs[0].ref.stage if ctx.inputs else None
+        model = train if ck.get("step") is not None and train else ck["path"].rstrip("/").rsplit("/", 1)[-1]
+        name = f"{ctx.pipeline_name}-{model}" + (f"-step{ck['step']}" if ck.get("step") is not None else "")
+        with tempfile.TemporaryDirectory(prefix="lmpipe-eval-model-") as d:
+            with open(f"{d}/checkpoint.json", "w") as f:
+                json.dump({"uri": ck["path"], "step": ck.get("step"), "tokens_seen": ck.get("tokens_seen")}, f)
+            return ctx.log_model(ModelRecord(name=name, local_dir=d, model_type="lmpipe-checkpoint", step=int(ck.get("step") or 0),
+                                             tags={"lmpipe.checkpoint": ck["path"], "lmpipe.step": str(ck.get("step"))}))
 
 
 def _builtin_path(name: str) -> str:

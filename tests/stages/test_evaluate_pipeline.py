@@ -158,6 +158,13 @@ def test_mlflow_gets_metrics_by_tokens_seen_linked_to_model_and_task(pipeline_ru
     assert any(m.key == "qa_0shot/acc" and m.dataset_name == "task:qa" for m in linked)
     artifacts = {a.path for a in client.list_artifacts(stage.run_id)}
     assert {"eval_table.md", "eval_table.csv", "eval_metrics.png", "bad_task_lines.txt"} <= artifacts
+    # the checkpoint saved during training gets a LoggedModel of its own, named after pipeline, model and step
+    models = {m.name: m for m in client.search_logged_models(experiment_ids=[run.info.experiment_id])}
+    mid = models["evaluate-test-train-step15"]
+    assert mid.source_run_id == stage.run_id and mid.tags["lmpipe.step"] == "15"
+    linked = client.get_logged_model(mid.model_id).metrics or []
+    assert any(m.key == "qa_0shot/acc" and m.step == 15 * 512 and m.dataset_name == "task:qa" for m in linked)
+    assert not any(m.step == 30 * 512 for m in linked)  # the final checkpoint's scores go to the train stage's model
 
 
 def test_eval_table_cli_by_path_and_by_run(pipeline_run, capsys):
