@@ -36,26 +36,42 @@ def _load(args: argparse.Namespace):
 # -- commands -------------------------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.runner import Runner
+    from pipeline.variants import expand_variants, run_variants, select_variants
 
     loaded = _load(args)
+    variants = select_variants(expand_variants(loaded), getattr(args, "variant", None), loaded.path)  # all validated before any work
     log_path = os.path.join(console.default_log_dir(loaded.resolved.work_dir),
                             time.strftime("run-%Y%m%d-%H%M%S", time.gmtime()) + f"-{os.getpid()}.log")
+    run_args = dict(only=args.stage, start_from=getattr(args, "from"), force=args.force, argv=sys.argv)
     with console.RunOutput(log_path, verbose=args.verbose):
         log.info("pipeline %s: everything this run prints, Ray's and the workers' output included, goes to %s", loaded.resolved.name, log_path)
-        runner = Runner(loaded, address=args.address)
-        report = runner.run(only=args.stage, start_from=getattr(args, "from"), force=args.force, argv=sys.argv)
+        if loaded.declared.variants:
+            ablation_id, runs = run_variants(loaded, variants, address=args.address, **run_args)
+            results = [(r.variant.name, r.runner, r.report) for r in runs]
+        else:
+            ablation_id = None
+            runner = Runner(loaded, address=args.address)
+            results = [(None, runner, runner.run(**run_args))]
+    if ablation_id:
+        print(f"pipeline {loaded.resolved.name}: ablation run {ablation_id} ({loaded.resolved.tracking_uri()})")
+    for variant, runner, report in results:
+        _print_report(loaded, variant, runner, report)
+    return 0
+
+
+def _print_report(loaded, variant: Optional[str], runner, report) -> None:
+    name = loaded.resolved.name + (f" [variant {variant}]" if variant else "")
     if runner.tracker is not None and runner.tracker.offline is not None:
-        print(f"pipeline {loaded.resolved.name}: not all recorded in MLflow: {runner.tracker.offline}; run the same command"
+        print(f"pipeline {name}: not all recorded in MLflow: {runner.tracker.offline}; run the same command"
               f" again when it is back to record it")
     else:
-        print(f"pipeline {loaded.resolved.name}: MLflow run {report.pipeline_run_id} ({loaded.resolved.tracking_uri()})")
+        print(f"pipeline {name}: MLflow run {report.pipeline_run_id} ({loaded.resolved.tracking_uri()})")
     for s in report.stages:
         c = s.manifest["counts"]
         print(
             f"  {s.name:<16} {'cached ' if s.cached else 'ran    '} {s.fingerprint}  in {c['rows_in']:>9}  kept {c['kept']:>9}"
             f"  rejected {sum(c['rejected'].values()):>8}  quarantined {sum(c['quarantined'].values()):>6}  {s.stage_dir}"
         )
-    return 0
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
@@ -63,6 +79,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from pipeline.runner import Runner
 
     loaded = _load(args)
+    if getattr(args, "variant", None) is not None:
+        return _explain_variant(loaded, args)
     runner = Runner(loaded, use_ray=False, track=False)
     if args.stage is not None and args.stage not in runner.by_name:
         raise ConfigError(f"{loaded.path}: --stage {args.stage}: no such stage (stages: {', '.join(runner.by_name)})")
@@ -74,11 +92,29 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _explain_variant(loaded, args: argparse.Namespace) -> int:
+    """What the variant shares with the base and what it recomputes, and why."""
+    from pipeline.runner import Runner
+    from pipeline.variants import expand_variants, format_plan, plan_variant, select_variants
+
+    variants = expand_variants(loaded)
+    (variant,) = select_variants(variants, args.variant, loaded.path)
+    plan = plan_variant(Runner(variants[0].loaded, use_ray=False, track=False), Runner(variant.loaded, use_ray=False, track=False))
+    if args.json:
+        print(json.dumps([p.__dict__ for p in plan], indent=2))
+    else:
+        print(format_plan(variant, plan))
+    return 0
+
+
 def cmd_gc(args: argparse.Namespace) -> int:
     from pipeline.cleanup import apply_gc, human_bytes, plan_gc
     from pipeline.config import load_config
 
-    plan = plan_gc([load_config(path) for path in args.config])
+    from pipeline.variants import expand_variants
+
+    # every variant's outputs are current outputs of its file
+    plan = plan_gc([v.loaded for path in args.config for v in expand_variants(load_config(path))])
     for k in plan.kept:
         print(f"keep    {'':>10}  {k.uri}  ({k.reason})")
     if not args.yes:
@@ -302,12 +338,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--force", action="store_true", help="ignore the cache")
     r.add_argument("--address", help="Ray address (default: the config's, else a local Ray)")
     r.add_argument("--base-dir", help="resolve relative paths in the config against this folder (used by submit)")
+    r.add_argument("--variant", help="with variants: run only this one ('base': the pipeline as written; default: all)")
     r.set_defaults(func=cmd_run)
 
     ex = sub.add_parser("explain", help="for each stage: cached, or why it would run (config, code, inputs, version)")
     ex.add_argument("config")
     ex.add_argument("--stage", help="only this stage and its upstream")
     ex.add_argument("--json", action="store_true")
+    ex.add_argument("--variant", help="what this variant shares with the base and what it recomputes")
     ex.set_defaults(func=cmd_explain)
 
     s = sub.add_parser("submit", help="submit a pipeline run to a Ray cluster as a Ray job")

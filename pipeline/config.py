@@ -90,6 +90,22 @@ class StorageConfig(StrictModel):
         return {"s3": {k: v for k, v in self.s3.model_dump().items() if v is not None}}
 
 
+class VariantStage(StrictModel):
+    """What a variant changes in one stage: keys of its config, deep-merged into the base's."""
+
+    config: dict[str, Any] = Field(default_factory=dict, description="deep-merged into the stage's config (mappings merge, other values replace)")
+
+
+class VariantConfig(StrictModel):
+    """One variant of an ablation: the pipeline as written with these overrides
+    (pipeline/variants.py expands and validates them)."""
+
+    seed: Optional[int] = Field(default=None, description="the pipeline seed of this variant (default: the pipeline's)")
+    seeds: list[int] = Field(default_factory=list, description="only under variants.base: the base is also run with each of these"
+                                                               " seeds, to measure seed noise")
+    stages: dict[str, VariantStage] = Field(default_factory=dict)
+
+
 class PipelineConfig(StrictModel):
     name: str = Field(min_length=1)
     work_dir: PathStr
@@ -98,6 +114,8 @@ class PipelineConfig(StrictModel):
     ray: RayConfig = Field(default_factory=RayConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     stages: dict[str, StageEntry] = Field(min_length=1)
+    variants: dict[str, VariantConfig] = Field(default_factory=dict, description="an ablation: named variants of the pipeline"
+                                                                                 " (lmpipe run runs the base and each)")
 
     @field_validator("stages")
     @classmethod
@@ -143,6 +161,7 @@ class LoadedConfig:
     resolved: PipelineConfig  # env substituted, paths absolute: execution
     declared_stage_configs: dict[str, Any]  # stage name -> validated stage config (declared view)
     resolved_stage_configs: dict[str, Any]  # stage name -> validated stage config (resolved view)
+    base_dir: Optional[str] = None  # what relative paths were resolved against (variants resolve theirs the same way)
 
     @property
     def storage(self) -> st.Storage:
@@ -276,6 +295,6 @@ def load_config(path: str | os.PathLike, overrides: Optional[dict[str, Any]] = N
         declared_stage_cfgs[name] = validate(cls.Config, entry.config, prefix, resolve_paths=False)
         resolved_stage_cfgs[name] = validate(cls.Config, resolved.stages[name].config, prefix, resolve_paths=True)
 
-    loaded = LoadedConfig(path, text, declared, resolved, declared_stage_cfgs, resolved_stage_cfgs)
+    loaded = LoadedConfig(path, text, declared, resolved, declared_stage_cfgs, resolved_stage_cfgs, base_dir)
     build_dag(loaded)  # validates inputs, cycles and column contracts
     return loaded

@@ -218,7 +218,9 @@ class Runner:
         return out
 
     # -- running ----------------------------------------------------------------------------
-    def run(self, only: Optional[str] = None, start_from: Optional[str] = None, force: bool = False, argv: Optional[list[str]] = None) -> RunReport:
+    def run(self, only: Optional[str] = None, start_from: Optional[str] = None, force: bool = False, argv: Optional[list[str]] = None,
+            tags: Optional[dict[str, str]] = None) -> RunReport:
+        """``tags``: more tags of the pipeline run (a variant's, under its ablation run)."""
         for flag, name in (("--stage", only), ("--from", start_from)):
             if name is not None and name not in self.by_name:
                 raise ConfigError(f"{self.loaded.path}: {flag} {name}: no such stage (stages: {', '.join(self.by_name)})")
@@ -256,6 +258,7 @@ class Runner:
                     "lmpipe.argv": " ".join(argv or sys.argv),
                     "lmpipe.ray_address": self.ray_address,
                     "lmpipe.work_dir": self.work_dir,
+                    **(tags or {}),
                 },
             )
         if report.pipeline_run_id:

@@ -312,6 +312,45 @@ class Tracker:
             self._log_artifact_bytes(self.parent_id, artifacts)
         self.client.set_terminated(self.parent_id, status=status)
 
+    # -- ablation run: the parent of its variants' pipeline runs -------------------------------
+    @_recording("the ablation run")
+    def start_ablation(self, name: str, config_path: str, config_text: str, variants: dict[str, dict[str, Any]],
+                       tags: dict[str, str]) -> str:
+        """The run whose children are the pipeline runs of the variants (``variants``: name -> overrides)."""
+        all_tags = {"lmpipe.kind": "ablation", "lmpipe.pipeline": name, "lmpipe.config_path": config_path,
+                    "lmpipe.code_version": code_version(), "lmpipe.host": socket.gethostname(), "lmpipe.pid": str(os.getpid()),
+                    "lmpipe.variants": ",".join(variants), **tags}
+        run = self.client.create_run(self.experiment_id, run_name=f"{name} ablation", tags=all_tags)
+        self._log_params(run.info.run_id, flatten({"variants": variants}) if any(variants.values()) else {})
+        self.client.log_text(run.info.run_id, config_text, os.path.basename(config_path) or "pipeline.yaml")
+        return run.info.run_id
+
+    @staticmethod
+    def variant_tags(ablation_run_id: Optional[str], variant: str, overrides: dict[str, Any]) -> dict[str, str]:
+        """The tags that make a pipeline run one variant of an ablation run (its child in MLflow)."""
+        tags = {"lmpipe.variant": variant, "lmpipe.variant_overrides": json.dumps(overrides, sort_keys=True)[:MAX_PARAM_LEN]}
+        if ablation_run_id:
+            tags["mlflow.parentRunId"] = ablation_run_id
+        return tags
+
+    @_recording("the end of the ablation run")
+    def end_ablation(self, run_id: Optional[str], status: str, summary: dict[str, Any]) -> None:
+        if run_id is None:
+            return
+        self.client.log_dict(run_id, summary, "ablation_summary.json")
+        self.client.set_terminated(run_id, status=status)
+
+    @_recording("artifacts")
+    def log_artifacts(self, run_id: str, artifacts: dict[str, bytes]) -> None:
+        self._log_artifact_bytes(run_id, artifacts)
+
+    def latest_ablation_run(self, name: str, config_path: str) -> Optional[str]:
+        """The newest ablation run of this pipeline file (where ``lmpipe compare`` logs its artifacts)."""
+        runs = self.client.search_runs([self.experiment_id], filter_string=f"tags.`lmpipe.kind` = 'ablation' and tags.`lmpipe.pipeline` = '{name}'",
+                                       order_by=["attributes.start_time DESC"], max_results=20)
+        runs = [r for r in runs if r.data.tags.get("lmpipe.config_path") == config_path]
+        return runs[0].info.run_id if runs else None
+
     def _log_artifact_bytes(self, run_id: str, artifacts: dict[str, bytes]) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             for name, data in artifacts.items():
