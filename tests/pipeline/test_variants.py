@@ -154,3 +154,17 @@ def test_variants_are_sibling_runs_under_one_ablation_run(write, ray_local, caps
     assert "ran    " not in capsys.readouterr().out
     assert main(["explain", path, "--variant", "stricter"]) == 0
     assert "quality  own (cached)" in capsys.readouterr().out
+
+
+def test_the_shipped_ablation_example_expands(monkeypatch):
+    from pathlib import Path
+
+    loaded = load_config(Path(__file__).parents[2] / "examples" / "ablation.yaml")
+    variants = {v.name: v for v in expand_variants(loaded)}
+    assert list(variants) == ["base", "base.seed1", "base.seed2", "strict_quality", "loose_quality", "news_heavy"]
+    base = variants["base"].loaded.declared_stage_configs
+    for name, changed in (("strict_quality", "quality_filter"), ("loose_quality", "quality_filter"), ("news_heavy", "tokenize")):
+        ours = variants[name].loaded.declared_stage_configs
+        assert [s for s in base if ours[s] != base[s]] == [changed]
+    assert variants["strict_quality"].loaded.declared_stage_configs["quality_filter"].gopher_quality.min_doc_words == 100
+    assert variants["base.seed2"].seed == 2
