@@ -93,3 +93,21 @@ def test_content_hashes_are_cached_per_file_and_read_again_only_after_a_rewrite(
     assert reads == [str(a)]  # only the touched file is read again
     _explain(path)
     assert reads == [str(a)]
+
+
+def test_content_identity_of_an_object_is_cached_under_its_etag(tmp_path, s3_env, monkeypatch):
+    from pipeline.storage import Storage
+    from tests.conftest import make_bucket, s3_filesystem
+
+    make_bucket(s3_env, "ident")
+    fs = s3_filesystem(s3_env)
+    fs.pipe("ident/a.jsonl", b'{"text": "first version"}\n')
+    storage = Storage({"s3": {"endpoint_url": s3_env["endpoint_url"]}})
+    reads = []
+    real = identity.sha256_of
+    monkeypatch.setattr(identity, "sha256_of", lambda s, uri: reads.append(uri) or real(s, uri))
+    first = identity.content_identity(storage, "s3://ident/a.jsonl", str(tmp_path / "work"))
+    assert identity.content_identity(storage, "s3://ident/a.jsonl", str(tmp_path / "work")) == first and len(reads) == 1
+    fs.pipe("ident/a.jsonl", b'{"text": "FIRST VERSION"}\n')  # same size, new bytes: a new ETag
+    second = identity.content_identity(storage, "s3://ident/a.jsonl", str(tmp_path / "work"))
+    assert len(reads) == 2 and second["size"] == first["size"] and second["sha256"] != first["sha256"]

@@ -180,3 +180,24 @@ def test_text_files_are_grouped_up_to_the_bound(tmp_path):
     _, report = _run(tmp_path, folder, "grouped", 25_000)
     st = report.stage("ingest")
     assert st.manifest["parts"] == 5 and st.manifest["counts"]["kept"] == 10  # two files (~20 KB) per part
+
+
+def test_a_one_file_corpus_on_s3_is_split_the_same_way(tmp_path, one_file, s3_env):
+    from tests.conftest import make_bucket, s3_filesystem
+
+    make_bucket(s3_env, "onefile")
+    fs = s3_filesystem(s3_env)
+    for kind in ("jsonl", "parquet"):
+        fs.put(str(one_file[kind]), f"onefile/{one_file[kind].name}")
+    storage = f"""storage:
+  s3: {{endpoint_url: "{s3_env['endpoint_url']}", key: "${{AWS_ACCESS_KEY_ID}}", secret: "${{AWS_SECRET_ACCESS_KEY}}"}}
+"""
+    for kind in ("jsonl", "parquet"):
+        runner, local = _run(tmp_path, one_file[kind], f"local-{kind}", None)
+        text = PIPELINE.format(work=tmp_path / f"s3-{kind}", data=f"s3://onefile/{one_file[kind].name}", workers=1,
+                               bound=f"      max_part_bytes: {BOUND}") + storage
+        (tmp_path / f"s3-{kind}.yaml").write_text(text)
+        s3_runner = Runner(load_config(tmp_path / f"s3-{kind}.yaml"), use_ray=False, track=False)
+        st = s3_runner.run(only="ingest").stage("ingest")
+        assert st.manifest["parts"] > 2
+        assert _data(s3_runner, st) == _data(runner, local.stage("ingest"))
