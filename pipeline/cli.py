@@ -331,7 +331,7 @@ def _log_to_ablation_run(loaded, artifacts: dict[str, bytes]) -> None:
 
 
 def cmd_fetch_demo_data(args: argparse.Namespace) -> int:
-    from stages.assets import prepare_demo_data
+    from stages.demo_data import prepare_demo_data
 
     counts = prepare_demo_data(args.out)
     print(f"demo corpus in {os.path.abspath(args.out)}: " + ", ".join(f"{k}: {v} documents" for k, v in counts.items()))

@@ -64,7 +64,7 @@ def pipeline_file(tmp_path):
 @pytest.fixture(scope="session")
 def demo_corpus(tmp_path_factory) -> Path:
     """The real demo corpus (news articles + Python docs), fetched and checksummed once."""
-    from stages.assets import prepare_demo_data
+    from stages.demo_data import prepare_demo_data
 
     out = tmp_path_factory.mktemp("demo-data")
     prepare_demo_data(out)

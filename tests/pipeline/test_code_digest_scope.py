@@ -94,3 +94,15 @@ def test_every_declared_library_is_one_the_stage_or_its_writers_import():
                     imported |= imports_of.get(top.split(".")[0], set())
         missing = {lib for lib in cls.libraries if lib.lower() not in imported}
         assert not missing, f"stage {name!r} declares {sorted(missing)} but nothing it runs imports them"
+
+
+def test_the_data_stages_do_not_depend_on_the_web_stages_through_the_assets():
+    """The filters read pinned word lists through stages.assets; writing the demo corpus (which
+    needs the web crawl writer) lives apart, so an edit to the web stages recomputes no filter."""
+    from pipeline.code_digest import code_digests
+    from pipeline.registry import get_stage_class
+
+    for name in ("language_filter", "quality_filter", "toxicity_filter", "decontaminate", "ingest"):
+        cls = get_stage_class(name)
+        files = code_digests(cls.__module__, cls.writes_through)
+        assert not [f for f in files if f.startswith("stages/web/")], (name, sorted(files))
