@@ -346,7 +346,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
         address=args.address,
         wait=not args.no_wait,
         python=args.python,
-        extra_args=(["--stage", args.stage] if args.stage else []) + (["--from", getattr(args, "from")] if getattr(args, "from") else []) + (["--force"] if args.force else []),
+        extra_args=(["--stage", args.stage] if args.stage else []) + (["--from", getattr(args, "from")] if getattr(args, "from") else []) + (["--force"] if args.force else [])
+        + (["--variant", args.variant] if args.variant else []),
     )
 
 
@@ -415,6 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stage")
     g.add_argument("--from", dest="from")
     s.add_argument("--force", action="store_true")
+    s.add_argument("--variant", help="with variants: run only this one (default: all)")
     s.set_defaults(func=cmd_submit)
 
     jb = sub.add_parser("job", help="status, logs or stop of a submitted pipeline job")

@@ -281,12 +281,13 @@ class Tracker:
 
     def close_dead_runs(self) -> list[str]:
         """Mark KILLED the pipeline runs (and their stage runs) left RUNNING by a driver on this host
-        that no longer exists (killed, crashed, machine rebooted)."""
+        that no longer exists (killed, crashed, machine rebooted); then the ablation runs of such
+        drivers (their variants' pipeline runs are closed by then)."""
         host = socket.gethostname()
         closed = []
-        runs = self.client.search_runs(
-            [self.experiment_id], filter_string=f"tags.`lmpipe.kind` = 'pipeline' and attributes.status = 'RUNNING' and tags.`lmpipe.host` = '{host}'"
-        )
+        runs = [run for kind in ("pipeline", "ablation") for run in self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.`lmpipe.kind` = '{kind}' and attributes.status = 'RUNNING' and tags.`lmpipe.host` = '{host}'"
+        )]
         for run in runs:
             pid = run.data.tags.get("lmpipe.pid")
             if not process_gone(run.data.tags.get("lmpipe.host"), pid):

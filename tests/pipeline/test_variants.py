@@ -168,3 +168,21 @@ def test_the_shipped_ablation_example_expands(monkeypatch):
         assert [s for s in base if ours[s] != base[s]] == [changed]
     assert variants["strict_quality"].loaded.declared_stage_configs["quality_filter"].gopher_quality.min_doc_words == 100
     assert variants["base.seed2"].seed == 2
+
+
+def test_an_ablation_run_whose_driver_died_is_closed(tmp_path):
+    import subprocess
+    import sys
+
+    from mlflow import MlflowClient
+
+    from pipeline.tracking import Tracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = Tracker(uri, "lmpipe")
+    run_id = tracker.start_ablation("p", str(tmp_path / "p.yaml"), "name: p\n", {"base": {}}, tags={})
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    MlflowClient(uri).set_tag(run_id, "lmpipe.pid", gone)  # as if its driver had been that process
+    assert tracker.close_dead_runs() == [run_id]
+    assert MlflowClient(uri).get_run(run_id).info.status == "KILLED"
+    assert tracker.latest_ablation_run("p", str(tmp_path / "p.yaml")) == run_id
