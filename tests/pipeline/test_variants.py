@@ -97,7 +97,7 @@ def test_a_bad_variant_is_refused_naming_its_yaml_path(write, variants, error):
         expand_variants(load_config(write(variants)))
 
 
-def test_unchanged_stages_are_computed_once_across_variants(write):
+def test_unchanged_stages_are_computed_once_across_variants(write, capsys):
     loaded = load_config(write())
     _, runs = run_variants(loaded, expand_variants(loaded), use_ray=False, track=False)
     ran = {r.variant.name: {s.name: not s.cached for s in r.report.stages} for r in runs}
@@ -114,6 +114,14 @@ def test_unchanged_stages_are_computed_once_across_variants(write):
     assert stage_dir["stricter"]["ingest"] == stage_dir["base"]["ingest"]
     kept = {r.variant.name: r.report.stage("quality").manifest["counts"]["kept"] for r in runs}
     assert kept["stricter"] < kept["base"] == kept["same_default"]
+
+    # gc keeps every variant's outputs: they are all current outputs of the file
+    from pipeline.cleanup import plan_gc
+
+    assert stage_dir["stricter"]["quality"] in {r.uri for r in plan_gc([loaded]).remove}  # the base alone does not reach it
+    capsys.readouterr()
+    assert main(["gc", loaded.path]) == 0
+    assert capsys.readouterr().out.strip().endswith("nothing to remove")
 
 
 def test_explain_variant_says_what_it_recomputes_and_why(write):
