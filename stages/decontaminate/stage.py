@@ -35,8 +35,8 @@ from pipeline.io import iter_parquet_batches, read_table
 from pipeline.registry import register
 from pipeline.stage import DROP_REASON, PART_WRITERS, DatasetStage, Part, Resources
 from stages.decontaminate.ngrams import NgramIndex, split_words, token_spans, word_ids
-from stages.decontaminate.summary import DecontaminateSummary, TaskContamination
 from stages.evalsets import TaskSpec, builtin_source, load_task, task_spec
+from stages.summaries.decontaminate import DecontaminateSummary, TaskContamination
 
 CONTAMINATED = "contaminated"
 CONTAMINATED_SPLIT = "contaminated_split"

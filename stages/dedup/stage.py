@@ -24,7 +24,7 @@ from stages.dedup import engine
 from stages.dedup.lsh import band_keys, kind_key, optimal_param
 from stages.dedup.minhash import MinHasher, ShingleConfig
 from stages.dedup.normalize import NormalizeConfig, normalize, normalized_join
-from stages.dedup.summary import DedupSummary
+from stages.summaries.dedup import DedupSummary
 
 EXACT_DUPLICATE = "exact_duplicate"
 URL_DUPLICATE = "url_duplicate"

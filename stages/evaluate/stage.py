@@ -45,7 +45,7 @@ from stages.evaluate import lmeval_stage, report
 from stages.evaluate.lmeval_stage import LmEvalTaskEntry
 from stages.scoring.metrics import aggregate
 from stages.scoring.tasks import PromptFormat, build_requests, load_mc_task
-from stages.summaries.evaluate import EvaluateSummary
+from stages.summaries.evaluate import BadTaskLine, EvaluatedCheckpoint, EvaluatedTask, EvaluateSummary, EvaluationTiming
 from stages.evaluate.worker import EvalJob, TaskJob, TextJob, run_job
 from stages.summaries.tokenize import TokenizeSummary
 from stages.summaries.train import TrainSummary
@@ -195,11 +195,12 @@ class Evaluate(DatasetStage):
         ctx.log_metric("checkpoints_evaluated", len(checkpoints))
         ctx.log_metric("evaluation_tasks", len(jobs))
         ctx.set_summary(EvaluateSummary(
-            checkpoints=checkpoints, device=device, tokenizer=", ".join(sorted({info["source"] for _, info in tokenizers.values()})),
-            tasks={e.name: {"source": lt.source, "digest": lt.digest, "examples": len(lt.task.examples), "shots": e.shots,
-                            "prompt": e.prompt_format(), "limit": e.limit, "skipped_lines": lt.skipped} for e, lt in loaded_tasks}
-            | lmeval_stage.summary_entries(lmeval_tasks),
-            bad_lines=bad_report, text_sets=text_digests, timings=timings,
+            checkpoints=[EvaluatedCheckpoint(**ck) for ck in checkpoints], device=device,
+            tokenizer=", ".join(sorted({info["source"] for _, info in tokenizers.values()})),
+            tasks={e.name: EvaluatedTask(source=lt.source, digest=lt.digest, examples=len(lt.task.examples), shots=e.shots,
+                                         prompt=e.prompt_format(), limit=e.limit, skipped_lines=lt.skipped) for e, lt in loaded_tasks}
+            | {name: EvaluatedTask(**entry) for name, entry in lmeval_stage.summary_entries(lmeval_tasks).items()},
+            bad_lines=[BadTaskLine(**b) for b in bad_report], text_sets=text_digests, timings=[EvaluationTiming(**t) for t in timings],
             wall_seconds=round(time.perf_counter() - t0, 3), table=table_md,
         ))
         log.info("[%s] results:\n%s", ctx.stage_name, table_md)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional, Union
+
+from pydantic import BaseModel, ConfigDict
 
 from pipeline.contracts import StageSummary
 from pipeline.types import StrictModel
@@ -17,6 +19,17 @@ class ResumedFrom(StrictModel):
     world_size: int  # the workers that wrote it (this run may have another number)
 
 
+class SkippedStep(BaseModel):
+    """An optimizer step the trainer skipped (a loss spike or a non-finite loss or gradient)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    step: int
+    loss: Optional[float]
+    grad_norm: Optional[float]
+    reason: str
+
+
 class TrainSummary(StageSummary):
     kind = "train"
 
@@ -29,11 +42,12 @@ class TrainSummary(StageSummary):
     tokenizer: Optional[str] = None  # the tokenizer's file name inside the export
     ray_train_run: Optional[str] = None
     world_size: int = 1
-    model: dict[str, Any] = {}  # the model's shape (ModelConfig.to_dict())
+    # the model's shape: ModelConfig.to_dict(), field -> value (ModelConfig itself lives with torch)
+    model: dict[str, Union[int, float, str, bool, None]] = {}
     num_params: Optional[int] = None
     flops_per_token: Optional[float] = None
     final_loss: Optional[float] = None
     final_val_loss: Optional[float] = None
-    skipped_steps: list[dict[str, Any]] = []
+    skipped_steps: list[SkippedStep] = []
     clip_events: int = 0
     resumed_from: Optional[ResumedFrom] = None  # None: trained from step 0

@@ -4,11 +4,15 @@ part result of the wrong shape fails at once with the field, and a manifest read
 
 from __future__ import annotations
 
+import importlib
 import json
-from typing import ClassVar
+import pkgutil
+import typing
+from typing import Any, ClassVar
 
 import pyarrow as pa
 import pytest
+from pydantic import BaseModel
 
 from pipeline import manifest as mf
 from pipeline.config import load_config
@@ -116,3 +120,29 @@ def test_a_part_result_of_the_wrong_shape_fails_naming_the_stage_part_and_field(
         PartResult.checked('{"part": "00001", "files": {"data": [{"path": "a", "rows": 1.5, "bytes": 3}]}}', "quality_filter")
     with pytest.raises(PartResultInvalid, match="rowz: Extra inputs are not permitted"):
         PartResult.checked({"part": "00001", "rowz": {}}, "quality_filter")
+
+
+def _loose_fields(model: type[BaseModel], path: str) -> list[str]:
+    """The fields of ``model`` (and of the models it holds) typed ``Any`` at any depth."""
+    loose = []
+    for name, field in model.model_fields.items():
+        stack = [field.annotation]
+        while stack:
+            t = stack.pop()
+            if t is Any:
+                loose.append(f"{path}.{name}")
+            elif isinstance(t, type) and issubclass(t, BaseModel):
+                loose += _loose_fields(t, f"{path}.{name}")
+            else:
+                stack.extend(typing.get_args(t))
+    return loose
+
+
+def test_every_stage_summary_is_typed_to_the_leaves():
+    import stages.summaries
+
+    for info in pkgutil.iter_modules(stages.summaries.__path__):
+        importlib.import_module(f"stages.summaries.{info.name}")
+    summaries = [cls for cls in StageSummary.__subclasses__() if cls.__module__.startswith("stages.summaries.")]
+    assert {cls.kind for cls in summaries} >= {"dedup", "decontaminate", "evaluate", "tokenize", "tokenizer", "train"}
+    assert [f for cls in summaries for f in _loose_fields(cls, cls.__name__)] == []
