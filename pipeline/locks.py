@@ -134,8 +134,9 @@ class Lease:
     heartbeat thread with conditional writes."""
 
     def __init__(self, storage: st.Storage, uri: str, what: str, fields: dict[str, Any], ttl_s: Optional[float] = None,
-                 on_loss: str = "this run's attempt was not committed"):
-        self.storage, self.uri, self.what, self.on_loss = storage, uri, what, on_loss
+                 on_loss: str = "this run's attempt was not committed",
+                 when_gone: str = "another run, which has released it since"):
+        self.storage, self.uri, self.what, self.on_loss, self.when_gone = storage, uri, what, on_loss, when_gone
         self.ttl_s = lease_ttl_s() if ttl_s is None else ttl_s
         self.token = uuid.uuid4().hex
         self.body: dict[str, Any] = {**fields, "token": self.token, "beat": 0}
@@ -203,7 +204,7 @@ class Lease:
         try:
             holder = describe(parse_lease(self.storage.read_versioned(self.uri).data))
         except (FileNotFoundError, OSError):
-            holder = "another run, which has released it since"
+            holder = self.when_gone
         return f"lease on {self.what} lost to {holder}; {self.on_loss}"
 
     def _heartbeat(self) -> None:
@@ -321,7 +322,8 @@ class ReaderLease:
         self.uri = st.join(work_dir, READERS, f"{self.id}.json")
         self.lease = Lease(storage, self.uri, f"the stage folders this run reads ({self.uri})",
                            {**holder_fields(run), "stage_dirs": sorted(set(stage_dirs))}, ttl_s,
-                           on_loss="what it reads is no longer protected from other runs' clean-up")
+                           on_loss="what it reads is no longer protected from other runs' clean-up",
+                           when_gone="another run's clean-up, which removed it as stale")
         self.ttl_s = self.lease.ttl_s
 
     def check(self) -> None:
