@@ -263,13 +263,37 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_table(args: argparse.Namespace) -> int:
-    from stages.evaluate.report import eval_table
+    """The pipeline side finds the output (a path, or an MLflow run) and reads its rows; the stage
+    that wrote them, found through the registry, only renders them."""
+    from pipeline import lineage
+    from pipeline import storage as st
+    from pipeline.registry import get_stage_class
 
     target = args.target
-    is_path = _is_path(target)
-    storage = _load(args).storage if args.config else None
-    print(eval_table(target, storage, None if is_path else _tracking_uri(args), "csv" if args.csv else "markdown"), end="")
+    storage = _load(args).storage if args.config else st.Storage()
+    if _is_path(target):
+        stage_dir = lineage.find_stage_dir(storage, os.path.abspath(target) if os.path.exists(target) else target)
+    else:
+        from pipeline.tracking import stage_output_of_run
+
+        stage_dir = stage_output_of_run(_tracking_uri(args), target, uses="evaluate")
+    rows = _evaluate_rows(storage, stage_dir)
+    print(get_stage_class("evaluate").render_table(rows, "csv" if args.csv else "markdown"), end="")
     return 0
+
+
+def _evaluate_rows(storage, stage_dir: str) -> list[dict]:
+    """The ``data`` rows of a committed evaluate output (read here, on the pipeline side)."""
+    from pipeline import manifest as mf
+    from pipeline.io import read_table
+
+    manifest = mf.load_manifest(storage, stage_dir)
+    if manifest is None:
+        raise FileNotFoundError(f"{stage_dir}: no committed stage output")
+    if manifest.get("uses") != "evaluate":
+        raise ValueError(f"{stage_dir}: stage {manifest.get('stage')!r} is a {manifest.get('uses')!r} stage, not evaluate")
+    files = mf.dataset_files(manifest, stage_dir, "data")
+    return read_table(storage, files).to_pylist() if files else []
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -279,7 +303,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from pipeline.runner import Runner
     from pipeline.variants import expand_variants
     from stages.evaluate import compare as cmp
-    from stages.evaluate.report import rows_from_stage
 
     loaded = _load(args)
     evaluate = [args.stage] if args.stage else [name for name, e in loaded.declared.stages.items() if e.uses == "evaluate"]
@@ -295,7 +318,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         if mf.load_manifest(runner.storage, stage_dir) is None:
             missing.append(v.name)
             continue
-        results[v.name] = rows_from_stage(runner.storage, stage_dir)
+        results[v.name] = _evaluate_rows(runner.storage, stage_dir)
     if "base" not in results:
         raise FileNotFoundError(f"{loaded.path}: the base has no committed {stage!r} output; run `lmpipe run {args.config}` first")
     base_runs = [v.name for v in variants if v.is_base or v.seed_repeat]

@@ -134,6 +134,12 @@ class Stage:
         """Called with the finished manifest before it is committed; raise to fail the stage."""
 
     @classmethod
+    def render_table(cls, rows: list[dict[str, Any]], fmt: str) -> str:
+        """A committed output's ``data`` rows as a table for people (``lmpipe eval-table``), as
+        ``markdown`` or ``csv``. The command finds and reads the output; the stage only renders."""
+        raise NotImplementedError(f"stage {cls.name!r} has no table view")
+
+    @classmethod
     def output_columns(cls, input_columns: Optional[set[str]]) -> Optional[set[str]]:
         """Columns of the ``data`` output given the input's; None when unknown."""
         if cls.new_rows:

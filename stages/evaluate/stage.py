@@ -137,6 +137,11 @@ class Evaluate(DatasetStage):
         return out
 
     # -- driver ------------------------------------------------------------------------------------
+    @classmethod
+    def render_table(cls, rows: list[dict[str, Any]], fmt: str) -> str:
+        """``lmpipe eval-table``: task x metric by checkpoint (tokens seen)."""
+        return report.csv_table(rows) if fmt == "csv" else report.markdown_table(rows)
+
     def run(self, ctx: StageContext) -> None:
         c: EvaluateConfig = self.config
         t0 = time.perf_counter()
