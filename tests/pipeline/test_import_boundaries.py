@@ -1,0 +1,41 @@
+"""The stage contract's import rules, checked on the syntax trees of the code (lazy imports
+inside functions included): cheaper than a review, and a rule that is a test cannot drift."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _imports() -> list[tuple[str, str]]:
+    """(file relative to the repository, imported module) for every import in pipeline/ and stages/."""
+    out = []
+    for package in ("pipeline", "stages"):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            rel = path.relative_to(ROOT).as_posix()
+            for node in ast.walk(ast.parse(path.read_text(), rel)):
+                if isinstance(node, ast.Import):
+                    out += [(rel, a.name) for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                    out += [(rel, node.module)] + [(rel, f"{node.module}.{a.name}") for a in node.names]
+    return out
+
+
+def _top(module: str) -> str:
+    return module.split(".")[0]
+
+
+def test_mlflow_is_imported_only_by_the_tracking_module():
+    offenders = sorted({f for f, m in _imports() if _top(m) == "mlflow" and f != "pipeline/tracking.py"})
+    assert not offenders, offenders
+
+
+def test_train_and_evaluate_never_import_each_other():
+    """What they share (model, scoring, summaries) lives in packages that import neither, so an
+    edit to one never changes the other's code digest."""
+    pairs = {("stages/train/", "stages.evaluate"), ("stages/evaluate/", "stages.train")}
+    offenders = sorted({(f, m) for f, m in _imports() for folder, other in pairs if f.startswith(folder) and (m == other or m.startswith(other + "."))})
+    assert not offenders, offenders
+
