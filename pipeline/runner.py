@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from pipeline import console
+from pipeline.resources import ResourcesUnavailable, StageFailed, check_resources  # noqa: F401 (ResourcesUnavailable: re-exported)
 from pipeline import manifest as mf
 from pipeline import preflight
 from pipeline import storage as st
@@ -37,25 +38,9 @@ log = logging.getLogger("lmpipe")
 RAY_NOT_STARTED = "not started (every stage cached so far)"
 
 
-class StageFailed(RuntimeError):
-    pass
-
-
-class ResourcesUnavailable(StageFailed):
-    pass
-
-
 def check_cluster_resources(stage_name: str, resources: Resources, cluster: dict[str, float]) -> None:
     """Fail at once, with what is missing, instead of waiting forever for resources that do not exist."""
-    needs = {"CPU": resources.num_cpus, "GPU": resources.num_gpus, **resources.custom}
-    for key, amount in needs.items():
-        if amount and cluster.get(key, 0.0) < amount:
-            have = cluster.get(key, 0.0)
-            unit = {"CPU": "CPUs", "GPU": "GPUs"}.get(key, f"of resource {key!r}")
-            raise ResourcesUnavailable(
-                f"stage {stage_name!r} needs {amount:g} {unit} per worker; the cluster has {have:g}"
-                f" (cluster resources: {', '.join(f'{k}={v:g}' for k, v in sorted(cluster.items()) if not k.startswith('node:') and 'memory' not in k)})"
-            )
+    check_resources(stage_name, {"CPU": resources.num_cpus, "GPU": resources.num_gpus, **resources.custom}, cluster)
 
 
 class CountsMismatch(StageFailed):

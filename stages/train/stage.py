@@ -147,22 +147,13 @@ class TrainStage(DatasetStage):
     def _check_cluster(ctx, cfg: TrainStageConfig) -> None:
         """Fail at once if the cluster cannot hold the training workers, instead of Ray Train
         waiting forever for them (e.g. "train needs 8 GPUs; the cluster has 0")."""
-        from pipeline.runner import ResourcesUnavailable
+        from pipeline.resources import check_resources
 
-        cluster = ctx.fan_out.cluster_resources()
         workers = cfg.cluster
         per_worker = {k: float(v) for k, v in workers.resources_per_worker.items()}
         if workers.use_gpu:  # checked first: the scarce resource is the one worth naming
             per_worker = {"GPU": max(per_worker.pop("GPU", 0.0), 1.0), **per_worker}
-        for key, amount in per_worker.items():
-            need = amount * workers.num_workers
-            have = cluster.get(key, 0.0)
-            if need and have < need:
-                unit = {"CPU": "CPUs", "GPU": "GPUs"}.get(key, f"of resource {key!r}")
-                raise ResourcesUnavailable(
-                    f"stage {ctx.stage_name!r} needs {need:g} {unit} ({workers.num_workers} workers x {amount:g});"
-                    f" the cluster has {have:g}"
-                )
+        check_resources(ctx.stage_name, per_worker, ctx.fan_out.cluster_resources(), workers=workers.num_workers)
 
     # -- after training, on the driver ------------------------------------------------------------
     def _record(self, ctx, cfg: TrainStageConfig, result, model_cfg: ModelConfig, info: TokenizeSummary, src, run_uri: str,

@@ -39,3 +39,11 @@ def test_train_and_evaluate_never_import_each_other():
     offenders = sorted({(f, m) for f, m in _imports() for folder, other in pairs if f.startswith(folder) and (m == other or m.startswith(other + "."))})
     assert not offenders, offenders
 
+
+
+def test_no_stage_reaches_into_the_runner_or_the_executor():
+    """Stages see the pipeline through their context and the public modules (stage, contracts,
+    resources, storage, ...); the runner's and the executor's internals can change under them."""
+    private = ("pipeline.runner", "pipeline.execute")
+    offenders = sorted({(f, m) for f, m in _imports() if f.startswith("stages/") and any(m == p or m.startswith(p + ".") for p in private)})
+    assert not offenders, offenders
