@@ -471,7 +471,9 @@ class RunLogger:
         return {"tracking_uri": self.tracking_uri, "run_id": self.run_id, "_client": None, "offline": None}
 
     @property
-    def client(self):
+    def _mlflow(self):
+        """The raw client, made where it is used and never handed out: callers log through the
+        methods below, so MLflow stays behind this module."""
         if self._client is None:
             from mlflow import MlflowClient
 
@@ -494,13 +496,13 @@ class RunLogger:
         finite = {metric_key(k): float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
         if model_id or dataset:  # linked metrics: one call each (log_batch has no model or dataset fields)
             for key, value in finite.items():
-                self.client.log_metric(self.run_id, key, value, timestamp=now, step=step, model_id=model_id,
+                self._mlflow.log_metric(self.run_id, key, value, timestamp=now, step=step, model_id=model_id,
                                        dataset_name=dataset.name if dataset else None,
                                        dataset_digest=dataset.digest[:36] if dataset else None)
             return
         items = [Metric(k, v, now, step) for k, v in finite.items()]
         for i in range(0, len(items), 1000):
-            self.client.log_batch(self.run_id, metrics=items[i : i + 1000])
+            self._mlflow.log_batch(self.run_id, metrics=items[i : i + 1000])
 
     @_recording("input datasets")
     def log_inputs(self, datasets: list[DatasetRef], context: str = "input", model_ids: tuple[str, ...] = ()) -> None:
@@ -511,27 +513,27 @@ class RunLogger:
         entities = [_dataset_input(d.name, d.uri, d.digest, context) for d in datasets]
         models = [LoggedModelInput(m) for m in model_ids]
         try:
-            self.client.log_inputs(self.run_id, datasets=entities or None, models=models or None)
+            self._mlflow.log_inputs(self.run_id, datasets=entities or None, models=models or None)
         except Exception as e:
             if not models:
                 raise
             log.warning("could not link model(s) %s in MLflow: %s", list(model_ids), e)
             if entities:
-                self.client.log_inputs(self.run_id, datasets=entities)
+                self._mlflow.log_inputs(self.run_id, datasets=entities)
 
     @_recording("a model")
     def log_model(self, model: ModelRecord) -> Optional[str]:
         """A LoggedModel of this run with its files, metrics linked to it, and READY; returns its id."""
         from mlflow.entities import LoggedModelOutput
 
-        run = self.client.get_run(self.run_id)
-        logged = self.client.create_logged_model(run.info.experiment_id, name=model.name, source_run_id=self.run_id,
+        run = self._mlflow.get_run(self.run_id)
+        logged = self._mlflow.create_logged_model(run.info.experiment_id, name=model.name, source_run_id=self.run_id,
                                                  model_type=model.model_type, params=dict(model.params), tags=dict(model.tags))
-        self.client.log_model_artifacts(logged.model_id, model.local_dir)
+        self._mlflow.log_model_artifacts(logged.model_id, model.local_dir)
         if model.metrics:
             self.log_metrics(model.metrics, step=model.step, model_id=logged.model_id, dataset=model.dataset)
-        self.client.log_outputs(self.run_id, [LoggedModelOutput(logged.model_id, model.step)])
-        self.client.finalize_logged_model(logged.model_id, "READY")
+        self._mlflow.log_outputs(self.run_id, [LoggedModelOutput(logged.model_id, model.step)])
+        self._mlflow.finalize_logged_model(logged.model_id, "READY")
         return logged.model_id
 
 

@@ -47,3 +47,12 @@ def test_no_stage_reaches_into_the_runner_or_the_executor():
     private = ("pipeline.runner", "pipeline.execute")
     offenders = sorted({(f, m) for f, m in _imports() if f.startswith("stages/") and any(m == p or m.startswith(p + ".") for p in private)})
     assert not offenders, offenders
+
+
+def test_the_run_logger_hands_out_no_raw_mlflow_client():
+    """Stages log through RunLogger's methods; a raw client would let MLflow calls spread outside
+    pipeline/tracking.py again."""
+    from pipeline.tracking import RunLogger
+
+    logger = RunLogger("sqlite:////nonexistent/mlflow.db", "run")
+    assert not [name for name in dir(logger) if not name.startswith("_") and "client" in name.lower()]
