@@ -301,8 +301,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     plot also go to the file's latest ablation run in MLflow."""
     from pipeline import manifest as mf
     from pipeline.runner import Runner
+    from pipeline.registry import get_stage_class
     from pipeline.variants import expand_variants
-    from stages.evaluate import compare as cmp
 
     loaded = _load(args)
     evaluate = [args.stage] if args.stage else [name for name, e in loaded.declared.stages.items() if e.uses == "evaluate"]
@@ -322,15 +322,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if "base" not in results:
         raise FileNotFoundError(f"{loaded.path}: the base has no committed {stage!r} output; run `lmpipe run {args.config}` first")
     base_runs = [v.name for v in variants if v.is_base or v.seed_repeat]
-    rows = cmp.compare(results, base_runs, sigmas=args.sigmas)
-    table, csv_text = cmp.markdown(rows, args.sigmas), cmp.csv_text(rows)
+    comparison = get_stage_class(loaded.declared.stages[stage].uses).compare_outputs(
+        results, base_runs, sigmas=args.sigmas, title=loaded.declared.name)
+    table, csv_text = comparison.markdown, comparison.csv
     print(csv_text if args.csv else table, end="")
     if missing:
         print(f"not evaluated yet (run them first): {', '.join(missing)}", file=sys.stderr)
     artifacts = {"comparison/comparison.md": table.encode(), "comparison/comparison.csv": csv_text.encode()}
-    png = cmp.bpb_png(results, loaded.declared.name)
-    if png:
-        artifacts["comparison/validation_bpb.png"] = png
+    if comparison.png:
+        artifacts["comparison/validation_bpb.png"] = comparison.png
     _log_to_ablation_run(loaded, artifacts)
     return 0
 
@@ -354,9 +354,9 @@ def _log_to_ablation_run(loaded, artifacts: dict[str, bytes]) -> None:
 
 
 def cmd_fetch_demo_data(args: argparse.Namespace) -> int:
-    from stages.demo_data import prepare_demo_data
+    from pipeline.registry import write_demo_data
 
-    counts = prepare_demo_data(args.out)
+    counts = write_demo_data(args.out)
     print(f"demo corpus in {os.path.abspath(args.out)}: " + ", ".join(f"{k}: {v} documents" for k, v in counts.items()))
     return 0
 

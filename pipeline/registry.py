@@ -63,3 +63,11 @@ def get_stage_class(name: str) -> type[Stage]:
 def all_stages() -> dict[str, type[Stage]]:
     _discover()
     return dict(sorted(_REGISTRY.items()))
+
+
+def write_demo_data(out_dir: str) -> dict[str, int]:
+    """``lmpipe fetch-demo-data``: the demo corpus, written by ``stages.demo_data`` (the registry
+    is the one place where pipeline/ reaches stages' code)."""
+    from stages.demo_data import prepare_demo_data
+
+    return prepare_demo_data(out_dir)

@@ -34,7 +34,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from pipeline.context import ExternalInput, PartContext, StageContext
 
 __all__ = ["DROP_REASON", "OUTPUT_WRITERS", "PART_WRITERS", "QUARANTINE_REASON", "REASON_COLUMNS", "DatasetStage", "Part", "Resources",
-           "RowStage", "SourceStage", "Stage", "StageSummary", "stage_seed"]
+           "RowStage", "SourceStage", "Stage", "StageSummary", "stage_seed", "Comparison"]
 
 
 # What writes a stage's bytes (Stage.writes_through, part of its code digest). Parts that run
@@ -68,6 +68,15 @@ class Part:
 
     id: str
     payload: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Variants of a pipeline compared on one stage's outputs (``lmpipe compare``)."""
+
+    markdown: str
+    csv: str
+    png: Optional[bytes] = None  # a plot, when the stage draws one
 
 
 class EmptyConfig(StrictModel):
@@ -132,6 +141,13 @@ class Stage:
 
     def check(self, manifest: dict[str, Any]) -> None:
         """Called with the finished manifest before it is committed; raise to fail the stage."""
+
+    @classmethod
+    def compare_outputs(cls, results: dict[str, list[dict[str, Any]]], base_runs: list[str], sigmas: float,
+                        title: str) -> "Comparison":
+        """``lmpipe compare``: the committed ``data`` rows of each variant's output (by variant
+        name) compared against the base runs. The command finds and reads the outputs."""
+        raise NotImplementedError(f"stage {cls.name!r} has no comparison of variants")
 
     @classmethod
     def render_table(cls, rows: list[dict[str, Any]], fmt: str) -> str:

@@ -65,7 +65,6 @@ def submit(config_path: str, address: str, wait: bool = True, python: Optional[s
     from ray.job_submission import JobSubmissionClient
 
     import pipeline as pipeline_pkg
-    import stages as stages_pkg
 
     from pipeline.preflight import check_dashboard_address
 
@@ -89,7 +88,7 @@ def submit(config_path: str, address: str, wait: bool = True, python: Optional[s
         client = JobSubmissionClient(address, headers=auth_headers() or None)
         runtime_env = {
             "working_dir": staging,
-            "py_modules": [os.path.dirname(pipeline_pkg.__file__), os.path.dirname(stages_pkg.__file__)],
+            "py_modules": [os.path.dirname(pipeline_pkg.__file__), _package_folder("stages")],
             "excludes": EXCLUDES,
             "env_vars": {"LMPIPE_PROGRESS": os.environ.get("LMPIPE_PROGRESS", "1")},
         }
@@ -135,3 +134,14 @@ def follow(client, job_id: str, timeout: Optional[float] = None) -> int:
         time.sleep(1.0)
     print(f"job {job_id}: {status}", flush=True)
     return 0 if status == JobStatus.SUCCEEDED else 1
+
+
+def _package_folder(name: str) -> str:
+    """The folder of a top-level package, found without importing it (submit uploads the stages'
+    code; it does not run it)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"package {name!r} is not importable from here")
+    return list(spec.submodule_search_locations)[0]

@@ -39,7 +39,7 @@ from pipeline import storage as st
 from pipeline.config import PathStr, StrictModel
 from pipeline.context import ExternalInput, InputDataset, StageContext, UpstreamMissing
 from pipeline.registry import register
-from pipeline.stage import DatasetStage, Resources
+from pipeline.stage import Comparison, DatasetStage, Resources
 from pipeline.tracking import DatasetRef
 from stages.evaluate import lmeval_stage, report
 from stages.evaluate.lmeval_stage import LmEvalTaskEntry
@@ -137,6 +137,15 @@ class Evaluate(DatasetStage):
         return out
 
     # -- driver ------------------------------------------------------------------------------------
+    @classmethod
+    def compare_outputs(cls, results: dict[str, list[dict[str, Any]]], base_runs: list[str], sigmas: float,
+                        title: str) -> Comparison:
+        """``lmpipe compare``: each variant at its last checkpoint against the base and its seed noise."""
+        from stages.evaluate import compare as cmp
+
+        rows = cmp.compare(results, base_runs, sigmas=sigmas)
+        return Comparison(cmp.markdown(rows, sigmas), cmp.csv_text(rows), cmp.bpb_png(results, title))
+
     @classmethod
     def render_table(cls, rows: list[dict[str, Any]], fmt: str) -> str:
         """``lmpipe eval-table``: task x metric by checkpoint (tokens seen)."""

@@ -56,3 +56,9 @@ def test_the_run_logger_hands_out_no_raw_mlflow_client():
 
     logger = RunLogger("sqlite:////nonexistent/mlflow.db", "run")
     assert not [name for name in dir(logger) if not name.startswith("_") and "client" in name.lower()]
+
+
+def test_pipeline_reaches_stages_only_through_the_registry():
+    """pipeline/ knows nothing about text or tokens: it finds stages' code through the registry."""
+    offenders = sorted({(f, m) for f, m in _imports() if f.startswith("pipeline/") and f != "pipeline/registry.py" and _top(m) == "stages"})
+    assert not offenders, offenders
