@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Optional, Protocol
+from typing import Any, Callable, Iterator, Optional, Protocol
 
 import torch
 
@@ -118,7 +121,6 @@ def ray_train_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from stages.train.trainer import RayCheckpointer
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     spec: TrainSpec = config["spec"]
@@ -152,3 +154,33 @@ def launch_ray(spec: TrainSpec, cluster: ClusterConfig, *, storage_path: str, na
         ),
     )
     return trainer.fit()
+
+
+class RayCheckpointer:
+    """Each rank writes its shards into a local folder and reports it; Ray Train merges the
+    folders into one persisted checkpoint (local or s3) and hands the latest back on restart."""
+
+    @contextmanager
+    def latest(self) -> Iterator[Optional[str]]:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            yield None
+            return
+        # local storage: the folder itself, read in place; s3: one download per node, which Ray
+        # removes when the last process on the node leaves the block (a copy kept after the
+        # restore would be a full checkpoint, optimizer state included, per rank per restart)
+        with checkpoint.as_directory() as d:
+            yield d
+
+    def save(self, step: int, write: Callable[[str], None], metrics: dict[str, Any]) -> Optional[str]:
+        import ray.train
+
+        local = tempfile.mkdtemp(prefix=f"lmpipe-ckpt-{step}-")
+        try:
+            write(local)
+            ray.train.report({**metrics, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(local))
+        finally:
+            shutil.rmtree(local, ignore_errors=True)
+        return None

@@ -20,8 +20,6 @@ import logging
 import math
 import os
 import resource
-import shutil
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -100,36 +98,6 @@ class LocalCheckpointer:
         path = os.path.join(self.root, f"step_{step:08d}")
         write(path)
         return path
-
-
-class RayCheckpointer:
-    """Each rank writes its shards into a local folder and reports it; Ray Train merges the
-    folders into one persisted checkpoint (local or s3) and hands the latest back on restart."""
-
-    @contextmanager
-    def latest(self) -> Iterator[Optional[str]]:
-        import ray.train
-
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            yield None
-            return
-        # local storage: the folder itself, read in place; s3: one download per node, which Ray
-        # removes when the last process on the node leaves the block (a copy kept after the
-        # restore would be a full checkpoint, optimizer state included, per rank per restart)
-        with checkpoint.as_directory() as d:
-            yield d
-
-    def save(self, step: int, write: Callable[[str], None], metrics: dict[str, Any]) -> Optional[str]:
-        import ray.train
-
-        local = tempfile.mkdtemp(prefix=f"lmpipe-ckpt-{step}-")
-        try:
-            write(local)
-            ray.train.report({**metrics, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(local))
-        finally:
-            shutil.rmtree(local, ignore_errors=True)
-        return None
 
 
 def device_peak_flops(device: torch.device, override: Optional[float]) -> Optional[float]:

@@ -62,3 +62,10 @@ def test_pipeline_reaches_stages_only_through_the_registry():
     """pipeline/ knows nothing about text or tokens: it finds stages' code through the registry."""
     offenders = sorted({(f, m) for f, m in _imports() if f.startswith("pipeline/") and f != "pipeline/registry.py" and _top(m) == "stages"})
     assert not offenders, offenders
+
+
+def test_ray_is_imported_only_by_pipeline_and_the_train_launcher():
+    """Stage code runs under any executor (and on a GPU machine without Ray); Ray Train's launch
+    and checkpoint hand-over live in one module."""
+    offenders = sorted({f for f, m in _imports() if _top(m) == "ray" and not f.startswith("pipeline/") and f != "stages/train/launch.py"})
+    assert not offenders, offenders

@@ -137,7 +137,7 @@ def test_a_ray_resume_reads_the_checkpoint_and_leaves_no_copy_behind(shards, tmp
 
     import ray.train
 
-    from stages.train.trainer import RayCheckpointer
+    from stages.train.launch import RayCheckpointer
 
     cfg = TrainConfig(loop={"steps": 2, "micro_batch_size": 4, "eval_every": 0, "norms_every": 0}, schedule={"warmup_steps": 1},
                       checkpoint={"every": 2})
