@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.stage import DROP_REASON, QUARANTINE_REASON
+from stages.columns import set_column
 
 MISSING_TEXT = "missing_text"
 INVALID_UTF8 = "invalid_utf8"
@@ -90,14 +91,6 @@ def scatter(prep: Prepared, values, dtype: pa.DataType) -> pa.Array:
     for i, v in zip(prep.index.tolist(), vals):
         full[i] = v
     return pa.array(full, dtype, from_pandas=True)
-
-
-def set_column(table: pa.Table, name: str, values: pa.Array) -> pa.Table:
-    """Add a column, or replace it when an earlier stage already produced one of that name."""
-    i = table.schema.get_field_index(name)
-    if i >= 0:
-        return table.set_column(i, name, values)
-    return table.append_column(name, values)
 
 
 def finish(

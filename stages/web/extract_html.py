@@ -26,6 +26,7 @@ from pydantic import Field, model_validator
 from pipeline.config import StrictModel
 from pipeline.registry import register
 from pipeline.stage import DROP_REASON, QUARANTINE_REASON, Resources, RowStage
+from stages.columns import set_column
 from stages.web import extractors
 from stages.web.sandbox import ExtractorProcess
 
@@ -124,9 +125,5 @@ class ExtractHtml(RowStage):
         out = batch if cfg.keep_payload else batch.drop_columns(["payload"])
         for name, values in (("text", text), ("extractor", labels), ("html_charset", html_charset),
                              ("html_charset_source", charset_source), (DROP_REASON, drop), (QUARANTINE_REASON, quarantine)):
-            column = pa.array(values, pa.string())
-            if name in out.column_names:
-                out = out.set_column(out.column_names.index(name), name, column)
-            else:
-                out = out.append_column(name, column)
+            out = set_column(out, name, pa.array(values, pa.string()))
         return out

@@ -32,6 +32,7 @@ from pydantic import Field, field_validator
 from pipeline.config import PathStr, StrictModel
 from pipeline.registry import register
 from pipeline.stage import DROP_REASON, QUARANTINE_REASON, Resources, RowStage
+from stages.columns import set_column
 
 BLOCKED_DOMAIN = "url_blocked_domain"
 BLOCKED_URL = "url_blocked"
@@ -197,9 +198,5 @@ class UrlFilter(RowStage):
         hosts, domains, drops, quarantines = (list(col) for col in zip(*decisions)) if decisions else ([], [], [], [])
         out = batch
         for name, values in (("url_host", hosts), ("url_domain", domains), (DROP_REASON, drops), (QUARANTINE_REASON, quarantines)):
-            column = pa.array(values, pa.string())
-            if name in out.column_names:
-                out = out.set_column(out.column_names.index(name), name, column)
-            else:
-                out = out.append_column(name, column)
+            out = set_column(out, name, pa.array(values, pa.string()))
         return out
