@@ -121,17 +121,20 @@ def _imported_modules(tree: ast.AST, module: str, is_package: bool) -> set[str]:
     return names
 
 
-def module_closure(module: str, framework: Iterable[str] = ()) -> tuple[tuple[str, str], ...]:
+def module_closure(module: str, framework: Iterable[str] = (), presentation: Iterable[str] = ()) -> tuple[tuple[str, str], ...]:
     """(module name, file path) of ``module``, of the packages above it, and of every module of its
     top-level package that it imports, directly or through other such modules; plus the
-    ``framework`` modules themselves (their own imports are the framework's, not the stage's)."""
+    ``framework`` modules themselves (their own imports are the framework's, not the stage's).
+    ``presentation`` modules (a stage's ``Stage.presentation``) and what only they import are left
+    out: they draw committed outputs and never compute them."""
     top = module.split(".")[0]
+    skipped = set(presentation)
     parts = module.split(".")
     seen: dict[str, str] = {}
     todo = [".".join(parts[: i + 1]) for i in range(len(parts))]
     while todo:
         name = todo.pop()
-        if name in seen:
+        if name in seen or name in skipped:
             continue
         origin = _origin(name)
         if origin is None:
@@ -155,13 +158,13 @@ def _display_name(module: str, origin: str) -> str:
     return f"{tail}/__init__.py" if origin.endswith("__init__.py") else f"{tail}.py"
 
 
-def code_digests(module: str, framework: Iterable[str] = ()) -> dict[str, str]:
-    """{file: digest} for the stage module's closure, the data files beside those modules and the
-    ``framework`` modules the stage writes through."""
+def code_digests(module: str, framework: Iterable[str] = (), presentation: Iterable[str] = ()) -> dict[str, str]:
+    """{file: digest} for the stage module's closure (less its ``presentation`` modules), the data
+    files beside those modules and the ``framework`` modules the stage writes through."""
     out: dict[str, str] = {}
     folders: dict[str, str] = {}
     framework = tuple(framework)
-    for name, origin in module_closure(module, framework):
+    for name, origin in module_closure(module, framework, presentation):
         out[_display_name(name, origin)] = _parse(origin)[0]
         if origin.endswith("__init__.py") and name not in framework:
             folders[os.path.dirname(origin)] = name.replace(".", "/")

@@ -18,7 +18,7 @@ from pipeline.resources import ResourcesUnavailable, StageFailed, check_resource
 from pipeline import manifest as mf
 from pipeline import preflight
 from pipeline import storage as st
-from pipeline.code_digest import DIGEST_SCOPE, code_digests, combined as combined_digest, library_versions
+from pipeline.code_digest import DIGEST_SCOPE, combined as combined_digest, library_versions
 from pipeline.config import ConfigError, LoadedConfig
 from pipeline.context import InputDataset, StageContext
 from pipeline.contracts import (Counts, DatasetEntry, ExternalInputEntry, InputEntry, Manifest, MergedParts, PartResult, SummaryRecord,
@@ -189,7 +189,7 @@ class Runner:
         declared = fingerprinted_config(self.loaded.declared_stage_configs[node.name])
         inputs = [(str(r), fingerprints[r.stage]) for r in node.inputs]
         seed = self.loaded.resolved.seed if node.cls.uses_seed else None
-        code_files = code_digests(node.cls.__module__, node.cls.writes_through)
+        code_files = node.cls.code_files()
         payload = mf.fingerprint_payload(node.cls.name, node.cls.version, declared, inputs, extras, seed, combined_digest(code_files),
                                          DIGEST_SCOPE, library_versions(node.cls.libraries))
         return Fingerprint(mf.digest(payload), payload, code_files, externals)

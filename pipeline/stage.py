@@ -113,6 +113,11 @@ class Stage:
     # versions enter its fingerprint. pyarrow writes every stage's files (its version is in each
     # Parquet footer); a stage adds what computes its output (tokenizers, torch, a language model).
     libraries: ClassVar[tuple[str, ...]] = ("pyarrow",)
+    # Modules of this stage's package that only present its committed outputs (``lmpipe compare``,
+    # ``lmpipe eval-table``: compare_outputs/render_table), never compute them: outside its code
+    # digest, so a change to how a comparison is drawn does not recompute what it compares. They
+    # may be imported only inside those two methods (a test checks it).
+    presentation: ClassVar[tuple[str, ...]] = ()
     # The summary this stage hands downstream (set with ctx.set_summary), if any.
     Summary: ClassVar[Optional[type[StageSummary]]] = None
 
@@ -141,6 +146,14 @@ class Stage:
 
     def check(self, manifest: dict[str, Any]) -> None:
         """Called with the finished manifest before it is committed; raise to fail the stage."""
+
+    @classmethod
+    def code_files(cls) -> dict[str, str]:
+        """{file: digest} of the code that decides this stage's bytes: its module's import closure,
+        less its presentation modules, plus the framework modules it writes through."""
+        from pipeline.code_digest import code_digests
+
+        return code_digests(cls.__module__, cls.writes_through, cls.presentation)
 
     @classmethod
     def compare_outputs(cls, results: dict[str, list[dict[str, Any]]], base_runs: list[str], sigmas: float,

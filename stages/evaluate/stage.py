@@ -117,6 +117,8 @@ class Evaluate(DatasetStage):
     produces: ClassVar[tuple[str, ...]] = report.ROW_FIELDS
     new_rows: ClassVar[bool] = True
     Summary = EvaluateSummary
+    # lmpipe compare's statistics and plots read committed rows: a change there recomputes nothing
+    presentation: ClassVar[tuple[str, ...]] = ("stages.evaluate.compare",)
 
     def external_inputs(self, ctx: StageContext) -> list[ExternalInput]:
         from stages.evalsets import builtin_source

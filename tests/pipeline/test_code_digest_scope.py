@@ -18,12 +18,10 @@ ROOT = Path(__file__).resolve().parents[2]
 DIGESTS = textwrap.dedent("""
     import json, sys
     sys.path.insert(0, sys.argv[1])
-    from pipeline.code_digest import code_digests
     from pipeline.registry import get_stage_class
     out = {}
     for name in ("train", "evaluate"):
-        cls = get_stage_class(name)
-        out[name] = code_digests(cls.__module__, cls.writes_through)  # what the runner fingerprints
+        out[name] = get_stage_class(name).code_files()  # what the runner fingerprints
     print(json.dumps(out))
 """)
 
@@ -85,7 +83,7 @@ def test_every_declared_library_is_one_the_stage_or_its_writers_import():
     imports_of = {top: {d.lower() for d in dists} for top, dists in packages_distributions().items()}
     for name, cls in all_stages().items():
         imported: set[str] = set()
-        for _, origin in module_closure(cls.__module__, cls.writes_through):
+        for _, origin in module_closure(cls.__module__, cls.writes_through, cls.presentation):
             tree = ast.parse(Path(origin).read_text())
             for node in ast.walk(tree):
                 tops = [a.name for a in node.names] if isinstance(node, ast.Import) else \
@@ -99,10 +97,47 @@ def test_every_declared_library_is_one_the_stage_or_its_writers_import():
 def test_the_data_stages_do_not_depend_on_the_web_stages_through_the_assets():
     """The filters read pinned word lists through stages.assets; writing the demo corpus (which
     needs the web crawl writer) lives apart, so an edit to the web stages recomputes no filter."""
-    from pipeline.code_digest import code_digests
     from pipeline.registry import get_stage_class
 
     for name in ("language_filter", "quality_filter", "toxicity_filter", "decontaminate", "ingest"):
-        cls = get_stage_class(name)
-        files = code_digests(cls.__module__, cls.writes_through)
+        files = get_stage_class(name).code_files()
         assert not [f for f in files if f.startswith("stages/web/")], (name, sorted(files))
+
+
+def test_an_edit_to_how_variants_are_compared_recomputes_no_evaluation(checkout):
+    """``lmpipe compare`` draws committed evaluation rows (Stage.presentation): its statistics and
+    plots are not the evaluate stage's code, so changing them recomputes nothing."""
+    before = _digests(checkout)
+    _append(checkout / "stages" / "evaluate" / "compare.py", "COMPARE_EDITED = True")
+    after = _digests(checkout)
+    assert after == before
+    assert "stages/evaluate/compare.py" not in before["evaluate"]
+
+
+def test_presentation_modules_are_imported_only_where_outputs_are_presented():
+    """A presentation module is outside the digest, so code that computes outputs must never import
+    it: only compare_outputs/render_table may (else an edit there would change outputs unseen)."""
+    import ast
+
+    from pipeline.code_digest import module_closure
+    from pipeline.registry import all_stages
+
+    presenters = {"compare_outputs", "render_table"}
+    for name, cls in all_stages().items():
+        if not cls.presentation:
+            continue
+        for module, origin in module_closure(cls.__module__, (), cls.presentation):
+            tree = ast.parse(Path(origin).read_text())
+
+            def visit(node, inside: bool) -> None:
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    inside = inside or node.name in presenters
+                if isinstance(node, ast.ImportFrom) and not inside:
+                    imported = {node.module or ""} | {f"{node.module}.{a.name}" for a in node.names}
+                    assert not imported & set(cls.presentation), f"{module} imports {sorted(imported & set(cls.presentation))} outside compare_outputs/render_table ({name})"
+                if isinstance(node, ast.Import) and not inside:
+                    assert not {a.name for a in node.names} & set(cls.presentation), f"{module} imports a presentation module ({name})"
+                for child in ast.iter_child_nodes(node):
+                    visit(child, inside)
+
+            visit(tree, False)
