@@ -24,9 +24,9 @@ template can call a string's methods but never reach Python's internals.
 Refused when the file is read, by name (``file: key: why``): Python code (``!function``,
 ``process_docs``, ``process_results``, ``custom_dataset``, ``class``), hub datasets (any other
 ``dataset_path``), groups, multimodal fields, promptsource prompts, sampling and repeats, and any
-key lm-eval itself does not know. Per document, a template that fails, a gold index out of range
-or an unreadable line is quarantined with its reason (``file:line`` or ``file#index``) and
-counted; the rest of the task runs.
+key lm-eval itself does not know. Per document, a template that fails, a gold index out of range,
+an empty prompt to generate from or an unreadable line is quarantined with its reason
+(``file:line`` or ``file#index``) and counted; the rest of the task runs.
 """
 
 from __future__ import annotations
@@ -727,6 +727,8 @@ def _doc_request(task: TaskFile, p: Prompter, doc_id: int, where: str, doc: dict
             raise DocError("template_error", f"doc_to_target gave {target!r}: a loglikelihood task scores a string")
         return DocRequest(doc_id, where, ((ctx, target),), target=target)
     # generate_until: the gold answer(s) as lm-eval's process_results compares them
+    if ctx == "":  # nothing to condition on: the model would have no token to start from
+        raise DocError("empty_prompt", "the prompt (description, shots and doc_to_text) is empty: nothing to generate from")
     if choices is not None:
         if not isinstance(target, int) or not 0 <= target < len(choices):
             raise DocError("gold_out_of_range", f"doc_to_target gave {target!r} for {len(choices)} choices")

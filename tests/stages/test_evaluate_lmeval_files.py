@@ -152,3 +152,44 @@ def test_generative_scores_make_the_table_with_their_filter():
     assert lines[2:] == ["| gsm_5shot | exact_match/flexible-extract (%) | 30.00 ± 10.00 |",
                          "| gsm_5shot | exact_match/strict-match (%) | 20.00 ± 10.00 |",
                          "| gsm_5shot | token_f1 (%) | 45.00 ± 10.00 |"]
+
+
+GENERATE = """task: g
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: docs.jsonl
+test_split: test
+output_type: generate_until
+doc_to_text: "{{q}}"
+doc_to_target: "{{a}}"
+generation_kwargs:
+  until: ["\\n"]
+  max_gen_toks: 4
+metric_list:
+  - metric: exact_match
+"""
+
+
+def test_an_empty_prompt_to_generate_from_is_quarantined_and_the_rest_is_scored(tmp_path, tmp_path_factory):
+    """A generation document whose prompt renders empty used to fail its whole evaluation job
+    ("the prompt encodes to no tokens"); it is quarantined with its line, and the job scores the rest."""
+    from stages.evaluate.lmeval_run import LmEvalJob
+    from stages.evaluate.worker import EvalJob, run_job
+    from tests.stages.test_evaluate_support import tiny_run
+
+    records = [{"q": f"Question {i}: what is {i} plus one?", "a": str(i + 1)} for i in range(4)]
+    records[2]["q"] = ""
+    task = load_task_file(write(tmp_path, GENERATE, records))
+    loaded = load_docs(task, st.Storage())
+    requests, bad = build_doc_requests(task, loaded, 0)
+    assert [(b.where.rsplit(":", 1)[1], b.reason) for b in bad] == [("3", "empty_prompt")]
+    assert bad[0].message.startswith(bad[0].where) and "empty" in bad[0].message
+    assert len(requests) + len(bad) + len(loaded.bad) == len(records)  # counts add up
+
+    run = tiny_run(tmp_path_factory.getbasetemp() / "eval-tiny-run")  # shared with the other evaluate tests
+    job = LmEvalJob("g_0shot", task.name, task.output_type, tuple(requests), task.metrics, task.filters, task.until, task.max_gen_toks)
+    res = run_job(EvalJob(checkpoint=run["checkpoints"][-1], tokenizer_json=Path(run["tokenizer"]).read_text(), prefix_token=0,
+                          eos_token=1, lmeval=(job,)))["lmeval"]["g_0shot"]
+    assert [s["where"].rsplit(":", 1)[1] for s in res["samples"]] == ["1", "2", "4"]
+    assert res["metrics"]["exact_match"]["n"] == 3
