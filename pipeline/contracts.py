@@ -268,3 +268,38 @@ class Manifest(Contract):
     def to_json(self) -> dict[str, Any]:
         """The manifest as the JSON object stored on disk (the keys readers index)."""
         return self.model_dump(mode="json", by_alias=True)
+
+
+# -- lmpipe trace (the training side -> the command) ---------------------------------------------------
+
+class TraceError(ValueError):
+    """A question ``lmpipe trace`` cannot answer (no train stage, a step the run does not have, an
+    unknown document): said in one line."""
+
+
+class SequenceSegment(Contract):
+    """One document's tokens inside a packed training sequence."""
+
+    doc_id: str
+    start: int  # first token of the segment in the sequence
+    tokens: int  # tokens of the document in this sequence
+    copy_: int = Field(alias="copy")  # which mixture copy of the document (0: the first)
+
+
+class TracedSequence(Contract):
+    """A token shard row and, when training read it, where: optimizer step (1-based), rank, and
+    the sequence's index among that rank's sequences of the step. A row training never read
+    (past the last step, or the validation split) has no step."""
+
+    split: str  # the tokenize output it is in: train or validation
+    shard: str  # the shard file
+    row: int  # row in that file
+    seq_id: int  # the row's position in its packing stream
+    source: str  # the source of the sequence's first token
+    segments: list[SequenceSegment]
+    step: Optional[int] = None
+    rank: Optional[int] = None
+    position: Optional[int] = None
+    micro_batch: Optional[int] = None  # of the step, on that rank
+    epoch: Optional[int] = None
+    global_position: Optional[int] = None  # in the epoch's order, all ranks together

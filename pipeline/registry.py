@@ -71,3 +71,18 @@ def write_demo_data(out_dir: str) -> dict[str, int]:
     from stages.demo_data import prepare_demo_data
 
     return prepare_demo_data(out_dir)
+
+
+def trace_step(**kwargs):
+    """``lmpipe trace --step``: the sequences a training step read (``stages.train.trace``, which
+    maps steps to token shard rows with the trainer's own order)."""
+    from stages.train.trace import sequences_at_step
+
+    return sequences_at_step(**kwargs)
+
+
+def trace_document_sequences(**kwargs):
+    """``lmpipe trace --doc``: the token shard rows that hold a document and the steps that read them."""
+    from stages.train.trace import sequences_of_document
+
+    return sequences_of_document(**kwargs)

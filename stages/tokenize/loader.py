@@ -199,6 +199,13 @@ class TokenShardLoader:
         chunk, row = self.locate(epoch, positions)
         return self.chunk_start[chunk] + row
 
+    def micro_batch_start(self, index: int) -> tuple[int, int]:
+        """(epoch, first global position) of global micro-batch ``index`` of a run that started at
+        the beginning of the first epoch: an epoch holds ``len(self)`` micro-batches of all ranks and
+        drops its tail, as :meth:`__iter__` does (``lmpipe trace`` maps a training step with it)."""
+        per_epoch = len(self)
+        return index // per_epoch, (index % per_epoch) * self.world_size * self.batch_size
+
     def rank_positions(self, start: int) -> np.ndarray:
         """This rank's positions in the global micro-batch that starts at ``start``."""
         return start + self.rank + self.world_size * np.arange(self.batch_size, dtype=np.int64)

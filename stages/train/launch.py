@@ -98,14 +98,12 @@ def validators(spec: TrainSpec, validation: dict[str, torch.Tensor], rank: int, 
 
 def run_training(spec: TrainSpec, rank: int, world_size: int, device: torch.device, checkpointer: Optional[Checkpointer]) -> dict[str, Any]:
     """Build loader, validators and trainer on this rank, resume if a checkpoint exists, train."""
-    from stages.tokenize.loader import TokenShardLoader
+    from stages.train.steps import train_loader
 
     if spec.threads_per_worker:
         torch.set_num_threads(spec.threads_per_worker)
     loop = spec.train.loop
-    loader = TokenShardLoader(spec.train_files, loop.micro_batch_size, rank=rank, world_size=world_size,
-                              seed=spec.seed, storage=spec.storage, streams=loop.loader_streams,
-                              shuffle_window=loop.shuffle_window)
+    loader = train_loader(loop, spec.train_files, rank, world_size, spec.seed, spec.storage)
     validation = read_validation(spec.val_files, spec.storage, loop.eval_max_sequences, spec.val_domains)
     sink = spec.metrics if rank == 0 else None
     trainer = Trainer(spec.train, spec.model, loader, spec.seq_len, validators(spec, validation, rank, world_size),

@@ -34,6 +34,7 @@ from stages.model.transformer import ModelConfig, Transformer, count_parameters,
 from stages.train import checkpoint as ckpt
 from stages.train.config import TrainConfig
 from stages.train.parallelize import autocast_dtype, is_sharded, materialize, parallelize, reshard
+from stages.train.steps import accumulation_steps
 
 log = logging.getLogger("lmpipe.train")
 
@@ -204,14 +205,8 @@ class Trainer:
         self.sink = sink if self.rank == 0 else None
         self.state = TrainState()
 
-        tokens_per_micro = loop.micro_batch_size * seq_len * self.world
-        target = loop.global_batch_tokens or tokens_per_micro
-        if target % tokens_per_micro:
-            raise ValueError(
-                f"global_batch_tokens {target} is not a multiple of micro_batch_size * seq_len * world_size = {tokens_per_micro}"
-            )
-        self.grad_accum = target // tokens_per_micro
-        self.tokens_per_step = target
+        self.grad_accum = accumulation_steps(loop, seq_len, self.world)
+        self.tokens_per_step = self.grad_accum * loop.micro_batch_size * seq_len * self.world
 
         if loop.deterministic and self.device.type == "cpu":
             torch.use_deterministic_algorithms(True)
