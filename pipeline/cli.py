@@ -359,12 +359,17 @@ def cmd_trace(args: argparse.Namespace) -> int:
     from pipeline.trace import Tracer, format_text, to_json
 
     try:
-        if (args.step is None) == (args.doc is None):
-            raise TraceError(f"{args.config}: trace needs --step N or --doc ID (one of them)")
-        if args.doc is not None and (args.rank is not None or args.position is not None):
+        if [args.step is not None, args.doc is not None, args.shard is not None].count(True) != 1 or (args.shard is None) != (args.row is None):
+            raise TraceError(f"{args.config}: trace needs one of --step N, --shard FILE --row R, --doc ID")
+        if args.step is None and (args.rank is not None or args.position is not None):
             raise TraceError(f"{args.config}: --rank and --position go with --step")
         tracer = Tracer(_load(args), args.variant)
-        answer = tracer.document(args.doc) if args.doc is not None else tracer.step(args.step, args.rank, args.position, args.stage)
+        if args.doc is not None:
+            answer = tracer.document(args.doc)
+        elif args.shard is not None:
+            answer = tracer.row(args.shard, args.row, args.stage)
+        else:
+            answer = tracer.step(args.step, args.rank, args.position, args.stage)
     except (TraceError, ConfigError) as e:  # one line: the file and what is missing or wrong
         print(f"lmpipe: trace: {e}", file=sys.stderr)
         return 1
@@ -509,6 +514,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--step", type=_positive_int, help="the optimizer step (1-based, as logged)")
     tr.add_argument("--rank", type=int, help="with --step: only this rank's sequences")
     tr.add_argument("--position", type=int, help="with --step: only the sequence at this index of the rank's step")
+    tr.add_argument("--shard", help="a token shard (its path, or its file name): with --row, that sequence")
+    tr.add_argument("--row", type=int, help="with --shard: the row")
     tr.add_argument("--doc", help="a document id: the stages it passed, where it was dropped, the sequences that hold it")
     tr.add_argument("--variant", help="with variants: trace this one (default: the base)")
     tr.add_argument("--stage", help="the train stage (default: the pipeline's only one)")

@@ -81,6 +81,13 @@ def trace_step(**kwargs):
     return sequences_at_step(**kwargs)
 
 
+def trace_row(**kwargs):
+    """``lmpipe trace --shard F --row R``: the sequence at a token shard row and the steps that read it."""
+    from stages.train.trace import sequences_at_row
+
+    return sequences_at_row(**kwargs)
+
+
 def trace_document_sequences(**kwargs):
     """``lmpipe trace --doc``: the token shard rows that hold a document and the steps that read them."""
     from stages.train.trace import sequences_of_document

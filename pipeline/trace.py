@@ -119,7 +119,7 @@ class Tracer:
         trains = [o for o in self.outputs if o.uses == "train"]
         if len(trains) != 1:
             found = ", ".join(o.name for o in trains) or "none"
-            raise TraceError(f"{self.path}: trace --step reads one train stage (found: {found})" + ("; name it with --stage" if trains else ""))
+            raise TraceError(f"{self.path}: trace --step and --row read one train stage (found: {found})" + ("; name it with --stage" if trains else ""))
         return trains[0]
 
     def committed(self, out: StageOutput, why: str) -> dict[str, Any]:
@@ -149,11 +149,20 @@ class Tracer:
     def step(self, step: int, rank: Optional[int], position: Optional[int], stage: Optional[str] = None) -> dict[str, Any]:
         train = self.train_stage(stage)
         sequences = registry.trace_step(**self._train_args(train), step=step, rank=rank, position=position)
+        return self._sequences_answer(train, f"step {step}", sequences)
+
+    def row(self, shard: str, row: int, stage: Optional[str] = None) -> dict[str, Any]:
+        """A token shard row: its documents, and every step that read it."""
+        train = self.train_stage(stage)
+        sequences = registry.trace_row(**self._train_args(train), shard=shard, row=row)
+        return self._sequences_answer(train, f"shard {shard} row {row}", sequences)
+
+    def _sequences_answer(self, train: StageOutput, question: str, sequences: list[TracedSequence]) -> dict[str, Any]:
         doc_ids = list(dict.fromkeys(seg.doc_id for s in sequences for seg in s.segments))
         documents = self.histories(doc_ids, self.ancestors(train.name))
         return {"pipeline": self.loaded.resolved.name, "variant": self.variant, "train_stage": train.name,
                 "train_dir": train.stage_dir, "trained": train.manifest is not None,
-                "step": step, "sequences": sequences, "documents": documents}
+                "question": question, "sequences": sequences, "documents": documents}
 
     def document(self, doc_id: str) -> dict[str, Any]:
         (doc,) = self.histories([doc_id], self.outputs)
@@ -287,7 +296,7 @@ def format_text(answer: dict[str, Any]) -> str:
     lines: list[str] = []
     if "sequences" in answer:
         trained = "" if answer["trained"] else " -- not trained yet: the order it will read"
-        lines.append(f"{head}: step {answer['step']} of {answer['train_stage']} ({answer['train_dir']}){trained}")
+        lines.append(f"{head}: {answer['question']} of {answer['train_stage']} ({answer['train_dir']}){trained}")
         for s in answer["sequences"]:
             lines.append(_sequence_line(s))
             for seg in s.segments:

@@ -148,6 +148,31 @@ def sequences_at_step(train_config: Any, seed: int, tokenize_dir: str, tokenize_
     return _sequences(_read_rows(storage, places), places, "train", order.loader.width, reads)
 
 
+def sequences_at_row(train_config: Any, seed: int, tokenize_dir: str, tokenize_manifest: dict, storage: st.Storage,
+                     shard: str, row: int) -> list[TracedSequence]:
+    """The sequence at a token shard row (``shard``: its path, or its path below the stage folder,
+    or its file name when that is unique), once for every step that read it (none: never read)."""
+    matches = [(split, f) for split in SPLITS if split in tokenize_manifest["datasets"]
+               for f, rows in zip(mf.dataset_files(tokenize_manifest, tokenize_dir, split),
+                                  [e["rows"] for e in tokenize_manifest["datasets"][split]["files"]])
+               if f == shard or f.endswith("/" + shard.lstrip("/"))]
+    if len(matches) != 1:
+        names = [e["path"] for split in SPLITS for e in tokenize_manifest["datasets"].get(split, {}).get("files", [])]
+        raise TraceError(f"shard {shard!r} {'names several shards' if matches else 'is not a shard'} of {tokenize_dir}"
+                         f" (its shards: {', '.join(names)})")
+    split, file = matches[0]
+    rows = next(e["rows"] for e in tokenize_manifest["datasets"][split]["files"] if file.endswith("/" + e["path"]))
+    if not 0 <= row < rows:
+        raise TraceError(f"row {row} is not a row of {file} (rows 0 to {rows - 1})")
+    (record,) = _read_rows(storage, [(file, row)])
+    width = _width(storage, file)
+    if split != "train" or train_config is None:
+        return _sequences([record], [(file, row)], split, width, [{}])
+    order = order_of(train_config, seed, tokenize_dir, tokenize_manifest, storage)
+    number = order.sequence_number(file, row)
+    return [s for read in order.reads_of([number])[number] or [{}] for s in _sequences([record], [(file, row)], split, width, [read])]
+
+
 def sequences_of_document(train_config: Any, seed: int, tokenize_dir: str, tokenize_manifest: dict, storage: st.Storage,
                           doc_id: str, lookup: Lookup) -> list[TracedSequence]:
     """Every shard row that holds a segment of the document (train and validation), each with every

@@ -13,6 +13,7 @@ import pytest
 
 from pipeline.cli import main
 from pipeline.config import load_config
+from pipeline.contracts import TraceError
 from pipeline.runner import Runner
 from pipeline.stage import stage_seed
 from pipeline.trace import Tracer
@@ -216,6 +217,8 @@ def test_cli_text_json_and_one_line_errors(traced, capsys):
     for argv, says in [
         (["--step", str(STEPS + 1)], f"step {STEPS + 1} is not a step of this training run (steps 1 to {STEPS})"),
         (["--step", "1", "--rank", "2"], "rank 2 is not a rank of this training run"),
+        (["--shard", "part-99999-0000.arrow", "--row", "0"], "shard 'part-99999-0000.arrow' is not a shard of"),
+        (["--step", "1", "--doc", "x"], "trace needs one of --step N, --shard FILE --row R, --doc ID"),
         (["--doc", "no-such-document"], "document 'no-such-document' is in no committed output of variant base"),
         (["--step", "1", "--variant", "other"], "--variant other: the file has no variants"),
     ]:
@@ -224,7 +227,7 @@ def test_cli_text_json_and_one_line_errors(traced, capsys):
         assert says in err and err.count("\n") == 1, err
     assert main(["trace", str(traced / "data.yaml"), "--step", "1"]) == 1
     err = capsys.readouterr().err
-    assert "trace --step reads one train stage (found: none)" in err and err.count("\n") == 1
+    assert "trace --step and --row read one train stage (found: none)" in err and err.count("\n") == 1
 
 
 def test_a_variant_is_traced_with_its_own_training_order(traced, tracer):
@@ -244,3 +247,23 @@ def test_a_variant_is_traced_with_its_own_training_order(traced, tracer):
     batches = iter(loader)
     expected = [np.concatenate([i.numpy(), t.numpy()[-1:]]) for _ in range(6) for i, t in zip(*next(batches))]
     assert [list(_shard_tokens(f, r)) for f, r in ours] == [list(e) for e in expected]
+
+
+def test_a_shard_row_names_every_step_that_read_it(traced, tracer):
+    """--shard FILE --row R: the row's documents, and each time training read it (about once per
+    epoch: the run passes over the corpus about three times)."""
+    seq = tracer.step(3, 1, 2)["sequences"][0]
+    name = "/".join(seq.shard.rsplit("/", 2)[1:])  # train/part-...: the file name alone is also a validation shard's
+    with pytest.raises(TraceError, match="names several shards of"):
+        tracer.row(name.split("/")[1], seq.row)
+    answer = tracer.row(name, seq.row)
+    reads = [(s.step, s.rank, s.position) for s in answer["sequences"]]
+    assert (3, 1, 2) in reads and len(reads) >= 2
+    assert sorted({s.epoch for s in answer["sequences"]}) == list(range(len(reads)))
+    for s in answer["sequences"]:
+        again = tracer.step(s.step, s.rank, s.position)["sequences"][0]
+        assert (again.shard, again.row) == (seq.shard, seq.row)
+    assert {d.doc_id for d in answer["documents"]} == {g.doc_id for g in seq.segments}
+    rows = next(f["rows"] for f in tracer.by_name["tokenize"].manifest["datasets"]["train"]["files"] if f["path"].endswith(name))
+    with pytest.raises(TraceError, match=f"row {rows} is not a row of .*{name} \\(rows 0 to {rows - 1}\\)"):
+        tracer.row(name, rows)
