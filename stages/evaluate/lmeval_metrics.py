@@ -7,6 +7,9 @@ Per output type, lm-eval's metrics (``lm_eval.api.metrics``, ``ConfigurableTask.
   continuation is the greedy one); a list of gold indices counts a prediction in it as right;
 * ``loglikelihood``: ``acc`` (the target is the greedy continuation), ``perplexity``
   (exp of minus the mean log-likelihood over documents);
+* both, always, whatever ``metric_list`` asks: lmpipe's ``gold_bits_per_byte`` (DataDecide's
+  continuous metric): per document, minus the log-likelihood of the gold continuation over ln 2
+  times its UTF-8 bytes (the target delimiter included; the first gold of several), averaged;
 * ``loglikelihood_rolling``: ``word_perplexity``, ``byte_perplexity``, ``bits_per_byte``
   (weighted by each text's words -- ``re.split(r"\\s+")`` -- or UTF-8 bytes);
 * ``generate_until``: ``exact_match`` with lm-eval's options (``ignore_case``,
@@ -33,7 +36,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from stages.scoring.metrics import mean_stderr
+from stages.scoring.metrics import bits_per_byte, mean_stderr
 
 # metric -> (output types, aggregation)
 METRICS: dict[str, tuple[tuple[str, ...], str]] = {
@@ -46,7 +49,10 @@ METRICS: dict[str, tuple[tuple[str, ...], str]] = {
     "byte_perplexity": (("loglikelihood_rolling",), "weighted_perplexity"),
     "bits_per_byte": (("loglikelihood_rolling",), "bits_per_byte"),
     "token_f1": (("generate_until",), "mean"),
+    "gold_bits_per_byte": (("multiple_choice", "loglikelihood"), "mean"),
 }
+# scored for every task of these output types, whether its metric_list names them or not
+ALWAYS_SCORED = {"multiple_choice": ("gold_bits_per_byte",), "loglikelihood": ("gold_bits_per_byte",)}
 DEFAULT_METRICS = {  # lm-eval's DEFAULT_METRIC_REGISTRY
     "loglikelihood": ("perplexity", "acc"),
     "loglikelihood_rolling": ("word_perplexity", "byte_perplexity", "bits_per_byte"),
@@ -214,7 +220,13 @@ def token_f1(prediction: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def multiple_choice_metrics(lls: Sequence[float], greedy: Sequence[bool], choices: Sequence[str], gold) -> dict[str, Any]:
+def gold_bits_per_byte(ll: float, continuation: str) -> float:
+    return bits_per_byte(-ll, len(continuation.encode("utf-8")))
+
+
+def multiple_choice_metrics(lls: Sequence[float], greedy: Sequence[bool], choices: Sequence[str], gold,
+                            continuations: Sequence[str]) -> dict[str, Any]:
+    """``continuations``: per choice, what was scored (the target delimiter included)."""
     lls_arr = np.asarray(lls, dtype=np.float64)
     pred = int(np.argmax(lls_arr))
     pred_norm = int(np.argmax(lls_arr / np.array([float(len(c)) for c in choices])))
@@ -225,6 +237,7 @@ def multiple_choice_metrics(lls: Sequence[float], greedy: Sequence[bool], choice
         "acc_norm": 1.0 if pred_norm in golds else 0.0,
         "acc_bytes": 1.0 if pred_bytes in golds else 0.0,
         "exact_match": float(int(any(greedy[g] for g in golds))),
+        "gold_bits_per_byte": gold_bits_per_byte(lls[golds[0]], continuations[golds[0]]),
         "pred": pred, "pred_norm": pred_norm,
     }
 

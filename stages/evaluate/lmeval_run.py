@@ -44,6 +44,8 @@ def run_lmeval_job(job: LmEvalJob, scorer, prefix_token: int, generator=None) ->
     def add(metric: str, filter_name: str, value) -> None:
         items.setdefault(metric_key(metric, filter_name), []).append(value)
 
+    scored_metrics = wanted + [m for m in lm_metrics.ALWAYS_SCORED.get(job.output_type, ()) if m not in wanted]
+
     if job.output_type == "multiple_choice":
         contexts, conts, owner = [], [], []
         for i, r in enumerate(reqs):
@@ -65,17 +67,18 @@ def run_lmeval_job(job: LmEvalJob, scorer, prefix_token: int, generator=None) ->
                 per_doc[i][j] = sc[0]
         for r, sc in zip(reqs, per_doc):
             lls, greedy = [s[0] for s in sc], [s[1] for s in sc]
-            m = lm_metrics.multiple_choice_metrics(lls, greedy, r.choices, r.gold)
-            for name in wanted:
+            m = lm_metrics.multiple_choice_metrics(lls, greedy, r.choices, r.gold, [c for _, c in r.pairs])
+            for name in scored_metrics:
                 add(name, "none", m[name])
             samples.append({"doc_id": r.doc_id, "where": r.where, "gold": r.gold, "pred": m["pred"], "pred_norm": m["pred_norm"],
-                            "lls": lls, "greedy": greedy, **{k: m[k] for k in wanted}})
+                            "lls": lls, "greedy": greedy, **{k: m[k] for k in scored_metrics}})
     elif job.output_type == "loglikelihood":
         scored = scorer.loglikelihoods([r.pairs[0][0] for r in reqs], [[r.pairs[0][1]] for r in reqs])
         for r, sc in zip(reqs, scored):
             ll, greedy = sc[0]
-            values = {"acc": float(int(greedy)), "perplexity": ll}
-            for name in wanted:
+            values = {"acc": float(int(greedy)), "perplexity": ll,
+                      "gold_bits_per_byte": lm_metrics.gold_bits_per_byte(ll, r.pairs[0][1])}
+            for name in scored_metrics:
                 add(name, "none", values[name])
             samples.append({"doc_id": r.doc_id, "where": r.where, "ll": ll, "greedy": bool(greedy), "target": r.target})
     elif job.output_type == "loglikelihood_rolling":

@@ -147,7 +147,7 @@ def result_rows(base: dict[str, Any], results: dict[str, Any]) -> tuple[list[dic
     return rows, examples, timings
 
 
-LOWER_IS_BETTER = {"perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte"}
+LOWER_IS_BETTER = {"perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte", "gold_bits_per_byte"}
 
 
 def lmpipe_version() -> str:
@@ -231,4 +231,4 @@ def sample_rows(results: list[dict[str, Any]], loaded: list[LoadedLmEvalTask]) -
     return out
 
 
-_METRIC_NAMES = {"acc", "acc_norm", "acc_bytes", "exact_match", "token_f1"}
+_METRIC_NAMES = {"acc", "acc_norm", "acc_bytes", "exact_match", "token_f1", "gold_bits_per_byte"}

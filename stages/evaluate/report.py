@@ -12,7 +12,7 @@ from typing import Any, Optional
 # The long-format rows of the evaluate stage's ``data`` output.
 ROW_FIELDS = ("checkpoint", "step", "tokens_seen", "task", "metric", "value", "stderr", "n")
 # Which metrics make the table (others stay in the data output and MLflow).
-TABLE_METRICS = ("acc", "acc_norm", "exact_match", "token_f1", "bits_per_byte")
+TABLE_METRICS = ("acc", "acc_norm", "exact_match", "token_f1", "gold_bits_per_byte", "bits_per_byte")
 # Fractions of examples, shown as percentages (a filtered score is "<metric>/<filter>").
 PERCENT_METRICS = ("acc", "acc_norm", "acc_bytes", "exact_match", "token_f1")
 

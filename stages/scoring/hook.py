@@ -11,7 +11,8 @@ small multiple-choice task every N steps, with the same scoring code as the ``ev
 
 Every rank runs it (an FSDP-sharded model's forward is collective); only rank 0's trainer has a
 metrics sink, so only rank 0 logs (``eval/bits_per_byte/<domain>``, ``eval/bits_per_byte/_macro``,
-``eval/<task>/acc``, ``eval/<task>/acc_norm``, at the training step). Scoring the validation split
+``eval/<task>/acc``, ``eval/<task>/acc_norm``, ``eval/<task>/gold_bits_per_byte``, at the
+training step). Scoring the validation split
 gives each token's loss, so the same pass reports ``val_loss/<domain>`` and ``val_loss`` (their
 mean over domains) as well, and the trainer's own validation loss need not score the split again.
 A sharded model is called as a whole (``model(tokens)``); an unwrapped
@@ -102,10 +103,10 @@ class InLoopEval:
                     out["val_loss" if domain == "_macro" else f"val_loss/{domain}"] = m["nll_per_token"]
             if self.requests:
                 scores = scorer.loglikelihoods([r.context for r in self.requests], [r.continuations for r in self.requests])
-                agg = aggregate(score_example(r.id, r.gold, r.choices, [s[0] for s in sc], [s[1] for s in sc])
+                agg = aggregate(score_example(r.id, r.gold, r.choices, [s[0] for s in sc], [s[1] for s in sc], r.continuations[r.gold])
                                 for r, sc in zip(self.requests, scores))
-                out[f"eval/{self.task_key}/acc"] = agg["acc"]
-                out[f"eval/{self.task_key}/acc_norm"] = agg["acc_norm"]
+                for metric in ("acc", "acc_norm", "gold_bits_per_byte"):
+                    out[f"eval/{self.task_key}/{metric}"] = agg[metric]
         out["eval/seconds"] = time.perf_counter() - t0
         return out
 

@@ -7,6 +7,9 @@ Multiple choice follows lm-evaluation-harness exactly:
 * ``acc_norm``: the same after dividing each log-likelihood by the length *in characters* of
   the choice string (``len(choice)``, without the target delimiter -- lm-eval's
   ``completion_len``), so long choices are not penalised for having more tokens.
+* ``gold_bits_per_byte`` (DataDecide's and OLMES's continuous metric, far more predictive at
+  small scale than accuracy): per example, minus the log-likelihood of the gold continuation as
+  scored (the target delimiter included) over ln 2 times its UTF-8 bytes; averaged over examples.
 * standard error: the sample standard deviation (n - 1) over examples / sqrt(n) (lm-eval's
   ``mean_stderr``).
 
@@ -36,6 +39,11 @@ class ChoiceResult:
     greedy: tuple[bool, ...]
     pred: int
     pred_norm: int
+    gold_bytes: int  # UTF-8 bytes of the gold continuation as scored (target delimiter included)
+
+    @property
+    def gold_bits_per_byte(self) -> float:
+        return bits_per_byte(-self.lls[self.gold], self.gold_bytes)
 
     @property
     def acc(self) -> float:
@@ -53,9 +61,12 @@ def predictions(lls: Sequence[float], choices: Sequence[str]) -> tuple[int, int]
     return int(np.argmax(lls_arr)), int(np.argmax(lls_arr / lengths))
 
 
-def score_example(example_id: str, gold: int, choices: Sequence[str], lls: Sequence[float], greedy: Sequence[bool]) -> ChoiceResult:
+def score_example(example_id: str, gold: int, choices: Sequence[str], lls: Sequence[float], greedy: Sequence[bool],
+                  gold_continuation: str) -> ChoiceResult:
+    """``gold_continuation``: the gold choice's continuation as it was scored (its bytes divide ``gold_bits_per_byte``)."""
     pred, pred_norm = predictions(lls, choices)
-    return ChoiceResult(example_id, gold, tuple(float(x) for x in lls), tuple(bool(g) for g in greedy), pred, pred_norm)
+    return ChoiceResult(example_id, gold, tuple(float(x) for x in lls), tuple(bool(g) for g in greedy), pred, pred_norm,
+                        len(gold_continuation.encode("utf-8")))
 
 
 def mean_stderr(values: Sequence[float]) -> float:
@@ -71,12 +82,15 @@ def aggregate(results: Iterable[ChoiceResult]) -> dict[str, float]:
     results = list(results)
     acc = [r.acc for r in results]
     acc_norm = [r.acc_norm for r in results]
+    gold_bpb = [r.gold_bits_per_byte for r in results]
     n = len(results)
     return {
         "acc": sum(acc) / n if n else float("nan"),
         "acc_stderr": mean_stderr(acc),
         "acc_norm": sum(acc_norm) / n if n else float("nan"),
         "acc_norm_stderr": mean_stderr(acc_norm),
+        "gold_bits_per_byte": sum(gold_bpb) / n if n else float("nan"),
+        "gold_bits_per_byte_stderr": mean_stderr(gold_bpb),
         "n": float(n),
     }
 

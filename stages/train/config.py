@@ -141,7 +141,7 @@ class ClusterConfig(StrictModel):
 class InLoopEvalConfig(StrictModel):
     """Evaluation inside the training loop (``stages/scoring/hook.py``), logged to this stage's
     MLflow run at the training step: ``eval/bits_per_byte/<domain>`` on the tokenize stage's
-    validation split and ``eval/<task>_<shots>shot/acc`` / ``acc_norm`` on a multiple-choice task,
+    validation split and ``eval/<task>_<shots>shot/acc`` / ``acc_norm`` / ``gold_bits_per_byte`` on a multiple-choice task,
     with the evaluate stage's scoring. Its pass over the validation split also gives ``val_loss``
     at its steps, so the loop's own validation loss (``loop.eval_every``) skips those steps."""
 

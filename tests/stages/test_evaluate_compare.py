@@ -126,3 +126,22 @@ def test_compare_cli_reads_each_variants_evaluation_and_logs_to_the_ablation_run
     logged = {a.path for a in client.list_artifacts(ablation.info.run_id, "comparison")}
     assert logged == {"comparison/comparison.md", "comparison/comparison.csv", "comparison/validation_bpb.png"}
     assert ablation.data.tags["lmpipe.variants"] == "base,base.seed5,zero_shot"
+
+
+def test_bits_per_byte_on_the_gold_answers_is_compared_with_its_standard_error():
+    """DataDecide's continuous metric, recorded per task by the evaluate stage, is in the comparison
+    with its standard error over the task's examples, beside accuracy."""
+    def with_gold(rows_, gold_bpb):
+        last = max(r["tokens_seen"] for r in rows_)
+        extra = {"checkpoint": "ckpt/last", "step": 20, "tokens_seen": last, "task": "mmlu", "metric": "gold_bits_per_byte",
+                 "value": gold_bpb, "stderr": 0.03, "n": 100}
+        return [{**r, "checkpoint": "ckpt/last"} if r["tokens_seen"] == last else r for r in rows_] + [extra]
+
+    results = {"base": with_gold(RESULTS["base"], 1.50), "base.seed1": with_gold(RESULTS["base.seed1"], 1.52),
+               "better_data": with_gold(RESULTS["better_data"], 1.20)}
+    out = compare(results, ["base", "base.seed1"])
+    gold = by(out, "better_data", "mmlu", "gold_bits_per_byte")
+    assert gold.value == pytest.approx(1.20) and gold.stderr == pytest.approx(0.03)
+    assert gold.diff_to_base == pytest.approx(-0.31) and gold.beyond_noise is True
+    md = markdown(out)
+    assert "| mmlu | gold_bits_per_byte | better_data | 1.2000 ± 0.0300 | -0.3100 |" in md

@@ -249,6 +249,7 @@ def test_task_file_matches_lm_eval(run, task_dir, lm_eval_results, task):
         else:  # loglikelihood
             assert mine["ll"] == pytest.approx(theirs_lls[0], abs=1e-4)
             assert float(mine["greedy"]) == s["acc"]
+    gold = ours["metrics"].pop("gold_bits_per_byte", None)  # lmpipe's own (DataDecide's), lm-eval has none
     for key, m in ours["metrics"].items():
         theirs_value = theirs[f"{key},none"]
         if key.startswith("acc"):
@@ -256,6 +257,15 @@ def test_task_file_matches_lm_eval(run, task_dir, lm_eval_results, task):
         else:
             assert m["value"] == pytest.approx(theirs_value, rel=1e-4), (task, key)
     assert set(ours["metrics"]) == {k.split(",")[0] for k in theirs if "," in k and "_stderr" not in k}
+    if "lls" in ours["samples"][0] or "greedy" in ours["samples"][0]:  # multiple choice, loglikelihood: from lm-eval's own lls
+        def gold_bpb(req, s):
+            g = req.gold[0] if isinstance(req.gold, tuple) else (req.gold if req.gold is not None else 0)
+            return -s["filtered_resps"][g][0] / (math.log(2) * len(req.pairs[g][1].encode("utf-8")))
+        expected = [gold_bpb(req, s) for req, s in zip(requests, samples)]
+        assert gold["value"] == pytest.approx(float(np.mean(expected)), rel=1e-4) and gold["n"] == len(expected), task
+        assert gold["stderr"] == pytest.approx(float(np.std(expected, ddof=1) / math.sqrt(len(expected))), rel=1e-3), task
+    else:
+        assert gold is None
 
 
 def test_mean_metrics_carry_lm_evals_standard_error(run, task_dir):
@@ -461,7 +471,8 @@ def test_results_are_written_in_lm_evals_results_layout(run, task_dir, lm_eval_r
     theirs, _ = lm_eval_results["lmpipe_arc"]
     ours = out["results"]["lmpipe_arc_0shot"]
     assert ours["acc,none"] == theirs["acc,none"] and ours["acc_norm,none"] == theirs["acc_norm,none"]
-    assert out["n-shot"] == {"lmpipe_arc_0shot": 0} and out["higher_is_better"]["lmpipe_arc_0shot"] == {"acc": True, "acc_norm": True}
+    assert out["n-shot"] == {"lmpipe_arc_0shot": 0}
+    assert out["higher_is_better"]["lmpipe_arc_0shot"] == {"acc": True, "acc_norm": True, "gold_bits_per_byte": False}
     meta = out["configs"]["lmpipe_arc_0shot"]["metadata"]
     assert meta["task_file_digest"].startswith("sha256:") and meta["fewshot_seed"] == 1234 and list(meta["data_files"]) == [str(task_dir / "arc.jsonl")]
     table = make_table(out)

@@ -67,7 +67,7 @@ def test_the_stage_runs_a_folder_of_task_files_with_data_on_s3(tmp_path_factory,
     stage = report.stage("evaluate")
     rows = read_table(Storage(), [str(Path(stage.stage_dir) / f["path"]) for f in stage.manifest["datasets"]["data"]["files"]]).to_pylist()
     scored = {(r["task"], r["metric"]): r for r in rows}
-    assert set(scored) == {(f"qa_s3_{k}shot", m) for k in (0, 2) for m in ("acc", "acc_norm")}
+    assert set(scored) == {(f"qa_s3_{k}shot", m) for k in (0, 2) for m in ("acc", "acc_norm", "gold_bits_per_byte")}
     assert scored[("qa_s3_0shot", "acc")]["n"] == 11  # 12 documents and an unreadable line; one gold out of range
     summary = stage.manifest["summary"]["data"]
     info = summary["tasks"]["qa_s3"]

@@ -28,17 +28,22 @@ def test_acc_and_acc_norm_follow_lm_eval():
     lls = [-4.0, -9.0, -12.0]
     choices = ["no", "absolutely yes", "x"]
     assert predictions(lls, choices) == (0, 1)  # -4/2 = -2 < -9/14 = -0.64
-    r = score_example("e", 1, choices, lls, [False] * 3)
+    r = score_example("e", 1, choices, lls, [False] * 3, " absolutely yes")
     assert (r.acc, r.acc_norm) == (0.0, 1.0)
     assert predictions([-1.0, -1.0], ["a", "b"]) == (0, 0)  # ties: the first, like numpy.argmax
 
 
 def test_aggregate_and_stderr():
-    results = [score_example(str(i), g, ["a", "bb"], lls, [False, False])
+    results = [score_example(str(i), g, ["a", "bb"], lls, [False, False], [" a", " bb"][g])
                for i, (g, lls) in enumerate([(0, [-1, -3]), (1, [-1, -3]), (1, [-3, -1]), (0, [-3, -1.5])])]
     agg = aggregate(results)
     assert agg["acc"] == 0.5 and agg["n"] == 4
     assert agg["acc_stderr"] == pytest.approx(np.std([1, 0, 1, 0], ddof=1) / 2)
+    # bits per byte of the gold continuation as scored (" a": 2 bytes, " bb": 3), averaged over examples
+    per_example = [1 / (math.log(2) * 2), 3 / (math.log(2) * 3), 1 / (math.log(2) * 3), 3 / (math.log(2) * 2)]
+    assert [r.gold_bits_per_byte for r in results] == pytest.approx(per_example)
+    assert agg["gold_bits_per_byte"] == pytest.approx(np.mean(per_example))
+    assert agg["gold_bits_per_byte_stderr"] == pytest.approx(np.std(per_example, ddof=1) / 2)
     assert mean_stderr([1.0]) != mean_stderr([1.0])  # NaN for one value
 
 
