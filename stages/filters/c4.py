@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 from pydantic import Field
 
 from pipeline.config import StrictModel
-from stages.filters import words
+from stages.filters import kernels, words
 from stages.filters.text_arrays import Tokens, name_first_reason, np_of, owner, per_owner_sum
 
 CITATION = r"\[\d*\]|\[edit\]|\[citation needed\]"
@@ -52,21 +52,39 @@ def sentence_counts(batch: words.TokenBatch) -> np.ndarray:
     """Sentences per item as spaCy's sentencizer splits them: a new sentence starts at a
     non-punctuation token whose last non-punctuation-or-sentence-end predecessor is a
     sentence-end token ('.', '!', '?', ...)."""
-    offsets = batch.offsets
-    items = len(offsets) - 1
     if len(batch.ids) == 0:
-        return np.zeros(items, np.int64)
-    is_end = batch.per_token(np_of(pc.is_in(batch.vocab, value_set=SENTENCE_PUNCT)))
-    is_punct = batch.per_token(np_of(pc.match_substring_regex(batch.vocab, IS_PUNCT_TOKEN)))
-    code = np.where(is_end, 2, np.where(is_punct, 0, 1))
-    idx = np.arange(len(code))
-    last = np.maximum.accumulate(np.where(code > 0, idx, -1))
-    prev = np.concatenate([[-1], last[:-1]])
-    own = owner(offsets)
-    in_item = prev >= offsets[own]
-    starts = (code == 1) & in_item & (code[np.maximum(prev, 0)] == 2)
-    n_tok = np.diff(offsets)
-    return np.where(n_tok > 0, 1 + np.bincount(own, weights=starts, minlength=items), 0).astype(np.int64)
+        return np.zeros(len(batch.offsets) - 1, np.int64)
+    is_end = np_of(pc.is_in(batch.vocab, value_set=SENTENCE_PUNCT))
+    is_punct = np_of(pc.match_substring_regex(batch.vocab, IS_PUNCT_TOKEN))
+    kind = np.where(is_end, 2, np.where(is_punct, 0, 1)).astype(np.int8)
+    return kernels.sentence_counts(kind, batch.ids, batch.offsets.astype(np.int64))
+
+
+def _substring_rules(cleaned: pa.Array, candidates: np.ndarray, cfg: C4Config) -> tuple[np.ndarray, ...]:
+    """The lorem-ipsum, javascript, curly-bracket and policy line tests (enabled ones), run only
+    on ``candidates`` (the lines the earlier tests kept; the others are removed whatever these
+    say), and only on those that one combined search finds to hold any of the phrases."""
+    n = len(cleaned)
+    rules = [  # (enabled, as a regex, the exact test)
+        (cfg.filter_lorem_ipsum, "lorem ipsum", lambda a: pc.match_substring(a, "lorem ipsum")),
+        (cfg.filter_javascript, "javascript", lambda a: pc.match_substring(a, "javascript")),
+        (cfg.filter_curly_bracket, r"\{", lambda a: pc.match_substring(a, "{")),
+        (cfg.filter_policy, POLICY, lambda a: pc.match_substring_regex(a, POLICY)),
+    ]
+    flags = [np.zeros(n, bool) for _ in rules]
+    patterns = [regex for on, regex, _ in rules if on]
+    if not patterns or len(candidates) == 0:
+        return tuple(flags)
+    # lower-cased as the rules are defined ("{" is its own lower case)
+    lower = pc.utf8_lower(cleaned.take(pa.array(candidates, pa.int64())))
+    hit = np.flatnonzero(np_of(pc.match_substring_regex(lower, "|".join(patterns))))
+    if len(hit) == 0:
+        return tuple(flags)
+    lower_hit = lower.take(pa.array(hit, pa.int64()))
+    for (on, _, test), out in zip(rules, flags):
+        if on:
+            out[candidates[hit]] = np_of(test(lower_hit))
+    return tuple(flags)
 
 
 @dataclass
@@ -84,27 +102,23 @@ def score_c4(texts: pa.Array, toks: Tokens, text_len: np.ndarray, cfg: C4Config)
     n_lines = len(lines)
     line_own = owner(line_off)
     stripped = pc.utf8_trim_whitespace(lines)
-    ws_lists = pc.utf8_split_whitespace(stripped)
-    ws_words = ws_lists.flatten()
-    ws_own = owner(words.list_offsets(ws_lists))
-    ws_len = np_of(pc.utf8_length(ws_words), np.int64) if len(ws_words) else np.zeros(0, np.int64)
-    n_words = np.bincount(ws_own, weights=ws_len > 0, minlength=n_lines)
+    # str.split() words per line: the whitespace chunks the tokenizer already split the lines into
+    chunks = toks.batch
+    chunk_len = np_of(pc.utf8_length(chunks.chunks), np.int64) if len(chunks.chunks) else np.zeros(0, np.int64)
+    chunk_line = owner(chunks.chunk_offsets)
+    n_words = np.bincount(chunk_line, weights=chunks.per_chunk(chunk_len > 0), minlength=n_lines)
     cleaned = pc.replace_substring_regex(stripped, CITATION, "") if cfg.remove_citations else stripped
-    lower = pc.utf8_lower(cleaned)
 
     def flag(arr):
         return np_of(arr) if n_lines else np.zeros(0, bool)
 
-    too_long = (np.bincount(ws_own, weights=ws_len > cfg.max_word_length, minlength=n_lines) > 0) if cfg.max_word_length != -1 else np.zeros(n_lines, bool)
+    too_long = (np.bincount(chunk_line, weights=chunks.per_chunk(chunk_len > cfg.max_word_length), minlength=n_lines) > 0) if cfg.max_word_length != -1 else np.zeros(n_lines, bool)
     terminal = flag(pc.and_(pc.match_substring_regex(cleaned, r"[.?!\"']$"), pc.invert(pc.ends_with(cleaned, "..."))))
     no_punct = ~terminal if cfg.filter_no_terminal_punct else np.zeros(n_lines, bool)
     few = n_words < cfg.min_words_per_line
-    lorem = flag(pc.match_substring(lower, "lorem ipsum")) if cfg.filter_lorem_ipsum else np.zeros(n_lines, bool)
-    js = flag(pc.match_substring(lower, "javascript")) if cfg.filter_javascript else np.zeros(n_lines, bool)
-    curly = flag(pc.match_substring(cleaned, "{")) if cfg.filter_curly_bracket else np.zeros(n_lines, bool)
-    policy = flag(pc.match_substring_regex(lower, POLICY)) if cfg.filter_policy else np.zeros(n_lines, bool)
-    # datatrove's per-line order: each test only sees lines that passed the ones before
     reached = ~too_long & ~no_punct & ~few
+    lorem, js, curly, policy = _substring_rules(cleaned, np.flatnonzero(reached), cfg)
+    # datatrove's per-line order: each test only sees lines that passed the ones before
     lorem_line = reached & lorem
     reached &= ~lorem
     reached &= ~js

@@ -73,8 +73,8 @@ def score_gopher_quality(texts: pa.Array, toks: Tokens, cfg: GopherQualityConfig
     n_lines = np.diff(line_off)
     bullets = np_of(pc.match_substring_regex(lines, "^" + WS + "*[•-]")) if len(lines) else np.zeros(0, bool)
     ell_end = np_of(pc.match_substring_regex(lines, r"(?:\.\.\.|…)" + WS + "*$")) if len(lines) else np.zeros(0, bool)
-    hashes = np_of(pc.count_substring(texts, "#"), np.float64)
-    ellipses = np_of(pc.count_substring(texts, "..."), np.float64) + np_of(pc.count_substring(texts, "…"), np.float64)
+    hashes = toks.count_per_doc("#")
+    ellipses = toks.count_per_doc("...") + toks.count_per_doc("…")
     return {
         "gopher_words": words_.astype(np.int64),
         "gopher_tokens": n_tok.astype(np.int64),

@@ -27,7 +27,7 @@ class QualityFilter(RowStage):
     requires = ("text",)
     produces = ("text", *quality.SCORE_COLUMNS)
     resources = Resources(num_cpus=1, batch_size=2048)
-    libraries = ("pyarrow", "numpy", "pandas")  # the rules count in pyarrow compute, numpy and pandas
+    libraries = ("pyarrow", "numpy", "numba")  # the rules count in pyarrow compute, numpy and numba
 
     def process_batch(self, batch: pa.Table) -> pa.Table:
         prep = common.prepare(batch)

@@ -20,11 +20,14 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
+from stages.filters import kernels
 
 # datatrove.utils.text.PUNCTUATION: a word made only of these (or TERMINAL_PUNCTUATION) is a
 # "symbol", not a word, for the Gopher word-count and mean-word-length rules.
@@ -170,11 +173,18 @@ def list_offsets(lists: pa.Array) -> np.ndarray:
 @dataclass
 class TokenBatch:
     """The word tokens of a batch of texts, as ids into the batch's vocabulary of distinct
-    token strings: per-token attributes are computed once per distinct token and gathered."""
+    token strings: per-token attributes are computed once per distinct token and gathered.
+
+    The whitespace chunks the tokens were split from are kept the same way (distinct chunks,
+    ids, per-text offsets): rules defined on ``str.split()`` words (C4) and character counts that
+    never span whitespace ("#", "...") are read from them instead of scanning the texts again."""
 
     vocab: pa.Array
     ids: np.ndarray  # int64, one per token, in text order
     offsets: np.ndarray  # per-text start offsets into ids (n + 1)
+    chunks: pa.Array  # distinct whitespace-separated chunks (the empty string among them, if any)
+    chunk_ids: np.ndarray  # int64, one per chunk, in text order
+    chunk_offsets: np.ndarray  # per-text start offsets into chunk_ids (n + 1)
 
     @property
     def tokens(self) -> pa.Array:
@@ -183,6 +193,10 @@ class TokenBatch:
     def per_token(self, values: np.ndarray) -> np.ndarray:
         """A per-vocabulary-entry array, gathered to one value per token."""
         return values[self.ids]
+
+    def per_chunk(self, values: np.ndarray) -> np.ndarray:
+        """A per-distinct-chunk array, gathered to one value per chunk."""
+        return values[self.chunk_ids]
 
 
 def tokenize(texts: pa.Array) -> TokenBatch:
@@ -194,7 +208,9 @@ def tokenize(texts: pa.Array) -> TokenBatch:
     chunks = chunk_lists.flatten()
     chunk_offsets = list_offsets(chunk_lists)
     if len(chunks) == 0:
-        return TokenBatch(pa.array([], pa.string()), np.zeros(0, np.int64), np.zeros(len(texts) + 1, np.int64))
+        empty = np.zeros(0, np.int64)
+        zeros = np.zeros(len(texts) + 1, np.int64)
+        return TokenBatch(pa.array([], pa.string()), empty, zeros, pa.array([], pa.string()), empty, zeros)
     encoded = pc.dictionary_encode(chunks)
     uniq = encoded.dictionary
     cid = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
@@ -206,19 +222,18 @@ def tokenize(texts: pa.Array) -> TokenBatch:
     start_u = np.arange(n_uniq, dtype=np.int64)  # where a chunk's tokens start in `combined`
     sub_tokens: list[str] = []
     if len(needs_idx):
-        sub_counts = np.empty(len(needs_idx), np.int64)
-        extend = sub_tokens.extend
-        for i, chunk in enumerate(uniq.take(pa.array(needs_idx)).to_pylist()):
-            toks = _split_cached(chunk)
-            sub_counts[i] = len(toks)
-            extend(toks)
+        # C-level loops over the distinct chunks (dict lookups, lengths, concatenation): only a
+        # chunk seen for the first time in this process goes through the affix rules in Python
+        pieces = uniq.take(pa.array(needs_idx)).to_pylist()
+        split = list(map(_CACHE.get, pieces))
+        if None in split:
+            for i in [i for i, toks in enumerate(split) if toks is None]:
+                split[i] = _split_cached(pieces[i])
+        sub_counts = np.fromiter(map(len, split), np.int64, len(split))
+        sub_tokens = list(chain.from_iterable(split))
         counts_u[needs_idx] = sub_counts
         start_u[needs_idx] = n_uniq + np.concatenate([[0], np.cumsum(sub_counts)[:-1]])
     combined = pc.dictionary_encode(pa.concat_arrays([uniq.cast(pa.string()), pa.array(sub_tokens, pa.string())]))
     combined_ids = combined.indices.to_numpy(zero_copy_only=False).astype(np.int64)
-    counts = counts_u[cid]
-    out_offsets = np.concatenate([[0], np.cumsum(counts)])
-    total = int(out_offsets[-1])
-    within = np.arange(total, dtype=np.int64) - np.repeat(out_offsets[:-1], counts)
-    ids = combined_ids[np.repeat(start_u[cid], counts) + within]
-    return TokenBatch(combined.dictionary, ids, out_offsets[chunk_offsets])
+    ids, out_offsets = kernels.expand_tokens(cid, counts_u, start_u, combined_ids)
+    return TokenBatch(combined.dictionary, ids, out_offsets[chunk_offsets], uniq, cid, chunk_offsets)
