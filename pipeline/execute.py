@@ -1,25 +1,26 @@
-"""Worker-side execution of parts, and the Ray Data glue that fans parts out.
+"""Worker-side execution of parts, and the fan-out of a stage's parts (through its FanOut).
 
 The unit of parallel work is a *part* (an input file of a row stage, a source file of ingest).
-Parts run as Ray Data ``map_batches`` over a small dataset of part descriptors, so Ray schedules,
-streams and shows progress; each part reads its input in bounded Arrow batches, calls the
-stage's batch method, and streams the results to Parquet.
+Parts run through the stage's ``FanOut`` (pipeline/fanout.py), as tasks or on long-lived workers;
+each part reads its input in bounded Arrow batches, calls the stage's batch method, and streams
+the results to Parquet. A part's result (a PartResult: counts, files, or its error) is small.
 """
 
 from __future__ import annotations
 
 import errno
-import json
+import functools
 import time
 import traceback
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline import storage as st
 from pipeline.context import PartContext
+from pipeline.fanout import FanOut
 from pipeline.contracts import MergedParts, PartResult
 from pipeline.io import PartOutputs, iter_parquet_batches, string_bytes_per_row
 from pipeline.stage import DROP_REASON, QUARANTINE_REASON, Part, RowStage, SourceStage, Stage
@@ -175,79 +176,61 @@ def _node_id() -> str:
     return "local"
 
 
-class PartWorker:
-    """A Ray Data UDF: one instance per actor (or task); ``setup()`` runs once per instance."""
-
-    def __init__(self, stage_cls: type[Stage], config: Any, job: PartJob):
-        self.stage = stage_cls(config, seed=job.seed)
-        self.stage.setup()
-        self.job = job
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        results = []
-        for spec in batch.column("part").to_pylist():
-            part = Part(**json.loads(spec))
-            results.append(run_part(self.stage, part, self.job).model_dump_json())
-        return pa.table({"result": pa.array(results, pa.string())})
+class StageSetupFailed(RuntimeError):
+    """A stage's ``setup()`` failed on a worker (a model or a list it loads): one line naming the stage."""
 
 
-def _run_parts_task(batch: pa.Table, stage_cls: type[Stage], config: Any, job: PartJob) -> pa.Table:
-    return PartWorker(stage_cls, config, job)(batch)
+def set_up_stage(stage_cls: type[Stage], config: Any, stage_name: str, seed: int) -> Stage:
+    """A worker's instance of the stage, ``setup()`` done."""
+    stage = stage_cls(config, seed=seed)
+    try:
+        stage.setup()
+    except Exception as e:
+        raise StageSetupFailed(f"stage {stage_name!r} failed to set up on a worker: {type(e).__name__}: {e}") from e
+    return stage
 
 
-def run_parts_on_ray(
-    stage_cls: type[Stage],
-    config: Any,
-    parts: list[Part],
-    job: PartJob,
-    resources: Any,
-    on_result=None,
-) -> list[PartResult]:
-    """Run every part on Ray Data; stream results back (small, as JSON) as parts finish."""
-    import ray
-    import ray.data
+def run_part_set_up_here(stage_cls: type[Stage], config: Any, part: Part, job: PartJob) -> PartResult:
+    """One part with a stage instance of its own (stages whose ``setup()`` is cheap)."""
+    try:
+        stage = set_up_stage(stage_cls, config, job.stage_name, job.seed)
+    except StageSetupFailed as e:
+        return PartResult(part=part.id, error=f"{e} (part {part.id}, {part.payload.get('uri', part.id)})", traceback=traceback.format_exc())
+    return run_part(stage, part, job)
 
-    if not parts:
-        return []
+
+def parallel_workers(resources: Any, parts: int, cluster: dict[str, float]) -> int:
+    """How many parts run at once: as many as the cluster's CPUs hold, at most ``max_workers``."""
     cpus = max(resources.num_cpus, 0.0)
-    total_cpus = ray.cluster_resources().get("CPU", 1.0)
-    workers = int(total_cpus // cpus) if cpus > 0 else len(parts)
+    workers = int(cluster.get("CPU", 1.0) // cpus) if cpus > 0 else parts
     if resources.max_workers:
         workers = min(workers, resources.max_workers)
-    workers = max(1, min(workers, len(parts)))
-    items = [{"part": json.dumps({"id": p.id, "payload": p.payload})} for p in parts]
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
-    remote_args: dict[str, Any] = {"num_cpus": cpus}
-    if resources.num_gpus:
-        remote_args["num_gpus"] = resources.num_gpus
-    if resources.custom:
-        remote_args["resources"] = dict(resources.custom)
-    if resources.actors:  # long-lived workers: setup() once per actor
-        fn, fn_args, compute = PartWorker, {"fn_constructor_args": (stage_cls, config, job)}, ray.data.ActorPoolStrategy(size=workers)
-    else:
-        fn, fn_args, compute = _run_parts_task, {"fn_args": (stage_cls, config, job)}, ray.data.TaskPoolStrategy(size=workers)
-    ds = ds.map_batches(fn, batch_size=1, batch_format="pyarrow", compute=compute, **fn_args, **remote_args)
-    results = []
-    for row in ds.iter_rows():
-        result = PartResult.checked(row["result"], job.stage_name)
+    return max(1, min(workers, parts))
+
+
+def run_parts(fan_out: FanOut, stage_cls: type[Stage], config: Any, parts: list[Part], job: PartJob, resources: Any,
+              on_result: Optional[Callable[[PartResult, int, int], None]] = None) -> list[PartResult]:
+    """Every part of a stage through ``fan_out``: as tasks, or on long-lived workers that run the
+    stage's ``setup()`` once each (``resources.actors``). The first failed part stops the stage;
+    ``on_result(result, done, total)`` as parts finish. Results in part order."""
+    if not parts:
+        return []
+
+    def finished(result: Any, done: int, total: int) -> None:
+        result = PartResult.checked(result, job.stage_name)
         _raise_if_failed(result)  # the first failed part stops the stage
-        results.append(result)
         if on_result is not None:
-            on_result(result, len(results), len(parts))
-    return sorted(results, key=lambda r: r.part)
+            on_result(result, done, total)
 
-
-def run_parts_locally(stage_cls: type[Stage], config: Any, parts: list[Part], job: PartJob, on_result=None) -> list[PartResult]:
-    """The same work in this process (no Ray): for debugging and unit tests."""
-    worker = PartWorker(stage_cls, config, job)
-    results = []
-    for p in parts:
-        result = run_part(worker.stage, p, job)
-        _raise_if_failed(result)
-        results.append(result)
-        if on_result is not None:
-            on_result(results[-1], len(results), len(parts))
-    return sorted(results, key=lambda r: r.part)
+    options: dict[str, Any] = {"step": "parts", "num_cpus": max(resources.num_cpus, 0.0), "num_gpus": resources.num_gpus,
+                               "resources": dict(resources.custom) or None, "on_result": finished}
+    workers = parallel_workers(resources, len(parts), fan_out.cluster_resources())
+    if resources.actors:
+        setup = functools.partial(set_up_stage, stage_cls, config, job.stage_name, job.seed)
+        results = fan_out.map_on_workers(setup, run_part, [(p, job) for p in parts], workers=workers, **options)
+    else:
+        results = fan_out.map(run_part_set_up_here, [(stage_cls, config, p, job) for p in parts], max_parallel=workers, **options)
+    return sorted((PartResult.checked(r, job.stage_name) for r in results), key=lambda r: r.part)
 
 
 def merge_results(results: list[PartResult]) -> MergedParts:

@@ -1,10 +1,14 @@
-"""The one way a dataset stage runs work in parallel (``ctx.fan_out``).
+"""The one way a stage runs work in parallel (``ctx.fan_out``; ``ctx.run_parts`` is built on it).
 
-Two shapes cover the stages' needs:
+Three shapes cover the stages' needs:
 
 * :meth:`FanOut.map` -- ``fn(*args)`` for every item, as Ray tasks with the resources of one
   task, at most ``max_parallel`` at once, retried when a worker dies, results in item order,
-  progress logged as items finish. Encode/pack/shard writers, evaluation jobs, dedup's key pass.
+  progress logged as items finish. Encode/pack/shard writers, evaluation jobs, dedup's key pass,
+  and the parts of a stage whose ``setup()`` is cheap.
+* :meth:`FanOut.map_on_workers` -- the same over a pool of long-lived workers (Ray actors with the
+  resources of one task): ``state = setup()`` once per worker, then ``fn(state, *args)`` per item.
+  The parts of a stage whose ``setup()`` is expensive (a model, a tokenizer, an n-gram index).
 * :meth:`FanOut.exchange` -- an all-to-all step over P partitions: task k receives the blocks
   addressed to partition k, returns one block per destination partition plus its stats. Blocks
   stay in Ray's object store between steps; the driver holds references and stats only
@@ -25,6 +29,8 @@ log = logging.getLogger("lmpipe")
 
 PROGRESS_EVERY_S = 5.0
 
+OnResult = Callable[[Any, int, int], None]  # (an item's result, items done, items in all)
+
 
 class _Progress:
     def __init__(self, stage: str, step: str, total: int):
@@ -32,8 +38,8 @@ class _Progress:
         self.started = self.last = time.perf_counter()
         self.done = 0
 
-    def tick(self) -> None:
-        self.done += 1
+    def report(self, _result: Any, done: int, _total: int) -> None:
+        self.done = done
         now = time.perf_counter()
         if self.done != self.total and now - self.last < PROGRESS_EVERY_S:
             return
@@ -69,15 +75,17 @@ class FanOut:
 
     def map(self, fn: Callable[..., Any], items: Sequence[tuple], *, step: str, num_cpus: float = 1.0, num_gpus: float = 0.0,
             resources: Optional[dict[str, float]] = None, env: Optional[dict[str, str]] = None,
-            max_parallel: Optional[int] = None, retries: int = 1) -> list[Any]:
+            max_parallel: Optional[int] = None, retries: int = 1, on_result: Optional[OnResult] = None) -> list[Any]:
         """``[fn(*item) for item in items]``, in parallel; ``retries``: times a task is rerun when
-        its worker dies (a task that raises is not rerun: data errors are not transient)."""
-        progress = _Progress(self.stage_name, step, len(items))
+        its worker dies (a task that raises is not rerun: data errors are not transient).
+        ``on_result(result, done, total)``, on the driver as items finish (in the order they
+        finish), replaces the progress lines: the caller reports progress itself."""
+        report = on_result or _Progress(self.stage_name, step, len(items)).report
         if not self.on_ray:
             out = []
             for item in items:
                 out.append(fn(*item))
-                progress.tick()
+                report(out[-1], len(out), len(items))
                 self.check()
             return out
         import ray
@@ -93,20 +101,21 @@ class FanOut:
         limit = max_parallel or len(items) or 1
         refs: list[Any] = []
         pending: list[Any] = []
+        done = 0
         try:
             for item in items:
                 while len(pending) >= limit:
                     ready, pending = ray.wait(pending, num_returns=1)
-                    ray.get(ready)  # fail fast: a failed task stops the submission of more
-                    progress.tick()
+                    done += 1
+                    report(ray.get(ready[0]), done, len(items))  # fail fast: a failed task stops the submission of more
                     self.check()
                 ref = remote.remote(*item)
                 refs.append(ref)
                 pending.append(ref)
             while pending:
                 ready, pending = ray.wait(pending, num_returns=1)
-                ray.get(ready)
-                progress.tick()
+                done += 1
+                report(ray.get(ready[0]), done, len(items))
                 self.check()
             return ray.get(refs)
         except ray.exceptions.RayTaskError as e:
@@ -117,6 +126,65 @@ class FanOut:
             for ref in pending:
                 ray.cancel(ref, force=False)
             raise
+
+    def map_on_workers(self, setup: Callable[[], Any], fn: Callable[..., Any], items: Sequence[tuple], *, step: str, workers: int,
+                       num_cpus: float = 1.0, num_gpus: float = 0.0, resources: Optional[dict[str, float]] = None,
+                       retries: int = 1, on_result: Optional[OnResult] = None) -> list[Any]:
+        """``[fn(state, *item) for item in items]`` on ``workers`` long-lived workers, each with its
+        own ``state = setup()`` made once; results in item order. A worker that dies is restarted
+        (its ``setup()`` runs again) and its item rerun, ``retries`` times; an item that raises is
+        not rerun. The workers hold their resources until every item is done, then exit."""
+        report = on_result or _Progress(self.stage_name, step, len(items)).report
+        if not self.on_ray:
+            state = setup()
+            out = []
+            for item in items:
+                out.append(fn(state, *item))
+                report(out[-1], len(out), len(items))
+                self.check()
+            return out
+        if not items:
+            return []
+        import ray
+
+        global _POOL_WORKER
+        if _POOL_WORKER is None:  # exported to the cluster once per driver
+            _POOL_WORKER = ray.remote(_PoolWorker)
+        options: dict[str, Any] = {"num_cpus": num_cpus, "max_restarts": retries, "max_task_retries": retries}
+        if num_gpus:
+            options["num_gpus"] = num_gpus
+        if resources:
+            options["resources"] = dict(resources)
+        pool = [_POOL_WORKER.options(**options).remote(setup) for _ in range(max(1, min(workers, len(items))))]
+        idle = list(pool)
+        results: list[Any] = [None] * len(items)
+        pending: dict[Any, tuple[int, Any]] = {}  # task -> (its item's index, its worker)
+        done = 0
+
+        def finish_one() -> None:  # wait for one task: its result in place, its worker idle again
+            nonlocal done
+            [ref], _ = ray.wait(list(pending), num_returns=1)
+            index, worker = pending.pop(ref)
+            results[index] = ray.get(ref)
+            idle.append(worker)
+            done += 1
+            report(results[index], done, len(items))
+            self.check()
+
+        try:
+            for index, item in enumerate(items):
+                if not idle:
+                    finish_one()
+                worker = idle.pop()
+                pending[worker.run.options(name=f"{self.stage_name}.{step}").remote(fn, *item)] = (index, worker)
+            while pending:
+                finish_one()
+            return results
+        except ray.exceptions.RayTaskError as e:
+            raise _unwrap(e) from None
+        finally:  # done, failed or stopped (a lost lease): the workers and their resources go
+            for worker in pool:
+                ray.kill(worker, no_restart=True)
 
     def exchange(self, fn: Callable[..., tuple[list, dict]], inputs: list[list[Any]], partitions: int, *args: Any,
                  step: Optional[str] = None, num_cpus: float = 1.0) -> tuple[list[list[Any]], list[dict[str, Any]]]:
@@ -150,6 +218,25 @@ class FanOut:
 
 
 _EXCHANGE_TASK = None
+_POOL_WORKER = None
+
+
+class _PoolWorker:
+    """One long-lived worker of :meth:`FanOut.map_on_workers`: its state made once, then items."""
+
+    def __init__(self, setup: Callable[[], Any]):
+        # a failed setup is raised by the worker's first item, as that task's error (one line on
+        # the driver), not as a dead actor's dump
+        self.state, self.setup_error = None, None
+        try:
+            self.state = setup()
+        except Exception as e:
+            self.setup_error = e
+
+    def run(self, fn: Callable[..., Any], *item: Any) -> Any:
+        if self.setup_error is not None:
+            raise self.setup_error
+        return fn(self.state, *item)
 
 
 def _exchange_task(fn, k: int, partitions: int, args: tuple, *blocks):

@@ -27,7 +27,7 @@ from pipeline.dag import Node, build_dag, downstream_of, upstream_of
 from pipeline.funnel import funnel_artifacts
 from pipeline.locks import ReaderLease, StageLock, describe, live_readers, process_gone
 from pipeline.fanout import FanOut
-from pipeline.execute import PartJob, merge_results, run_parts_locally, run_parts_on_ray
+from pipeline.execute import PartJob, merge_results, run_parts
 from pipeline.stage import DatasetStage, Resources, RowStage, SourceStage, Part, stage_seed
 from pipeline.tracking import Tracker, code_version
 from pipeline.types import fingerprinted_config
@@ -96,7 +96,6 @@ def effective_resources(node: Node, loaded: LoadedConfig) -> Resources:
 def init_ray(loaded: LoadedConfig, address: Optional[str]) -> str:
     """Connect to (or start) Ray; returns a description of the address used."""
     import ray
-    from ray.data import DataContext
 
     if not ray.is_initialized():
         cfg = loaded.resolved.ray
@@ -118,11 +117,6 @@ def init_ray(loaded: LoadedConfig, address: Optional[str]) -> str:
         console.route_ray_output(marked_workers=marked)
         dashboard = getattr(info, "dashboard_url", None)
         log.info("Ray at %s%s", ray.get_runtime_context().gcs_address, f", dashboard http://{dashboard}" if dashboard else "")
-    ctx = DataContext.get_current()
-    # lmpipe reports progress itself (pipeline/console.py); Ray Data's bars and logged progress
-    # blocks only with LMPIPE_PROGRESS=1 (or --verbose, which shows everything)
-    ctx.enable_progress_bars = os.environ.get("LMPIPE_PROGRESS", "0") == "1"
-    ctx.execution_options.preserve_order = False
     return ray.get_runtime_context().gcs_address
 
 
@@ -352,7 +346,7 @@ class Runner:
                       formats=tuple(sorted(node.cls.output_formats.items())), batch_bytes=resources.batch_bytes,
                       max_bytes_per_file=stage.output_file_bytes())
         def run_parts(parts: list[Part]) -> list[PartResult]:
-            results = self._run_parts(node.name, node.cls, config, parts, job, resources, lock)
+            results = self._run_parts(ctx.fan_out, node.cls, config, parts, job, resources, lock)
             if isinstance(stage, DatasetStage):
                 ctx.part_results.extend(results)
             return results
@@ -424,8 +418,9 @@ class Runner:
         m = mf.load_manifest(self.storage, stage_dir)
         return m["attempt"] if m else None
 
-    def _run_parts(self, stage_name: str, stage_cls, config, parts: list[Part], job: PartJob, resources: Resources,
+    def _run_parts(self, fan_out: FanOut, stage_cls, config, parts: list[Part], job: PartJob, resources: Resources,
                    lock: StageLock) -> list[PartResult]:
+        stage_name = fan_out.stage_name
         started = time.perf_counter()
         totals = {"rows": 0, "bytes": 0, "last_log": 0.0}
 
@@ -444,9 +439,7 @@ class Runner:
             totals["last_log"] = now
             log.info("%s", line)
 
-        if self.use_ray:
-            return run_parts_on_ray(stage_cls, config, parts, job, resources, on_result=progress)
-        return run_parts_locally(stage_cls, config, parts, job, on_result=progress)
+        return run_parts(fan_out, stage_cls, config, parts, job, resources, on_result=progress)
 
     def _manifest(self, node: Node, why: "Fingerprint", ctx: StageContext, inputs: list[InputDataset],
                   merged: MergedParts, num_parts: int, started: float, wall: float) -> dict[str, Any]:

@@ -47,8 +47,9 @@ OUTPUT_WRITERS = ("pipeline.io", "pipeline.storage")
 
 @dataclass(frozen=True)
 class Resources:
-    """What one worker of a stage needs. ``actors=True`` keeps a pool of long-lived workers so
-    that ``setup()`` (a model, a tokenizer) runs once per actor rather than once per part."""
+    """What one worker of a stage needs. ``actors=True`` runs the parts on a pool of long-lived
+    workers (``FanOut.map_on_workers``) so that ``setup()`` (a model, a tokenizer) runs once per
+    worker rather than once per part."""
 
     num_cpus: float = 1.0
     num_gpus: float = 0.0

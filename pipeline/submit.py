@@ -90,7 +90,6 @@ def submit(config_path: str, address: str, wait: bool = True, python: Optional[s
             "working_dir": staging,
             "py_modules": [os.path.dirname(pipeline_pkg.__file__), _package_folder("stages")],
             "excludes": EXCLUDES,
-            "env_vars": {"LMPIPE_PROGRESS": os.environ.get("LMPIPE_PROGRESS", "1")},
         }
         metadata = {"lmpipe.pipeline": loaded.declared.name, "lmpipe.config": os.path.abspath(config_path)}
         delay = 1.0

@@ -94,7 +94,7 @@ class MinhashDedupConfig(KeepConfig):
         return optimal_param(self.threshold, self.num_perm, *self.weights)
 
 
-# -- keys (run inside Ray Data workers; module-level so they pickle) -------------------------------
+# -- keys (run inside Ray workers; module-level so they pickle) -----------------------------------------
 
 def _blake64(values: list[Optional[str]]) -> pa.Array:
     out = [None if not v else int.from_bytes(hashlib.blake2b(v.encode("utf-8"), digest_size=8).digest(), "little") for v in values]

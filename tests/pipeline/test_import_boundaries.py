@@ -69,3 +69,18 @@ def test_ray_is_imported_only_by_pipeline_and_the_train_launcher():
     and checkpoint hand-over live in one module."""
     offenders = sorted({f for f, m in _imports() if _top(m) == "ray" and not f.startswith("pipeline/") and f != "stages/train/launch.py"})
     assert not offenders, offenders
+
+
+def test_one_fan_out_primitive():
+    """Every parallel step of a stage goes through pipeline/fanout.py (``ctx.run_parts`` is built
+    on it): no second way (Ray Data, a ``ray.remote`` of one's own) with its own retries,
+    progress and lease checks to keep in step."""
+    remote = []
+    for package in ("pipeline", "stages"):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            rel = path.relative_to(ROOT).as_posix()
+            for node in ast.walk(ast.parse(path.read_text(), rel)):
+                if isinstance(node, ast.Attribute) and node.attr == "remote" and isinstance(node.value, ast.Name) and node.value.id == "ray":
+                    remote.append(rel)
+    assert sorted(set(remote)) == ["pipeline/fanout.py"]
+    assert not sorted({f for f, m in _imports() if m == "ray.data" or m.startswith("ray.data.")})
