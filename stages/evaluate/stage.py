@@ -101,6 +101,9 @@ class EvaluateConfig(StrictModel):
     batch_tokens: int = Field(default=DEFAULT_BATCH_TOKENS, ge=64, description="tokens per forward pass (padded batch size x length)")
     max_batch_size: int = Field(default=DEFAULT_MAX_BATCH_SIZE, ge=1)
     share_context: bool = Field(default=True, description="score all choices of a question in one forward pass")
+    hf_runtime: Literal["lmpipe", "transformers"] = Field(
+        default="lmpipe", description="what runs a Hugging Face export of an architecture lmpipe trains: lmpipe's model (fast), "
+                                      "or transformers (a check that the export scores as the checkpoint does)")
 
 
 @register
@@ -178,7 +181,7 @@ class Evaluate(DatasetStage):
 
         device, num_gpus = self._device(ctx)
         common = dict(storage=ctx.storage, device=device, dtype=c.dtype, threads=max(1, int(c.cpus_per_task)), batch_tokens=c.batch_tokens,
-                      max_batch_size=c.max_batch_size, share_context=c.share_context)
+                      max_batch_size=c.max_batch_size, share_context=c.share_context, hf_runtime=c.hf_runtime)
         jobs: list[EvalJob] = []
         for ck in checkpoints:
             tokenizer_json, tok_info = tokenizers[ck["path"]]

@@ -47,6 +47,7 @@ class EvalJob:
     batch_tokens: int = DEFAULT_BATCH_TOKENS
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
     share_context: bool = True
+    hf_runtime: str = "lmpipe"  # or "transformers": what runs a Hugging Face export (stages.scoring.lm.load_checkpoint)
     meta: dict[str, Any] = field(default_factory=dict)
 
 
@@ -64,12 +65,13 @@ def run_job(job: EvalJob) -> dict[str, Any]:
     t0 = time.perf_counter()
     tokenizer = Tokenizer.from_str(job.tokenizer_json)
     loaded = load_checkpoint(job.checkpoint, job.storage, getattr(torch, job.dtype), job.device,
-                             vocab_size=tokenizer.get_vocab_size(with_added_tokens=True))
+                             vocab_size=tokenizer.get_vocab_size(with_added_tokens=True), hf_runtime=job.hf_runtime)
     load_seconds = time.perf_counter() - t0
     fast = isinstance(loaded.model, Transformer)  # a foreign architecture is called as a whole
     scorer = Scorer(loaded.model, tokenizer, job.device, job.batch_tokens, job.max_batch_size, job.prefix_token,
                     job.share_context and fast, fast=fast)
-    out: dict[str, Any] = {"checkpoint": job.checkpoint, "kind": loaded.kind, "step": loaded.step, "tokens_seen": loaded.tokens_seen,
+    out: dict[str, Any] = {"checkpoint": job.checkpoint, "kind": loaded.kind, "runtime": "lmpipe" if fast else "transformers",
+                           "step": loaded.step, "tokens_seen": loaded.tokens_seen,
                            "load_seconds": load_seconds, "tasks": {}, "texts": {}, "node": os.uname().nodename, "device": job.device,
                            **job.meta}
     for task in job.tasks:

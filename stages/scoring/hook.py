@@ -15,9 +15,14 @@ metrics sink, so only rank 0 logs (``eval/bits_per_byte/<domain>``, ``eval/bits_
 training step). Scoring the validation split
 gives each token's loss, so the same pass reports ``val_loss/<domain>`` and ``val_loss`` (their
 mean over domains) as well, and the trainer's own validation loss need not score the split again.
-A sharded model is called as a whole (``model(tokens)``); an unwrapped
-:class:`~stages.model.transformer.Transformer` gets the stage's fast path (output head only at
-scored positions, shared contexts).
+
+The numbers are the evaluate stage's for the same weights, to the last bit where the arithmetic is
+the same (fp32; the same requests): lmpipe's model, sharded (FSDP2) or not, is scored by the
+stage's own path -- shared contexts, the output head only at scored positions -- with the stage's
+default batching (:mod:`stages.scoring.batching`). Scoring a sharded model by whole-model calls
+instead (one row per choice, a plain causal pass) gave log-likelihoods a few ulps away from the
+stage's, because the attention kernel and the padded widths differ. The trainer's compute dtype
+applies (bf16 under a bf16 mixed-precision policy): it matches the stage only at the same dtype.
 
 The train stage wires it from its ``in_loop_eval`` config (``stages/train``): the driver builds an
 :class:`InLoopEvalSpec` (the task's requests, the tokenizer), and every worker turns it into an
@@ -33,6 +38,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
+from stages.scoring.batching import DEFAULT_BATCH_TOKENS, DEFAULT_MAX_BATCH_SIZE
 from stages.scoring.lm import Scorer
 from stages.scoring.perplexity import token_byte_lengths, validation_bpb
 from stages.scoring.metrics import aggregate, domain_metrics, score_example
@@ -60,12 +66,13 @@ class InLoopEval:
     task_key: str
     prefix_token: int
     byte_lengths: np.ndarray
-    batch_tokens: int = 8192
+    batch_tokens: int = DEFAULT_BATCH_TOKENS
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
 
     @classmethod
     def build(cls, tokenizer_file: str, every: int, val_rows: Optional[dict[str, Any]] = None,
               task: Optional[tuple[str, Optional[str]]] = None, shots: int = 0, limit: Optional[int] = 100,
-              prefix_token: int = 0, prompt: Optional[str] = None, batch_tokens: int = 8192) -> "InLoopEval":
+              prefix_token: int = 0, prompt: Optional[str] = None, batch_tokens: int = DEFAULT_BATCH_TOKENS) -> "InLoopEval":
         """``task``: (name, JSONL path or None for a built-in); ``limit`` examples spread over it."""
         with open(tokenizer_file, encoding="utf-8") as f:
             tokenizer_json = f.read()
@@ -74,7 +81,7 @@ class InLoopEval:
 
     @classmethod
     def from_parts(cls, tokenizer_json: str, every: int, val_rows: Optional[dict[str, Any]], requests: Sequence[MCRequest],
-                   task_key: str, prefix_token: int, batch_tokens: int = 8192) -> "InLoopEval":
+                   task_key: str, prefix_token: int, batch_tokens: int = DEFAULT_BATCH_TOKENS) -> "InLoopEval":
         """From a tokenizer's JSON and requests built elsewhere (the train stage's driver)."""
         from tokenizers import Tokenizer
 
@@ -88,8 +95,11 @@ class InLoopEval:
     def run(self, trainer) -> dict[str, float]:
         """Scores ``trainer.model`` as the trainer runs it (device, autocast)."""
         model, device = trainer.model, trainer.device
-        fast = type(model) is Transformer
-        scorer = Scorer(model, self.tokenizer, device, self.batch_tokens, 256, self.prefix_token, share_context=fast, fast=fast)
+        own = isinstance(model, Transformer)  # FSDP2's sharded module is a subclass of the model's class
+        if own and trainer.sharded:
+            model = ShardedScoring(model)
+        scorer = Scorer(model, self.tokenizer, device, self.batch_tokens, self.max_batch_size, self.prefix_token,
+                        share_context=own, fast=own)
         out: dict[str, float] = {}
         t0 = time.perf_counter()
         with torch.autocast(device.type, dtype=trainer.autocast, enabled=trainer.autocast is not None):
@@ -109,6 +119,25 @@ class InLoopEval:
                     out[f"eval/{self.task_key}/{metric}"] = agg[metric]
         out["eval/seconds"] = time.perf_counter() - t0
         return out
+
+
+class ShardedScoring:
+    """An FSDP2-sharded :class:`Transformer` as the scorer's fast path calls it: ``forward`` (the
+    blocks gather and free their shards as in training) and the output head on the hidden states
+    it scores. The head belongs to the root module, whose parameters a forward leaves gathered
+    (FSDP keeps the root's for the backward); ``unshard`` makes sure of it before the head runs,
+    and the trainer reshards after its validators."""
+
+    def __init__(self, model: Transformer):
+        self.model = model
+        self.cfg = model.cfg
+
+    def __call__(self, *args, **kwargs) -> torch.Tensor:
+        return self.model(*args, **kwargs)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        self.model.unshard()
+        return self.model.logits(hidden)
 
 
 @dataclass(frozen=True)

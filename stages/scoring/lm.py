@@ -113,9 +113,10 @@ class ForeignModel(torch.nn.Module):
         return self.hf(input_ids=tokens, use_cache=False).logits
 
 
-def _load_hf(path: str, name: str) -> torch.nn.Module:
-    """lmpipe's architectures into its own model (the fast scoring path); any other causal LM
-    through ``transformers``. Weights from safetensors only: never a pickle."""
+def _load_hf(path: str, name: str, runtime: str = "lmpipe") -> torch.nn.Module:
+    """lmpipe's architectures into its own model (the fast scoring path), unless ``runtime`` is
+    ``transformers``; any other causal LM through ``transformers``. Weights from safetensors only:
+    never a pickle."""
     with open(os.path.join(path, "config.json")) as f:
         config = json.load(f)
     arch = (config.get("architectures") or ["?"])[0]
@@ -130,7 +131,7 @@ def _load_hf(path: str, name: str) -> torch.nn.Module:
             raise CheckpointError(refusal)
     else:
         shards = ["model.safetensors"] if os.path.exists(os.path.join(path, "model.safetensors")) else []
-    if arch in ARCHITECTURES and shards:
+    if arch in ARCHITECTURES and shards and runtime == "lmpipe":
         from safetensors.torch import load_file
 
         state: dict[str, torch.Tensor] = {}
@@ -155,9 +156,17 @@ def checkpoint_kind(path: str) -> Optional[str]:
     return None
 
 
+HF_RUNTIMES = ("lmpipe", "transformers")
+
+
 def load_checkpoint(uri: str, storage: Any = None, dtype: torch.dtype = torch.float32,
-                    device: torch.device | str = "cpu", vocab_size: Optional[int] = None) -> LoadedModel:
-    """Load a checkpoint for evaluation; every failure is a :class:`CheckpointError` naming ``uri``."""
+                    device: torch.device | str = "cpu", vocab_size: Optional[int] = None, hf_runtime: str = "lmpipe") -> LoadedModel:
+    """Load a checkpoint for evaluation; every failure is a :class:`CheckpointError` naming ``uri``.
+    ``hf_runtime``: what runs a Hugging Face export of an architecture lmpipe trains -- lmpipe's
+    own model (``lmpipe``, the fast path) or ``transformers`` (a check that the export computes
+    what was trained); other architectures always run in ``transformers``."""
+    if hf_runtime not in HF_RUNTIMES:
+        raise ValueError(f"hf_runtime {hf_runtime!r}: one of {HF_RUNTIMES}")
     local, tmp = _local_copy(uri, storage)
     try:
         kind = checkpoint_kind(local)
@@ -180,7 +189,7 @@ def load_checkpoint(uri: str, storage: Any = None, dtype: torch.dtype = torch.fl
                     extra = load_extra(local, 0)
                     step, tokens_seen = int(extra.get("step", 0)), int(extra.get("tokens_seen", 0))
             else:
-                model = _load_hf(local, uri)
+                model = _load_hf(local, uri, hf_runtime)
         except CheckpointError:
             raise
         except (Exception, _DCPException) as e:  # DCP (a BaseException), safetensors and torch raise their own types
