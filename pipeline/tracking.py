@@ -173,9 +173,59 @@ def _embedded_store_lock(tracking_uri: str):
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             _move_aside_if_half_created(path)
+            if not os.path.exists(path):
+                _copy_empty_store(path)
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _copy_empty_store(path: str) -> None:
+    """A new sqlite store starts as a copy of an empty one that this MLflow created once (kept in
+    ``$LMPIPE_HOME/mlflow-stores``, one per MLflow version and schema revision): MLflow creates a
+    store by replaying every schema migration, 2-3 CPU-seconds -- more than the rest of a small
+    run's start-up, in every new work_dir. Where anything goes wrong, MLflow creates the store
+    itself, as before."""
+    import shutil
+    import sqlite3
+
+    import mlflow
+
+    _, head = _complete_schema()
+    if head is None:
+        return
+    from pipeline.config import lmpipe_home
+
+    folder = os.path.join(lmpipe_home(), "mlflow-stores")
+    template = os.path.join(folder, f"empty-{mlflow.__version__}-{head}.db")
+    part = f"{path}.part-{os.getpid()}"
+    try:
+        if not os.path.exists(template):
+            os.makedirs(folder, exist_ok=True)
+            fresh = f"{template}.part-{os.getpid()}"
+            from mlflow import MlflowClient
+
+            MlflowClient(tracking_uri=f"sqlite:///{fresh}").search_experiments()
+            os.replace(fresh, template)  # atomic: a process that copies it sees a whole store or none
+        shutil.copyfile(template, part)
+        with sqlite3.connect(part) as db:  # the Default experiment as MLflow makes it here and now
+            now = int(time.time() * 1000)
+            db.execute("update experiments set artifact_location = ?, creation_time = ?, last_update_time = ? where experiment_id = 0",
+                       (_default_artifact_location(), now, now))
+        os.replace(part, path)
+    except Exception as e:  # a full disk, an unwritable home: MLflow's own creation follows
+        log.debug("no copy of an empty MLflow store for %s (%s); MLflow creates it", path, e)
+        for leftover in (part, f"{template}.part-{os.getpid()}"):
+            if os.path.exists(leftover):
+                os.remove(leftover)
+
+
+def _default_artifact_location() -> str:
+    """Where MLflow puts the Default experiment's artifacts in a store it creates in this process."""
+    from mlflow.store.tracking import DEFAULT_LOCAL_FILE_AND_ARTIFACT_PATH
+    from mlflow.utils.uri import append_to_uri_path, resolve_uri_if_local
+
+    return append_to_uri_path(resolve_uri_if_local(DEFAULT_LOCAL_FILE_AND_ARTIFACT_PATH), "0")
 
 
 def _complete_schema() -> tuple[Optional[set[str]], Optional[str]]:

@@ -108,3 +108,36 @@ def test_the_experiment_opens_in_mlflows_model_development_view(tmp_path):
     tracker.client.set_experiment_tag(tracker.experiment_id, EXPERIMENT_KIND_TAG, "finetuning")
     again = Tracker(uri, "exp")
     assert again.client.get_experiment(again.experiment_id).tags[EXPERIMENT_KIND_TAG] == "finetuning"
+
+
+def test_a_new_store_is_a_copy_of_an_empty_one_made_once(tmp_path, monkeypatch):
+    """MLflow creates a store by replaying every schema migration (2-3 CPU-s in every new
+    work_dir); lmpipe makes an empty one once per MLflow version and copies it. The copy is the
+    store MLflow makes: the same tables, schema revision and Default experiment."""
+    from mlflow import MlflowClient
+
+    from pipeline.tracking import Tracker, _default_artifact_location
+
+    monkeypatch.setenv("LMPIPE_HOME", str(tmp_path / "home"))
+    Tracker(f"sqlite:///{tmp_path / 'a' / 'mlflow.db'}", "exp")
+    templates = list((tmp_path / "home" / "mlflow-stores").glob("empty-*.db"))
+    assert len(templates) == 1
+    copied = tmp_path / "b" / "mlflow.db"
+    tracker = Tracker(f"sqlite:///{copied}", "exp")
+    run_id = tracker.start_pipeline("p", str(tmp_path / "p.yaml"), "name: p", params={}, tags={})
+    assert tracker.client.get_run(run_id).info.status == "RUNNING"
+
+    made = tmp_path / "c" / "mlflow.db"
+    made.parent.mkdir()
+    MlflowClient(tracking_uri=f"sqlite:///{made}").search_experiments()  # MLflow's own creation
+
+    def schema(path):
+        with sqlite3.connect(path) as db:
+            return (sorted(db.execute("select type, name, sql from sqlite_master where name not like 'sqlite_%'")),
+                    db.execute("select version_num from alembic_version").fetchall(),
+                    db.execute("select name, artifact_location, lifecycle_stage from experiments where experiment_id = 0").fetchall())
+
+    (copied_objects, copied_version, copied_default), (made_objects, made_version, made_default) = schema(copied), schema(made)
+    assert set(copied_objects) ^ set(made_objects) == set() and copied_version == made_version
+    assert copied_default == made_default == [("Default", _default_artifact_location(), "active")]
+    assert not list((tmp_path / "b").glob("*.part-*")) and not list(templates[0].parent.glob("*.part-*"))
