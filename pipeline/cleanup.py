@@ -1,6 +1,6 @@
 """``lmpipe gc FILE...``: remove what the work dirs hold that the named pipelines no longer need.
 
-Three kinds of leftovers, in the work dirs of the named pipeline files:
+Four kinds of leftovers, in the work dirs of the named pipeline files:
 
 * a **stage output no named pipeline reaches**: a ``<stage>/<fingerprint>/`` folder whose
   fingerprint is not the current fingerprint of any stage of any named file (an old config, an
@@ -9,6 +9,9 @@ Three kinds of leftovers, in the work dirs of the named pipeline files:
   its committed manifest does not name (an earlier commit kept for a reader, a crashed or
   fenced-off run). The committed attempt is never touched; an attempt a stage's own check
   refused stays while its output has no commit (its error told the user to inspect it).
+* a **superseded work folder**: a folder a stage keeps beside its attempts that its committed
+  output no longer uses (``Stage.superseded_folders``: train's earlier Ray Train runs, with their
+  checkpoints).
 * a **stale reader lease** (``_readers/<id>.json`` of a run that is gone).
 
 Nothing a live lease protects is touched: an output whose stage lock is live (being computed)
@@ -38,6 +41,7 @@ log = logging.getLogger("lmpipe")
 FINGERPRINT = re.compile(r"^[0-9a-f]{16}$")  # manifest.digest: what a stage output folder is named
 UNREACHED = "no named pipeline reaches it"
 SUPERSEDED = "superseded attempt (not the committed one)"
+SUPERSEDED_WORK = "superseded work folder (the committed output does not use it)"
 STALE_READER = "reader lease of a run that is gone"
 
 
@@ -119,6 +123,9 @@ def plan_gc(pipelines: list[LoadedConfig]) -> GcPlan:
                             kept.append(Kept(uri, "refused by the stage's own check; kept to inspect until the stage commits"))
                             continue
                         candidates.append(Removal(uri, _size(storage, uri), SUPERSEDED, work_dir, stage_dir, stage))
+                    for folder in _superseded_folders(storage, stage_dir):
+                        uri = st.join(stage_dir, folder)
+                        candidates.append(Removal(uri, _size(storage, uri), SUPERSEDED_WORK, work_dir, stage_dir, stage))
                 if not candidates:
                     continue
                 holder = live_lock(storage, stage_dir)
@@ -160,6 +167,11 @@ def apply_gc(plan: GcPlan) -> tuple[list[Removal], list[Kept]]:
             lock.renew()
             if removal.reason == UNREACHED:
                 _remove_output(storage, removal.stage_dir)
+            elif removal.reason == SUPERSEDED_WORK:
+                if removal.uri.rstrip("/").rsplit("/", 1)[-1] not in _superseded_folders(storage, removal.stage_dir):
+                    kept.append(Kept(removal.uri, "used by an output committed since the plan"))
+                    continue
+                storage.rm(removal.uri)
             else:
                 committed = mf.load_manifest(storage, removal.stage_dir)
                 if committed is not None and removal.uri == st.join(removal.stage_dir, committed["attempt"]):
@@ -172,6 +184,21 @@ def apply_gc(plan: GcPlan) -> tuple[list[Removal], list[Kept]]:
             if removal.reason == UNREACHED and not st.is_remote(removal.stage_dir):
                 _remove_empty_folder(removal.stage_dir)
     return done, kept
+
+
+def _superseded_folders(storage: st.Storage, stage_dir: str) -> list[str]:
+    """The committed stage's own folders that its output no longer uses (Stage.superseded_folders:
+    train's earlier Ray Train runs); none without a commit (a run may be continuing them)."""
+    committed = mf.load_committed(storage, stage_dir)
+    if committed is None:
+        return []
+    from pipeline.registry import get_stage_class
+
+    try:
+        cls = get_stage_class(committed.uses)
+    except Exception:  # a stage this lmpipe does not know: leave its folders alone
+        return []
+    return cls.superseded_folders(committed, storage.ls_dirs(stage_dir))
 
 
 def _remove_output(storage: st.Storage, stage_dir: str) -> None:

@@ -52,6 +52,21 @@ class InputDataset:
     def num_rows(self) -> int:
         return int(self.manifest["datasets"][self.ref.dataset]["rows"])
 
+    @property
+    def chars(self) -> int:
+        """The characters of this dataset's measured column (0: the stage measures none)."""
+        return int(self.manifest["datasets"][self.ref.dataset].get("chars") or 0)
+
+    @property
+    def summary_kind(self) -> Optional[str]:
+        """The kind of summary its stage hands downstream (None: none)."""
+        summary = self.manifest.get("summary")
+        return summary.get("kind") if summary else None
+
+    def has_dataset(self, dataset: str) -> bool:
+        """Whether its stage wrote a dataset of that name (a tokenize stage's validation split)."""
+        return dataset in self.manifest["datasets"]
+
     def files(self) -> list[str]:
         return mf.dataset_files(self.manifest, self.stage_dir, self.ref.dataset)
 
@@ -157,6 +172,15 @@ class StageContext:
                     queue.append(InputDataset(InputRef(ref["stage"], ref["dataset"]), ref["stage_dir"], manifest, self.storage))
         names = ", ".join(str(i.ref) for i in self.inputs) or "none"
         raise UpstreamMissing(f"stage {self.stage_name!r} needs a {cls.kind} stage upstream; none of its inputs ({names}) has one")
+
+    def must_stop(self) -> Optional[str]:
+        """Why this stage must stop now (its lease was lost to another run), or None. Work that
+        runs outside ``ctx.fan_out`` (a Ray Train run) polls it; ``fan_out`` checks it itself."""
+        try:
+            self.fan_out.check()
+        except Exception as e:  # the runner's check raises what stops the stage (LeaseLost)
+            return str(e) or type(e).__name__
+        return None
 
     # -- tracking (all MLflow calls go through pipeline.tracking) ---------------------------------
     @property

@@ -135,6 +135,13 @@ def load_manifest(storage: st.Storage, stage_dir: str) -> Optional[dict[str, Any
         return None
 
 
+def load_committed(storage: st.Storage, stage_dir: str) -> Optional[Manifest]:
+    """The committed manifest of a stage folder as its contract (None: nothing committed, or a
+    damaged manifest, as :func:`load_manifest` says)."""
+    manifest = load_manifest(storage, stage_dir)
+    return None if manifest is None else Manifest.model_validate(manifest)
+
+
 def parse_manifest(manifest: dict[str, Any], where: str) -> dict[str, Any]:
     """``manifest`` validated as a :class:`Manifest`, as the JSON object readers index."""
     manifest = {k: v for k, v in manifest.items() if k not in LEGACY_STAGE_KEYS}
@@ -144,7 +151,9 @@ def parse_manifest(manifest: dict[str, Any], where: str) -> dict[str, Any]:
         raise ManifestInvalid(f"{where}: not a valid stage manifest: {describe_error(e)}") from None
 
 
-def dataset_files(manifest: dict[str, Any], stage_dir: str, dataset: str = "data") -> list[str]:
+def dataset_files(manifest: dict[str, Any] | Manifest, stage_dir: str, dataset: str = "data") -> list[str]:
+    if isinstance(manifest, Manifest):
+        manifest = manifest.to_json()
     info = manifest["datasets"].get(dataset)
     if info is None:
         raise KeyError(f"stage {manifest['stage']!r} has no dataset {dataset!r}")

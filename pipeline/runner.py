@@ -372,16 +372,18 @@ class Runner:
             raise TypeError(f"{node.cls.__name__} is not a RowStage, SourceStage or DatasetStage")
         wall = time.perf_counter() - t0
         merged = merge_results(results)
-        manifest = self._manifest(node, why, ctx, inputs, merged, len(parts), started, wall)
+        record = self._manifest(node, why, ctx, inputs, merged, len(parts), started, wall)
+        manifest = record.to_json()
         self._check_counts(node, manifest)
         try:
-            stage.check(manifest)  # a stage's own acceptance rule (e.g. ingest's max_bad_fraction)
+            stage.check(record)  # a stage's own acceptance rule (e.g. ingest's max_bad_fraction)
         except Exception as e:
             self.storage.write_json_atomic(st.join(ctx.attempt_uri, mf.FAILED_MARKER), {"error": str(e), "manifest": manifest})
             raise CheckFailed(f"{e} [this attempt's outputs are kept in {ctx.attempt_uri} until {node.name!r} next commits]") from e
         self._check_leases(lock)
         lock.commit(manifest)  # the commit: conditional on our lease and on the marker we saw
-        self._remove_stale_attempts(node.name, ctx.stage_dir, lock, keep=ctx.attempt)
+        self._remove_stale_attempts(node.name, ctx.stage_dir, lock, keep=ctx.attempt,
+                                    folders=node.cls.superseded_folders(record, self.storage.ls_dirs(ctx.stage_dir)))
         c = manifest["counts"]
         log.info(
             "[%s] committed %s: %d in, %d kept, %d rejected, %d quarantined in %.1fs",
@@ -390,10 +392,11 @@ class Runner:
         return manifest, ctx.artifacts
 
     def _remove_stale_attempts(self, stage: str, stage_dir: str, lock: StageLock, keep: Optional[str], keep_failed: bool = False,
-                               removable=None) -> None:
-        """Crashed and superseded attempts go, unless another running pipeline may read them: then
-        they stay until a later commit of this stage finds no such reader. Only while the stage's
-        lock is still ours (renewed first)."""
+                               removable=None, folders: tuple[str, ...] | list[str] = ()) -> None:
+        """Crashed and superseded attempts go, and the stage's superseded work ``folders`` (train's
+        earlier Ray Train runs), unless another running pipeline may read them: then they stay
+        until a later commit of this stage finds no such reader. Only while the stage's lock is
+        still ours (renewed first)."""
         readers = live_readers(self.storage, self.work_dir, stage_dir, ignore=self._reader_lease.id if self._reader_lease else None)
         if readers:
             log.info("[%s] keeping earlier attempts in %s: %d other run(s) may read them (%s)", stage, stage_dir, len(readers),
@@ -401,6 +404,9 @@ class Runner:
             return
         lock.renew()
         mf.remove_stale_attempts(self.storage, stage_dir, keep=keep, keep_failed=keep_failed, removable=removable)
+        for folder in folders:
+            log.info("[%s] removing %s: the committed output does not use it", stage, st.join(stage_dir, folder))
+            self.storage.rm(st.join(stage_dir, folder))
 
     def _attempt_run_gone(self, stage_dir: str, attempt: str) -> bool:
         """Whether the run that wrote an attempt is known to be gone (a dead pid on this host, or
@@ -442,7 +448,7 @@ class Runner:
         return run_parts(fan_out, stage_cls, config, parts, job, resources, on_result=progress)
 
     def _manifest(self, node: Node, why: "Fingerprint", ctx: StageContext, inputs: list[InputDataset],
-                  merged: MergedParts, num_parts: int, started: float, wall: float) -> dict[str, Any]:
+                  merged: MergedParts, num_parts: int, started: float, wall: float) -> Manifest:
         fp, externals = why.value, why.externals
         for ds in merged.files:
             if ds not in node.cls.outputs:
@@ -506,7 +512,7 @@ class Runner:
             code_files=why.code_files,
             summary=self._summary(node, ctx),
         )
-        return manifest.to_json()
+        return manifest
 
     @staticmethod
     def _summary(node: Node, ctx: StageContext) -> Optional[SummaryRecord]:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Optional
 
 import pyarrow as pa
 
-from pipeline.contracts import StageSummary
+from pipeline.contracts import Manifest, StageSummary
 from pipeline.types import DROP_REASON, QUARANTINE_REASON, REASON_COLUMNS, StrictModel
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -145,8 +145,15 @@ class Stage:
         gets parts of bounded size."""
         return None
 
-    def check(self, manifest: dict[str, Any]) -> None:
+    def check(self, manifest: Manifest) -> None:
         """Called with the finished manifest before it is committed; raise to fail the stage."""
+
+    @classmethod
+    def superseded_folders(cls, manifest: Manifest, folders: list[str]) -> list[str]:
+        """Which of its output folder's ``folders`` (besides ``attempt-*``) this stage no longer
+        needs once ``manifest`` is committed: removed after the commit and by ``lmpipe gc``, with
+        the protections of superseded attempts (train: its earlier Ray Train runs)."""
+        return []
 
     @classmethod
     def code_files(cls) -> dict[str, str]:

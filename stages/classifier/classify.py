@@ -90,8 +90,7 @@ class Classify(DatasetStage):
         return uri, summary.sha256, c.label or summary.positive_label
 
     def run(self, ctx: StageContext) -> None:
-        documents = next((i for i in ctx.inputs if i.manifest.get("summary") is None
-                          or i.manifest["summary"].get("kind") != ClassifierSummary.kind), None)
+        documents = next((i for i in ctx.inputs if i.summary_kind != ClassifierSummary.kind), None)
         if documents is None:
             raise ValueError("classify: no input of documents (the inputs are a classifier and nothing else)")
         uri, digest, label = self._resolve_model(ctx)

@@ -299,7 +299,7 @@ class Evaluate(DatasetStage):
         c = self.config
         jobs, digests = [], {}
         if c.validation or (c.validation is None and tokenize is not None):
-            if tokenize is None or "validation" not in tokenize[1].manifest["datasets"]:
+            if tokenize is None or not tokenize[1].has_dataset("validation"):
                 raise ValueError(f"stage {ctx.stage_name!r}: validation: true but no tokenize stage with a validation split was found upstream")
             from stages.tokenize.validation import first_per_domain
 

@@ -24,6 +24,7 @@ from typing import Any, Iterator
 import pyarrow as pa
 
 from pipeline import storage as st
+from pipeline.contracts import Manifest
 from pipeline.context import ExternalInput, PartContext, StageContext
 from pipeline.registry import register
 from pipeline.stage import QUARANTINE_REASON, Part, Resources, SourceStage
@@ -174,9 +175,9 @@ class Ingest(SourceStage):
         else:
             yield from read_parquet(ctx.storage, uri, rel, source, self.config.batch_rows, group_span)
 
-    def check(self, manifest: dict[str, Any]) -> None:
-        counts = manifest["counts"]
-        counters = manifest.get("counters", {})
+    def check(self, manifest: Manifest) -> None:
+        counts = manifest.counts
+        counters = manifest.counters
         for source in self.config.sources:
             if source.allow_empty:
                 continue
@@ -193,7 +194,7 @@ class Ingest(SourceStage):
                 raise ValueError(
                     f"ingest: source {source.name!r}: all {bad} records were quarantined ({listed}), none kept;"
                     f" check its files and field mapping (text_field: {source.text_field!r}), see the quarantine dataset"
-                    f" of this attempt ({manifest['attempt']}) for file, line and detail, or set allow_empty: true on the"
+                    f" of this attempt ({manifest.attempt}) for file, line and detail, or set allow_empty: true on the"
                     f" source to accept it"
                 )
             raise ValueError(
@@ -201,11 +202,11 @@ class Ingest(SourceStage):
                 f" check its paths ({', '.join(source.paths)}), or set allow_empty: true on the source if that is expected"
             )
         limit = self.config.max_bad_fraction
-        bad = sum(counts["quarantined"].values())
-        if limit is not None and counts["rows_in"] and bad / counts["rows_in"] > limit:
-            reasons_text = ", ".join(f"{k}: {v}" for k, v in counts["quarantined"].items())
+        bad = sum(counts.quarantined.values())
+        if limit is not None and counts.rows_in and bad / counts.rows_in > limit:
+            reasons_text = ", ".join(f"{k}: {v}" for k, v in counts.quarantined.items())
             raise ValueError(
-                f"ingest: {bad} of {counts['rows_in']} records ({bad / counts['rows_in']:.1%}) were quarantined,"
+                f"ingest: {bad} of {counts.rows_in} records ({bad / counts.rows_in:.1%}) were quarantined,"
                 f" above max_bad_fraction={limit} ({reasons_text}); see the quarantine dataset of this attempt"
-                f" ({manifest['attempt']}) for file, line and detail"
+                f" ({manifest.attempt}) for file, line and detail"
             )

@@ -83,7 +83,7 @@ _PLAN_BATCHES = 64  # micro-batches whose positions are mapped to chunks togethe
 
 def shard_files(storage: st.Storage, stage_dir: str, split: str = "train") -> list[str]:
     """The committed shards of one split of a tokenize stage, in manifest order."""
-    manifest = mf.load_manifest(storage, stage_dir)
+    manifest = mf.load_committed(storage, stage_dir)
     if manifest is None:
         raise FileNotFoundError(f"{stage_dir}: no committed stage output (no {mf.MANIFEST})")
     return mf.dataset_files(manifest, stage_dir, split)

@@ -61,6 +61,7 @@ class TrainSpec:
     threads_per_worker: Optional[int] = None
     fault: Optional[FaultInjection] = None
     in_loop_eval: Optional[InLoopEvalSpec] = None
+    stop_signal: Optional[str] = None  # the name of the run's StopSignal actor (launch_ray sets it)
 
 
 def _fault_hook(fault: Optional[FaultInjection], rank: int):
@@ -78,6 +79,64 @@ def _fault_hook(fault: Optional[FaultInjection], rank: int):
             os._exit(1)
 
     return hook
+
+
+class StopSignal:
+    """A Ray actor that tells a Ray Train run's workers to stop: the driver sets it when the stage
+    must stop (its lease was lost to another run, which now computes this output), so that two
+    runs do not both train for hours when only one can commit."""
+
+    def __init__(self) -> None:
+        self.reason: Optional[str] = None
+
+    def set(self, reason: str) -> None:
+        self.reason = self.reason or reason
+
+    def get(self) -> Optional[str]:
+        return self.reason
+
+
+POLL_STOP_SIGNAL_S = 2.0
+
+
+def _stop_after(spec: TrainSpec, rank: int, world_size: int, device: torch.device) -> Optional[Callable[[int], Optional[str]]]:
+    """The trainer's ``stop_after``: a thread of this worker polls the run's StopSignal; at each
+    logged step every rank learns whether any rank has seen it (one all-reduce of one number, so
+    that all ranks stop after the same step: a rank that stopped alone would hang the others'
+    collectives)."""
+    if spec.stop_signal is None:
+        return None
+    import threading
+
+    import ray
+
+    signal = ray.get_actor(spec.stop_signal)
+    seen: dict[str, Optional[str]] = {"reason": None}
+
+    def poll() -> None:
+        while seen["reason"] is None:
+            try:
+                seen["reason"] = ray.get(signal.get.remote(), timeout=30)
+            except Exception:  # the driver is gone or slow: its run ends anyway; keep training meanwhile
+                pass
+            time.sleep(POLL_STOP_SIGNAL_S)
+
+    threading.Thread(target=poll, name="lmpipe stop signal", daemon=True).start()
+    every = spec.train.loop.log_every
+
+    def stop_after(step: int) -> Optional[str]:
+        if step % every != 0:
+            return None
+        flag = torch.tensor([1.0 if seen["reason"] else 0.0], device=device)
+        if world_size > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() == 0.0:
+            return None
+        return seen["reason"] or "another rank was told to stop"
+
+    return stop_after
 
 
 def validators(spec: TrainSpec, validation: dict[str, torch.Tensor], rank: int, world_size: int) -> list[Validator]:
@@ -111,7 +170,7 @@ def run_training(spec: TrainSpec, rank: int, world_size: int, device: torch.devi
     resume_from = spec.train.checkpoint.resume_from
     if not trainer.restore() and resume_from:  # this run's own checkpoints come first: a restart continues them
         trainer.restore(resume_from, spec.storage)
-    return trainer.train(on_step_end=_fault_hook(spec.fault, rank))
+    return trainer.train(on_step_end=_fault_hook(spec.fault, rank), stop_after=_stop_after(spec, rank, world_size, device))
 
 
 def ray_train_worker(config: dict[str, Any]) -> None:
@@ -126,11 +185,19 @@ def ray_train_worker(config: dict[str, Any]) -> None:
     run_training(spec, context.get_world_rank(), context.get_world_size(), ray.train.torch.get_device(), RayCheckpointer())
 
 
-def launch_ray(spec: TrainSpec, cluster: ClusterConfig, *, storage_path: str, name: str, storage: Optional[st.Storage] = None):
+def launch_ray(spec: TrainSpec, cluster: ClusterConfig, *, storage_path: str, name: str, storage: Optional[st.Storage] = None,
+               must_stop: Optional[Callable[[], Optional[str]]] = None):
     """Run ``ray_train_worker`` on ``cluster.num_workers`` workers. Re-running with the same
     ``storage_path`` and ``name`` resumes from the latest checkpoint; a failed worker group is
     restarted from it up to ``cluster.max_failures`` times; Ray Train keeps the latest
-    ``spec.train.checkpoint.keep`` checkpoints. Returns Ray Train's ``Result``."""
+    ``spec.train.checkpoint.keep`` checkpoints. ``must_stop()``: polled while training runs; once
+    it gives a reason, the workers stop after their next logged step. Returns Ray Train's
+    ``Result``."""
+    import dataclasses
+    import threading
+    import uuid
+
+    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -138,6 +205,23 @@ def launch_ray(spec: TrainSpec, cluster: ClusterConfig, *, storage_path: str, na
     path = storage_path
     if st.is_remote(storage_path):
         fs, path = (storage or st.Storage()).arrow_fs(storage_path)
+    signal = watcher = None
+    done = threading.Event()
+    if must_stop is not None:
+        signal_name = f"lmpipe-stop-{name}-{uuid.uuid4().hex[:8]}"
+        signal = ray.remote(num_cpus=0)(StopSignal).options(name=signal_name).remote()
+        spec = dataclasses.replace(spec, stop_signal=signal_name)
+
+        def watch() -> None:
+            while not done.wait(1.0):
+                reason = must_stop()
+                if reason:
+                    log.warning("stopping the Ray Train run %s after its next logged step: %s", name, reason)
+                    signal.set.remote(reason)
+                    return
+
+        watcher = threading.Thread(target=watch, name="lmpipe train watcher", daemon=True)
+        watcher.start()
     trainer = TorchTrainer(
         ray_train_worker,
         train_loop_config={"spec": spec},
@@ -151,7 +235,12 @@ def launch_ray(spec: TrainSpec, cluster: ClusterConfig, *, storage_path: str, na
             checkpoint_config=CheckpointConfig(num_to_keep=spec.train.checkpoint.keep),
         ),
     )
-    return trainer.fit()
+    try:
+        return trainer.fit()
+    finally:
+        done.set()
+        if signal is not None:
+            ray.kill(signal)
 
 
 class RayCheckpointer:

@@ -75,7 +75,7 @@ class TrainStage(DatasetStage):
         src = ctx.inputs[0]
         info = src.summary(TokenizeSummary)
         model_cfg = cfg.model.build(info.vocab_size, info.seq_len)
-        val_files = src.dataset_files("validation") if "validation" in src.manifest["datasets"] else []
+        val_files = src.dataset_files("validation") if src.has_dataset("validation") else []
         spec = TrainSpec(
             train=cfg, model=model_cfg, seq_len=info.seq_len, train_files=src.files(), val_files=val_files,
             val_domains=tuple(sorted(info.tokens.get("validation", {}))), seed=ctx.seed,
@@ -85,7 +85,9 @@ class TrainStage(DatasetStage):
         self._check_cluster(ctx, cfg)
         resumed_from = self._resumed_from(ctx, cfg, model_cfg)
         run_name = ray_train_run(ctx)
-        result = launch_ray(spec, cfg.cluster, storage_path=ctx.stage_dir, name=run_name, storage=ctx.storage)
+        result = launch_ray(spec, cfg.cluster, storage_path=ctx.stage_dir, name=run_name, storage=ctx.storage,
+                            must_stop=ctx.must_stop)
+        ctx.fan_out.check()  # a run told to stop (its lease lost) ends here, before it records anything
         if result.error is not None:
             raise RuntimeError(f"training failed: {result.error}") from result.error
         if result.checkpoint is None:
@@ -218,6 +220,15 @@ class TrainStage(DatasetStage):
             ctx.log_metric("final_val_loss", last["val_loss"])
 
 
+    @classmethod
+    def superseded_folders(cls, manifest, folders: list[str]) -> list[str]:
+        """Ray Train runs other than the committed one (a replaced output's run, a replacement
+        that did not finish): their checkpoints are no output's."""
+        keep = manifest.summary.read(TrainSummary).ray_train_run if manifest.summary is not None else None
+        return [f for f in folders if f.startswith(RAY_TRAIN_PREFIX) and (keep is None or keep.rstrip("/").rsplit("/", 1)[-1] != f)]
+
+
+RAY_TRAIN_PREFIX = "ray-train-"
 RAY_TRAIN_RUN = "ray_train_run.json"  # in the stage folder: the Ray Train run its computation continues
 
 
@@ -232,17 +243,16 @@ def ray_train_run(ctx) -> str:
       step 0 (or ``checkpoint.resume_from``) -- resuming the committed run would train nothing.
       Runs neither committed nor current (an earlier replacement that did not finish) go."""
     pointer = st.join(ctx.stage_dir, RAY_TRAIN_RUN)
-    committed = mf.load_manifest(ctx.storage, ctx.stage_dir)
+    committed = mf.load_committed(ctx.storage, ctx.stage_dir)
     if committed is None and ctx.storage.exists(pointer):
         name = ctx.storage.read_json(pointer)["name"]
         log.info("[%s] continuing Ray Train run %s", ctx.stage_name, st.join(ctx.stage_dir, name))
         return name
-    name = "ray-train-" + ctx.attempt.removeprefix("attempt-")
+    name = RAY_TRAIN_PREFIX + ctx.attempt.removeprefix("attempt-")
     if committed is not None:
-        keep = (committed.get("summary") or {}).get("data", {}).get("ray_train_run")
-        for old in ctx.storage.ls_dirs(ctx.stage_dir):
-            if old.startswith("ray-train-") and st.join(ctx.stage_dir, old) != keep:
-                ctx.storage.rm(st.join(ctx.stage_dir, old))
+        ctx.fan_out.check()  # deletions only while the stage's lease is ours
+        for old in TrainStage.superseded_folders(committed, ctx.storage.ls_dirs(ctx.stage_dir)):
+            ctx.storage.rm(st.join(ctx.stage_dir, old))
         log.info("[%s] replacing the committed output: a new Ray Train run %s", ctx.stage_name, st.join(ctx.stage_dir, name))
     ctx.storage.write_json_atomic(pointer, {"name": name, "attempt": ctx.attempt})
     return name

@@ -419,9 +419,12 @@ class Trainer:
         return out
 
     # -- the loop ---------------------------------------------------------------------------------------
-    def train(self, on_step_end: Optional[Callable[[int], None]] = None) -> dict[str, Any]:
+    def train(self, on_step_end: Optional[Callable[[int], None]] = None,
+              stop_after: Optional[Callable[[int], Optional[str]]] = None) -> dict[str, Any]:
         """Train to ``loop.steps``. ``on_step_end(step)`` is called once a step is logged and
-        checkpointed: where the tests inject a worker's death."""
+        checkpointed: where the tests inject a worker's death. ``stop_after(step)``: a reason to
+        stop training after this step, or None; every rank must get the same answer at the same
+        step (it may be collective); training then ends early, with ``stopped`` set."""
         cfg = self.cfg.loop
         self.model.train()
         batches = iter(self.loader)
@@ -479,7 +482,13 @@ class Trainer:
                 self.save_checkpoint({k: v for k, v in last.items() if k in ("loss", "val_loss")})
             if on_step_end is not None:
                 on_step_end(step)
-        return {"step": self.state.step, "tokens_seen": self.state.tokens_seen, "skipped": self.state.skipped,
+            if stop_after is not None and (stopped := stop_after(step)):
+                if self.rank == 0:
+                    log.warning("training stops after step %d of %d: %s", step, cfg.steps, stopped)
+                break
+        else:
+            stopped = None
+        return {"step": self.state.step, "stopped": stopped, "tokens_seen": self.state.tokens_seen, "skipped": self.state.skipped,
                 "clip_events": self.state.clip_events, "last": last, "history": self.state.history,
                 "num_params": self.num_params, "flops_per_token": self.flops_per_token}
 

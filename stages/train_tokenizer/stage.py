@@ -137,7 +137,7 @@ class TrainTokenizer(DatasetStage):
         """The bounded sample, in input-file order (see the module docstring)."""
         c = self.config
         src = ctx.inputs[0]
-        total_chars = int(src.manifest["datasets"][src.ref.dataset].get("chars") or 0)
+        total_chars = src.chars
         fraction = 1.0 if total_chars <= 0 else min(1.0, OVERSAMPLE * c.sample_chars / total_chars)
         work = st.join(ctx.attempt_uri, WORK)
         items = [(ctx.storage, uri, st.join(work, f"sample-{i:05d}.arrow"), self.seed, fraction, c.batch_rows)

@@ -30,6 +30,7 @@ from pydantic import Field, field_validator
 
 from pipeline import storage as st
 from pipeline.config import PathStr, StrictModel
+from pipeline.contracts import Manifest
 from pipeline.context import ExternalInput, PartContext, StageContext
 from pipeline.registry import register
 from pipeline.stage import DROP_REASON, QUARANTINE_REASON, Part, Resources, SourceStage
@@ -302,14 +303,14 @@ class WarcIngest(SourceStage):
                     ctx.count(_counter(source, "kept"), table.column(DROP_REASON).null_count)
                 yield table
 
-    def check(self, manifest: dict[str, Any]) -> None:
-        counters = manifest.get("counters", {})
+    def check(self, manifest: Manifest) -> None:
+        counters = manifest.counters
         for source in self.config.sources:
             if source.allow_empty or int(counters.get(_counter(source.name, "kept"), 0)):
                 continue
-            c = manifest["counts"]
+            c = manifest.counts
             raise ValueError(
-                f"warc_ingest: source {source.name!r} yielded no pages (stage totals: {c['rows_in']} records,"
-                f" rejected {c['rejected'] or 'none'}, quarantined {c['quarantined'] or 'none'}); check its paths"
+                f"warc_ingest: source {source.name!r} yielded no pages (stage totals: {c.rows_in} records,"
+                f" rejected {c.rejected or 'none'}, quarantined {c.quarantined or 'none'}); check its paths"
                 f" ({', '.join(source.paths)}) and content_types/statuses, see the rejected and quarantine datasets of"
-                f" attempt {manifest['attempt']}, or set allow_empty: true on the source")
+                f" attempt {manifest.attempt}, or set allow_empty: true on the source")

@@ -228,3 +228,34 @@ def test_checkpoint_loads_with_weights_only_and_refuses_code(shards, tmp_path):
     with pytest.raises(BaseException, match="CheckpointException"):  # DCP wraps the refusal
         ckpt.load_full_model(path)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_a_run_told_to_stop_ends_after_its_next_logged_step(shards, ray_local, monkeypatch):
+    """A stage that lost its lease tells its Ray Train workers to stop (a StopSignal actor): they
+    stop together after the next logged step instead of training on for nothing."""
+    import time
+
+    import ray
+
+    from stages.train import launch
+
+    monkeypatch.setattr(launch, "POLL_STOP_SIGNAL_S", 0.05)
+    cfg = TrainConfig(loop={"steps": 40, "micro_batch_size": 4, "log_every": 5, "eval_every": 0, "norms_every": 0},
+                      schedule={"warmup_steps": 1}, checkpoint={"every": 100})
+    name = f"test-stop-{os.getpid()}"
+    signal = ray.remote(num_cpus=0)(launch.StopSignal).options(name=name).remote()
+    try:
+        spec = launch.TrainSpec(train=cfg, model=MODEL, seq_len=SEQ_LEN, train_files=shards["train"], stop_signal=name)
+        stop_after = launch._stop_after(spec, 0, 1, torch.device("cpu"))
+
+        def lose_the_lease_at_step_7(step: int) -> None:
+            if step == 7:
+                ray.get(signal.set.remote("lease on train was taken over"))
+                time.sleep(0.5)  # the worker's poll sees it
+
+        out = make_trainer(shards, cfg).train(on_step_end=lose_the_lease_at_step_7, stop_after=stop_after)
+    finally:
+        ray.kill(signal)
+    assert out["step"] == 10 and out["stopped"] == "lease on train was taken over"
+    assert make_trainer(shards, TrainConfig(loop={"steps": 2, "micro_batch_size": 4, "eval_every": 0, "norms_every": 0},
+                                            schedule={"warmup_steps": 1})).train()["stopped"] is None

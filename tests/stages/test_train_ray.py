@@ -93,3 +93,13 @@ def test_force_trains_afresh_in_a_new_ray_train_run(job):
     assert forced["loss_steps"] == [25, 26]
     assert forced["summary"]["ray_train_run"] != first["summary"]["ray_train_run"]
     assert forced["summary"]["steps"] == 26 and job["resumed"]["forced_same_weights"]
+
+
+def test_a_training_whose_lease_is_taken_over_stops_and_commits_nothing(job):
+    """Two runs must not both train for hours when only one can commit: once the stage's lease is
+    lost, the Ray Train run stops at its next logged step (4,000 steps were asked for)."""
+    lost = job["lease_lost"]
+    assert lost["taken"], lost
+    assert lost["error"] and "LeaseLost" in lost["error"], lost
+    assert lost["logged_steps"] and max(lost["logged_steps"]) <= 10, lost  # stopped at step 5 (or 10, were it slow to see)
+    assert not lost["committed"], lost

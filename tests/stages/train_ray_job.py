@@ -150,6 +150,7 @@ def main(work: str, out_json: str) -> None:
     rerun = Runner(loaded).run()
     result["rerun_cached"] = rerun.stage("train").cached
     result["resumed"] = resume_and_force(work, manifest["summary"]["data"]["final_checkpoint"])
+    result["lease_lost"] = lease_lost_mid_training(work)
     with open(out_json, "w") as f:
         json.dump(result, f, indent=1, default=str)
     ray.shutdown()
@@ -201,6 +202,82 @@ def resume_and_force(work: str, checkpoint: str) -> dict:
     b = ckpt.load_full_model(out["forced"]["summary"]["final_checkpoint"]).state_dict()
     out["forced_same_weights"] = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     return out
+
+
+def lease_lost_mid_training(work: str) -> dict:
+    """A long training whose stage lease is taken over mid-run (as a second run does when the
+    first was paused past its lease): the Ray Train run stops at its next logged step, and the
+    stage commits nothing."""
+    import glob
+    import threading
+    import time
+    import uuid
+
+    from pipeline.locks import LOCK_FILE
+    from pipeline.runner import Runner
+
+    steps = 4000  # minutes of training, were it not stopped
+    train_config = {**TRAIN_CONFIG, "loop": {**TRAIN_CONFIG["loop"], "steps": steps, "log_every": 5, "eval_every": 0, "norms_every": 0},
+                    "checkpoint": {"every": 10000}, "cluster": {**TRAIN_CONFIG["cluster"], "num_workers": 1}}
+    yaml_path = os.path.join(work, "lease.yaml")
+    with open(yaml_path, "w") as f:
+        f.write(textwrap.dedent(f"""
+            name: train-lease-test
+            work_dir: {work}/work
+            seed: 7
+            stages:
+              tokenize:
+                uses: test_token_shards
+              train:
+                uses: train
+                inputs: [tokenize.train]
+                config: {json.dumps(train_config)}
+            """))
+    os.environ["LMPIPE_LEASE_TTL_S"] = "4"  # the holder renews every second: it learns of the take-over at once
+    loaded = load_config(yaml_path)
+    taken: dict = {}
+
+    def take_over() -> None:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            runs = [d for d in glob.glob(f"{work}/work/train/*/ray-train-*")
+                    if not os.path.exists(os.path.join(os.path.dirname(d), "_manifest.json"))]
+            if runs:  # the Ray Train run is being started: its workers learn of the take-over when they train
+                lock = os.path.join(os.path.dirname(runs[0]), LOCK_FILE)
+                with open(lock, "w") as f:  # another run's lease now (a plain overwrite: the holder's next beat fails)
+                    json.dump({"token": uuid.uuid4().hex, "pid": 1, "host": "elsewhere", "beat": 0}, f)
+                taken["at"] = time.monotonic()
+                taken["stage_dir"] = os.path.dirname(runs[0])
+                return
+            time.sleep(0.5)
+
+    Runner(loaded).run(only="tokenize")  # committed already by the first pipeline: cached
+    thread = threading.Thread(target=take_over, daemon=True)
+    thread.start()
+    started = time.monotonic()
+    try:
+        Runner(loaded).run(only="train", force=True)
+        error = None
+    except Exception as e:
+        error = f"{type(e).__name__}: {e}"
+    finally:
+        os.environ.pop("LMPIPE_LEASE_TTL_S", None)
+    ended = time.monotonic()
+    thread.join(5)
+    from mlflow import MlflowClient
+
+    client = MlflowClient(loaded.resolved.tracking_uri())
+    experiment = client.get_experiment_by_name(loaded.resolved.mlflow.experiment)
+    [run] = client.search_runs([experiment.experiment_id], "tags.`lmpipe.stage` = 'train'", order_by=["attributes.start_time DESC"],
+                               max_results=1)  # this pipeline's train run: the latest
+    return {
+        "logged_steps": sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss")),
+        "error": error,
+        "taken": "at" in taken,
+        "stopped_s_after_take_over": ended - taken["at"] if "at" in taken else None,
+        "ran_s": ended - started,
+        "committed": bool(taken) and os.path.exists(os.path.join(taken["stage_dir"], "_manifest.json")),
+    }
 
 
 if __name__ == "__main__":
