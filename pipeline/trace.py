@@ -17,6 +17,7 @@ the corpus.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass, field
@@ -96,31 +97,49 @@ class Tracer:
         elif variant not in (None, BASE):
             raise TraceError(f"{loaded.path}: --variant {variant}: the file has no variants")
         self.loaded = loaded
-        runner = Runner(loaded, use_ray=False, track=False)
-        self.storage, self.work_dir = runner.storage, runner.work_dir
-        fingerprints = runner.fingerprints()
-        self.outputs: list[StageOutput] = []
-        for node in runner.order:
-            stage_dir = mf.stage_uri(self.work_dir, node.name, fingerprints[node.name].value)
-            self.outputs.append(StageOutput(node.name, node.cls.name, [r.stage for r in node.inputs], stage_dir,
-                                            mf.load_manifest(self.storage, stage_dir)))
-        self.by_name = {o.name: o for o in self.outputs}
+        self.runner = Runner(loaded, use_ray=False, track=False)
+        self.storage, self.work_dir = self.runner.storage, self.runner.work_dir
+        self._fingerprints: dict[str, str] = {}
         self.index = OutputIndex(self.storage, self.work_dir)
+
+    def _fingerprint(self, name: str) -> str:
+        """A stage's fingerprint, computed only when asked (with its inputs'): a code digest costs
+        parsing the stage's modules, and --step needs no stage after the train stage."""
+        if name not in self._fingerprints:
+            node = self.runner.by_name[name]
+            inputs = {r.stage: self._fingerprint(r.stage) for r in node.inputs}
+            self._fingerprints[name] = self.runner.fingerprint_of(node, inputs).value
+        return self._fingerprints[name]
+
+    @functools.cached_property
+    def outputs(self) -> list[StageOutput]:
+        """Every stage, in pipeline order (resolving all fingerprints)."""
+        return [self.output(n.name) for n in self.runner.order]
+
+    @functools.cache
+    def output(self, name: str) -> StageOutput:
+        node = self.runner.by_name[name]
+        stage_dir = mf.stage_uri(self.work_dir, name, self._fingerprint(name))
+        return StageOutput(name, node.cls.name, [r.stage for r in node.inputs], stage_dir, mf.load_manifest(self.storage, stage_dir))
+
+    @property
+    def by_name(self) -> dict[str, StageOutput]:
+        return {o.name: o for o in self.outputs}
 
     # -- the training stage ------------------------------------------------------------------------
     def train_stage(self, name: Optional[str]) -> StageOutput:
+        nodes = self.runner.by_name
         if name is not None:
-            if name not in self.by_name:
-                raise TraceError(f"{self.path}: --stage {name}: no such stage (stages: {', '.join(self.by_name)})")
-            out = self.by_name[name]
-            if out.uses != "train":
-                raise TraceError(f"{self.path}: --stage {name}: a {out.uses!r} stage, not a train stage")
-            return out
-        trains = [o for o in self.outputs if o.uses == "train"]
+            if name not in nodes:
+                raise TraceError(f"{self.path}: --stage {name}: no such stage (stages: {', '.join(nodes)})")
+            if nodes[name].cls.name != "train":
+                raise TraceError(f"{self.path}: --stage {name}: a {nodes[name].cls.name!r} stage, not a train stage")
+            return self.output(name)
+        trains = [n for n, node in nodes.items() if node.cls.name == "train"]
         if len(trains) != 1:
-            found = ", ".join(o.name for o in trains) or "none"
+            found = ", ".join(trains) or "none"
             raise TraceError(f"{self.path}: trace --step and --row read one train stage (found: {found})" + ("; name it with --stage" if trains else ""))
-        return trains[0]
+        return self.output(trains[0])
 
     def committed(self, out: StageOutput, why: str) -> dict[str, Any]:
         if out.manifest is None:
@@ -130,7 +149,7 @@ class Tracer:
         return out.manifest
 
     def _train_args(self, train: StageOutput) -> dict[str, Any]:
-        tokenize = self.by_name[train.inputs[0]]
+        tokenize = self.output(train.inputs[0])
         return dict(train_config=self.loaded.resolved_stage_configs[train.name],
                     seed=stage_seed(self.loaded.resolved.seed, train.name), tokenize_dir=tokenize.stage_dir,
                     tokenize_manifest=self.committed(tokenize, f"the {train.name!r} stage's sequences"), storage=self.storage)
@@ -139,11 +158,11 @@ class Tracer:
         """The stages ``name`` reads from, directly or not, in pipeline order."""
         seen, todo = set(), [name]
         while todo:
-            for parent in self.by_name[todo.pop()].inputs:
-                if parent not in seen:
-                    seen.add(parent)
-                    todo.append(parent)
-        return [o for o in self.outputs if o.name in seen]
+            for ref in self.runner.by_name[todo.pop()].inputs:
+                if ref.stage not in seen:
+                    seen.add(ref.stage)
+                    todo.append(ref.stage)
+        return [self.output(n.name) for n in self.runner.order if n.name in seen]
 
     # -- questions ---------------------------------------------------------------------------------
     def step(self, step: int, rank: Optional[int], position: Optional[int], stage: Optional[str] = None) -> dict[str, Any]:
@@ -176,6 +195,7 @@ class Tracer:
             args = self._train_args(train) if train else dict(train_config=None, seed=0, tokenize_dir=tokenize.stage_dir,
                                                                 tokenize_manifest=tokenize.manifest, storage=self.storage)
             doc.sequences += registry.trace_document_sequences(**args, doc_id=doc_id, lookup=self.index.lookup)
+        doc.sequences.sort(key=lambda s: (s.split != "train", s.seq_id, s.step or 0))  # seq_id order: the document's own
         return {"pipeline": self.loaded.resolved.name, "variant": self.variant, "document": doc}
 
     def histories(self, doc_ids: list[str], stages: list[StageOutput]) -> list[DocumentTrace]:
@@ -286,7 +306,7 @@ def _document_lines(doc: DocumentTrace) -> list[str]:
     for r in doc.stages:
         status = r.status + (f": {r.reason}" if r.reason else "")
         lines.append(f"  {r.stage:<18} {status}")
-        lines += _fields(r.fields, "      ")
+        lines += _fields({k: v for k, v in r.fields.items() if v is not None}, "      ")  # --json keeps the nulls
     lines.append(f"  => {doc.fate}")
     return lines
 
