@@ -196,7 +196,9 @@ class Tracer:
                                                                 tokenize_manifest=tokenize.manifest, storage=self.storage)
             doc.sequences += registry.trace_document_sequences(**args, doc_id=doc_id, lookup=self.index.lookup)
         doc.sequences.sort(key=lambda s: (s.split != "train", s.seq_id, s.step or 0))  # seq_id order: the document's own
-        return {"pipeline": self.loaded.resolved.name, "variant": self.variant, "document": doc}
+        return {"pipeline": self.loaded.resolved.name, "variant": self.variant, "document": doc,
+                "tokenized_by": [o.name for o in self.outputs if o.uses == "tokenize" and o.manifest is not None],
+                "trained_by": [t.name for t in trains]}
 
     def histories(self, doc_ids: list[str], stages: list[StageOutput]) -> list[DocumentTrace]:
         """Each document's row in every committed output (of ``stages``) that has an ``id`` column."""
@@ -293,10 +295,10 @@ def _fields(fields: dict[str, Any], indent: str, width: int = 110) -> list[str]:
     return lines
 
 
-def _sequence_line(s: TracedSequence) -> str:
+def _sequence_line(s: TracedSequence, trained: bool = True) -> str:
     where = f"{s.split} shard {s.shard} row {s.row} (seq_id {s.seq_id}, source {s.source})"
     if s.step is None:
-        return where + (": not read by training" if s.split == "train" else "")
+        return where + (": not read by training" if s.split == "train" and trained else "")
     return (f"step {s.step} rank {s.rank} position {s.position} (micro-batch {s.micro_batch}, epoch {s.epoch},"
             f" global position {s.global_position}): {where}")
 
@@ -328,11 +330,16 @@ def format_text(answer: dict[str, Any]) -> str:
         doc = answer["document"]
         lines.append(f"{head}:")
         lines += _document_lines(doc)
+        trained = bool(answer.get("trained_by"))
         if doc.sequences:
             reads = [s for s in doc.sequences if s.step is not None]
             rows = {(s.shard, s.row) for s in doc.sequences}
-            lines.append(f"  in {len(rows)} token sequence(s), read {len(reads)} time(s) by training:")
+            said = f"read {len(reads)} time(s) by training" if trained else "no train stage reads them"
+            lines.append(f"  in {len(rows)} token sequence(s), {said}:")
             for s in doc.sequences:
                 seg = next(g for g in s.segments if g.doc_id == doc.doc_id)
-                lines.append(f"    {_sequence_line(s)}; tokens {seg.start}-{seg.start + seg.tokens - 1} (copy {seg.copy_})")
+                lines.append(f"    {_sequence_line(s, trained)}; tokens {seg.start}-{seg.start + seg.tokens - 1} (copy {seg.copy_})")
+        elif answer.get("tokenized_by") and doc.fate.startswith("kept"):
+            lines.append(f"  in no token sequence of {', '.join(answer['tokenized_by'])} (its source has no share in the"
+                         f" mixture, or its last tokens fell in the tail a split drops)")
     return "\n".join(lines).rstrip() + "\n"

@@ -228,6 +228,10 @@ def test_cli_text_json_and_one_line_errors(traced, capsys):
     assert main(["trace", str(traced / "data.yaml"), "--step", "1"]) == 1
     err = capsys.readouterr().err
     assert "trace --step and --row read one train stage (found: none)" in err and err.count("\n") == 1
+    # without a train stage a document still leads to the shard rows that hold it
+    assert main(["trace", str(traced / "data.yaml"), "--doc", doc_id]) == 0
+    out = capsys.readouterr().out
+    assert "token sequence(s), no train stage reads them:" in out and "not read by training" not in out
 
 
 def test_a_variant_is_traced_with_its_own_training_order(traced, tracer):
