@@ -267,6 +267,7 @@ def cmd_eval_table(args: argparse.Namespace) -> int:
     that wrote them, found through the registry, only renders them."""
     from pipeline import lineage
     from pipeline import storage as st
+    from pipeline.evaluations import evaluate_rows
     from pipeline.registry import get_stage_class
 
     target = args.target
@@ -277,57 +278,23 @@ def cmd_eval_table(args: argparse.Namespace) -> int:
         from pipeline.tracking import stage_output_of_run
 
         stage_dir = stage_output_of_run(_tracking_uri(args), target, uses="evaluate")
-    rows = _evaluate_rows(storage, stage_dir)
+    rows = evaluate_rows(storage, stage_dir)
     print(get_stage_class("evaluate").render_table(rows, "csv" if args.csv else "markdown"), end="")
     return 0
-
-
-def _evaluate_rows(storage, stage_dir: str) -> list[dict]:
-    """The ``data`` rows of a committed evaluate output (read here, on the pipeline side)."""
-    from pipeline import manifest as mf
-    from pipeline.io import read_table
-
-    manifest = mf.load_manifest(storage, stage_dir)
-    if manifest is None:
-        raise FileNotFoundError(f"{stage_dir}: no committed stage output")
-    if manifest.get("uses") != "evaluate":
-        raise ValueError(f"{stage_dir}: stage {manifest.get('stage')!r} is a {manifest.get('uses')!r} stage, not evaluate")
-    files = mf.dataset_files(manifest, stage_dir, "data")
-    return read_table(storage, files).to_pylist() if files else []
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
     """Every variant's evaluation against the base and the base's seed noise; the table, CSV and
     plot also go to the file's latest ablation run in MLflow."""
-    from pipeline import manifest as mf
-    from pipeline.runner import Runner
-    from pipeline.registry import get_stage_class
-    from pipeline.variants import expand_variants
+    from pipeline.evaluations import compare_variants, evaluate_stage
 
     loaded = _load(args)
-    evaluate = [args.stage] if args.stage else [name for name, e in loaded.declared.stages.items() if e.uses == "evaluate"]
-    if len(evaluate) != 1 or evaluate[0] not in loaded.declared.stages:
-        found = ", ".join(evaluate) or "none"
-        raise ConfigError(f"{loaded.path}: compare reads one evaluate stage (found: {found}); name it with --stage")
-    stage = evaluate[0]
-    variants = expand_variants(loaded)
-    results, missing = {}, []
-    for v in variants:  # each variant's output is where its fingerprint puts it
-        runner = Runner(v.loaded, use_ray=False, track=False)
-        stage_dir = mf.stage_uri(runner.work_dir, stage, runner.fingerprints()[stage].value)
-        if mf.load_manifest(runner.storage, stage_dir) is None:
-            missing.append(v.name)
-            continue
-        results[v.name] = _evaluate_rows(runner.storage, stage_dir)
-    if "base" not in results:
-        raise FileNotFoundError(f"{loaded.path}: the base has no committed {stage!r} output; run `lmpipe run {args.config}` first")
-    base_runs = [v.name for v in variants if v.is_base or v.seed_repeat]
-    comparison = get_stage_class(loaded.declared.stages[stage].uses).compare_outputs(
-        results, base_runs, sigmas=args.sigmas, title=loaded.declared.name)
+    found = compare_variants(loaded, evaluate_stage(loaded, args.stage), args.sigmas)
+    comparison = found.comparison
     table, csv_text = comparison.markdown, comparison.csv
     print(csv_text if args.csv else table, end="")
-    if missing:
-        print(f"not evaluated yet (run them first): {', '.join(missing)}", file=sys.stderr)
+    if found.missing:
+        print(f"not evaluated yet (run them first): {', '.join(found.missing)}", file=sys.stderr)
     artifacts = {"comparison/comparison.md": table.encode(), "comparison/comparison.csv": csv_text.encode()}
     if comparison.png:
         artifacts["comparison/validation_bpb.png"] = comparison.png
@@ -374,6 +341,29 @@ def cmd_trace(args: argparse.Namespace) -> int:
         print(f"lmpipe: trace: {e}", file=sys.stderr)
         return 1
     print(to_json(answer) if args.json else format_text(answer), end="\n" if args.json else "")
+    return 0
+
+
+def cmd_release(args: argparse.Namespace) -> int:
+    """A release bundle of the file's committed runs, or (--verify) a bundle checked against its digests."""
+    from pipeline import storage as st
+    from pipeline.release.bundle import SUMS, BundleInvalid, make_release, verify_bundle
+    from pipeline.release.records import ReleaseRefused
+
+    if bool(args.verify) == bool(args.out):
+        raise ConfigError("lmpipe release: give FILE --out DIR (make a bundle) or --verify DIR [FILE] (check one)")
+    try:
+        if args.verify:
+            n = verify_bundle(_load(args).storage if args.config else st.Storage(), args.verify)
+            print(f"{args.verify}: all {n} files match {SUMS}")
+            return 0
+        if not args.config:
+            raise ConfigError("lmpipe release: --out needs the pipeline FILE whose runs it releases")
+        digests = make_release(_load(args), args.out)
+    except (ReleaseRefused, BundleInvalid) as e:
+        print(f"lmpipe release: {e}", file=sys.stderr)
+        return 1
+    print(f"release of {args.config}: {len(digests)} files and {SUMS} in {args.out}")
     return 0
 
 
@@ -521,6 +511,13 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--stage", help="the train stage (default: the pipeline's only one)")
     tr.add_argument("--json", action="store_true")
     tr.set_defaults(func=cmd_trace)
+
+    rl = sub.add_parser("release", help="a bundle of the committed runs (cards, export, pipeline file, code version, training"
+                                         " logs, ablation) with the sha256 of every file; --verify checks one")
+    rl.add_argument("config", nargs="?", metavar="FILE", help="the pipeline file (with --verify: only for its storage options)")
+    rl.add_argument("--out", help="the bundle's folder, local or s3:// (must not hold files yet)")
+    rl.add_argument("--verify", metavar="DIR", help="check a bundle: every file against SHA256SUMS, none missing or extra")
+    rl.set_defaults(func=cmd_release)
 
     fd = sub.add_parser("fetch-demo-data", help="download (pip, checksummed) and write the demo corpus")
     fd.add_argument("--out", default="data/demo")

@@ -106,6 +106,25 @@ class VariantConfig(StrictModel):
     stages: dict[str, VariantStage] = Field(default_factory=dict)
 
 
+class ReleaseSource(StrictModel):
+    """What a data card says about one ingested source that its records cannot: its licence."""
+
+    license: str = Field(description="the source's licence as it should be cited (an SPDX id, or its words)")
+    homepage: Optional[str] = Field(default=None, description="where the source is published")
+
+
+class ReleaseConfig(StrictModel):
+    """What ``lmpipe release`` writes into the cards beside what the records say (never part of a
+    fingerprint: editing it recomputes nothing)."""
+
+    license: Optional[str] = Field(default=None, description="the model's licence, a Hugging Face licence id (apache-2.0, mit,"
+                                                             " other, ...); default: unknown")
+    dataset_license: Optional[str] = Field(default=None, description="the dataset card's licence id (default: the sources' one"
+                                                                     " licence when they share it, else other)")
+    base_model: Optional[str] = Field(default=None, description="the model this one was trained from, if any (a hub id)")
+    sources: dict[str, ReleaseSource] = Field(default_factory=dict, description="ingest source name -> its licence")
+
+
 class PipelineConfig(StrictModel):
     name: str = Field(min_length=1)
     work_dir: PathStr
@@ -116,6 +135,7 @@ class PipelineConfig(StrictModel):
     stages: dict[str, StageEntry] = Field(min_length=1)
     variants: dict[str, VariantConfig] = Field(default_factory=dict, description="an ablation: named variants of the pipeline"
                                                                                  " (lmpipe run runs the base and each)")
+    release: ReleaseConfig = Field(default_factory=ReleaseConfig, description="licences and base model for lmpipe release's cards")
 
     @field_validator("stages")
     @classmethod

@@ -680,3 +680,34 @@ def existing_store(tracking_uri: str) -> str:
             raise FileNotFoundError(f"no MLflow store at {path} (tracking URI {tracking_uri}): nothing has run with it yet,"
                                     " or the path is mistyped")
     return tracking_uri
+
+
+@dataclass(frozen=True)
+class MetricPoint:
+    """One logged value of a metric, as the store holds it."""
+
+    key: str
+    step: int
+    timestamp_ms: int
+    value: float
+
+
+def computing_run_metrics(tracking_uri: str, experiment: str, fingerprint: str, attempt: str) -> Optional[tuple[str, list[MetricPoint]]]:
+    """(run id, every logged value of every metric, ordered by key, step, time) of the stage run
+    that computed the committed ``attempt`` of the output ``fingerprint`` -- not a later run that
+    found it cached; None when the store holds no such run."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=existing_store(tracking_uri))
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`lmpipe.fingerprint` = '{fingerprint}' and tags.`lmpipe.attempt` = '{attempt}'"
+                                                                 " and tags.`lmpipe.cached` = 'false'",
+                              order_by=["attributes.start_time ASC"], max_results=5)
+    if not runs:
+        return None
+    run = runs[0]
+    points = [MetricPoint(m.key, int(m.step), int(m.timestamp), float(m.value))
+              for key in sorted(run.data.metrics) for m in client.get_metric_history(run.info.run_id, key)]
+    return run.info.run_id, sorted(points, key=lambda p: (p.key, p.step, p.timestamp_ms, p.value))
