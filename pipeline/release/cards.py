@@ -69,9 +69,9 @@ def data_card(records: ReleaseRecords) -> str:
 
 
 def _sources_table(records: ReleaseRecords) -> str:
-    rows = [[s.name, s.license or "unspecified (set release.sources in the pipeline file)", s.uri, len(s.files), s.bytes,
+    rows = [[s.name, s.license or "unspecified (set release.sources in the pipeline file)", s.homepage, s.uri, len(s.files), s.bytes,
              s.identity, s.digest] for s in records.sources]
-    return _table(["source", "licence", "location", "files", "bytes", "identity", "digest"], rows) if rows else "No source stages.\n"
+    return _table(["source", "licence", "homepage", "location", "files", "bytes", "identity", "digest"], rows) if rows else "No source stages.\n"
 
 
 def _stages_table(records: ReleaseRecords) -> str:
@@ -190,12 +190,13 @@ def model_card(records: ReleaseRecords, export_config: dict[str, Any], training_
         meta["model-index"] = index
     arch = ", ".join(export_config.get("architectures") or []) or "unknown"
     out = [_front_matter(meta), f"# {declared.name}\n",
-           f"A `{arch}` language model trained from scratch by the pipeline `{declared.name}` (stage `{train.name}`,"
+           f"A `{arch}` language model trained {'from `' + declared.release.base_model + '`' if declared.release.base_model else 'from scratch'}"
+           f" by the pipeline `{declared.name}` (stage `{train.name}`,"
            f" fingerprint `{train.manifest['fingerprint']}`). This card is rendered by `lmpipe release` from the pipeline's"
            " records; the pipeline file and the code version that produced it are in `../pipeline/` and"
            " `../code_version.json`.\n",
            "## Training\n",
-           _table(["", ""], [["steps", t["steps"]], ["tokens seen", t["tokens_seen"]], ["parameters", t.get("num_params")],
+           _table(["training", "value"], [["steps", t["steps"]], ["tokens seen", t["tokens_seen"]], ["parameters", t.get("num_params")],
                              ["workers", t.get("world_size")], ["final training loss", t.get("final_loss")],
                              ["final validation loss", t.get("final_val_loss")], ["skipped steps", len(t.get("skipped_steps") or [])]]),
            "Model shape:\n", _table(["field", "value"], [[k, v] for k, v in sorted((t.get("model") or {}).items())])]

@@ -87,7 +87,8 @@ class ReleaseRecords:
     comparison: Optional[VariantComparison]
 
     def of_kind(self, kind: str) -> list[StageRecord]:
-        return [s for s in self.stages if s.summary_kind == kind]
+        """The stages whose summary is of this kind (``train``, ``tokenize``, ``dedup``, ...), in pipeline order."""
+        return _of_kind(self.stages, kind)
 
 
 def gather(loaded: LoadedConfig) -> ReleaseRecords:
@@ -108,21 +109,24 @@ def gather(loaded: LoadedConfig) -> ReleaseRecords:
     if missing:
         raise ReleaseRefused(f"{loaded.path}: not committed at this file's config and code: {', '.join(missing)};"
                              f" run `lmpipe run {loaded.path}` first")
-    records = ReleaseRecords(loaded, storage, stages, _sources(loaded, stages), None, None, {}, None)
-    trains = records.of_kind("train")
+    trains = _of_kind(stages, "train")
     if len(trains) > 1:
         raise ReleaseRefused(f"{loaded.path}: a release holds one model; stages {', '.join(s.name for s in trains)} each train one")
     train = trains[0] if trains else None
     if train is not None and not train.summary().get("hf_export"):
         raise ReleaseRefused(f"{loaded.path}: stage {train.name!r} has no Hugging Face export ({train.summary().get('hf_export_error')})")
-    evaluations = {s.name: evaluate_rows(storage, s.stage_dir) for s in records.of_kind("evaluate")}
+    evaluations = {s.name: evaluate_rows(storage, s.stage_dir) for s in _of_kind(stages, "evaluate")}
     comparison = None
     if loaded.declared.variants:
         comparison = compare_variants(loaded, evaluate_stage(loaded), COMPARISON_SIGMAS)
         if comparison.missing:
             raise ReleaseRefused(f"{loaded.path}: variants not evaluated yet: {', '.join(comparison.missing)};"
                                  f" run `lmpipe run {loaded.path}` first")
-    return ReleaseRecords(loaded, storage, stages, records.sources, train, _training_log(loaded, train), evaluations, comparison)
+    return ReleaseRecords(loaded, storage, stages, _sources(loaded, stages), train, _training_log(loaded, train), evaluations, comparison)
+
+
+def _of_kind(stages: list[StageRecord], kind: str) -> list[StageRecord]:
+    return [s for s in stages if s.summary_kind == kind]
 
 
 def _sources(loaded: LoadedConfig, stages: list[StageRecord]) -> list[Source]:
