@@ -117,9 +117,53 @@ def _resiliparse(options: dict) -> Callable[[str], str]:
     kwargs = {"main_content": True, "preserve_formatting": True, "alt_texts": False, "links": False, **options}
 
     def run(html: str) -> str:
-        return extract_plain_text(HTMLTree.parse(html), **kwargs)
+        tree = HTMLTree.parse(html)
+        if kwargs["main_content"]:
+            keep_shallow_lists(tree)
+        return extract_plain_text(tree, **kwargs)
 
     return run
+
+
+# resiliparse's main-content rules: a <ul> fewer than this many levels below <body> is dropped as
+# navigation, and a list whose link text is over this share of its text is a link cluster
+_SHALLOW_LIST_DEPTH = 4
+_LINK_CLUSTER_RATIO = 0.2
+
+
+def keep_shallow_lists(tree) -> None:
+    """Keep the bullet lists of flat pages in resiliparse's main content.
+
+    resiliparse drops every <ul> fewer than four levels below <body> as navigation, whatever it
+    holds, so the bullet points of a page with flat markup (docutils and Sphinx pages, hand-written
+    HTML) vanish from the text, a whole page when its body is one list. Navigation is a list of
+    links: a shallow list that is *not* a link cluster by resiliparse's own test (link text at
+    most 20% of its text) is moved under plain <div>s to that depth, where resiliparse's other
+    rules (class and id names, link clusters) still judge it."""
+    body = tree.body
+    if body is None:
+        return
+    for ul in body.get_elements_by_tag_name("ul"):
+        depth, node = 0, ul
+        while node is not None and node.tag != "body":
+            depth, node = depth + 1, node.parent
+        if node is None or depth >= _SHALLOW_LIST_DEPTH:
+            continue
+        text = _collapsed_bytes(ul.text)
+        links = sum(_collapsed_bytes(a.text) for a in ul.get_elements_by_tag_name("a"))
+        if text == 0 or links / text > _LINK_CLUSTER_RATIO:
+            continue
+        parent = ul.parent
+        wrapper = tree.create_element("div")
+        parent.replace_child(wrapper, ul)
+        inner = wrapper
+        for _ in range(_SHALLOW_LIST_DEPTH - depth - 1):
+            inner = inner.append_child(tree.create_element("div"))
+        inner.append_child(ul)
+
+
+def _collapsed_bytes(text: str) -> int:
+    return len(" ".join(text.split()).encode())
 
 
 def _trafilatura(options: dict) -> Callable[[str], str]:
@@ -128,10 +172,28 @@ def _trafilatura(options: dict) -> Callable[[str], str]:
     kwargs = {"include_tables": True, "include_comments": False, "deduplicate": False, "output_format": "txt",
               "with_metadata": False, **options}
 
+    from trafilatura.utils import load_html
+
     def run(html: str) -> str:
-        return trafilatura.extract(html, **kwargs) or ""
+        tree = load_html(html)
+        if tree is None:
+            return ""
+        keep_quoted_code(tree)
+        return trafilatura.extract(tree, **kwargs) or ""
 
     return run
+
+
+def keep_quoted_code(tree) -> None:
+    """Keep the line breaks and indentation of code blocks that sit in a <blockquote>.
+
+    trafilatura turns a <blockquote> into a quote and collapses the whitespace of everything in
+    it, <pre> included, so an indented code block (docutils writes doctest blocks as
+    <blockquote><pre>) comes out as one line. A blockquote that holds a <pre> is read as a plain
+    <div>: the same text, with the <pre> handled as code."""
+    for quote in tree.iter("blockquote"):
+        if quote.find(".//pre") is not None:
+            quote.tag = "div"
 
 
 def _function(path: str) -> Callable[[str], str]:

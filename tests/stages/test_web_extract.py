@@ -11,6 +11,7 @@ import pyarrow as pa
 import pytest
 
 from bench.extract_quality import code_lines_kept, recall_precision
+from stages.web import extractors
 from stages.web.extract_html import ExtractConfig, ExtractHtml
 from stages.web.pages import lxml_doc_pages
 from tests.stages.web_extractors import CRASH, GREEDY, HANG
@@ -150,3 +151,26 @@ def test_crawl_to_text_pipeline_on_ray(ray_local, pipeline_file, tmp_path, pages
     # another extractor is another output; the crawl is reused
     other = Runner(load_config(pipeline_file(body.replace("EXTRACTOR", "trafilatura"), name="other.yaml"))).fingerprints()
     assert other["crawl"].value == report.stage("crawl").fingerprint and other["extract"].value != report.stage("extract").fingerprint
+
+
+PARAGRAPH = "<p>" + "The parser reads the whole document and builds a tree of elements from it. " * 4 + "</p>"
+
+
+def test_flat_pages_keep_their_bullet_lists_and_still_drop_link_menus():
+    # resiliparse alone drops every <ul> fewer than four levels below <body> as navigation
+    html = ("<html><body><div class='section'><h1>Aims</h1>" + PARAGRAPH
+            + "<ul><li>Standards-compliant XML support.</li><li>Safe, no segfaults.</li></ul>"
+            + "<ul><li><a href='/'>Home page</a></li><li><a href='/about'>About us</a></li></ul>" + PARAGRAPH
+            + "</div></body></html>")
+    text = extractors.load("resiliparse", {})(html)
+    assert "Standards-compliant XML support." in text and "Safe, no segfaults." in text
+    assert "Home page" not in text and "About us" not in text
+
+
+def test_code_in_a_blockquote_keeps_its_line_breaks_and_indentation():
+    # docutils writes doctest blocks as <blockquote><pre>; trafilatura alone collapses them to one line
+    html = ("<html><body><div class='document'><h1>Tutorial</h1>" + PARAGRAPH
+            + "<blockquote><pre class='doctest-block'>\n&gt;&gt;&gt; def prettyprint(element):\n"
+              "...     print(etree.tostring(element))\n</pre></blockquote>" + PARAGRAPH + "</div></body></html>")
+    lines = extractors.load("trafilatura", {})(html).splitlines()
+    assert ">>> def prettyprint(element):" in lines and "...     print(etree.tostring(element))" in lines
