@@ -33,7 +33,7 @@ import time
 from typing import Any, ClassVar, Literal, Optional
 
 import pyarrow as pa
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from pipeline import manifest as mf
 from pipeline import storage as st
@@ -45,42 +45,18 @@ from pipeline.tracking import DatasetRef
 from stages.evaluate import lmeval_stage, report
 from stages.evaluate.lmeval_stage import LmEvalTaskEntry
 from stages.scoring.batching import DEFAULT_BATCH_TOKENS, DEFAULT_MAX_BATCH_SIZE
-from stages.scoring.metrics import aggregate
-from stages.scoring.tasks import PromptFormat, build_requests, load_mc_task
+from stages.scoring.entries import TaskEntry, TextSetEntry
+from stages.scoring.jobs import (JobSettings, checkpoint_jobs, result_rows, special_tokens, stored_result, task_jobs, text_set_jobs,
+                                 validation_job)
+from stages.scoring.tasks import load_mc_task
 from stages.summaries.evaluate import BadTaskLine, EvaluatedCheckpoint, EvaluatedTask, EvaluateSummary, EvaluationTiming
-from stages.evaluate.worker import EvalJob, TaskJob, TextJob, run_job
+from stages.evaluate.worker import EvalJob, TextJob, run_job
 from stages.summaries.tokenize import TokenizeSummary
 from stages.summaries.train import TrainSummary
 
 log = logging.getLogger("lmpipe")
 
 MAX_REPORTED_BAD_LINES = 100
-
-
-class TaskEntry(StrictModel):
-    name: str = Field(min_length=1, description="built-in task (mmlu) or a name for the file in path")
-    path: Optional[PathStr] = Field(default=None, description="JSONL task file (id, context, choices, gold), local or s3://")
-    shots: list[int] = Field(default_factory=lambda: [0], description="few-shot counts to evaluate, e.g. [0, 5]")
-    prompt: Optional[Literal["plain", "mmlu"]] = Field(default=None, description="prompt format; default mmlu for the built-in mmlu, else plain")
-    limit: Optional[int] = Field(default=None, ge=1, description="evaluate this many examples, spread evenly over the task")
-
-    @field_validator("shots")
-    @classmethod
-    def _shots(cls, v):
-        if not v or any(s < 0 for s in v) or len(set(v)) != len(v):
-            raise ValueError("shots must be distinct non-negative integers")
-        return v
-
-    def prompt_format(self) -> PromptFormat:
-        return self.prompt or ("mmlu" if self.name == "mmlu" and self.path is None else "plain")
-
-
-class TextSetEntry(StrictModel):
-    name: str = Field(min_length=1)
-    path: PathStr = Field(description="JSONL (.jsonl, .jsonl.gz, .jsonl.zst) or Parquet file of documents")
-    text_field: str = "text"
-    domain_field: Optional[str] = Field(default=None, description="column with each document's domain (default: one domain, the set's name)")
-    max_docs: Optional[int] = Field(default=None, ge=1)
 
 
 class EvaluateConfig(StrictModel):
@@ -172,31 +148,32 @@ class Evaluate(DatasetStage):
         loaded_tasks = [(entry, load_mc_task(entry.name, entry.path, ctx.storage)) for entry in c.tasks]
         lmeval_tasks = lmeval_stage.load_tasks(c.lm_eval_tasks, ctx.storage)
         bad_report = (self._report_bad_lines(ctx, loaded_tasks) + lmeval_stage.bad_lines(lmeval_tasks))[:MAX_REPORTED_BAD_LINES]
-        task_groups = []
-        for entry, lt in loaded_tasks:
-            jobs = tuple(TaskJob(f"{entry.name}_{k}shot", tuple(build_requests(lt.task, entry.prompt_format(), k, entry.limit)))
-                         for k in entry.shots)
-            task_groups.append(jobs)
+        task_groups = [task_jobs(lt.task, entry.prompt_format(), entry.shots, entry.limit, entry.name) for entry, lt in loaded_tasks]
         text_jobs, text_digests = self._text_jobs(ctx, tokenize)
 
         device, num_gpus = self._device(ctx)
-        common = dict(storage=ctx.storage, device=device, dtype=c.dtype, threads=max(1, int(c.cpus_per_task)), batch_tokens=c.batch_tokens,
-                      max_batch_size=c.max_batch_size, share_context=c.share_context, hf_runtime=c.hf_runtime)
+        settings = JobSettings(storage=ctx.storage, device=device, dtype=c.dtype, threads=max(1, int(c.cpus_per_task)),
+                               batch_tokens=c.batch_tokens, max_batch_size=c.max_batch_size, share_context=c.share_context,
+                               hf_runtime=c.hf_runtime)
         jobs: list[EvalJob] = []
         for ck in checkpoints:
             tokenizer_json, tok_info = tokenizers[ck["path"]]
-            own = dict(tokenizer_json=tokenizer_json, prefix_token=tok_info["prefix_token"], eos_token=tok_info["eos_token"], meta=ck, **common)
-            for group in task_groups:
-                jobs.append(EvalJob(checkpoint=ck["path"], tasks=group, **own))
-            for lt in lmeval_tasks:
-                jobs.append(EvalJob(checkpoint=ck["path"], lmeval=lt.jobs, **own))
-            if text_jobs:
-                jobs.append(EvalJob(checkpoint=ck["path"], texts=tuple(text_jobs), **own))
+            jobs += checkpoint_jobs(ck["path"], tokenizer_json, tok_info["prefix_token"], tok_info["eos_token"], task_groups, text_jobs,
+                                    settings, lmeval_groups=[lt.jobs for lt in lmeval_tasks], meta=ck)
         log.info("[%s] %d checkpoint(s) x %d task group(s) = %d evaluation task(s) on %s", ctx.stage_name, len(checkpoints),
                  len(task_groups) + len(lmeval_tasks) + bool(text_jobs), len(jobs), device)
+        # what the train stage's checkpoint evaluation scored under the same fingerprint is read, not recomputed
+        results: list[Optional[dict[str, Any]]] = [stored_result(j) for j in jobs]
+        todo = [i for i, r in enumerate(results) if r is None]
+        if len(todo) < len(jobs):
+            log.info("[%s] %d of %d evaluation task(s) were scored during training (same fingerprint): reused", ctx.stage_name,
+                     len(jobs) - len(todo), len(jobs))
         env = {"OMP_NUM_THREADS": str(max(1, int(c.cpus_per_task))), "TOKENIZERS_PARALLELISM": "false"}
-        results = ctx.fan_out.map(run_job, [(j,) for j in jobs], step="evaluate", num_cpus=c.cpus_per_task, num_gpus=num_gpus,
-                                  env=env, max_parallel=c.max_parallel)
+        if todo:
+            computed = ctx.fan_out.map(run_job, [(jobs[i],) for i in todo], step="evaluate", num_cpus=c.cpus_per_task, num_gpus=num_gpus,
+                                       env=env, max_parallel=c.max_parallel)
+            for i, res in zip(todo, computed):
+                results[i] = res
 
         rows, example_rows, timings = self._collect(results, train_info)
         self._write(ctx, rows, example_rows, lmeval_stage.sample_rows(results, lmeval_tasks))
@@ -215,6 +192,7 @@ class Evaluate(DatasetStage):
             ctx.log_artifact("eval_metrics.png", png)
         ctx.log_metric("checkpoints_evaluated", len(checkpoints))
         ctx.log_metric("evaluation_tasks", len(jobs))
+        ctx.log_metric("evaluation_tasks_reused", len(jobs) - len(todo))
         ctx.set_summary(EvaluateSummary(
             checkpoints=[EvaluatedCheckpoint(**ck) for ck in checkpoints], device=device,
             tokenizer=", ".join(sorted({info["source"] for _, info in tokenizers.values()})),
@@ -222,7 +200,7 @@ class Evaluate(DatasetStage):
                                          prompt=e.prompt_format(), limit=e.limit, skipped_lines=lt.skipped) for e, lt in loaded_tasks}
             | {name: EvaluatedTask(**entry) for name, entry in lmeval_stage.summary_entries(lmeval_tasks).items()},
             bad_lines=[BadTaskLine(**b) for b in bad_report], text_sets=text_digests, timings=[EvaluationTiming(**t) for t in timings],
-            wall_seconds=round(time.perf_counter() - t0, 3), table=table_md,
+            wall_seconds=round(time.perf_counter() - t0, 3), table=table_md, reused_jobs=len(jobs) - len(todo),
         ))
         log.info("[%s] results:\n%s", ctx.stage_name, table_md)
 
@@ -260,8 +238,6 @@ class Evaluate(DatasetStage):
     def _tokenizer(self, ctx: StageContext, tokenize, checkpoint: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         """A checkpoint's tokenizer: config.tokenizer, else the tokenize stage's upstream, else the
         model's own (a Hugging Face folder's tokenizer.json, its BOS/EOS from its config.json)."""
-        from tokenizers import Tokenizer
-
         c = self.config
         summary, stage = tokenize if tokenize else (None, None)
         bos = eos = None
@@ -281,21 +257,10 @@ class Evaluate(DatasetStage):
                 bos, eos = cfg.get("bos_token_id"), cfg.get("eos_token_id")
                 bos, eos = (bos[0] if isinstance(bos, list) else bos), (eos[0] if isinstance(eos, list) else eos)
         text = ctx.storage.read_bytes(source).decode("utf-8")
-        tok = Tokenizer.from_str(text)
-        if bos is None:
-            bos = tok.token_to_id("<|bos|>")
-        if eos is None:
-            eos = tok.token_to_id("<|eos|>")
-        prefix = bos if bos is not None else eos
-        if prefix is None:
-            raise ValueError(f"tokenizer {source}: has neither a BOS nor an EOS token to condition empty contexts and documents on")
-        return text, {"source": source, "prefix_token": int(prefix), "eos_token": eos}
+        prefix, eos = special_tokens(text, bos, eos, source)
+        return text, {"source": source, "prefix_token": prefix, "eos_token": eos}
 
     def _text_jobs(self, ctx: StageContext, tokenize) -> tuple[list[TextJob], dict[str, str]]:
-        import numpy as np
-
-        from stages.scoring.perplexity import read_text_set
-
         c = self.config
         jobs, digests = [], {}
         if c.validation or (c.validation is None and tokenize is not None):
@@ -306,13 +271,10 @@ class Evaluate(DatasetStage):
             summary, stage = tokenize
             sample = first_per_domain(stage.dataset_files("validation"), ctx.storage, c.validation_max_sequences,
                                       summary.tokens.get("validation", {}))
-            jobs.append(TextJob("validation", "validation", tokens=sample.tokens.astype(np.int32), sources=sample.sources))
+            jobs.append(validation_job(sample))
             digests["validation"] = stage.fingerprint
-        for s in c.text_sets:
-            texts, domains, digest = read_text_set(s.path, ctx.storage, s.text_field, s.domain_field, s.name, s.max_docs)
-            jobs.append(TextJob(s.name, "text", sources=tuple(domains), texts=tuple(texts)))
-            digests[s.name] = f"sha256:{digest}"
-        return jobs, digests
+        set_jobs, set_digests = text_set_jobs(c.text_sets, ctx.storage)
+        return jobs + set_jobs, digests | set_digests
 
     def _device(self, ctx: StageContext) -> tuple[str, float]:
         c = self.config
@@ -343,14 +305,12 @@ class Evaluate(DatasetStage):
         rows: list[dict[str, Any]] = []
         examples: list[dict[str, Any]] = []
         timings: list[dict[str, Any]] = []
-        for res in results:
+        for res in results:  # a result holds one kind: tasks, lm-eval task files, or text
             step = res.get("step") if res.get("step") is not None else None
             tokens_seen = res.get("tokens_seen")
             base = {"checkpoint": res["checkpoint"], "step": step, "tokens_seen": tokens_seen}
+            rows += [{**base, **r} for r in result_rows(res)]
             for key, t in res["tasks"].items():
-                agg = aggregate(t["results"])
-                for metric in ("acc", "acc_norm", "gold_bits_per_byte"):
-                    rows.append({**base, "task": key, "metric": metric, "value": agg[metric], "stderr": agg[f"{metric}_stderr"], "n": int(agg["n"])})
                 for r in t["results"]:
                     examples.append({**base, "task": key, "id": r.id, "gold": r.gold, "pred": r.pred, "pred_norm": r.pred_norm,
                                      "lls": list(r.lls), "greedy": list(r.greedy)})
@@ -362,12 +322,6 @@ class Evaluate(DatasetStage):
             examples += lm_examples
             timings += [{**t, "device": res["device"], "node": res["node"]} for t in lm_timings]
             for key, t in res["texts"].items():
-                for domain, metrics in t["domains"].items():
-                    n = int(metrics.get("tokens", 0))
-                    for metric, value in metrics.items():
-                        if metric in ("tokens", "bytes"):
-                            continue
-                        rows.append({**base, "task": f"{key}/{domain}", "metric": metric, "value": float(value), "stderr": None, "n": n})
                 timings.append({"checkpoint": res["checkpoint"], "task": key, "seconds": round(t["seconds"], 3), "device": res["device"],
                                 "node": res["node"]})
         return rows, examples, timings

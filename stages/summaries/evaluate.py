@@ -64,3 +64,4 @@ class EvaluateSummary(StageSummary):
     timings: list[EvaluationTiming]
     wall_seconds: float
     table: str  # the Markdown table of the results
+    reused_jobs: int = 0  # evaluation tasks read from the train stage's checkpoint evaluation (same fingerprint), not recomputed

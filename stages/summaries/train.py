@@ -30,6 +30,18 @@ class SkippedStep(BaseModel):
     reason: str
 
 
+class CheckpointEvaluation(BaseModel):
+    """The train stage's checkpoint evaluation (``checkpoint_eval``) of one committed checkpoint."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    step: int
+    path: str
+    status: str  # "scored", "failed", "timed out or not run"
+    error: Optional[str] = None  # one line, when it failed
+    results: list[str] = []  # the stored results (one per evaluation task), beside the checkpoint
+
+
 class TrainSummary(StageSummary):
     kind = "train"
 
@@ -51,3 +63,4 @@ class TrainSummary(StageSummary):
     skipped_steps: list[SkippedStep] = []
     clip_events: int = 0
     resumed_from: Optional[ResumedFrom] = None  # None: trained from step 0
+    checkpoint_evaluations: list[CheckpointEvaluation] = []  # with checkpoint_eval: each kept checkpoint's evaluation

@@ -27,7 +27,9 @@ from typing import TYPE_CHECKING, Annotated, Literal, Optional
 
 from pydantic import Field, model_validator
 
-from pipeline.config import PathStr, StrictModel
+from pipeline.config import PathStr, PerformanceField, StrictModel
+from stages.scoring.batching import DEFAULT_BATCH_TOKENS, DEFAULT_MAX_BATCH_SIZE
+from stages.scoring.entries import TaskEntry, TextSetEntry
 
 if TYPE_CHECKING:
     from stages.model.transformer import ModelConfig
@@ -160,6 +162,35 @@ class InLoopEvalConfig(StrictModel):
         return self
 
 
+class CheckpointEvalConfig(StrictModel):
+    """Each checkpoint scored as it commits, by a Ray task of its own (Ray Train's checkpoint
+    validation: its own CPUs or GPU, never a training worker's; one at a time, queued; training
+    does not wait). The entries and settings are the evaluate stage's, and so are the jobs: each
+    result is stored beside its checkpoint under the job's fingerprint, and an evaluate stage
+    that asks for the same job on the same checkpoint (same entries, dtype, device, batching,
+    code) reads it instead of scoring again. Metrics go to this stage's MLflow run at the
+    checkpoint's step (``checkpoint_eval/<task>/<metric>``); a failing evaluation is one warning
+    line and a record in the summary, never a failed training."""
+
+    tasks: list[TaskEntry] = Field(default_factory=list, description="multiple-choice tasks, as the evaluate stage's tasks")
+    validation: bool = Field(default=True, description="bits per byte per source on the tokenize stage's validation split")
+    validation_max_sequences: Optional[int] = Field(default=256, ge=1, description="per source (None: all)")
+    text_sets: list[TextSetEntry] = Field(default_factory=list, description="held-out text, as the evaluate stage's text_sets")
+    use_gpu: bool = Field(default=False, description="one GPU per evaluation task (else CPUs)")
+    cpus_per_task: float = Field(default=1.0, gt=0, description="CPUs of the evaluation task (its torch threads)")
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    batch_tokens: int = Field(default=DEFAULT_BATCH_TOKENS, ge=64, description="tokens per forward pass (padded batch size x length)")
+    max_batch_size: int = Field(default=DEFAULT_MAX_BATCH_SIZE, ge=1)
+    share_context: bool = Field(default=True, description="score all choices of a question in one forward pass")
+    timeout_s: Optional[float] = Field(default=3600.0, gt=0, description="a checkpoint's evaluation is cancelled after this (None: no limit)")
+
+    @model_validator(mode="after")
+    def _something(self):
+        if not (self.tasks or self.validation or self.text_sets):
+            raise ValueError("checkpoint_eval needs tasks, text_sets or validation: true")
+        return self
+
+
 class TrainConfig(StrictModel):
     """What the training loop consumes on every rank (``Trainer``); passed to the workers as is."""
 
@@ -183,6 +214,9 @@ class TrainStageConfig(TrainConfig):
     model: ModelSpec = Field(default_factory=ModelSpec)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     in_loop_eval: Optional[InLoopEvalConfig] = Field(default=None, description="bits per byte and a task inside the loop (default: off)")
+    # outside the fingerprint: it scores checkpoints, it never changes one (nor the checkpoint table
+    # or the export), so turning it on or off never retrains; it takes effect when training runs
+    checkpoint_eval: Optional[CheckpointEvalConfig] = PerformanceField(None, description="each checkpoint scored by a Ray task as it commits (default: off)")
     export_dtype: Literal["float32", "bfloat16"] = Field(default="float32", description="dtype of the Hugging Face export")
 
     @model_validator(mode="after")

@@ -45,6 +45,18 @@ class InLoopEvalSpec(Protocol):
     def validator(self, validation: dict[str, torch.Tensor]) -> Validator: ...
 
 
+class CheckpointEvalSpec(Protocol):
+    """The checkpoint evaluation (:class:`stages.scoring.checkpoint_eval.CheckpointEvaluator`,
+    built on the driver): called with each committed checkpoint in a Ray task of its own. A
+    protocol, not an import: the training code does not depend on the evaluation package."""
+
+    num_cpus: float
+    num_gpus: float
+    timeout_s: Optional[float]
+
+    def __call__(self, checkpoint: str, step: int, tokens_seen: int) -> dict[str, Any]: ...
+
+
 @dataclass(frozen=True)
 class TrainSpec:
     """Everything a worker needs; pickled to every Ray Train worker."""
@@ -182,23 +194,29 @@ def ray_train_worker(config: dict[str, Any]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     spec: TrainSpec = config["spec"]
     context = ray.train.get_context()
-    run_training(spec, context.get_world_rank(), context.get_world_size(), ray.train.torch.get_device(), RayCheckpointer())
+    checkpointer = RayCheckpointer(evaluate=config.get("evaluate_checkpoints", False), evaluation_timeout_s=config.get("evaluation_timeout_s"))
+    run_training(spec, context.get_world_rank(), context.get_world_size(), ray.train.torch.get_device(), checkpointer)
 
 
 def launch_ray(spec: TrainSpec, cluster: ClusterConfig, *, storage_path: str, name: str, storage: Optional[st.Storage] = None,
-               must_stop: Optional[Callable[[], Optional[str]]] = None):
+               must_stop: Optional[Callable[[], Optional[str]]] = None, checkpoint_eval: Optional[CheckpointEvalSpec] = None):
     """Run ``ray_train_worker`` on ``cluster.num_workers`` workers. Re-running with the same
     ``storage_path`` and ``name`` resumes from the latest checkpoint; a failed worker group is
     restarted from it up to ``cluster.max_failures`` times; Ray Train keeps the latest
     ``spec.train.checkpoint.keep`` checkpoints. ``must_stop()``: polled while training runs; once
     it gives a reason, the workers stop after their next logged step. Returns Ray Train's
-    ``Result``."""
+    ``Result``.
+
+    ``checkpoint_eval``: Ray Train's checkpoint validation calls it with every checkpoint once
+    all workers have reported it, in a Ray task with its own resources (one at a time, queued;
+    training never waits for it); its metrics join the checkpoint's in the ``Result``, and
+    ``fit`` returns once the queued ones have run (each within ``timeout_s``)."""
     import dataclasses
     import threading
     import uuid
 
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, ValidationConfig, ValidationTaskConfig
     from ray.train.torch import TorchTrainer
 
     fs = None
@@ -222,9 +240,19 @@ def launch_ray(spec: TrainSpec, cluster: ClusterConfig, *, storage_path: str, na
 
         watcher = threading.Thread(target=watch, name="lmpipe train watcher", daemon=True)
         watcher.start()
+    validation = None
+    if checkpoint_eval is not None:
+        remote = {"num_cpus": checkpoint_eval.num_cpus, "max_retries": 0}  # a job that fails fails again: one line, no retry
+        if checkpoint_eval.num_gpus:
+            remote["num_gpus"] = checkpoint_eval.num_gpus
+        scheme = storage_path.split("://", 1)[0] if st.is_remote(storage_path) else None
+        validation = ValidationConfig(fn=_ScoreReportedCheckpoint(checkpoint_eval, scheme),
+                                      task_config=ValidationTaskConfig(timeout_s=checkpoint_eval.timeout_s), ray_remote_kwargs=remote)
     trainer = TorchTrainer(
         ray_train_worker,
-        train_loop_config={"spec": spec},
+        validation_config=validation,
+        train_loop_config={"spec": spec, "evaluate_checkpoints": checkpoint_eval is not None,
+                           "evaluation_timeout_s": checkpoint_eval.timeout_s if checkpoint_eval is not None else None},
         scaling_config=ScalingConfig(num_workers=cluster.num_workers, use_gpu=cluster.use_gpu,
                                      resources_per_worker=dict(cluster.resources_per_worker)),
         run_config=RunConfig(
@@ -243,9 +271,28 @@ def launch_ray(spec: TrainSpec, cluster: ClusterConfig, *, storage_path: str, na
             ray.kill(signal)
 
 
+@dataclass(frozen=True)
+class _ScoreReportedCheckpoint:
+    """Ray Train's validation function: the checkpoint Ray hands over, as the URI the train stage
+    records (Ray gives remote paths without their scheme), to the checkpoint evaluation."""
+
+    evaluate: CheckpointEvalSpec
+    scheme: Optional[str]
+
+    def __call__(self, checkpoint, step: int = 0, tokens_seen: int = 0) -> dict[str, Any]:
+        path = checkpoint.path
+        uri = f"{self.scheme}://{path}" if self.scheme and "://" not in path else path
+        return self.evaluate(uri, step, tokens_seen)
+
+
 class RayCheckpointer:
     """Each rank writes its shards into a local folder and reports it; Ray Train merges the
-    folders into one persisted checkpoint (local or s3) and hands the latest back on restart."""
+    folders into one persisted checkpoint (local or s3) and hands the latest back on restart.
+    With ``evaluate``, each report asks for the checkpoint's evaluation (``launch_ray``'s
+    ``checkpoint_eval``) with its step and tokens seen."""
+
+    def __init__(self, evaluate: bool = False, evaluation_timeout_s: Optional[float] = None):
+        self.evaluate, self.evaluation_timeout_s = evaluate, evaluation_timeout_s
 
     @contextmanager
     def latest(self) -> Iterator[Optional[str]]:
@@ -267,7 +314,10 @@ class RayCheckpointer:
         local = tempfile.mkdtemp(prefix=f"lmpipe-ckpt-{step}-")
         try:
             write(local)
-            ray.train.report({**metrics, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(local))
+            # a report's own task config replaces the default's timeout as well as its arguments
+            validation = ray.train.ValidationTaskConfig(fn_kwargs={"step": step, "tokens_seen": int(metrics.get("tokens_seen", 0))},
+                                                        timeout_s=self.evaluation_timeout_s) if self.evaluate else False
+            ray.train.report({**metrics, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(local), validation=validation)
         finally:
             shutil.rmtree(local, ignore_errors=True)
         return None

@@ -39,9 +39,10 @@ from pipeline.stage import DatasetStage, Resources
 from pipeline.tracking import DatasetRef, ModelRecord
 from stages.summaries.tokenize import TokenizeSummary
 from stages.train.config import TrainStageConfig
-from stages.summaries.train import ResumedFrom, TrainSummary
+from stages.summaries.train import CheckpointEvaluation, ResumedFrom, TrainSummary
 
 if TYPE_CHECKING:
+    from stages.scoring.checkpoint_eval import CheckpointEvaluator
     from stages.scoring.hook import InLoopEvalSpec
     from stages.model.transformer import ModelConfig
 
@@ -83,10 +84,11 @@ class TrainStage(DatasetStage):
             threads_per_worker=cfg.cluster.worker_threads(), in_loop_eval=self._in_loop_eval(ctx, cfg, src, info),
         )
         self._check_cluster(ctx, cfg)
+        checkpoint_eval = self._checkpoint_eval(ctx, cfg, src, info)
         resumed_from = self._resumed_from(ctx, cfg, model_cfg)
         run_name = ray_train_run(ctx)
         result = launch_ray(spec, cfg.cluster, storage_path=ctx.stage_dir, name=run_name, storage=ctx.storage,
-                            must_stop=ctx.must_stop)
+                            must_stop=ctx.must_stop, checkpoint_eval=checkpoint_eval)
         ctx.fan_out.check()  # a run told to stop (its lease lost) ends here, before it records anything
         if result.error is not None:
             raise RuntimeError(f"training failed: {result.error}") from result.error
@@ -146,6 +148,30 @@ class TrainStage(DatasetStage):
                               task_key=key, validation=ev.validation)
 
     @staticmethod
+    def _checkpoint_eval(ctx, cfg: TrainStageConfig, src, info: TokenizeSummary) -> Optional[CheckpointEvaluator]:
+        """The evaluate stage's jobs for each checkpoint, built here once (tasks rendered, the
+        validation rows and text sets read): the evaluation tasks get them whole."""
+        ev = cfg.checkpoint_eval
+        if ev is None:
+            return None
+        from pipeline.resources import check_resources
+        from stages.scoring.checkpoint_eval import build_evaluator
+
+        check_resources(ctx.stage_name, {**({"GPU": 1.0} if ev.use_gpu else {}), "CPU": ev.cpus_per_task}, ctx.fan_out.cluster_resources())
+        sample = None
+        if ev.validation:
+            if not src.has_dataset("validation"):
+                raise ValueError(f"stages.{ctx.stage_name}.config.checkpoint_eval.validation: {src.ref.stage} has no validation split"
+                                 " (set validation: false)")
+            from stages.tokenize.validation import first_per_domain
+
+            sample = first_per_domain(src.dataset_files("validation"), ctx.storage, ev.validation_max_sequences,
+                                      info.tokens.get("validation", {}))
+        tokenizer_uri = src.path(info.tokenizer_path)
+        tokenizer_json = ctx.storage.read_bytes(tokenizer_uri).decode("utf-8")
+        return build_evaluator(ev, tokenizer_json, info.bos_id, info.eos_id, tokenizer_uri, sample, ctx.storage, metrics=ctx.run_logger)
+
+    @staticmethod
     def _check_cluster(ctx, cfg: TrainStageConfig) -> None:
         """Fail at once if the cluster cannot hold the training workers, instead of Ray Train
         waiting forever for them (e.g. "train needs 8 GPUs; the cluster has 0")."""
@@ -175,6 +201,7 @@ class TrainStage(DatasetStage):
             ("step", pa.int64()), ("tokens_seen", pa.int64()), ("path", pa.string()), ("loss", pa.float64()),
             ("val_loss", pa.float64()), ("final", pa.bool_())])))
         ctx.add_part_result(out.close(rows_in=src.num_rows))
+        evaluations = self._checkpoint_evaluations(ctx, result) if cfg.checkpoint_eval is not None else []
 
         export_uri = st.join(ctx.attempt_uri, "hf")
         export_error = None
@@ -209,7 +236,7 @@ class TrainStage(DatasetStage):
             model=model_cfg.to_dict(), num_params=model_cfg.num_params(), flops_per_token=model_cfg.flops_per_token(model_cfg.max_seq_len),
             final_loss=last.get("loss"), final_val_loss=last.get("val_loss"),
             skipped_steps=state["skipped"], clip_events=state["clip_events"], mlflow_model_id=model_id,
-            tokenizer="tokenizer.json" if export_uri else None,
+            tokenizer="tokenizer.json" if export_uri else None, checkpoint_evaluations=evaluations,
         ))
         ctx.log_metric("steps", extra["step"])
         ctx.log_metric("tokens_seen", extra["tokens_seen"])
@@ -219,6 +246,26 @@ class TrainStage(DatasetStage):
         if last.get("val_loss") is not None:
             ctx.log_metric("final_val_loss", last["val_loss"])
 
+    @staticmethod
+    def _checkpoint_evaluations(ctx, result) -> list[CheckpointEvaluation]:
+        """Each kept checkpoint's evaluation, as Ray Train merged it into the checkpoint's metrics;
+        one warning line for each that did not score."""
+        from stages.scoring.checkpoint_eval import ERROR_KEY, RESULTS_KEY
+
+        out = []
+        for checkpoint, metrics in sorted(result.best_checkpoints, key=lambda cm: cm[1].get("step", 0)):
+            step, path = int(metrics.get("step", 0)), _uri(checkpoint.path, ctx.work_dir)
+            if metrics.get(ERROR_KEY):
+                record = CheckpointEvaluation(step=step, path=path, status="failed", error=metrics[ERROR_KEY])
+            elif RESULTS_KEY in metrics:
+                record = CheckpointEvaluation(step=step, path=path, status="scored", results=list(metrics[RESULTS_KEY]))
+            else:
+                record = CheckpointEvaluation(step=step, path=path, status="timed out or not run")
+            if record.status != "scored":
+                log.warning("[%s] %s", ctx.stage_name, record.error or f"checkpoint evaluation of step {step} ({path}): {record.status}")
+            out.append(record)
+        ctx.log_metric("checkpoints_scored", sum(r.status == "scored" for r in out))
+        return out
 
     @classmethod
     def superseded_folders(cls, manifest, folders: list[str]) -> list[str]:

@@ -9,6 +9,7 @@ for a tiny model trained in-process, so the test needs no Ray Train run (~25 s).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import ClassVar
@@ -185,3 +186,70 @@ def test_rerun_is_cached(pipeline_run):
 
     again = Runner(pipeline_run["loaded"]).run()
     assert again.stage("evaluate").cached
+
+
+def _stage_rows(stage, dataset: str) -> list[dict]:
+    from pipeline.io import read_table
+
+    files = stage.manifest["datasets"][dataset]["files"]
+    return read_table(st.Storage(), [st.join(stage.stage_dir, f["path"]) for f in files]).to_pylist()
+
+
+def _checkpoint_evaluator(pipeline_run, **settings):
+    """The train stage's checkpoint evaluation, built as its driver builds it, for the entries this
+    pipeline's evaluate stage scores (the same task, text set and validation split)."""
+    from stages.scoring.checkpoint_eval import build_evaluator
+    from stages.scoring.entries import TaskEntry, TextSetEntry
+    from stages.tokenize.validation import first_per_domain
+    from stages.train.config import CheckpointEvalConfig
+
+    evaluate = pipeline_run["loaded"].resolved_stage_configs["evaluate"]
+    tokenize = pipeline_run["report"].stage("tokenize")
+    summary = tokenize.manifest["summary"]["data"]
+    config = CheckpointEvalConfig(tasks=[TaskEntry(**t.model_dump()) for t in evaluate.tasks],
+                                  text_sets=[TextSetEntry(**s.model_dump()) for s in evaluate.text_sets],
+                                  **{"batch_tokens": evaluate.batch_tokens, **settings})
+    storage = st.Storage()
+    validation = first_per_domain([st.join(tokenize.stage_dir, f["path"]) for f in tokenize.manifest["datasets"]["validation"]["files"]],
+                                  storage, config.validation_max_sequences)
+    tokenizer = st.join(tokenize.stage_dir, summary["tokenizer_path"])
+    return build_evaluator(config, storage.read_bytes(tokenizer).decode(), summary["bos_id"], summary["eos_id"], tokenizer, validation, storage)
+
+
+def test_checkpoints_scored_during_training_are_reused_with_identical_results(pipeline_run):
+    """What the train stage's checkpoint evaluation stores beside each checkpoint (the function Ray
+    Train calls as a checkpoint commits) the evaluate stage reads instead of scoring again, and its
+    outputs are the ones it computes itself; another setting (another fingerprint) is not reused."""
+    from pipeline.runner import Runner
+    from stages.scoring.checkpoint_eval import ERROR_KEY, RESULTS_KEY
+
+    computed = pipeline_run["report"].stage("evaluate")
+    checkpoints = computed.manifest["summary"]["data"]["checkpoints"]
+    expected = {dataset: _stage_rows(computed, dataset) for dataset in ("data", "examples")}  # a forced rerun replaces them
+    other = _checkpoint_evaluator(pipeline_run, batch_tokens=2048)(checkpoints[0]["path"], checkpoints[0]["step"], checkpoints[0]["tokens_seen"])
+    assert ERROR_KEY not in other and len(other[RESULTS_KEY]) == 2
+    rerun = Runner(pipeline_run["loaded"]).run(only="evaluate", force=True).stage("evaluate")
+    assert rerun.manifest["summary"]["data"]["reused_jobs"] == 0  # stored under another fingerprint: recomputed
+
+    evaluator = _checkpoint_evaluator(pipeline_run)
+    for ck in checkpoints:
+        scored = evaluator(ck["path"], ck["step"], ck["tokens_seen"])
+        assert ERROR_KEY not in scored and all(os.path.isfile(uri) for uri in scored[RESULTS_KEY])
+        assert scored["checkpoint_eval/qa_0shot/acc"] == next(
+            r["value"] for r in expected["data"] if r["step"] == ck["step"] and r["task"] == "qa_0shot" and r["metric"] == "acc")
+    reused = Runner(pipeline_run["loaded"]).run(only="evaluate", force=True).stage("evaluate")
+    assert reused.manifest["summary"]["data"]["reused_jobs"] == 4  # 2 checkpoints x (the qa group, the text group)
+    for dataset in ("data", "examples"):
+        assert _stage_rows(reused, dataset) == expected[dataset]
+
+
+def test_a_failing_checkpoint_evaluation_is_one_line_and_no_exception(pipeline_run, tmp_path, caplog):
+    from stages.scoring.checkpoint_eval import ERROR_KEY
+
+    missing = str(tmp_path / "checkpoint_removed_by_keep")
+    evaluator = _checkpoint_evaluator(pipeline_run)  # (it warns of the task file's malformed line)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="lmpipe.train"):
+        out = evaluator(missing, 7, 100)
+    assert out == {ERROR_KEY: f"checkpoint evaluation of step 7 ({missing}) failed: CheckpointError: checkpoint {missing}: no such folder"}
+    assert [r.getMessage() for r in caplog.records] == [out[ERROR_KEY]]
