@@ -195,8 +195,35 @@ def run_part_set_up_here(stage_cls: type[Stage], config: Any, part: Part, job: P
     try:
         stage = set_up_stage(stage_cls, config, job.stage_name, job.seed)
     except StageSetupFailed as e:
-        return PartResult(part=part.id, error=f"{e} (part {part.id}, {part.payload.get('uri', part.id)})", traceback=traceback.format_exc())
+        return _setup_failed(e, part)
     return run_part(stage, part, job)
+
+
+# The stage this worker process last set up, with the attempt it was set up for: a worker process
+# serves many tasks, of several stages of a run, without importing everything again; a stage
+# whose setup() is expensive (Resources(actors=True)) sets up once per process and attempt, and
+# another stage, or another attempt, never sees that instance. One at a time: the next one
+# replaces it, so a process holds one stage's setup at most.
+_SET_UP_IN_THIS_PROCESS: Optional[tuple[str, Stage]] = None
+
+
+def run_part_on_process_stage(stage_cls: type[Stage], config: Any, part: Part, job: PartJob) -> PartResult:
+    """One part with the instance of its stage that this worker process set up for this attempt
+    (``setup()`` once per process, as on a long-lived worker, without holding the worker's CPUs
+    between parts)."""
+    global _SET_UP_IN_THIS_PROCESS
+    key = job.attempt_uri  # one stage's one computation: its stage folder and attempt
+    if _SET_UP_IN_THIS_PROCESS is None or _SET_UP_IN_THIS_PROCESS[0] != key:
+        _SET_UP_IN_THIS_PROCESS = None  # the previous stage's setup goes before the next one is made
+        try:
+            _SET_UP_IN_THIS_PROCESS = (key, set_up_stage(stage_cls, config, job.stage_name, job.seed))
+        except StageSetupFailed as e:
+            return _setup_failed(e, part)
+    return run_part(_SET_UP_IN_THIS_PROCESS[1], part, job)
+
+
+def _setup_failed(e: StageSetupFailed, part: Part) -> PartResult:
+    return PartResult(part=part.id, error=f"{e} (part {part.id}, {part.payload.get('uri', part.id)})", traceback=traceback.format_exc())
 
 
 def parallel_workers(resources: Any, parts: int, cluster: dict[str, float]) -> int:
@@ -210,9 +237,11 @@ def parallel_workers(resources: Any, parts: int, cluster: dict[str, float]) -> i
 
 def run_parts(fan_out: FanOut, stage_cls: type[Stage], config: Any, parts: list[Part], job: PartJob, resources: Any,
               on_result: Optional[Callable[[PartResult, int, int], None]] = None) -> list[PartResult]:
-    """Every part of a stage through ``fan_out``: as tasks, or on long-lived workers that run the
-    stage's ``setup()`` once each (``resources.actors``). The first failed part stops the stage;
-    ``on_result(result, done, total)`` as parts finish. Results in part order."""
+    """Every part of a stage through ``fan_out``, as tasks. A stage with ``resources.actors`` sets
+    up once per worker: once per worker process on CPUs (the processes serve the run's other
+    stages too), on long-lived workers that hold their GPUs (``FanOut.map_on_workers``) when it
+    needs GPUs. The first failed part stops the stage; ``on_result(result, done, total)`` as
+    parts finish. Results in part order."""
     if not parts:
         return []
 
@@ -225,11 +254,12 @@ def run_parts(fan_out: FanOut, stage_cls: type[Stage], config: Any, parts: list[
     options: dict[str, Any] = {"step": "parts", "num_cpus": max(resources.num_cpus, 0.0), "num_gpus": resources.num_gpus,
                                "resources": dict(resources.custom) or None, "on_result": finished}
     workers = parallel_workers(resources, len(parts), fan_out.cluster_resources())
-    if resources.actors:
+    if resources.actors and resources.num_gpus:  # a GPU task's process exits after it (Ray frees its GPU memory so)
         setup = functools.partial(set_up_stage, stage_cls, config, job.stage_name, job.seed)
         results = fan_out.map_on_workers(setup, run_part, [(p, job) for p in parts], workers=workers, **options)
     else:
-        results = fan_out.map(run_part_set_up_here, [(stage_cls, config, p, job) for p in parts], max_parallel=workers, **options)
+        run = run_part_on_process_stage if resources.actors else run_part_set_up_here
+        results = fan_out.map(run, [(stage_cls, config, p, job) for p in parts], max_parallel=workers, **options)
     return sorted((PartResult.checked(r, job.stage_name) for r in results), key=lambda r: r.part)
 
 

@@ -22,12 +22,14 @@ user-facing errors (a corrupt checkpoint, a bad file) stay one clear line.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any, Callable, Optional, Sequence
 
 log = logging.getLogger("lmpipe")
 
 PROGRESS_EVERY_S = 5.0
+FRESH_WORKERS_ENV = "LMPIPE_FRESH_WORKERS"
 
 OnResult = Callable[[Any, int, int], None]  # (an item's result, items done, items in all)
 
@@ -58,9 +60,14 @@ def _unwrap(error: BaseException) -> BaseException:
 class FanOut:
     """Parallel work of one stage: on Ray when the runner runs on Ray, else in this process."""
 
-    def __init__(self, stage_name: str, on_ray: bool, check: Optional[Callable[[], None]] = None):
+    def __init__(self, stage_name: str, on_ray: bool, check: Optional[Callable[[], None]] = None,
+                 fresh_workers: Optional[bool] = None):
         self.stage_name = stage_name
         self.on_ray = on_ray
+        # Ray runs tasks in worker processes it keeps for the run (imports paid once); with
+        # LMPIPE_FRESH_WORKERS=1 every task gets a new process: to rule out state that a stage
+        # keeps between parts, or to compare against
+        self.fresh_workers = os.environ.get(FRESH_WORKERS_ENV) == "1" if fresh_workers is None else fresh_workers
         # called as tasks finish; raises to stop the stage (the runner's: its lease was lost)
         self.check: Callable[[], None] = check or (lambda: None)
 
@@ -97,7 +104,7 @@ class FanOut:
             options["resources"] = dict(resources)
         if env:
             options["runtime_env"] = {"env_vars": dict(env)}
-        remote = ray.remote(fn).options(**options)
+        remote = _remote_function(fn, fresh_workers=self.fresh_workers).options(**options)
         limit = max_parallel or len(items) or 1
         refs: list[Any] = []
         pending: list[Any] = []
@@ -218,6 +225,23 @@ class FanOut:
 
 
 _EXCHANGE_TASK = None
+_REMOTE_FUNCTIONS: dict[tuple[Callable[..., Any], bool], Any] = {}
+
+
+def _remote_function(fn: Callable[..., Any], fresh_workers: bool) -> Any:
+    """``ray.remote(fn)``, made once per module-level function: Ray exports a remote function to
+    the cluster once, and workers that have loaded it keep it (a stage's parts, every stage's
+    parts, run the same function); a closure is exported with each call. ``fresh_workers``: a
+    worker process exits after one task of it (``max_calls=1``)."""
+    import ray
+
+    options = {"max_calls": 1} if fresh_workers else {}
+    if "<" in getattr(fn, "__qualname__", "<"):  # a lambda or a local function: new each time
+        return ray.remote(**options)(fn) if options else ray.remote(fn)
+    key = (fn, fresh_workers)
+    if key not in _REMOTE_FUNCTIONS:
+        _REMOTE_FUNCTIONS[key] = ray.remote(**options)(fn) if options else ray.remote(fn)
+    return _REMOTE_FUNCTIONS[key]
 _POOL_WORKER = None
 
 
