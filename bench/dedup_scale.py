@@ -2,7 +2,10 @@
 
     .venv/bin/python bench/dedup_scale.py --docs 10000 --cpus 2
 
-Documents: real news articles, each copied with random word edits (so ~1/3 are near-duplicates).
+Documents: real news articles, each copied with random word edits (so ~1/3 are near-duplicates),
+in 8 JSONL files; ingest bounds its parts (``max_part_bytes``), and the stage's first pass (nodes and
+keys) runs one task per file ingest wrote (``first_pass_tasks``). The 1-minute load average is
+recorded before and after: on a shared machine a number means little without it.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import os
 import random
 import resource
 import tempfile
+import time
 from pathlib import Path
 
 os.environ.setdefault("LMPIPE_PROGRESS", "0")
@@ -48,6 +52,7 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="dedup-scale-"))
     corpus(tmp / "data", args.docs)
+    load_before = os.getloadavg()[0]
     ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
     (tmp / "p.yaml").write_text(f"""
 name: scale
@@ -59,9 +64,13 @@ stages:
 """)
     report = Runner(load_config(tmp / "p.yaml")).run()
     m = report.stage("minhash_dedup").manifest
+    ingest = report.stage("ingest").manifest
     wall = m["timings"]["wall_seconds"]
     dedup = m["summary"]["data"]  # DedupSummary
     print(json.dumps({
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "load_1m_before": round(load_before, 2),
+        "load_1m_after": round(os.getloadavg()[0], 2), "first_pass_tasks": len(ingest["datasets"]["data"]["files"]),
+        "ingest_wall_s": ingest["timings"]["wall_seconds"],
         "docs": args.docs, "cpus": args.cpus, "wall_s": wall, "docs_per_s": round(args.docs / wall),
         "removed": dedup["removed"], "edges": dedup["edges"], "partitions": dedup["partitions"], "rounds": dedup["rounds"],
         "driver_peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),

@@ -1,6 +1,7 @@
 """How the demo's data stages scale: per stage wall time, documents in/out, bytes read/written on S3,
 driver peak RSS and the largest Ray worker's peak RSS, on N copies of the demo corpus with work_dir on
-the moto S3 server, on a local Ray of ``--cpus`` CPUs (several values: the 1-vs-2-worker speedup).
+the moto S3 server (``--local``: on local disk), on a local Ray of ``--cpus`` CPUs (several values: the
+1-vs-2-worker speedup).
 
     flock /tmp/lmpipe-heavy.lock .venv/bin/python bench/pipeline_scale.py --copies 1 2 4 8 --cpus 2
     flock /tmp/lmpipe-heavy.lock .venv/bin/python bench/pipeline_scale.py --copies 1 2 4 8 --cpus 1 2 --speedup-at 4
@@ -34,11 +35,28 @@ and headers) belong to that stage alone. ``wall_s`` is the stage's own wall time
 outside parts); ``worker_cpu_s`` the CPU seconds of every Ray worker while the stage ran, and
 ``driver_cpu_s`` the driver's (serial work: planning, manifests, MLflow).
 ``uptime``'s 1-minute load average is recorded before and after each stage.
+
+Cores that pay: the 1 -> 2 CPU speedup read against what this machine gives two busy processes
+(``bench/core_ceiling.py``, whose JSON ``--ceiling`` reads; or a number), work_dir on local disk so
+that no S3 server shares the cores:
+
+    nice -n 10 .venv/bin/python bench/core_ceiling.py --repeats 3
+    .venv/bin/python bench/pipeline_scale.py --copies 8 --cpus 1 2 --local --ceiling bench/results/core_ceiling.json
+
+Every parallel section of a measured stage (each ``FanOut.map`` / ``map_on_workers`` / ``exchange``
+call: its step, items, wall time and, for parts, each part's own seconds) is recorded, so the stage's
+wall time splits into work outside any fan-out (the driver: planning, fingerprints, manifests,
+MLflow; train_tokenizer's training), single-task sections and parallel sections (parts; dedup's
+shuffles). The speedup table divides each stage's speedup by the ceiling, gives the best the stage
+could reach with these sections at that ceiling (serial work unchanged, each parallel section at
+the ceiling or at its largest item, whichever is slower) and, below 0.85 of the ceiling, names what
+held it: the component that lost the most time against the ideal (W1 / ceiling).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import io
 import json
@@ -157,9 +175,10 @@ def make_one_file_corpus(corpus: Path, out: Path, copies: int) -> dict[str, Path
     return files
 
 
-def pipeline_yaml(corpus: Path, copies: int, name: str, local: Path, endpoint: str,
+def pipeline_yaml(corpus: Path, copies: int, name: str, local: Path, endpoint: str | None,
                   one_file: dict[str, Path] | None = None, max_part_bytes: int | None = None) -> str:
-    """examples/demo.yaml's data stages with this run's sources, work_dir, MLflow and S3 endpoint."""
+    """examples/demo.yaml's data stages with this run's sources, work_dir, MLflow and S3 endpoint
+    (``endpoint`` None: work_dir on local disk, below ``local``)."""
     import yaml
 
     demo = yaml.safe_load((REPO / "examples/demo.yaml").read_text())
@@ -178,13 +197,54 @@ def pipeline_yaml(corpus: Path, copies: int, name: str, local: Path, endpoint: s
         stages["ingest"]["config"]["max_part_bytes"] = max_part_bytes
     doc = {
         "name": f"pipeline-scale-{copies}",
-        "work_dir": f"s3://{BUCKET}/{name}",
+        "work_dir": f"s3://{BUCKET}/{name}" if endpoint else str(local / "work"),
         "seed": demo["seed"],
         "mlflow": {"tracking_uri": f"sqlite:///{local}/mlflow.db"},
         "storage": {"s3": {"endpoint_url": endpoint, "key": "${AWS_ACCESS_KEY_ID}", "secret": "${AWS_SECRET_ACCESS_KEY}"}},
         "stages": stages,
     }
+    if not endpoint:
+        del doc["storage"]
     return yaml.safe_dump(doc, sort_keys=False)
+
+
+def record_fan_outs(cpus: int) -> list[dict]:
+    """Record every parallel section of this process from now on (FanOut.map, map_on_workers,
+    exchange): kind, step, items, how many at once (at most ``cpus``), wall s, and each item's own
+    seconds where its result carries them (a part's PartResult.seconds)."""
+    from pipeline.fanout import FanOut
+
+    sections: list[dict] = []
+
+    def item_seconds(results) -> list[float]:
+        out = []
+        for r in results if isinstance(results, list) else []:
+            if isinstance(r, (str, bytes)):
+                try:
+                    r = json.loads(r)
+                except ValueError:
+                    continue
+            seconds = r.get("seconds") if isinstance(r, dict) else getattr(r, "seconds", None)
+            if isinstance(seconds, (int, float)):
+                out.append(float(seconds))
+        return out
+
+    def timed(kind: str, original, items_of, width_of):
+        def wrapper(self, *args, **kwargs):
+            t = time.perf_counter()
+            result = original(self, *args, **kwargs)
+            items = items_of(args, kwargs)
+            secs = item_seconds(result)
+            sections.append({"kind": kind, "step": kwargs.get("step") or getattr(args[0], "__name__", kind), "items": items,
+                             "width": min(items, width_of(args, kwargs) or items, cpus), "wall_s": round(time.perf_counter() - t, 3),
+                             "item_s_max": round(max(secs), 3) if secs else None, "item_s_sum": round(sum(secs), 3) if secs else None})
+            return result
+        return wrapper
+
+    FanOut.map = timed("map", FanOut.map, lambda a, k: len(a[1]), lambda a, k: k.get("max_parallel"))
+    FanOut.map_on_workers = timed("workers", FanOut.map_on_workers, lambda a, k: len(a[2]), lambda a, k: k.get("workers"))
+    FanOut.exchange = timed("exchange", FanOut.exchange, lambda a, k: a[2] if len(a) > 2 else k["partitions"], lambda a, k: None)
+    return sections
 
 
 def measure(yaml_path: str, stage: str, cpus: int) -> None:
@@ -204,6 +264,7 @@ def measure(yaml_path: str, stage: str, cpus: int) -> None:
                                 "--nonblocking", "--rate", "50", "--format", "raw", "--output", os.environ["PIPELINE_SCALE_PROFILE"]],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(1.0)  # let it attach before the stage starts
+    sections = record_fan_outs(cpus)
     t, cpu0 = time.perf_counter(), own_cpu_seconds()
     with WorkerPeakRss() as workers:
         report = runner.run(only=stage)
@@ -224,7 +285,7 @@ def measure(yaml_path: str, stage: str, cpus: int) -> None:
         "quarantined": sum(c["quarantined"].values()), "counts_unit": m.get("counts_unit"),
         "bytes_out": sum(ds["bytes"] for ds in m["datasets"].values()),
         "driver_peak_rss": driver_peak_rss(), "driver_rss_after_ray_init": baseline, "worker_peak_rss": workers.peak,
-        "worker_peak_private": workers.peak_private,
+        "worker_peak_private": workers.peak_private, "sections": sections,
     }), flush=True)
     ray.shutdown()
 
@@ -282,16 +343,20 @@ def run_stage(yaml_path: Path, stage: str, cpus: int, proxy, env: dict, profile:
     load_before = os.getloadavg()
     if profile is not None:
         env = {**env, "PIPELINE_SCALE_PROFILE": str(profile)}
-    down0, up0 = proxy.down, proxy.up
+    down0, up0 = (proxy.down, proxy.up) if proxy else (0, 0)
     t = time.perf_counter()
-    out = subprocess.run([sys.executable, __file__, "--measure", str(yaml_path), stage, str(cpus)], env=env,
-                         capture_output=True, text=True)
+    for attempt in range(3):  # on a loaded machine Ray's start can time out: that is not the stage's failure
+        out = subprocess.run([sys.executable, __file__, "--measure", str(yaml_path), stage, str(cpus)], env=env,
+                             capture_output=True, text=True)
+        if not (out.returncode and "timed out during startup" in out.stderr):
+            break
+        print(f"# {stage}: Ray's start timed out (load {os.getloadavg()[0]:.1f}); again", flush=True)
     if out.returncode:
         raise SystemExit(f"{stage} ({yaml_path}) failed:\n{out.stderr[-4000:]}")
     line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")][-1]
     r = json.loads(line[len("RESULT "):])
-    r.update(stage=stage, cpus=cpus, process_s=round(time.perf_counter() - t, 1), s3_read=proxy.down - down0,
-             s3_written=proxy.up - up0, load_before=[round(x, 2) for x in load_before],
+    r.update(stage=stage, cpus=cpus, process_s=round(time.perf_counter() - t, 1),
+             s3_read=proxy.down - down0 if proxy else None, s3_written=proxy.up - up0 if proxy else None, load_before=[round(x, 2) for x in load_before],
              load_after=[round(x, 2) for x in os.getloadavg()])
     if profile is not None and profile.exists():
         r["profile"] = profile_summary(profile)
@@ -302,12 +367,16 @@ def mib(b: int) -> str:
     return f"{b / 2**20:,.0f}"
 
 
+def mib_or_dash(b: int | None) -> str:
+    return "-" if b is None else f"{b / 2**20:,.1f}"
+
+
 def table(results: list[dict]) -> str:
     rows = ["| copies | CPUs | stage | parts | wall s | worker CPU s | driver CPU s | docs in | docs out | S3 read MiB | S3 written MiB | driver peak MiB | worker peak RSS / private MiB | load 1m before/after |",
             "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in results:
         rows.append(f"| {r['copies']} | {r['cpus']} | {r['stage']} | {r.get('parts') or '-'} | {r['wall_s']:.1f} | {r['worker_cpu_s']:.1f} | {r['driver_cpu_s']:.1f} | {r['docs_in']:,} |"
-                    f" {r['docs_out']:,} | {r['s3_read'] / 2**20:,.1f} | {r['s3_written'] / 2**20:,.1f} | {mib(r['driver_peak_rss'])} |"
+                    f" {r['docs_out']:,} | {mib_or_dash(r['s3_read'])} | {mib_or_dash(r['s3_written'])} | {mib(r['driver_peak_rss'])} |"
                     f" {mib(r['worker_peak_rss'])} / {mib(r['worker_peak_private']) if 'worker_peak_private' in r else '-'} |"
                     f" {r['load_before'][0]:.2f} / {r['load_after'][0]:.2f} |")
     return "\n".join(rows)
@@ -340,7 +409,7 @@ def scaling_table(results: list[dict], predict_at: int = 100) -> str:
         per_copy, fixed = (float(x) for x in np.polyfit(n, wall, 1))
         rows.append(f"| {stage} | {' / '.join(f'{w:.1f}' for w in wall)} | {first:.2f} / {last:.2f} | {fixed:.1f} + {per_copy:.2f} |"
                     f" {fixed + per_copy * predict_at:,.0f} s |"
-                    f" {' / '.join(format(runs[c]['s3_read'] / 2**20, ',.1f') for c in n)} |"
+                    f" {' / '.join(mib_or_dash(runs[c]['s3_read']) for c in n)} |"
                     f" {' / '.join(mib(runs[c]['worker_peak_rss']) for c in n)} | {' / '.join(mib(runs[c]['driver_peak_rss']) for c in n)} |")
     return "\n".join(rows)
 
@@ -364,6 +433,119 @@ def speedup_table(results: list[dict]) -> str:
     return "\n".join(rows)
 
 
+ENOUGH_PARTS = 4  # two per worker at 2 CPUs: fewer, and the goal does not apply (a part is not split)
+GOAL = 0.85  # of the ceiling
+
+
+def read_ceiling(value: str, kernel: str) -> tuple[float, str]:
+    """``--ceiling``: a number, or bench/core_ceiling.py's JSON (that kernel's median over its
+    trials); with what it is, for the table's caption."""
+    try:
+        return float(value), f"{float(value):.2f} (given)"
+    except ValueError:
+        pass
+    report = json.loads(Path(value).read_text())
+    k = report["kernels"][kernel]
+    loads = [t[n]["load_1m_at_start"] for t in k["trials"] for n in ("one", "two")]
+    return k["ceiling_median"], (f"{k['ceiling_median']:.2f} ({kernel} kernel, median of {len(k['trials'])} trials,"
+                                 f" {k['ceiling_min']:.2f}-{k['ceiling_max']:.2f}; {report['date']}, load 1m {min(loads):.2f}-{max(loads):.2f})")
+
+
+def split_wall(r: dict, parallel: list[bool] | None = None) -> dict:
+    """A stage's wall time as work outside any fan-out (the driver), single-task sections and
+    parallel sections, from the sections the measured process recorded. ``parallel``: which
+    sections count as parallel (default: those of 2+ items); the 1-CPU run takes the 2-CPU run's,
+    since a stage may size a step by the CPUs (dedup's partitions: 1 at 1 CPU, 2 at 2)."""
+    sections = r.get("sections") or []
+    if parallel is None or len(parallel) != len(sections):
+        parallel = [x["items"] >= 2 for x in sections]
+    for x, par in zip(sections, parallel):
+        x["parallel"] = par
+    single = sum(x["wall_s"] for x in sections if not x["parallel"])
+    par = [x for x in sections if x["parallel"]]
+    return {"serial": max(r["wall_s"] - single - sum(x["wall_s"] for x in par), 0.0), "single": single,
+            "parallel": sum(x["wall_s"] for x in par), "shuffle": sum(x["wall_s"] for x in par if x["kind"] == "exchange"),
+            "sections": sections}
+
+
+def split_both(one: dict, two: dict) -> tuple[dict, dict]:
+    """split_wall of the 1-CPU and the 2-CPU run, sections classed by the 2-CPU run."""
+    b = split_wall(two)
+    return split_wall(one, [x["parallel"] for x in b["sections"]]), b
+
+
+def what_holds(one: dict, two: dict, ceiling: float) -> tuple[float, str]:
+    """(the best 2-CPU wall time these sections allow at ``ceiling``, what lost the most time
+    against the ideal wall time W1 / ceiling: the driver, a single task, a single part, a shuffle,
+    or parallel parts that ran slower than the ceiling)."""
+    a, b = split_both(one, two)
+    # best: serial and single-task work unchanged; each parallel section at the ceiling or its largest item
+    best = a["serial"] + a["single"]
+    for x in a["sections"]:
+        if x["parallel"]:
+            best += max(x["wall_s"] / ceiling, x["item_s_max"] or 0.0)
+    losses = {k: b[k] - a[k] / ceiling for k in ("serial", "single", "parallel")}
+    worst = max(losses, key=losses.get)
+    if worst == "serial":
+        why = (f"driver: {a['serial']:.1f} s outside fan-outs at 1 CPU, {b['serial']:.1f} s at 2"
+               f" (driver CPU {one['driver_cpu_s']:.1f} / {two['driver_cpu_s']:.1f} s)")
+    elif worst == "single":
+        steps = sorted({x["step"] for x in a["sections"] if not x["parallel"]})
+        why = f"a single task ({', '.join(steps)}): {a['single']:.1f} s at 1 CPU, {b['single']:.1f} s at 2"
+    else:
+        par = [x for x in a["sections"] if x["parallel"]]
+        big = max(par, key=lambda x: (x["item_s_max"] or 0.0) - x["wall_s"] / ceiling) if par else None
+        if big is None:
+            why = "no parallel section recorded"
+        elif a["shuffle"] and (b["shuffle"] - a["shuffle"] / ceiling) >= losses["parallel"] / 2:
+            why = f"the shuffle (exchange steps): {a['shuffle']:.1f} s at 1 CPU, {b['shuffle']:.1f} s at 2"
+        elif big["item_s_max"] and big["item_s_max"] >= 0.8 * big["wall_s"] / ceiling:
+            why = (f"a single part ({big['step']}): the largest of {big['items']} took {big['item_s_max']:.1f} s"
+                   f" of the section's {big['wall_s']:.1f} s at 1 CPU")
+        else:
+            why = (f"parallel sections {a['parallel']:.1f} -> {b['parallel']:.1f} s ({a['parallel'] / max(b['parallel'], 1e-9):.2f}x),"
+                   f" worker CPU {one['worker_cpu_s']:.1f} -> {two['worker_cpu_s']:.1f} s")
+            if len(a["sections"]) == len(b["sections"]):
+                x, y = max(((x, y) for x, y in zip(a["sections"], b["sections"]) if x["parallel"]),
+                           key=lambda xy: xy[1]["wall_s"] - xy[0]["wall_s"] / ceiling)
+                why += f"; most of it {x['step']!r} ({x['items']} items): {x['wall_s']:.1f} -> {y['wall_s']:.1f} s"
+                if x["item_s_sum"] and y["item_s_sum"]:
+                    # the items' own seconds (more at 2: two workers contend) and the section's time beyond
+                    # them (worker start-up, scheduling, results: what a second worker does not share)
+                    why += (f", the items' own s {x['item_s_sum']:.1f} -> {y['item_s_sum']:.1f}, time beyond them"
+                            f" {x['wall_s'] - x['item_s_sum'] / x['width']:.1f} -> {y['wall_s'] - y['item_s_sum'] / y['width']:.1f} s")
+    return best, why
+
+
+def ceiling_table(results: list[dict], ceiling: float) -> str:
+    """Per stage measured at the fewest and the most CPUs: the speedup as a fraction of the
+    machine's ceiling, the best these sections allow, and below the goal what held it."""
+    by_key: dict[tuple[int, str], dict[int, dict]] = {}
+    for r in results:
+        by_key.setdefault((r["copies"], r["stage"]), {})[r["cpus"]] = r
+    rows = ["| copies | stage | parts | wall s 1 / 2 CPUs | outside fan-outs s | single-task s | parallel s (of it shuffle) |"
+            " worker CPU s | driver CPU s | speedup | of ceiling | best at ceiling | load 1m | what holds it |",
+            "|---:|---|---:|---|---|---|---|---|---|---:|---:|---:|---|---|"]
+    for (copies, stage), runs in by_key.items():
+        if len(runs) < 2:
+            continue
+        one, two = runs[min(runs)], runs[max(runs)]
+        a, b = split_both(one, two)
+        speedup = one["wall_s"] / two["wall_s"]
+        best, why = what_holds(one, two, ceiling)
+        parts = one.get("parts") or 0
+        if speedup / ceiling >= GOAL:
+            why = "goal met"
+        elif parts < ENOUGH_PARTS:
+            why = f"too few parts ({parts}); {why}"
+        rows.append(f"| {copies} | {stage} | {parts} | {one['wall_s']:.1f} / {two['wall_s']:.1f} | {a['serial']:.1f} / {b['serial']:.1f} |"
+                    f" {a['single']:.1f} / {b['single']:.1f} | {a['parallel']:.1f} ({a['shuffle']:.1f}) / {b['parallel']:.1f} ({b['shuffle']:.1f}) |"
+                    f" {one['worker_cpu_s']:.1f} / {two['worker_cpu_s']:.1f} | {one['driver_cpu_s']:.1f} / {two['driver_cpu_s']:.1f} |"
+                    f" {speedup:.2f}x | {speedup / ceiling:.2f} | {one['wall_s'] / best / ceiling:.2f} |"
+                    f" {one['load_before'][0]:.1f}-{one['load_after'][0]:.1f} / {two['load_before'][0]:.1f}-{two['load_after'][0]:.1f} | {why} |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--copies", type=int, nargs="+", default=[1, 2, 4, 8])
@@ -377,15 +559,22 @@ def main() -> None:
                     help="many-files: the demo's shards and folders per copy; one-file: each source in one JSONL file")
     ap.add_argument("--max-part-bytes", type=int, help="ingest's max_part_bytes (default: the stage's)")
     ap.add_argument("--profile", action="store_true", help="py-spy every measured stage (slows it; numbers are for where time goes)")
+    ap.add_argument("--local", action="store_true", help="work_dir on local disk (below --root), no S3 server")
+    ap.add_argument("--ceiling", help="the machine's 1 -> 2 process ceiling: a number or bench/core_ceiling.py's JSON;"
+                                      " adds the speedup-against-ceiling table")
+    ap.add_argument("--ceiling-kernel", default="quality", help="which kernel of the ceiling JSON (default: quality)")
     ap.add_argument("--report", help="print the tables of a results JSON and exit")
     ap.add_argument("--measure", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.measure:
         measure(args.measure[0], args.measure[1], int(args.measure[2]))
         return
+    ceiling = read_ceiling(args.ceiling, args.ceiling_kernel) if args.ceiling else None
     if args.report:
         results = json.loads(Path(args.report).read_text())
         print(table(results), scaling_table(results), speedup_table(results), sep="\n\n")
+        if ceiling:
+            print(f"\nceiling: {ceiling[1]}\n{ceiling_table(results, ceiling[0])}")
         return
     bad = [s for s in args.stages if s not in DATA_STAGES]
     if bad:
@@ -400,9 +589,8 @@ def main() -> None:
     root.mkdir(parents=True, exist_ok=True)
     out_path = Path(args.out)
     results: list[dict] = []
-    with moto_behind_proxy(root / "moto.log", [BUCKET]) as (endpoint, proxy):
-        import boto3
-
+    storage = contextlib.nullcontext((None, None)) if args.local else moto_behind_proxy(root / "moto.log", [BUCKET])
+    with storage as (endpoint, proxy):
         for copies in args.copies:
             corpus = make_corpus(demo, root / "corpus", copies)
             name = f"n{copies}-{int(time.time())}"
@@ -419,7 +607,8 @@ def main() -> None:
                 for cpus in (args.cpus if every else [max(args.cpus)]):
                     profile = local / f"profile-{stage}-{cpus}cpu.txt" if (measured and args.profile) else None
                     r = run_stage(yaml_path, stage, cpus, proxy, env, profile)
-                    r.update(copies=copies, corpus=corpus, measured=measured, layout=args.layout, max_part_bytes=args.max_part_bytes, date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+                    r.update(copies=copies, corpus=corpus, measured=measured, layout=args.layout, max_part_bytes=args.max_part_bytes,
+                             work_dir="local" if args.local else "s3", date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
                     print(json.dumps(r), flush=True)
                     if measured:
                         results.append(r)
@@ -427,11 +616,18 @@ def main() -> None:
                         tmp = out_path.with_suffix(".tmp")
                         tmp.write_text(json.dumps(results, indent=2))
                         tmp.replace(out_path)  # kept after every stage: a run cut short keeps what it measured
-            # free moto's memory: the next size needs none of this one
-            boto3.resource("s3", endpoint_url=endpoint).Bucket(BUCKET).objects.filter(Prefix=name + "/").delete()
+            # free moto's memory (or the disk): the next size needs none of this one
+            if endpoint:
+                import boto3
+
+                boto3.resource("s3", endpoint_url=endpoint).Bucket(BUCKET).objects.filter(Prefix=name + "/").delete()
+            else:
+                shutil.rmtree(local / "work", ignore_errors=True)
     print(table(results))
     print(scaling_table(results))
     print(speedup_table(results))
+    if ceiling:
+        print(f"ceiling: {ceiling[1]}\n{ceiling_table(results, ceiling[0])}")
 
 
 if __name__ == "__main__":
