@@ -299,3 +299,25 @@ def test_a_stage_not_committed_is_refused_in_one_line(release_run, tmp_path, cap
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "not committed" in err and "evaluate (" in err and "train (" not in err
     assert not (tmp_path / "never").exists() and not list(tmp_path.glob("never.tmp-*"))
+
+
+def test_a_data_only_file_releases_its_data_and_an_unknown_source_is_refused(release_run, tmp_path, capsys):
+    """The same data stages without a model: their outputs are the committed ones (same
+    fingerprints), and the bundle holds the data and dataset cards but no model."""
+    from pipeline.cli import main
+
+    text = Path(release_run["path"]).read_text()
+    data_only = text[: text.index("  train:\n    uses: release_fixture_train")]
+    path = Path(release_run["root"]) / "data-only.yaml"
+    path.write_text(data_only)
+    out = tmp_path / "data"
+    assert main(["release", str(path), "--out", str(out)]) == 0
+    files = read_bundle(out)
+    assert not [p for p in files if p.startswith(("model/", "training_logs/", "ablation/", "evaluation/"))]
+    assert {"data_card.md", "dataset/README.md", "records/tokenize.manifest.json", "SHA256SUMS"} <= set(files)
+    assert "## Tokens: `tokenize`" in files["data_card.md"].decode() and "release-test: training data" in files["dataset/README.md"].decode()
+    path.write_text(data_only.replace("    docs: {license: PSF-2.0", "    doc: {license: PSF-2.0"))
+    capsys.readouterr()
+    assert main(["release", str(path), "--out", str(tmp_path / "refused")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "release.sources.doc: no such source (sources: docs, questions)" in err
