@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 
 import pytest
 
@@ -116,6 +117,8 @@ def test_compare_cli_reads_each_variants_evaluation_and_logs_to_the_ablation_run
     # the seed repeat shares the base's outputs (no stage here draws from the seed): no noise, nothing beyond it
     assert "| qa_0shot | acc (%) | zero_shot | 8.33 ± 8.33 | +0.00 | 0.00 (n=2) | no | 15.4K |" in md
     assert "| validation/_all | bits_per_byte | zero_shot |" in md
+    # bits per byte on the gold answers, with its standard error over the task's questions
+    assert re.search(r"\| qa_0shot \| gold_bits_per_byte \| zero_shot \| \d+\.\d{4} ± \d+\.\d{4} \| [+-]\d+\.\d{4} \|", md), md
     assert main(["compare", str(path), "--csv"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("variant,task,metric,value,stderr,diff_to_base")
