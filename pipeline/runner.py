@@ -10,6 +10,7 @@ import sys
 import time
 import traceback
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -129,14 +130,26 @@ class Runner:
         self.order = build_dag(loaded)
         self.by_name = {n.name: n for n in self.order}
         self.work_dir = loaded.resolved.work_dir
-        self.tracker: Optional[Tracker] = None
         if track:
             log.info("%s", loaded.resolved.describe_tracking())
         self._check_addresses(track)  # fail in seconds, naming the address, where a client would retry for minutes
+        # The MLflow store opens (imports, schema checks: seconds) in a thread while the run
+        # fingerprints its stages and starts Ray, which mostly waits for its processes: start-up
+        # costs the longer of the two, not their sum. Its error, if any, is raised where the
+        # tracker is first used.
+        self._tracker: Optional[Future] = None
         if track:
-            self.tracker = Tracker(loaded.resolved.tracking_uri(), loaded.resolved.mlflow.experiment, loaded.resolved.artifact_location())
+            resolved = loaded.resolved
+            opener = ThreadPoolExecutor(1, thread_name_prefix="lmpipe-mlflow")
+            self._tracker = opener.submit(Tracker, resolved.tracking_uri(), resolved.mlflow.experiment, resolved.artifact_location())
+            opener.shutdown(wait=False)  # the thread ends with its one task
         self.ray_address = RAY_NOT_STARTED if use_ray else "none (in-process)"
         self._reader_lease: Optional[ReaderLease] = None  # this run's, while it runs
+
+    @property
+    def tracker(self) -> Optional[Tracker]:
+        """The run's MLflow tracker (None: tracking off), once its store is open."""
+        return None if self._tracker is None else self._tracker.result()
 
     def _check_addresses(self, track: bool) -> None:
         resolved = self.loaded.resolved
@@ -225,6 +238,10 @@ class Runner:
                         f" (fingerprint {fingerprints[name]}, expected {sd}); run the pipeline without --stage first"
                     )
 
+        if self.use_ray and self.ray_address == RAY_NOT_STARTED and any(
+                name in forced or mf.load_manifest(self.storage, mf.stage_uri(self.work_dir, name, fingerprints[name])) is None
+                for name in selected):  # something will compute: Ray starts while the MLflow store opens
+            self.ray_address = init_ray(self.loaded, self.address)
         report = RunReport(None)
         if self.tracker:
             cfg = self.loaded.declared

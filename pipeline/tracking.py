@@ -9,6 +9,7 @@ stay references.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -106,8 +107,11 @@ def flatten(obj: Any, prefix: str = "") -> dict[str, str]:
 
 
 @lru_cache(maxsize=1)
+@functools.lru_cache(maxsize=None)
 def code_version() -> str:
-    """The lmpipe code that ran: git commit (+dirty) of the checkout, else the package version."""
+    """The lmpipe code that ran: git commit (+dirty) of the checkout, else the package version.
+    Once per process (two git commands; a run asks for it at every stage): the code a process
+    runs is what it imported, whatever is edited on disk meanwhile."""
     here = os.path.dirname(os.path.abspath(__file__))
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
