@@ -24,6 +24,8 @@ checkpoint's LoggedModel as a model input with the metrics linked to it, and the
 the table. Malformed task lines are reported (file:line, reason), skipped and counted.
 
 For the training loop there is :mod:`stages.scoring.hook`: the same code, small and in process.
+A job that the train stage's ``checkpoint_eval`` already scored on the same checkpoint, under the
+same fingerprint (:mod:`stages.scoring.jobs`), is read from beside the checkpoint, not recomputed.
 """
 
 from __future__ import annotations

@@ -54,7 +54,7 @@ class CheckpointEvaluator:
             uris = []
             for job in self.jobs(checkpoint, step, tokens_seen):
                 fingerprint = job_fingerprint(job)
-                res = stored_result(job)  # a restarted run's controller may ask for a checkpoint scored before
+                res = stored_result(job, fingerprint)  # a restarted run's controller may ask for a checkpoint scored before
                 if res is None:
                     res = run_job(job)
                     store_result(job, fingerprint, res)

@@ -315,12 +315,13 @@ def store_result(job: EvalJob, fingerprint: str, res: dict[str, Any]) -> str:
     return uri
 
 
-def stored_result(job: EvalJob) -> Optional[dict[str, Any]]:
+def stored_result(job: EvalJob, fingerprint: Optional[str] = None) -> Optional[dict[str, Any]]:
     """The job's result scored earlier (by the train stage's checkpoint evaluation) under the same
-    fingerprint, with this job's checkpoint name and metadata; None when there is none."""
+    fingerprint (``job_fingerprint(job)`` unless given), with this job's checkpoint name and
+    metadata; None when there is none."""
     from pipeline import storage as st
 
-    fingerprint = job_fingerprint(job)
+    fingerprint = fingerprint or job_fingerprint(job)
     if fingerprint is None:
         return None
     storage = job.storage or st.Storage()

@@ -63,6 +63,20 @@ def test_mlflow_gets_training_metrics_curve_and_model(job):
     assert model["tags"]["lmpipe.train_dataset"] == "tokenize.train"
 
 
+def test_each_checkpoint_is_scored_as_it_commits_by_a_separate_ray_task(job):
+    """checkpoint_eval: Ray Train's checkpoint validation ran the evaluation of every committed
+    checkpoint in a task of its own; the results lie beside the checkpoints, keyed by fingerprint,
+    and the metrics are in the train run at each checkpoint's step."""
+    train = job["manifest_train"]
+    evaluations = train["checkpoint_evaluations"]
+    assert [(e["step"], e["status"]) for e in evaluations] == [(8, "scored"), (16, "scored"), (24, "scored")], evaluations
+    for e in evaluations:
+        assert len(e["results"]) == 1  # the qa task group
+        for uri in e["results"]:
+            assert os.path.isfile(uri) and uri.startswith(os.path.join(os.path.dirname(e["path"]), "evaluations", os.path.basename(e["path"])))
+    assert job["checkpoint_eval_steps"] == {"checkpoint_eval/qa_0shot/acc": [8, 16, 24], "checkpoint_eval/qa_0shot/acc_norm": [8, 16, 24]}
+
+
 def test_killed_worker_resumes_to_identical_weights(job):
     killed = job["killed"]
     assert killed["marker"], "the fault was never injected"

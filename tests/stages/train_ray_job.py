@@ -64,7 +64,7 @@ def main(work: str, out_json: str) -> None:
     os.makedirs(work, exist_ok=True)
     from tests.conftest import free_port
 
-    common = dict(address="local", num_cpus=2, log_to_driver=False, object_store_memory=256 * 1024 * 1024,
+    common = dict(address="local", num_cpus=3,  # 2 training workers + the checkpoint evaluation log_to_driver=False, object_store_memory=256 * 1024 * 1024,
                   _temp_dir=os.path.join(work, "ray"))
     try:  # a free port: other Ray dashboards may run on this machine
         ray.init(include_dashboard=True, dashboard_port=free_port(), **common)
@@ -85,7 +85,9 @@ def main(work: str, out_json: str) -> None:
     from tests.stages.test_evaluate_support import mmlu_like_records, write_task
 
     task_file = write_task(Path(work) / "qa.jsonl", mmlu_like_records(8))
-    train_config = {**TRAIN_CONFIG, "in_loop_eval": {"every": 12, "validation": False, "task": "qa", "task_path": task_file}}
+    # and each checkpoint scored as it commits, by a Ray task beside the two training workers
+    train_config = {**TRAIN_CONFIG, "in_loop_eval": {"every": 12, "validation": False, "task": "qa", "task_path": task_file},
+                    "checkpoint_eval": {"tasks": [{"name": "qa", "path": task_file}], "validation": False}}
     yaml_path = os.path.join(work, "pipeline.yaml")
     with open(yaml_path, "w") as f:
         f.write(textwrap.dedent(f"""
@@ -112,6 +114,8 @@ def main(work: str, out_json: str) -> None:
         "metric_keys": sorted(run.data.metrics),
         "loss_history": [m.value for m in sorted(client.get_metric_history(stage.run_id, "loss"), key=lambda m: m.step)],
         "in_loop_acc_steps": sorted(m.step for m in client.get_metric_history(stage.run_id, "eval/qa_0shot/acc")),
+        "checkpoint_eval_steps": {key: sorted(m.step for m in client.get_metric_history(stage.run_id, key))
+                                  for key in ("checkpoint_eval/qa_0shot/acc", "checkpoint_eval/qa_0shot/acc_norm")},
         "artifacts": sorted(a.path for a in client.list_artifacts(stage.run_id)),
         "outputs": [o.model_id for o in (run.outputs.model_outputs if run.outputs else [])],
     }
