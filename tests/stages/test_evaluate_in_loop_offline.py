@@ -1,21 +1,23 @@
 """In-loop = offline: one checkpoint scored by the train stage's in-loop evaluation (the model
-sharded over two ranks with FSDP2, no export) and by the evaluate stage -- from the checkpoint,
+sharded with FSDP2 under a process group, no export) and by the evaluate stage -- from the checkpoint,
 and from its Hugging Face export run by ``transformers`` -- gives the same numbers: bits per byte
 and loss per domain, accuracy, and bits per byte on the gold answers. fp32 on CPU; the in-loop
 pass and the stage's job score the same requests with the same batching, so they agree to the
 last bit; ``transformers`` computes the same function with other kernels (a plain causal pass per
-choice instead of a shared context), within 1e-6."""
+choice instead of a shared context), within 1e-6.
+
+The process group has one rank, as a single-worker train stage runs (it shards all the same: the
+blocks and the root gather and free their parameters around every forward); the same check over
+two spawned ranks gives the same bits, at several times the cost."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from stages.scoring.tasks import build_requests, load_mc_task
-from tests.stages.sharding_support import spawn
 from tests.stages.test_evaluate_support import SEQ_LEN, mmlu_like_records, tiny_run, write_task
 
 pytest.importorskip("transformers")
@@ -23,9 +25,9 @@ pytest.importorskip("transformers")
 VALIDATION_ROWS = 8  # per domain
 
 
-def in_loop_on_two_ranks(rank: int, world_size: int, out_prefix: str, run: dict, task_path: str) -> None:
-    """Rank ``rank`` of a sharded trainer restored from the run's last checkpoint, evaluated by its validators."""
-    import torch
+def in_loop_sharded(run: dict, task_path: str, pg_file: str) -> tuple[int, dict[str, float]]:
+    """A sharded trainer restored from the run's last checkpoint, evaluated by its validators: (step, metrics)."""
+    import torch.distributed as dist
 
     from stages.model.transformer import model_config
     from stages.scoring.hook import InLoopEval
@@ -36,15 +38,17 @@ def in_loop_on_two_ranks(rank: int, world_size: int, out_prefix: str, run: dict,
 
     cfg = model_config("debug", vocab_size=512, dim=32, n_layers=2, n_heads=2, ffn_dim=64, max_seq_len=SEQ_LEN)
     tcfg = TrainConfig(loop={"steps": 30, "micro_batch_size": 8, "eval_every": 0, "norms_every": 0})
-    trainer = Trainer(tcfg, cfg, TokenShardLoader(run["train"], 8, seed=0), SEQ_LEN, seed=0)
-    assert trainer.sharded and trainer.world == 2
-    assert trainer.restore(run["checkpoints"][-1])
-    # the full validation split on every rank, as the train stage hands it to the in-loop evaluation
-    val = validation_sets(run["validation"], None, 0, 1, VALIDATION_ROWS)
-    in_loop = InLoopEval.build(run["tokenizer"], every=1, val_rows=val, task=("qa", task_path), limit=None, prefix_token=0)
-    metrics = trainer.validate([in_loop])
-    if rank == 0:
-        Path(f"{out_prefix}.json").write_text(json.dumps({"step": trainer.state.step, "metrics": metrics}))
+    dist.init_process_group("gloo", init_method=f"file://{pg_file}", rank=0, world_size=1)
+    try:
+        trainer = Trainer(tcfg, cfg, TokenShardLoader(run["train"], 8, seed=0), SEQ_LEN, seed=0)
+        assert trainer.sharded
+        assert trainer.restore(run["checkpoints"][-1])
+        # the full validation split, as the train stage hands it to the in-loop evaluation on every rank
+        val = validation_sets(run["validation"], None, 0, 1, VALIDATION_ROWS)
+        in_loop = InLoopEval.build(run["tokenizer"], every=1, val_rows=val, task=("qa", task_path), limit=None, prefix_token=0)
+        return trainer.state.step, trainer.validate([in_loop])
+    finally:
+        dist.destroy_process_group()
 
 
 def offline(run: dict, checkpoint: str, task_path: str, hf_runtime: str = "lmpipe") -> dict:
@@ -72,10 +76,9 @@ def offline(run: dict, checkpoint: str, task_path: str, hf_runtime: str = "lmpip
 def test_in_loop_sharded_and_offline_checkpoint_and_transformers_export_agree(tmp_path, tmp_path_factory):
     run = tiny_run(tmp_path_factory.getbasetemp() / "eval-tiny-run")  # shared with the other evaluate tests
     task = write_task(tmp_path / "qa.jsonl", mmlu_like_records(24))
-    spawn(in_loop_on_two_ranks, 2, str(tmp_path / "in_loop"), run, task)
-    in_loop = json.loads((tmp_path / "in_loop.json").read_text())
-    assert in_loop["step"] == 30  # the weights of the checkpoint the others read
-    in_loop = {k: v for k, v in in_loop["metrics"].items() if k != "eval/seconds"}
+    step, in_loop = in_loop_sharded(run, task, str(tmp_path / "process-group"))
+    assert step == 30  # the weights of the checkpoint the others read
+    in_loop = {k: v for k, v in in_loop.items() if k != "eval/seconds"}
 
     dcp = offline(run, run["checkpoints"][-1], task)
     hf = offline(run, run["hf"], task, hf_runtime="transformers")
