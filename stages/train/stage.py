@@ -362,7 +362,8 @@ def exported_model(ctx, hf_dir: str, model_cfg: ModelConfig, src, step: int, las
     lineage = {} if resumed_from is None else {"lmpipe.resumed_from": resumed_from.checkpoint,
                                               "lmpipe.resumed_from_step": str(resumed_from.step)}
     return ModelRecord(
-        name=ctx.stage_name, local_dir=hf_dir, model_type=hf_architecture(model_cfg), step=step,
+        # named as the evaluate stage names each checkpoint's model: one name per pipeline, model and step
+        name=f"{ctx.pipeline_name}-{ctx.stage_name}-step{step}", local_dir=hf_dir, model_type=hf_architecture(model_cfg), step=step,
         params={k: str(v) for k, v in model_cfg.to_dict().items()},
         tags={"lmpipe.fingerprint": ctx.fingerprint, "lmpipe.train_dataset": dataset.name, "lmpipe.train_dataset_uri": src.uri,
               "lmpipe.train_dataset_digest": src.fingerprint, "lmpipe.step": str(step), "lmpipe.format": "huggingface",

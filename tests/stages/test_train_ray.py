@@ -61,6 +61,7 @@ def test_mlflow_gets_training_metrics_curve_and_model(job):
     model = job["logged_model"]
     assert model["status"].endswith("READY") and job["outputs"] == [job["manifest_train"]["mlflow_model_id"]]
     assert model["tags"]["lmpipe.train_dataset"] == "tokenize.train"
+    assert model["name"] == "train-test-train-step24"  # the pipeline, the model, the step: as evaluate names checkpoints
 
 
 def test_each_checkpoint_is_scored_as_it_commits_by_a_separate_ray_task(job):

@@ -121,7 +121,7 @@ def main(work: str, out_json: str) -> None:
     }
     if manifest["summary"]["data"]["mlflow_model_id"]:
         model = client.get_logged_model(manifest["summary"]["data"]["mlflow_model_id"])
-        result["logged_model"] = {"status": str(model.status), "tags": model.tags, "source_run_id": model.source_run_id}
+        result["logged_model"] = {"status": str(model.status), "tags": model.tags, "source_run_id": model.source_run_id, "name": model.name}
 
     # The same training, with rank 1 killed after step 12: Ray restarts the group from step 8.
     shards = report.stage("tokenize")
