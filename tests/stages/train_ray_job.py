@@ -187,10 +187,14 @@ def resume_and_force(work: str, checkpoint: str) -> dict:
             """))
     loaded = load_config(yaml_path)
     client = MlflowClient(loaded.resolved.tracking_uri())
-    out = {}
+    import torch
+
+    out, weights = {}, {}
     for label, run in (("first", lambda: Runner(loaded).run()), ("forced", lambda: Runner(loaded).run(only="train", force=True))):
         stage = run().stage("train")
         summary = stage.manifest["summary"]["data"]
+        # read now: the forced rerun's commit removes the Ray Train run it replaces (superseded_folders)
+        weights[label] = ckpt.load_full_model(summary["final_checkpoint"]).state_dict()
         model_id = summary["mlflow_model_id"]
         out[label] = {
             "cached": stage.cached,
@@ -200,10 +204,7 @@ def resume_and_force(work: str, checkpoint: str) -> dict:
             "model_tags": client.get_logged_model(model_id).tags if model_id else {},
             "history_steps": [h["step"] for h in json.loads(ckpt.load_extra(summary["final_checkpoint"], 0)["trainer"])["history"]],
         }
-    import torch
-
-    a = ckpt.load_full_model(out["first"]["summary"]["final_checkpoint"]).state_dict()
-    b = ckpt.load_full_model(out["forced"]["summary"]["final_checkpoint"]).state_dict()
+    a, b = weights["first"], weights["forced"]
     out["forced_same_weights"] = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     return out
 
