@@ -19,6 +19,11 @@ os.environ.setdefault("LMPIPE_PROGRESS", "0")
 os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
+# Ray Train's controller polls its workers every 2 s by default: a run's start, every restart and
+# its end each wait for a poll. Tests that run Ray Train put this in the environment of the
+# processes that host the controller (a test's own Ray, a ``ray start`` node).
+RAY_TRAIN_QUICK_POLL = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+
 
 @pytest.fixture(scope="session", autouse=True)
 def lmpipe_home(tmp_path_factory):
@@ -117,27 +122,32 @@ def start_process(cmd: list[str], log: Path, env: dict | None = None) -> subproc
         return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
-def stop_process(proc: subprocess.Popen) -> None:
-    """Stop the server's whole process group (its workers included): SIGTERM, then SIGKILL. Never
-    ``ray stop`` or ``pkill``: they would stop every other Ray on this machine too."""
+def stop_process(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """Stop the server's whole process group (its workers included): SIGTERM, then SIGKILL after
+    ``grace_s``. Never ``ray stop`` or ``pkill``: they would stop every other Ray on this machine too."""
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
-            proc.wait(timeout=10)
+            proc.wait(timeout=grace_s)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
 
 
+# A ``ray start --block`` node drains for longer than 10 s on SIGTERM (every test cluster's
+# teardown waited the full 10 s); its files are the test's own, so it is killed sooner.
+RAY_NODE_GRACE_S = 2.0
+
+
 @contextlib.contextmanager
-def server_process(cmd: list[str], log: Path, ready_url: str, env: dict | None = None, timeout: float = 60.0):
+def server_process(cmd: list[str], log: Path, ready_url: str, env: dict | None = None, timeout: float = 60.0, grace_s: float = 10.0):
     """Start a server, wait until ``ready_url`` answers, stop it on exit."""
     proc = start_process(cmd, log, env)
     try:
         wait_for_http(ready_url, timeout=timeout, proc=proc)
         yield proc
     finally:
-        stop_process(proc)
+        stop_process(proc, grace_s)
 
 
 @pytest.fixture(scope="session")

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import VENV_BIN, free_port, make_bucket, ray_node_port_args, s3_filesystem, server_process, start_process, stop_process
+from tests.conftest import RAY_NODE_GRACE_S, RAY_TRAIN_QUICK_POLL, VENV_BIN, free_port, make_bucket, ray_node_port_args, s3_filesystem, server_process, start_process, stop_process
 
 SECRET = "multinode-secret-never-logged-9f3c"
+NEWS_ARTICLES, NEWS_SHARDS = 1200, 8  # enough parts for both nodes and a node killed mid-stage; small enough to be quick
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +40,7 @@ def cluster_env(s3_server, tmp_path_factory):
         "LMPIPE_SECRET_UNDER_TEST": SECRET,
         "MLFLOW_S3_ENDPOINT_URL": s3_server["endpoint_url"],
         "LMPIPE_PROGRESS": "0",
+        **RAY_TRAIN_QUICK_POLL,
     }
 
 
@@ -56,13 +58,13 @@ def two_nodes(cluster_env, tmp_path_factory):
         "--resources", '{"worker_node": 1}', "--disable-usage-stats", *ray_node_port_args(),
     ]
     url = f"http://127.0.0.1:{dash}"
-    with server_process(head_cmd, logs / "head.log", f"{url}/api/version", cluster_env, timeout=120) as head:
+    with server_process(head_cmd, logs / "head.log", f"{url}/api/version", cluster_env, timeout=120, grace_s=RAY_NODE_GRACE_S) as head:
         worker = start_process(worker_cmd, logs / "worker.log", cluster_env)
         try:
             _wait_for_nodes(f"127.0.0.1:{port}", 2, cluster_env)
             yield {"dashboard": url, "gcs": f"127.0.0.1:{port}", "head": head, "worker": worker}
         finally:
-            stop_process(worker)
+            stop_process(worker, RAY_NODE_GRACE_S)
 
 
 def _wait_for_nodes(gcs: str, n: int, env: dict, timeout: float = 120) -> None:
@@ -95,9 +97,9 @@ def s3_corpus(s3_server, demo_corpus):
     fs = s3_filesystem(s3_server)
     from stages.assets import news_articles
 
-    articles = news_articles()
-    for i in range(24):  # many small shards: enough parts to spread over both nodes
-        body = "".join(json.dumps(a) + "\n" for a in articles[i::24])
+    articles = news_articles()[:NEWS_ARTICLES]
+    for i in range(NEWS_SHARDS):  # several small shards: enough parts to spread over both nodes
+        body = "".join(json.dumps(a) + "\n" for a in articles[i::NEWS_SHARDS])
         fs.pipe(f"data/news/news-{i:02d}.jsonl", body.encode())
     fs.put(str(demo_corpus / "python_docs"), "data/docs", recursive=True)
     return fs
@@ -195,7 +197,7 @@ def test_submit_to_two_nodes_with_s3_and_mlflow_server(submitted, two_nodes, mlf
     stages = ["ingest", "language_filter", "quality_filter", "toxicity_filter", "pii_masker", "exact_dedup", "minhash_dedup",
               "decontaminate", "train_tokenizer", "tokenize", "train", "evaluate"]
     assert set(manifests) == set(stages)
-    assert manifests["ingest"]["counts"]["rows_in"] == 3824 + 79
+    assert manifests["ingest"]["counts"]["rows_in"] == NEWS_ARTICLES + 79
     assert len(manifests["ingest"]["parts_per_node"]) == 2, manifests["ingest"]["parts_per_node"]  # both nodes worked
     for m in manifests.values():
         for ds in m["datasets"].values():

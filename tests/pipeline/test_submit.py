@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.conftest import VENV_BIN, free_port, ray_node_port_args, server_process
+from tests.conftest import RAY_NODE_GRACE_S, VENV_BIN, free_port, ray_node_port_args, server_process
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def ray_head(tmp_path_factory):
     cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
            "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "2", "--include-dashboard", "true",
            "--disable-usage-stats", *ray_node_port_args()]
-    with server_process(cmd, tmp_path_factory.mktemp("ray-head") / "head.log", f"{url}/api/version", env, timeout=120):
+    with server_process(cmd, tmp_path_factory.mktemp("ray-head") / "head.log", f"{url}/api/version", env, timeout=120, grace_s=RAY_NODE_GRACE_S):
         yield url
 
 
