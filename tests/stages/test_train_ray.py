@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import RAY_TRAIN_QUICK_POLL, REPO
 
 pytestmark = pytest.mark.slow
 
@@ -24,7 +24,8 @@ def job(tmp_path_factory, s3_server):
     out = work / "result.json"
     make_bucket(s3_server, "trainckpt")
     env = {**os.environ, "RAY_DEDUP_LOGS": "0", "LMPIPE_PROGRESS": "0", "LMPIPE_TEST_S3_ENDPOINT": s3_server["endpoint_url"],
-           "AWS_ACCESS_KEY_ID": s3_server["key"], "AWS_SECRET_ACCESS_KEY": s3_server["secret"], "AWS_DEFAULT_REGION": s3_server["region"]}
+           "AWS_ACCESS_KEY_ID": s3_server["key"], "AWS_SECRET_ACCESS_KEY": s3_server["secret"], "AWS_DEFAULT_REGION": s3_server["region"],
+           **RAY_TRAIN_QUICK_POLL}
     proc = subprocess.run([sys.executable, "-m", "tests.stages.train_ray_job", str(work), str(out)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=540)
     if proc.returncode != 0:

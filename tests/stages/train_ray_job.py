@@ -57,6 +57,12 @@ class TestTokenShards(DatasetStage):
         ctx.set_summary(TokenizeSummary(seq_len=SEQ_LEN, vocab_size=VOCAB, dtype="uint16", eos_id=2, bos_id=1, pad_id=0, tokenizer_path=rel))
 
 
+def fault_delay_s() -> float:
+    """The killed rank waits 1.5 polls of Ray Train's controller after its last report (3 s at the
+    default 2 s; the test polls faster), so that the controller has collected that checkpoint."""
+    return 1.5 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2"))
+
+
 def main(work: str, out_json: str) -> None:
     import ray
     import torch
@@ -130,7 +136,7 @@ def main(work: str, out_json: str) -> None:
         train=cfg, model=cfg.model.build(VOCAB, SEQ_LEN), seq_len=SEQ_LEN, seed=stage_seed(7, "train"),
         train_files=[os.path.join(shards.stage_dir, f["path"]) for f in shards.manifest["datasets"]["train"]["files"]],
         val_files=[os.path.join(shards.stage_dir, f["path"]) for f in shards.manifest["datasets"]["validation"]["files"]],
-        threads_per_worker=cfg.cluster.worker_threads(), fault=FaultInjection(step=12, marker=os.path.join(work, "killed")),
+        threads_per_worker=cfg.cluster.worker_threads(), fault=FaultInjection(step=12, marker=os.path.join(work, "killed"), delay_s=fault_delay_s()),
     )
     # its checkpoints go to S3 (moto's server) when the test gives one: a restart resumes from S3
     endpoint = os.environ.get("LMPIPE_TEST_S3_ENDPOINT")
