@@ -14,8 +14,13 @@ from stages.train.config import TrainStageConfig
 from stages.train.stage import TrainStage, ray_train_run
 
 
-def stage_ctx(stage_dir, attempt: str):
-    return SimpleNamespace(stage_dir=str(stage_dir), attempt=attempt, stage_name="train", storage=Storage())
+def stage_ctx(stage_dir, attempt: str, lease_lost: bool = False):
+    def check() -> None:  # the runner's lease check, as ctx.fan_out.check
+        if lease_lost:
+            raise RuntimeError("lease on train lost to another run")
+
+    return SimpleNamespace(stage_dir=str(stage_dir), attempt=attempt, stage_name="train", storage=Storage(),
+                           fan_out=SimpleNamespace(check=check))
 
 
 def committed_manifest(ray_train_run: str) -> dict:
@@ -37,6 +42,9 @@ def test_a_rerun_continues_its_run_and_a_replacement_starts_a_new_one(tmp_path):
     forced = ray_train_run(stage_ctx(tmp_path, "attempt-ccc"))
     assert forced not in (first, "") and os.path.isdir(tmp_path / first)  # the committed run stays while it is committed
     os.makedirs(tmp_path / forced)  # this replacement dies; the next one removes its run, never the committed one
+    with pytest.raises(RuntimeError, match="lease on train lost"):  # only while the stage's lease is ours
+        ray_train_run(stage_ctx(tmp_path, "attempt-ddd", lease_lost=True))
+    assert os.path.isdir(tmp_path / forced)
     again = ray_train_run(stage_ctx(tmp_path, "attempt-ddd"))
     assert again not in (first, forced) and not os.path.exists(tmp_path / forced) and os.path.isdir(tmp_path / first)
 
