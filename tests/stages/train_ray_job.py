@@ -63,6 +63,26 @@ def fault_delay_s() -> float:
     return 1.5 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2"))
 
 
+def train_pipeline(work: str, file: str, name: str, train_config: dict):
+    """A pipeline of the test shards and the train stage with ``train_config``, in ``work``'s
+    shared work dir (the shards are computed once, for every pipeline of the job)."""
+    yaml_path = os.path.join(work, f"{file}.yaml")
+    with open(yaml_path, "w") as f:
+        f.write(textwrap.dedent(f"""
+            name: {name}
+            work_dir: {work}/work
+            seed: 7
+            stages:
+              tokenize:
+                uses: test_token_shards
+              train:
+                uses: train
+                inputs: [tokenize.train]
+                config: {json.dumps(train_config)}
+            """))
+    return load_config(yaml_path)
+
+
 def main(work: str, out_json: str) -> None:
     import ray
     import torch
@@ -94,21 +114,7 @@ def main(work: str, out_json: str) -> None:
     # and each checkpoint scored as it commits, by a Ray task beside the two training workers
     train_config = {**TRAIN_CONFIG, "in_loop_eval": {"every": 12, "validation": False, "task": "qa", "task_path": task_file},
                     "checkpoint_eval": {"tasks": [{"name": "qa", "path": task_file}], "validation": False}}
-    yaml_path = os.path.join(work, "pipeline.yaml")
-    with open(yaml_path, "w") as f:
-        f.write(textwrap.dedent(f"""
-            name: train-test
-            work_dir: {work}/work
-            seed: 7
-            stages:
-              tokenize:
-                uses: test_token_shards
-              train:
-                uses: train
-                inputs: [tokenize.train]
-                config: {json.dumps(train_config)}
-            """))
-    loaded = load_config(yaml_path)
+    loaded = train_pipeline(work, "pipeline", "train-test", train_config)
     report = Runner(loaded).run()
     stage = report.stage("train")
     manifest = stage.manifest
@@ -177,21 +183,7 @@ def resume_and_force(work: str, checkpoint: str) -> dict:
 
     train_config = {**TRAIN_CONFIG, "loop": {**TRAIN_CONFIG["loop"], "steps": 26, "log_every": 1, "eval_every": 0, "norms_every": 0},
                     "checkpoint": {"every": 8, "resume_from": checkpoint}, "cluster": {**TRAIN_CONFIG["cluster"], "num_workers": 1}}
-    yaml_path = os.path.join(work, "resume.yaml")
-    with open(yaml_path, "w") as f:
-        f.write(textwrap.dedent(f"""
-            name: train-resume-test
-            work_dir: {work}/work
-            seed: 7
-            stages:
-              tokenize:
-                uses: test_token_shards
-              train:
-                uses: train
-                inputs: [tokenize.train]
-                config: {json.dumps(train_config)}
-            """))
-    loaded = load_config(yaml_path)
+    loaded = train_pipeline(work, "resume", "train-resume-test", train_config)
     client = MlflowClient(loaded.resolved.tracking_uri())
     import torch
 
@@ -230,22 +222,8 @@ def lease_lost_mid_training(work: str) -> dict:
     steps = 4000  # minutes of training, were it not stopped
     train_config = {**TRAIN_CONFIG, "loop": {**TRAIN_CONFIG["loop"], "steps": steps, "log_every": 5, "eval_every": 0, "norms_every": 0},
                     "checkpoint": {"every": 10000}, "cluster": {**TRAIN_CONFIG["cluster"], "num_workers": 1}}
-    yaml_path = os.path.join(work, "lease.yaml")
-    with open(yaml_path, "w") as f:
-        f.write(textwrap.dedent(f"""
-            name: train-lease-test
-            work_dir: {work}/work
-            seed: 7
-            stages:
-              tokenize:
-                uses: test_token_shards
-              train:
-                uses: train
-                inputs: [tokenize.train]
-                config: {json.dumps(train_config)}
-            """))
     os.environ["LMPIPE_LEASE_TTL_S"] = "4"  # the holder renews every second: it learns of the take-over at once
-    loaded = load_config(yaml_path)
+    loaded = train_pipeline(work, "lease", "train-lease-test", train_config)
     taken: dict = {}
 
     def take_over() -> None:
