@@ -32,8 +32,10 @@ sequences and records, per sequence, the segments it holds and where each starts
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import math
+import os
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 
@@ -208,6 +210,7 @@ class EncodeJob:
     seed: int
     batch_rows: int
     dtype: str = "uint32"  # of the token ids: the shards' dtype (uint16 halves what pack reads)
+    threads: int = 1  # tokenizer threads; more than 1 runs in workers started with threads_env(threads)
 
 
 def encoded_schema(dtype: pa.DataType) -> pa.Schema:
@@ -216,6 +219,11 @@ def encoded_schema(dtype: pa.DataType) -> pa.Schema:
 
 def encode_part(storage: st.Storage, input_uri: str, out_uri: str, job: EncodeJob) -> dict[str, Any]:
     """Encode one input file; stream id, source, split, tokens (with EOS) to ``out_uri``; return counts."""
+    with tokenizer_threads(job.threads):
+        return _encode_part(storage, input_uri, out_uri, job)
+
+
+def _encode_part(storage: st.Storage, input_uri: str, out_uri: str, job: EncodeJob) -> dict[str, Any]:
     tok = cached_tokenizer(storage, job.tokenizer_uri)
     dtype = getattr(pa, job.dtype)()
     schema = encoded_schema(dtype)
@@ -515,5 +523,25 @@ def write_bucket(storage: st.Storage, split: str, bucket: int, packed: list[dict
     return out.close(rows_in=0), bytes_read
 
 
+@contextlib.contextmanager
+def tokenizer_threads(threads: int):
+    """One thread: the tokenizer runs serially in the worker that calls it (a shared worker of the
+    run; ``tokenizers`` reads TOKENIZERS_PARALLELISM at every call). More: the caller ran this in a
+    worker started with ``threads_env`` (rayon sizes its pool once per process), nothing to do."""
+    if threads != 1:
+        yield
+        return
+    previous = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = previous
+
+
 def threads_env(threads: int) -> dict[str, str]:
+    """The environment of workers that tokenize with ``threads`` threads (more than one)."""
     return {"RAYON_NUM_THREADS": str(threads), "RAYON_RS_NUM_CPUS": str(threads), "TOKENIZERS_PARALLELISM": "true"}

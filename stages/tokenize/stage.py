@@ -109,7 +109,9 @@ class Tokenize(DatasetStage):
         tok_uri = tok_stage.path(tok.path)
         res = ctx.resources
         threads = c.threads_per_worker or max(1, int(res.num_cpus or 1))
-        fan = dict(num_cpus=res.num_cpus, max_parallel=res.max_workers, env=pk.threads_env(threads))
+        # Only encoding uses the tokenizer's threads; with one, it runs in the run's shared workers.
+        fan = dict(num_cpus=res.num_cpus, max_parallel=res.max_workers)
+        encode_fan = {**fan, "env": pk.threads_env(threads)} if threads > 1 else fan
         work = st.join(ctx.attempt_uri, WORK)
         timings: dict[str, float] = {}
 
@@ -117,7 +119,7 @@ class Tokenize(DatasetStage):
         thresholds = self._validation_thresholds(ctx, docs_in, fan)
         timings["validation_scores"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        encoded = self._encode(ctx, docs_in, tok_uri, tok, thresholds, work, fan)
+        encoded = self._encode(ctx, docs_in, tok_uri, tok, thresholds, work, encode_fan, threads)
         counts = _encoded_counts(encoded)
         train_tokens = {s: v["tokens"] for s, v in counts.get(pk.TRAIN, {}).items()}
         rates = mixture_rates(train_tokens, c.mixture, c.total_tokens)
@@ -183,14 +185,14 @@ class Tokenize(DatasetStage):
         return pk.thresholds_from_summary(pk.merge_score_summaries(summaries, k), c.validation_fraction, k)
 
     def _encode(self, ctx: StageContext, docs_in, tok_uri: str, tok: TokenizerSummary, thresholds: dict[str, float], work: str,
-                fan: dict) -> list[dict[str, Any]]:
+                fan: dict, threads: int) -> list[dict[str, Any]]:
         """Every input file encoded in parallel, each document's split decided before packing."""
         c = self.config
         files = docs_in.files()
         if tok.eos_id is None:
             raise ValueError(f"stage {ctx.stage_name!r}: the tokenizer has no EOS token to end documents with")
         job = pk.EncodeJob(tok_uri, tok.eos_id, tok.bos_id if c.add_bos else None, c.validation_fraction, thresholds, self.seed, c.batch_rows,
-                           str(pk.token_dtype(tok.vocab_size)))
+                           str(pk.token_dtype(tok.vocab_size)), threads)
         items = [(ctx.storage, f, st.join(work, "encoded", f"part-{i:05d}.arrow"), job) for i, f in enumerate(files)]
         return ctx.fan_out.map(pk.encode_part, items, step="encode", **fan)
 
