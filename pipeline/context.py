@@ -70,6 +70,10 @@ class InputDataset:
     def files(self) -> list[str]:
         return mf.dataset_files(self.manifest, self.stage_dir, self.ref.dataset)
 
+    def file_sizes(self) -> list[int]:
+        """Bytes of each of ``files()``, as the manifest recorded them (0 where it did not)."""
+        return [int(f.get("bytes") or 0) for f in self.manifest["datasets"][self.ref.dataset]["files"]]
+
     def dataset_files(self, dataset: str) -> list[str]:
         """The files of another dataset of the same stage (e.g. a tokenize stage's validation split)."""
         return mf.dataset_files(self.manifest, self.stage_dir, dataset)

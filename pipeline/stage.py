@@ -69,6 +69,9 @@ class Part:
 
     id: str
     payload: dict[str, Any]
+    # bytes of input it reads (0: unknown). The runner starts the largest parts first, so that a
+    # large part is not left to run alone at the end; outputs are in part order whatever the order.
+    size: int = 0
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,29 @@ os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 RAY_TRAIN_QUICK_POLL = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 
 
+# The suite runs on two pytest-xdist workers, one test file at a time each (``-n 2 --dist loadfile``
+# in pyproject.toml, so a file's module fixtures are built once). The longest files start first:
+# started last, one of them would run alone at the end while the other worker idles.
+LONGEST_FILES_FIRST = [
+    "tests/stages/test_train_ray.py",
+    "tests/clusters/test_multinode.py",
+    "tests/pipeline/test_cli.py",
+    "tests/clusters/test_s3_faults.py",
+    "tests/pipeline/test_submit.py",
+    "tests/pipeline/test_release.py",
+]
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FILES_FIRST)}
+
+    def order(item) -> int:
+        path = Path(str(item.fspath)).resolve().relative_to(REPO).as_posix()
+        return rank.get(path, len(rank))
+
+    items.sort(key=order)  # stable: the order within a file and among the rest is kept
+
+
 @pytest.fixture(scope="session", autouse=True)
 def lmpipe_home(tmp_path_factory):
     """The default MLflow store of a pipeline with a remote work_dir lives in $LMPIPE_HOME: the

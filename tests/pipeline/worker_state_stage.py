@@ -18,6 +18,7 @@ from pipeline.stage import DROP_REASON, Resources, RowStage
 class TagRowsConfig(StrictModel):
     tag: str
     trace_dir: str = ""
+    order_file: str = ""  # each batch appends its first row's text (one line): the order parts ran in
 
 
 @register
@@ -36,6 +37,9 @@ class TagRows(RowStage):
             Path(self.config.trace_dir, f"{self.config.tag}-{os.getpid()}-{id(self)}").write_text("")
 
     def process_batch(self, batch: pa.Table) -> pa.Table:
+        if self.config.order_file and batch.num_rows:
+            with open(self.config.order_file, "a") as f:
+                f.write(" ".join(batch.column("text")[0].as_py().split()) + "\n")
         if "tag" in batch.column_names:
             batch = batch.drop_columns(["tag"])
         tags = pa.array([self.tag] * batch.num_rows, pa.string())

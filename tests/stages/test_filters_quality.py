@@ -187,3 +187,26 @@ def test_real_news_articles(news_sample):
         if q is None and reason is None:
             assert text.rstrip().endswith((".", "?", "!", '"', "'"))
     assert out.column("gopher_words").null_count == quarantined.count("empty_text")
+
+
+@pytest.mark.parametrize("chunk", ["word,", "(word", "word.)", '"word,"', "Calif.", "etc.", "Mr.", "U.S.", "(Wis.)", "a.", "I.", "LORD.",
+                                   "cannot,", "gonna!", "e.g.,", "word).", "word,.", "(R", "Don't", "word'", "((word", "word?!)"])
+def test_the_fast_path_of_common_chunks_equals_the_affix_rules(chunk):
+    fast = words._split_fast(chunk)
+    assert fast is None or fast == words.split_chunk(chunk)
+
+
+def test_the_fast_path_equals_the_affix_rules_on_every_chunk_of_real_text():
+    """Every distinct punctuated chunk of the news articles and Shakespeare's plays: where the fast
+    path answers, it answers what the full rules (tested against spaCy above) answer."""
+    import pyarrow.compute as pc
+
+    from stages.assets import news_articles, shakespeare_texts
+
+    texts = pa.array([a["text"] for a in news_articles()] + list(shakespeare_texts().values()))
+    chunks = pc.unique(pc.utf8_split_whitespace(texts).flatten())
+    chunks = chunks.filter(pc.match_substring_regex(chunks, words._NEEDS_AFFIX_RULES)).to_pylist()
+    answered = [(c, words._split_fast(c)) for c in chunks]
+    answered = [(c, fast) for c, fast in answered if fast is not None]
+    assert [c for c, fast in answered if fast != words.split_chunk(c)] == []
+    assert len(answered) > 0.4 * len(chunks), (len(answered), len(chunks))  # the fast path is what most chunks take

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 from typing import ClassVar
@@ -85,13 +87,26 @@ def train_pipeline(work: str, file: str, name: str, train_config: dict):
 
 def main(work: str, out_json: str) -> None:
     import ray
-    import torch
 
     os.makedirs(work, exist_ok=True)
     from tests.conftest import free_port
 
+    # Ray's sockets live under its temp dir, and a Unix socket's path holds at most 107 bytes: the
+    # test's own folder (under pytest-xdist's per-worker basetemp) is too deep for it
+    ray_temp = tempfile.mkdtemp(prefix="lmpipe-ray-")
+    try:
+        run_jobs(work, out_json, ray_temp, free_port)
+    finally:
+        ray.shutdown()
+        shutil.rmtree(ray_temp, ignore_errors=True)
+
+
+def run_jobs(work: str, out_json: str, ray_temp: str, free_port) -> None:
+    import ray
+    import torch
+
     common = dict(address="local", num_cpus=3,  # 2 training workers + the checkpoint evaluation log_to_driver=False, object_store_memory=256 * 1024 * 1024,
-                  _temp_dir=os.path.join(work, "ray"))
+                  _temp_dir=ray_temp)
     try:  # a free port: other Ray dashboards may run on this machine
         ray.init(include_dashboard=True, dashboard_port=free_port(), **common)
     except Exception as e:  # the dashboard is for speed and quiet logs, not correctness
