@@ -143,7 +143,11 @@ def keep_shallow_lists(tree) -> None:
     body = tree.body
     if body is None:
         return
-    for ul in body.get_elements_by_tag_name("ul"):
+    # Only lists fewer than _SHALLOW_LIST_DEPTH levels below <body> are candidates: found by
+    # walking those top levels, in document order (walking up from every <ul> of a large page, as
+    # a first version did, cost 3.5x the extraction itself). Moving a list only makes lists deeper,
+    # so each candidate's depth is taken again when its turn comes.
+    for ul in _shallow_lists(body, 1):
         depth, node = 0, ul
         while node is not None and node.tag != "body":
             depth, node = depth + 1, node.parent
@@ -160,6 +164,20 @@ def keep_shallow_lists(tree) -> None:
         for _ in range(_SHALLOW_LIST_DEPTH - depth - 1):
             inner = inner.append_child(tree.create_element("div"))
         inner.append_child(ul)
+
+
+def _shallow_lists(node, depth: int) -> list:
+    """The <ul> elements among ``node``'s descendants fewer than _SHALLOW_LIST_DEPTH levels below
+    <body> (its children at ``depth``), in document order."""
+    found = []
+    child = node.first_element_child
+    while child is not None:
+        if child.tag == "ul":
+            found.append(child)
+        if depth + 1 < _SHALLOW_LIST_DEPTH:
+            found += _shallow_lists(child, depth + 1)
+        child = child.next_element_sibling
+    return found
 
 
 def _collapsed_bytes(text: str) -> int:
