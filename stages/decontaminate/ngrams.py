@@ -199,12 +199,13 @@ class NgramIndex:
     def _from_pairs(cls, hashes, owners, examples, per_task, vocab, max_examples_per_ngram, stats, n, lengths, kind="ngram") -> "NgramIndex":
         """(hash, example) pairs -> the sorted hash array and its CSR lists of examples."""
         # distinct (hash, example) pairs, then drop n-grams shared by too many examples
-        pairs = np.unique(np.stack([hashes, owners.astype(np.uint64)], axis=1), axis=0) if len(hashes) else np.zeros((0, 2), np.uint64)
-        uniq, starts, counts = np.unique(pairs[:, 0], return_index=True, return_counts=True)
+        pairs = _unique_pairs(hashes, owners.astype(np.uint64))
+        uniq, counts = np.unique(pairs[:, 0], return_counts=True)
         keep = counts <= max_examples_per_ngram
-        kept_starts, kept_counts = starts[keep], counts[keep]
+        kept_counts = counts[keep]
         example_offsets = np.concatenate([[0], np.cumsum(kept_counts)]).astype(np.int32 if len(pairs) < 2**31 else np.int64)
-        take = np.concatenate([np.arange(s, s + c) for s, c in zip(kept_starts, kept_counts)]) if len(kept_starts) else np.zeros(0, np.int64)
+        # the pairs of the kept n-grams, in order (pairs are sorted by hash: each n-gram's are contiguous)
+        take = np.flatnonzero(np.repeat(keep, counts))
         example_index = pairs[take, 1].astype(np.int32)
         indexed = np.zeros(len(examples), dtype=bool)
         indexed[example_index] = True
@@ -364,3 +365,15 @@ def token_spans(text: str) -> tuple[list[tuple[int, int]], pa.Array]:
     norm = normalize(pa.array(raw, pa.string()))
     keep = np.asarray(pc.not_equal(norm, ""), dtype=bool)
     return [s for s, k in zip(spans, keep) if k], norm.filter(pa.array(keep))
+
+
+def _unique_pairs(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """The distinct rows of ``[first, second]`` (two uint64 columns), sorted by first, then second:
+    ``np.unique(np.stack(...), axis=0)`` without its row-as-void sort (several times slower)."""
+    if len(first) == 0:
+        return np.zeros((0, 2), np.uint64)
+    order = np.lexsort((second, first))
+    a, b = first[order], second[order]
+    new = np.ones(len(a), dtype=bool)
+    new[1:] = (a[1:] != a[:-1]) | (b[1:] != b[:-1])
+    return np.stack([a[new], b[new]], axis=1)

@@ -65,8 +65,9 @@ _PLAIN_SPECIALS = pa.array(sorted(k for k in SPECIALS if k.isalnum()), pa.string
 _NEEDS_AFFIX_RULES = r"[^\pL\pN]|\pN\pL+$"
 
 
-# The commonest chunks that hold punctuation: an ASCII word with an opening bracket or quote before
-# it and up to two closing marks after it ("word,", "(word", "word.)"). For them the affix rules
+# The commonest chunks that hold punctuation: an ASCII word (or words joined by single hyphens)
+# with an opening bracket or quote before it and up to two closing marks after it ("word,",
+# "(word", "word.)", "well-known"). For them the affix rules
 # always peel exactly these one-character prefixes and suffixes (none has a lookbehind that an
 # ASCII letter could fail; "." only after a lowercase letter, by spaCy's rule for it) and nothing
 # else matches, unless a special case intervenes: any window of two or more of the resulting
@@ -89,9 +90,18 @@ def _split_fast(chunk: str) -> Optional[list[str]]:
         else:
             break
     core = chunk[start:end]
-    if not core or not (core.isascii() and core.isalpha()) or (start == 0 and suffixes == 0):
+    if not core or not core.isascii():
         return None
-    tokens = ([chunk[0]] if start else []) + [core] + list(chunk[end:])
+    if core.isalpha():
+        if start == 0 and suffixes == 0:
+            return None
+        words_ = [core]
+    else:  # words joined by single hyphens ("well-known"): the infix rule splits at each hyphen
+        words_ = core.split("-")
+        if len(words_) < 2 or not all(w.isalpha() for w in words_):
+            return None
+        words_ = list(chain.from_iterable((w, "-") for w in words_))[:-1]
+    tokens = ([chunk[0]] if start else []) + words_ + list(chunk[end:])
     for i in range(len(tokens)):
         for j in range(i + 1, len(tokens) + 1):
             if "".join(tokens[i:j]) in SPECIALS:

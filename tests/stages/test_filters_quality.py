@@ -190,7 +190,8 @@ def test_real_news_articles(news_sample):
 
 
 @pytest.mark.parametrize("chunk", ["word,", "(word", "word.)", '"word,"', "Calif.", "etc.", "Mr.", "U.S.", "(Wis.)", "a.", "I.", "LORD.",
-                                   "cannot,", "gonna!", "e.g.,", "word).", "word,.", "(R", "Don't", "word'", "((word", "word?!)"])
+                                   "cannot,", "gonna!", "e.g.,", "word).", "word,.", "(R", "Don't", "word'", "((word", "word?!)",
+                                   "well-known", "well-known,", "(self-evident).", "e-mail", "x-", "-x", "w--w", "a-b-c.", "U.S.-made"])
 def test_the_fast_path_of_common_chunks_equals_the_affix_rules(chunk):
     fast = words._split_fast(chunk)
     assert fast is None or fast == words.split_chunk(chunk)
