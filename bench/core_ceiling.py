@@ -42,8 +42,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-KERNELS = ("quality", "minhash")
-DEFAULT_PASSES = {"quality": 3, "minhash": 40}  # ~5-8 s per process on one quiet core of this machine
+KERNELS = ("quality", "minhash", "language")
+DEFAULT_PASSES = {"quality": 3, "minhash": 40, "language": 6}  # ~5-8 s per process on one quiet core of this machine
 BATCH = 2048
 SINGLE_THREAD = {"OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
@@ -73,6 +73,15 @@ def kernel(name: str):
         def work(bs) -> None:
             for b in bs:
                 hasher.signatures_of_texts(b, cfg)
+    elif name == "language":  # language_filter's CLD2 call (C++), on the first max_chars of each text
+        from stages.filters.langid import LanguageConfig, detect
+
+        max_chars = LanguageConfig().max_chars
+        batches = [texts[i : i + BATCH] for i in range(0, len(texts), BATCH)]
+
+        def work(bs) -> None:
+            for b in bs:
+                detect(b, max_chars)
     else:
         raise SystemExit(f"unknown kernel {name!r}; choose from {KERNELS}")
     return work, batches, len(texts), sum(len(t) for t in texts)
