@@ -13,7 +13,8 @@ import pytest
 
 from tests.conftest import RAY_TRAIN_QUICK_POLL, REPO
 
-pytestmark = pytest.mark.slow
+# five Ray Train runs in one job: ~200 s alone, up to ~530 s beside other tests on two busy vCPUs
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +28,7 @@ def job(tmp_path_factory, s3_server):
            "AWS_ACCESS_KEY_ID": s3_server["key"], "AWS_SECRET_ACCESS_KEY": s3_server["secret"], "AWS_DEFAULT_REGION": s3_server["region"],
            **RAY_TRAIN_QUICK_POLL}
     proc = subprocess.run([sys.executable, "-m", "tests.stages.train_ray_job", str(work), str(out)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=540)
+                          capture_output=True, text=True, timeout=1080)
     if proc.returncode != 0:
         pytest.fail(f"train job failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
     return json.loads(out.read_text())
