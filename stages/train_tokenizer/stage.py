@@ -133,8 +133,9 @@ class TrainTokenizer(DatasetStage):
             return []
         return [ExternalInput("tokenizer", self.config.path, ({"uri": self.config.path, **ctx.storage.file_identity(self.config.path)},))]
 
-    def sampled_texts(self, ctx: StageContext) -> Iterator[list[str]]:
-        """The bounded sample, in input-file order (see the module docstring)."""
+    def sample(self, ctx: StageContext) -> tuple[list[str], int, float]:
+        """The bounded sample (see the module docstring): its files in input-file order, the bins
+        kept, and the fraction of the input they hold."""
         c = self.config
         src = ctx.inputs[0]
         total_chars = src.chars
@@ -148,19 +149,7 @@ class TrainTokenizer(DatasetStage):
         for p in parts:
             hist += p["chars"]
         cut = cutoff_bin(hist, c.sample_chars)
-        self._sampled = {"docs": 0, "chars": 0, "fraction": fraction * cut / SAMPLE_BINS}
-        for p in parts:
-            if p["uri"] is None:
-                continue
-            with ctx.storage.open(p["uri"], "rb") as f:
-                for batch in _iter_batches(f):
-                    keep = np.asarray(batch.column("bin")) < cut
-                    texts = [t for t, k in zip(batch.column("text").to_pylist(), keep.tolist()) if k]
-                    self._sampled["docs"] += len(texts)
-                    self._sampled["chars"] += sum(len(t) for t in texts)
-                    if texts:
-                        yield texts
-        ctx.storage.rm(work)
+        return [p["uri"] for p in parts if p["uri"] is not None], cut, fraction * cut / SAMPLE_BINS
 
     def run(self, ctx: StageContext) -> None:
         from tokenizers import Tokenizer
@@ -175,9 +164,13 @@ class TrainTokenizer(DatasetStage):
             if ctx.inputs[0].num_rows == 0:
                 raise ValueError(f"stage {ctx.stage_name!r}: its input {ctx.inputs[0].ref} has no documents to train a tokenizer on"
                                  f" (see the funnel of the stages before it), or set config.path to load one")
-            tok = train_bpe(self.sampled_texts(ctx), c)
-            origin = {"trained_on_docs": self._sampled["docs"], "trained_on_chars": self._sampled["chars"],
-                      "sample_fraction": round(self._sampled["fraction"], 6)}
+            files, cut, fraction = self.sample(ctx)
+            # the training reads the sample and holds the BPE's counts: a worker's work, not the driver's
+            trained = ctx.fan_out.map(train_on_sample, [(ctx.storage, files, cut, c)], step="train",
+                                      num_cpus=ctx.resources.num_cpus or 1)[0]
+            ctx.storage.rm(st.join(ctx.attempt_uri, WORK))
+            tok = Tokenizer.from_str(trained["tokenizer"])
+            origin = {"trained_on_docs": trained["docs"], "trained_on_chars": trained["chars"], "sample_fraction": round(fraction, 6)}
         info = describe(tok, c.special_tokens)  # adds missing special tokens to a loaded tokenizer
         data = tok.to_str().encode("utf-8")
         rel = f"{ctx.attempt}/{TOKENIZER_FILE}"
@@ -192,7 +185,27 @@ class TrainTokenizer(DatasetStage):
             "tokenizer_path": [TOKENIZER_FILE], "vocab_size": [info["vocab_size"]], "bos_id": [info["bos_id"]], "eos_id": [info["eos_id"]],
             "pad_id": [info["pad_id"]], "sha256": [info["sha256"]],
         }))
-        ctx.add_part_result(out.close(rows_in=self._sampled["docs"] if c.path is None else 0))
+        ctx.add_part_result(out.close(rows_in=origin.get("trained_on_docs", 0)))
+
+
+def train_on_sample(storage: st.Storage, files: list[str], cut: int, config: TrainTokenizerConfig) -> dict[str, Any]:
+    """Train the BPE on the sampled documents of ``files`` (in order) whose bin is below ``cut``;
+    returns the tokenizer as JSON and what it was trained on."""
+    seen = {"docs": 0, "chars": 0}
+
+    def texts() -> Iterator[list[str]]:
+        for uri in files:
+            with storage.open(uri, "rb") as f:
+                for batch in _iter_batches(f):
+                    keep = np.asarray(batch.column("bin")) < cut
+                    kept = [t for t, k in zip(batch.column("text").to_pylist(), keep.tolist()) if k]
+                    seen["docs"] += len(kept)
+                    seen["chars"] += sum(len(t) for t in kept)
+                    if kept:
+                        yield kept
+
+    tok = train_bpe(texts(), config)
+    return {"tokenizer": tok.to_str(), **seen}
 
 
 def _iter_batches(f) -> Iterator[pa.RecordBatch]:
