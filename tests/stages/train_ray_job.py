@@ -89,21 +89,21 @@ def main(work: str, out_json: str) -> None:
     import ray
 
     os.makedirs(work, exist_ok=True)
-    from tests.conftest import free_port
-
     # Ray's sockets live under its temp dir, and a Unix socket's path holds at most 107 bytes: the
     # test's own folder (under pytest-xdist's per-worker basetemp) is too deep for it
     ray_temp = tempfile.mkdtemp(prefix="lmpipe-ray-")
     try:
-        run_jobs(work, out_json, ray_temp, free_port)
+        run_jobs(work, out_json, ray_temp)
     finally:
         ray.shutdown()
         shutil.rmtree(ray_temp, ignore_errors=True)
 
 
-def run_jobs(work: str, out_json: str, ray_temp: str, free_port) -> None:
+def run_jobs(work: str, out_json: str, ray_temp: str) -> None:
     import ray
     import torch
+
+    from tests.conftest import free_port
 
     common = dict(address="local", num_cpus=3,  # 2 training workers + the checkpoint evaluation log_to_driver=False, object_store_memory=256 * 1024 * 1024,
                   _temp_dir=ray_temp)
