@@ -67,12 +67,13 @@ _NEEDS_AFFIX_RULES = r"[^\pL\pN]|\pN\pL+$"
 
 # The commonest chunks that hold punctuation: an ASCII word (or words joined by single hyphens)
 # with an opening bracket or quote before it and up to two closing marks after it ("word,",
-# "(word", "word.)", "well-known"). For them the affix rules
-# always peel exactly these one-character prefixes and suffixes (none has a lookbehind that an
-# ASCII letter could fail; "." only after a lowercase letter, by spaCy's rule for it) and nothing
-# else matches, unless a special case intervenes: any window of two or more of the resulting
-# tokens that is a special case sends the chunk through the full rules (split_chunk). Checked
-# against split_chunk on every distinct chunk of the demo corpora (tests/stages/test_filters_quality.py).
+# "(word", "word.)", "well-known"). For them the affix rules always peel exactly these
+# one-character prefixes and suffixes (none has a lookbehind that an ASCII letter could fail; "."
+# only after a lowercase letter, by spaCy's rule for it), the infix rule splits at each hyphen, and
+# nothing else matches, unless a special case intervenes: any window of the resulting tokens that
+# is a special case sends the chunk through the full rules (split_chunk). Checked against
+# split_chunk on every distinct chunk of the news and Shakespeare corpora
+# (tests/stages/test_filters_quality.py).
 _FAST_PREFIX = frozenset('(["{')
 _FAST_SUFFIX = frozenset(',:;!?)]}"')
 
