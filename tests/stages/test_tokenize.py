@@ -294,3 +294,23 @@ def test_bucketed_file_reads_one_bucket_and_names_a_truncated_file(tmp_path):
     with pytest.raises(ValueError, match="packed.arrow: bucket"):
         for b in range(4):
             read_bucket(Storage(), uri, size - 50, b, 4, sequence_schema(3, pa.uint16()))
+
+
+def test_one_tokenizer_thread_runs_serially_in_a_shared_worker_and_leaves_its_environment_as_it_was(monkeypatch):
+    """With one thread (the default) encoding runs in the run's shared workers, made serial for the
+    call only; with more, the workers were started with threads_env and nothing is changed."""
+    import os
+
+    from stages.tokenize.packing import threads_env, tokenizer_threads
+
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "true")
+    with tokenizer_threads(1):
+        assert os.environ["TOKENIZERS_PARALLELISM"] == "false"
+    assert os.environ["TOKENIZERS_PARALLELISM"] == "true"
+    monkeypatch.delenv("TOKENIZERS_PARALLELISM")
+    with tokenizer_threads(1):
+        assert os.environ["TOKENIZERS_PARALLELISM"] == "false"
+    assert "TOKENIZERS_PARALLELISM" not in os.environ
+    with tokenizer_threads(4):
+        assert "TOKENIZERS_PARALLELISM" not in os.environ
+    assert threads_env(4)["RAYON_NUM_THREADS"] == "4"
