@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator, Optional, Protocol
 import torch
 
 from pipeline import storage as st
+from pipeline.stop_signal import StopSignal
 from stages.model.transformer import ModelConfig
 from stages.train.config import ClusterConfig, TrainConfig
 from stages.train.data import rank_share, read_validation
@@ -91,21 +92,6 @@ def _fault_hook(fault: Optional[FaultInjection], rank: int):
             os._exit(1)
 
     return hook
-
-
-class StopSignal:
-    """A Ray actor that tells a Ray Train run's workers to stop: the driver sets it when the stage
-    must stop (its lease was lost to another run, which now computes this output), so that two
-    runs do not both train for hours when only one can commit."""
-
-    def __init__(self) -> None:
-        self.reason: Optional[str] = None
-
-    def set(self, reason: str) -> None:
-        self.reason = self.reason or reason
-
-    def get(self) -> Optional[str]:
-        return self.reason
 
 
 POLL_STOP_SIGNAL_S = 2.0

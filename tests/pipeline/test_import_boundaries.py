@@ -71,6 +71,17 @@ def test_ray_is_imported_only_by_pipeline_and_the_train_launcher():
     assert not offenders, offenders
 
 
+def test_the_stop_signal_actor_loads_nothing_but_its_own_module():
+    """The StopSignal actor waits out a whole training run in a process of its own: its module
+    imports nothing (a torch import there held ~0.3 GB and 2-8 CPU-s per run, for a flag)."""
+    imported = sorted({m for f, m in _imports() if f == "pipeline/stop_signal.py"})
+    assert imported == ["__future__", "__future__.annotations", "typing", "typing.Optional"], imported
+    from pipeline.stop_signal import StopSignal
+    from stages.train import launch
+
+    assert launch.StopSignal is StopSignal  # the launcher's actor is this class
+
+
 def test_one_fan_out_primitive():
     """Every parallel step of a stage goes through pipeline/fanout.py (``ctx.run_parts`` is built
     on it): no second way (Ray Data, a ``ray.remote`` of one's own) with its own retries,

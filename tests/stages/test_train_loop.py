@@ -237,13 +237,14 @@ def test_a_run_told_to_stop_ends_after_its_next_logged_step(shards, ray_local, m
 
     import ray
 
+    from pipeline.stop_signal import StopSignal
     from stages.train import launch
 
     monkeypatch.setattr(launch, "POLL_STOP_SIGNAL_S", 0.05)
     cfg = TrainConfig(loop={"steps": 40, "micro_batch_size": 4, "log_every": 5, "eval_every": 0, "norms_every": 0},
                       schedule={"warmup_steps": 1}, checkpoint={"every": 100})
     name = f"test-stop-{os.getpid()}"
-    signal = ray.remote(num_cpus=0)(launch.StopSignal).options(name=name).remote()
+    signal = ray.remote(num_cpus=0)(StopSignal).options(name=name).remote()
     try:
         spec = launch.TrainSpec(train=cfg, model=MODEL, seq_len=SEQ_LEN, train_files=shards["train"], stop_signal=name)
         stop_after = launch._stop_after(spec, 0, 1, torch.device("cpu"))
