@@ -65,6 +65,7 @@ def main() -> None:
 
 def run(tmp: Path, data: Path, corpus_s: float, args) -> None:
     import ray
+    from pipeline import local_ray
 
     from pipeline.config import load_config
     from pipeline.runner import Runner
@@ -72,7 +73,7 @@ def run(tmp: Path, data: Path, corpus_s: float, args) -> None:
     load_before = os.getloadavg()[0]
     for attempt in range(3):  # on a loaded machine Ray's start can time out: not the benchmark's failure
         try:
-            ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+            local_ray.start(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
             break
         except Exception as e:
             if "timed out during startup" not in str(e) or attempt == 2:

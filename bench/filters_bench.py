@@ -237,6 +237,7 @@ def bench_ray(texts: list[str], copies: int, workers: list[int], tmp: Path) -> d
     import shutil
 
     import ray
+    from pipeline import local_ray
 
     from pipeline.config import load_config
     from pipeline.runner import Runner
@@ -248,7 +249,7 @@ def bench_ray(texts: list[str], copies: int, workers: list[int], tmp: Path) -> d
     for k in range(files):
         (data / f"part-{k}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in rows[k::files]))
     out = {"docs": len(rows)}
-    ray.init(address="local", num_cpus=max(workers), include_dashboard=False, log_to_driver=False)
+    local_ray.start(num_cpus=max(workers), include_dashboard=False, log_to_driver=False)
     try:
         for w in workers:
             work = tmp / f"work-{w}"

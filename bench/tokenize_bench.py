@@ -93,11 +93,12 @@ def main() -> None:
         raw[threads] = json.loads(out.stdout)
 
     import ray
+    from pipeline import local_ray
 
     from pipeline.config import load_config
     from pipeline.runner import Runner
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    local_ray.start(num_cpus=2, include_dashboard=False, log_to_driver=False)
     stage = {}
     for workers in (1, 2, 1, 2):  # twice each, interleaved: the machine is shared and noisy
         work = tmp / f"work-{workers}-{len(stage.get(workers, []))}"

@@ -97,11 +97,12 @@ def make_corpus(folder: Path, size_mb: int) -> dict:
 def measure(yaml_path: str) -> None:
     """The measured process: run the pipeline (only tokenize computes), print the numbers as JSON."""
     import ray
+    from pipeline import local_ray
 
     from pipeline.config import load_config
     from pipeline.runner import Runner
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    local_ray.start(num_cpus=2, include_dashboard=False, log_to_driver=False)
     with WorkerPeakRss() as workers:
         report = Runner(load_config(yaml_path)).run()
     st = report.stage("tokenize")
@@ -173,7 +174,7 @@ def main() -> None:
             (local / "prep.yaml").write_text(PIPELINE.format(**fields, tokenize=""))
             (local / "full.yaml").write_text(PIPELINE.format(**fields, tokenize=TOKENIZE))
             prep = ("import sys, ray; sys.path.insert(0, sys.argv[2]); from pipeline.config import load_config; from pipeline.runner import Runner;"
-                    " ray.init(address='local', num_cpus=2, include_dashboard=False, log_to_driver=False); Runner(load_config(sys.argv[1])).run()")
+                    " from pipeline import local_ray; local_ray.start(num_cpus=2, include_dashboard=False, log_to_driver=False); Runner(load_config(sys.argv[1])).run()")
             t = time.perf_counter()
             subprocess.run([sys.executable, "-c", prep, str(local / "prep.yaml"), str(REPO)], env=env, check=True)
             prep_s = time.perf_counter() - t

@@ -14,7 +14,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from pipeline import console
+from pipeline import console, local_ray
 from pipeline.resources import ResourcesUnavailable, StageFailed, check_resources  # noqa: F401 (ResourcesUnavailable: re-exported)
 from pipeline import manifest as mf
 from pipeline import preflight
@@ -103,7 +103,7 @@ def init_ray(loaded: LoadedConfig, address: Optional[str]) -> str:
         address = address or cfg.address or os.environ.get("LMPIPE_RAY_ADDRESS")
         marked = False  # whether workers mark lmpipe's log lines (pipeline/console.py)
         if address in (None, "", "local"):
-            kwargs: dict[str, Any] = dict(address="local", include_dashboard=cfg.include_dashboard, log_to_driver=True)
+            kwargs: dict[str, Any] = dict(include_dashboard=cfg.include_dashboard, log_to_driver=True)
             if cfg.num_cpus:
                 kwargs["num_cpus"] = cfg.num_cpus
             if cfg.object_store_memory:
@@ -111,7 +111,7 @@ def init_ray(loaded: LoadedConfig, address: Optional[str]) -> str:
             if console.is_active():
                 kwargs["runtime_env"] = {"worker_process_setup_hook": "pipeline.console.setup_worker_logging"}
                 marked = True
-            info = ray.init(**kwargs)
+            info = local_ray.start(**kwargs)  # on 127.0.0.1: a run's own Ray is never joined from the network
         else:
             preflight.check_ray_address(address)
             info = ray.init(address=address, log_to_driver=True)

@@ -18,6 +18,10 @@ VENV_BIN = Path(sys.executable).parent
 os.environ.setdefault("LMPIPE_PROGRESS", "0")
 os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+# Every Ray of the tests listens on 127.0.0.1 (pipeline/local_ray.py): the session's, each
+# ``lmpipe run``'s, and the head nodes that tests start with ``ray start`` (which read this switch
+# from the environment). A node that joins a head turns it back on (test_multinode.py).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 # Ray Train's controller polls its workers every 2 s by default: a run's start, every restart and
 # its end each wait for a poll. Tests that run Ray Train put this in the environment of the
@@ -67,8 +71,10 @@ def ray_local():
     """One embedded Ray for every in-process test (starting one costs ~5 s)."""
     import ray
 
+    from pipeline import local_ray
+
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=512 * 1024 * 1024)
+        local_ray.start(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=512 * 1024 * 1024)
     yield ray
     ray.shutdown()
 

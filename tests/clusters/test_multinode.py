@@ -54,12 +54,12 @@ def two_nodes(cluster_env, tmp_path_factory):
         *ray_node_port_args(),
     ]
     worker_cmd = [
-        str(VENV_BIN / "ray"), "start", "--block", "--address", f"127.0.0.1:{port}", "--num-cpus", "1",
+        sys.executable, str(Path(__file__).with_name("ray_worker_node.py")), "--address", f"127.0.0.1:{port}", "--num-cpus", "1",
         "--resources", '{"worker_node": 1}', "--disable-usage-stats", *ray_node_port_args(),
     ]
     url = f"http://127.0.0.1:{dash}"
     with server_process(head_cmd, logs / "head.log", f"{url}/api/version", cluster_env, timeout=120, grace_s=RAY_NODE_GRACE_S) as head:
-        worker = start_process(worker_cmd, logs / "worker.log", cluster_env)
+        worker = start_process(worker_cmd, logs / "worker.log", cluster_env)  # on 127.0.0.1 too (ray_worker_node.py)
         try:
             _wait_for_nodes(f"127.0.0.1:{port}", 2, cluster_env)
             yield {"dashboard": url, "gcs": f"127.0.0.1:{port}", "head": head, "worker": worker}

@@ -17,6 +17,7 @@ LMPIPE = [sys.executable, "-m", "pipeline.cli"]
 
 def cli(*args: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
     env = {**os.environ, "LMPIPE_PROGRESS": "0"}
+    env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)  # as a user runs it: lmpipe itself keeps its Ray on 127.0.0.1
     proc = subprocess.run([*LMPIPE, *args], capture_output=True, text=True, env=env, timeout=300, **kw)
     if check and proc.returncode != 0:
         raise AssertionError(f"lmpipe {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
@@ -92,6 +93,15 @@ def test_killed_run_resumes_without_recomputing_committed_stages(split_news, tmp
     c = manifest["counts"]
     assert c["rows_in"] == 3824 - 36 and c["kept"] + c["rejected"]["sampled_out"] == c["rows_in"]
     assert [p.name for p in work.glob("sample/*/attempt-*")] == [manifest["attempt"]]  # the crashed attempt was cleaned
+    # the run's own Ray listened on the loopback only (pipeline/local_ray.py), not on the machine's network address
+    from mlflow import MlflowClient
+
+    from pipeline.config import load_config
+
+    client = MlflowClient(load_config(config).resolved.tracking_uri())
+    finished = client.search_runs([client.get_experiment_by_name(load_config(config).resolved.mlflow.experiment).experiment_id],
+                                  "tags.`lmpipe.kind` = 'pipeline' and attributes.status = 'FINISHED'")
+    assert [r.data.tags["lmpipe.ray_address"].split(":")[0] for r in finished] == ["127.0.0.1"], [r.data.tags for r in finished]
 
     # lineage from the output path back to the 40 source files, and from the MLflow run id
     lineage = cli("lineage", str(next(work.glob("sample/*")))).stdout

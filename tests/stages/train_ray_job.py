@@ -105,14 +105,16 @@ def run_jobs(work: str, out_json: str, ray_temp: str) -> None:
 
     from tests.conftest import free_port
 
-    common = dict(address="local", num_cpus=3,  # 2 training workers + the checkpoint evaluation log_to_driver=False, object_store_memory=256 * 1024 * 1024,
-                  _temp_dir=ray_temp)
+    from pipeline import local_ray
+
+    common = dict(num_cpus=3,  # 2 training workers + the checkpoint evaluation
+                  log_to_driver=False, object_store_memory=256 * 1024 * 1024, _temp_dir=ray_temp)
     try:  # a free port: other Ray dashboards may run on this machine
-        ray.init(include_dashboard=True, dashboard_port=free_port(), **common)
+        local_ray.start(include_dashboard=True, dashboard_port=free_port(), **common)
     except Exception as e:  # the dashboard is for speed and quiet logs, not correctness
         print(f"Ray with dashboard failed ({str(e).splitlines()[0] if str(e) else type(e).__name__}); without it", file=sys.stderr)
         ray.shutdown()
-        ray.init(include_dashboard=False, **common)
+        local_ray.start(include_dashboard=False, **common)
     os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address  # Train's helper actors join this cluster
 
     from mlflow import MlflowClient
