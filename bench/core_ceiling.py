@@ -16,6 +16,14 @@ Kernels (real text: the news articles of stages/assets.py, as the stages see the
 If both kernels give the same ceiling the machine gives two processes that much; if ``quality`` is
 lower, shared memory bandwidth or cache takes the difference.
 
+* ``language_part``, ``quality_part``: a whole part of language_filter or quality_filter as a Ray
+  worker runs it, without Ray: ``pipeline.execute.run_part`` reads a Parquet part of the news
+  articles (six parts, as the demo's ingest writes them: zstd Parquet), runs the stage's
+  ``process_batch`` and writes its kept, rejected and quarantined rows through the runner's part
+  writer to a local folder. Their ceiling is what the machine gives a stage's parts (the kernel and
+  the Parquet reading, Arrow columns and writing around it); a stage's 1 -> 2 worker speedup divided
+  by it is what Ray and lmpipe's scheduling lose, the machine apart.
+
 Method: each measured process is a fresh ``python`` (no Ray, no threads: OMP/NUMBA/Arrow at one
 thread) that loads the texts, warms up (numba compiled or loaded from its cache, token cache filled by
 one pass), says it is ready and waits; once every process of a trial is ready they all start at
@@ -42,8 +50,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-KERNELS = ("quality", "minhash", "language")
-DEFAULT_PASSES = {"quality": 3, "minhash": 40, "language": 6}  # ~5-8 s per process on one quiet core of this machine
+KERNELS = ("quality", "minhash", "language", "language_part", "quality_part")
+DEFAULT_PASSES = {"quality": 3, "minhash": 40, "language": 6, "language_part": 20, "quality_part": 3}  # ~5-8 s per process on one quiet core of this machine
 BATCH = 2048
 SINGLE_THREAD = {"OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
@@ -82,9 +90,65 @@ def kernel(name: str):
         def work(bs) -> None:
             for b in bs:
                 detect(b, max_chars)
+    elif name in ("language_part", "quality_part"):
+        return part_kernel(name, texts, os.environ.get("LMPIPE_CEILING_INPUTS"))
     else:
         raise SystemExit(f"unknown kernel {name!r}; choose from {KERNELS}")
     return work, batches, len(texts), sum(len(t) for t in texts)
+
+
+PARTS = 6  # the demo's ingest writes six parts
+
+
+def part_kernel(name: str, texts: list[str], inputs: str | None = None):
+    """A filter stage's whole part, as a worker runs it (``run_part``), on six zstd Parquet parts of
+    the news articles in a temporary folder, or on the Parquet files ``inputs`` (a glob: a stage's
+    real input, e.g. the demo's ingest output); each pass writes to a new attempt folder."""
+    import atexit
+    import shutil
+    import tempfile
+    import uuid
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline import storage as st
+    from pipeline.execute import PartJob, run_part, set_up_stage
+    from pipeline.stage import Part
+    from stages.filters.stage import LanguageFilter, QualityFilter
+
+    stage_cls = LanguageFilter if name == "language_part" else QualityFilter
+    root = tempfile.mkdtemp(prefix="lmpipe-ceiling-")
+    atexit.register(shutil.rmtree, root, True)
+    parts = []
+    if inputs:
+        import glob
+
+        files = sorted(glob.glob(inputs))
+        if not files:
+            raise SystemExit(f"--inputs {inputs}: no file")
+        parts = [Part(f"{i:05d}", {"uri": f}, os.path.getsize(f)) for i, f in enumerate(files)]
+        texts = [t for f in files for t in pq.read_table(f, columns=["text"]).column("text").to_pylist()]
+    for i in range(0 if inputs else PARTS):
+        rows = texts[i::PARTS]
+        path = os.path.join(root, f"input-{i:05d}.parquet")
+        pq.write_table(pa.table({"id": [f"news/{i}/{j}" for j in range(len(rows))], "text": rows, "source": ["news"] * len(rows)}),
+                       path, compression="zstd")
+        parts.append(Part(f"{i:05d}", {"uri": path}, os.path.getsize(path)))
+    stage = set_up_stage(stage_cls, stage_cls.Config(), stage_cls.name, 0)
+    storage = st.Storage()
+
+    def work(bs) -> None:
+        attempt = f"attempt-{uuid.uuid4().hex[:12]}"
+        job = PartJob(stage_cls.name, 0, storage, os.path.join(root, attempt), attempt, BATCH,
+                      formats=tuple(sorted(stage_cls.output_formats.items())), max_bytes_per_file=stage.output_file_bytes())
+        for part in bs:
+            result = run_part(stage, part, job)
+            if result.error:
+                raise SystemExit(result.error)
+        shutil.rmtree(os.path.join(root, attempt), ignore_errors=True)
+
+    return work, parts, len(texts), sum(len(t) for t in texts)
 
 
 def child(name: str, passes: int, cpu: int | None) -> None:
@@ -151,6 +215,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="trials (1 process, then 2) per kernel")
     ap.add_argument("--passes", type=int, help="passes over the texts per process (default: per kernel, ~5-8 s on a quiet core)")
     ap.add_argument("--pin", action="store_true", help="pin process i to CPU i")
+    ap.add_argument("--inputs", help="the part kernels' input: a glob of Parquet files (default: the news articles in six parts)")
     ap.add_argument("--out", default=str(REPO / "bench/results/core_ceiling.json"))
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     ap.add_argument("--cpu", type=int, help=argparse.SUPPRESS)
@@ -158,12 +223,14 @@ def main() -> None:
     if args.child:
         child(args.child[0], int(args.child[1]), args.cpu)
         return
+    if args.inputs:
+        os.environ["LMPIPE_CEILING_INPUTS"] = args.inputs  # the measured processes' environment
     before = uptime()
     print(f"# before: {before}", flush=True)
     if os.getloadavg()[0] > 2.0:
         print(f"# warning: 1-minute load {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs: other jobs hold the cores,"
               " so the ceiling below is the machine's under that load, not its own", flush=True)
-    report: dict = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cpus": os.cpu_count(), "pin": args.pin,
+    report: dict = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cpus": os.cpu_count(), "pin": args.pin, "inputs": args.inputs,
                     "uptime_before": before, "kernels": {}}
     rows = ["| kernel | trial | load 1m | 1 process docs/s (CPU share) | 2 processes docs/s each (CPU share) | 2 processes total docs/s | ceiling |",
             "|---|---:|---:|---:|---|---:|---:|"]
