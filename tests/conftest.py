@@ -105,12 +105,32 @@ def demo_corpus(tmp_path_factory) -> Path:
     return out
 
 
+_PORTS_GIVEN: set[int] = set()
+# Below the kernel's ephemeral range (32768-60999 here, /proc/sys/net/ipv4/ip_local_port_range),
+# which the local ends of outgoing connections draw from, and above Ray's worker ports (10002-19999)
+PORT_RANGE = (20000, 32767)
+
+
 def free_port() -> int:
+    """A port free on 127.0.0.1 now, never given before by this process, and outside the range that
+    connections and other binds to port 0 draw from: a node's ports (its GCS, its agents) are
+    chosen before any of them binds, and on 127.0.0.1 a connection of another test, or the same
+    port drawn twice, could take one meanwhile."""
+    import random
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    rng = random.Random()
+    while True:
+        port = rng.randint(*PORT_RANGE)
+        if port in _PORTS_GIVEN:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _PORTS_GIVEN.add(port)
+        return port
 
 
 def ray_node_port_args() -> list[str]:
