@@ -56,7 +56,7 @@ BATCH = 2048
 SINGLE_THREAD = {"OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-def kernel(name: str):
+def kernel(name: str, inputs: str | None = None):
     """(work(batches) -> None, batches): one pass of ``name`` over the news articles."""
     import pyarrow as pa
 
@@ -91,7 +91,7 @@ def kernel(name: str):
             for b in bs:
                 detect(b, max_chars)
     elif name in ("language_part", "quality_part"):
-        return part_kernel(name, texts, os.environ.get("LMPIPE_CEILING_INPUTS"))
+        return part_kernel(name, texts, inputs)
     else:
         raise SystemExit(f"unknown kernel {name!r}; choose from {KERNELS}")
     return work, batches, len(texts), sum(len(t) for t in texts)
@@ -120,21 +120,20 @@ def part_kernel(name: str, texts: list[str], inputs: str | None = None):
     stage_cls = LanguageFilter if name == "language_part" else QualityFilter
     root = tempfile.mkdtemp(prefix="lmpipe-ceiling-")
     atexit.register(shutil.rmtree, root, True)
-    parts = []
     if inputs:
         import glob
 
         files = sorted(glob.glob(inputs))
         if not files:
             raise SystemExit(f"--inputs {inputs}: no file")
-        parts = [Part(f"{i:05d}", {"uri": f}, os.path.getsize(f)) for i, f in enumerate(files)]
         texts = [t for f in files for t in pq.read_table(f, columns=["text"]).column("text").to_pylist()]
-    for i in range(0 if inputs else PARTS):
-        rows = texts[i::PARTS]
-        path = os.path.join(root, f"input-{i:05d}.parquet")
-        pq.write_table(pa.table({"id": [f"news/{i}/{j}" for j in range(len(rows))], "text": rows, "source": ["news"] * len(rows)}),
-                       path, compression="zstd")
-        parts.append(Part(f"{i:05d}", {"uri": path}, os.path.getsize(path)))
+    else:
+        files = [os.path.join(root, f"input-{i:05d}.parquet") for i in range(PARTS)]
+        for i, path in enumerate(files):
+            rows = texts[i::PARTS]
+            pq.write_table(pa.table({"id": [f"news/{i}/{j}" for j in range(len(rows))], "text": rows, "source": ["news"] * len(rows)}),
+                           path, compression="zstd")
+    parts = [Part(f"{i:05d}", {"uri": f}, os.path.getsize(f)) for i, f in enumerate(files)]
     stage = set_up_stage(stage_cls, stage_cls.Config(), stage_cls.name, 0)
     storage = st.Storage()
 
@@ -151,14 +150,14 @@ def part_kernel(name: str, texts: list[str], inputs: str | None = None):
     return work, parts, len(texts), sum(len(t) for t in texts)
 
 
-def child(name: str, passes: int, cpu: int | None) -> None:
+def child(name: str, passes: int, cpu: int | None, inputs: str | None) -> None:
     """One measured process: warm up, say READY, wait for GO on stdin, do the work, print RESULT."""
     import pyarrow as pa
 
     pa.set_cpu_count(1)
     if cpu is not None:
         os.sched_setaffinity(0, {cpu})
-    work, batches, docs, chars = kernel(name)
+    work, batches, docs, chars = kernel(name, inputs)
     work(batches)  # warm-up: numba compiled or loaded, the token cache filled (as a worker after its first part)
     print("READY", flush=True)
     sys.stdin.readline()
@@ -169,10 +168,11 @@ def child(name: str, passes: int, cpu: int | None) -> None:
     print("RESULT " + json.dumps({"docs": docs * passes, "chars": chars * passes, "wall_s": wall, "cpu_s": cpu_s}), flush=True)
 
 
-def trial(name: str, processes: int, passes: int, pin: bool, timeout: float = 600.0) -> dict:
+def trial(name: str, processes: int, passes: int, pin: bool, inputs: str | None = None, timeout: float = 600.0) -> dict:
     """``processes`` children at once, each ``passes`` over the texts; their numbers and the total."""
     env = {**os.environ, **SINGLE_THREAD, "PYTHONPATH": str(REPO)}
-    procs = [subprocess.Popen([sys.executable, __file__, "--child", name, str(passes)] + (["--cpu", str(i)] if pin else []),
+    procs = [subprocess.Popen([sys.executable, __file__, "--child", name, str(passes)] + (["--cpu", str(i)] if pin else [])
+                              + (["--inputs", inputs] if inputs else []),
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env) for i in range(processes)]
     try:
         for p in procs:
@@ -221,10 +221,8 @@ def main() -> None:
     ap.add_argument("--cpu", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        child(args.child[0], int(args.child[1]), args.cpu)
+        child(args.child[0], int(args.child[1]), args.cpu, args.inputs)
         return
-    if args.inputs:
-        os.environ["LMPIPE_CEILING_INPUTS"] = args.inputs  # the measured processes' environment
     before = uptime()
     print(f"# before: {before}", flush=True)
     if os.getloadavg()[0] > 2.0:
@@ -238,8 +236,8 @@ def main() -> None:
         passes = args.passes or DEFAULT_PASSES[name]
         trials = []
         for i in range(args.repeats):
-            one = trial(name, 1, passes, args.pin)
-            two = trial(name, 2, passes, args.pin)
+            one = trial(name, 1, passes, args.pin, args.inputs)
+            two = trial(name, 2, passes, args.pin, args.inputs)
             ceiling = two["total_docs_per_s"] / one["total_docs_per_s"]
             trials.append({"one": one, "two": two, "ceiling": round(ceiling, 3)})
             rows.append(f"| {name} | {i + 1} | {one['load_1m_at_start']:.2f} / {two['load_1m_at_start']:.2f} |"

@@ -64,9 +64,7 @@ def main() -> None:
 
 
 def run(tmp: Path, data: Path, corpus_s: float, args) -> None:
-    import ray
     from pipeline import local_ray
-
     from pipeline.config import load_config
     from pipeline.runner import Runner
 

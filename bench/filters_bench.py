@@ -237,8 +237,8 @@ def bench_ray(texts: list[str], copies: int, workers: list[int], tmp: Path) -> d
     import shutil
 
     import ray
-    from pipeline import local_ray
 
+    from pipeline import local_ray
     from pipeline.config import load_config
     from pipeline.runner import Runner
 

@@ -250,13 +250,12 @@ def record_fan_outs(cpus: int) -> list[dict]:
 def measure(yaml_path: str, stage: str, cpus: int) -> None:
     """The measured process: recompute one stage (upstream cached); print its numbers as JSON."""
     import ray
-    from pipeline import local_ray
 
+    from pipeline import local_ray
     from pipeline.config import load_config
     from pipeline.runner import Runner
 
-    local_ray.start(num_cpus=cpus, include_dashboard=False, log_to_driver=False,
-             object_store_memory=1 << 30)
+    local_ray.start(num_cpus=cpus, include_dashboard=False, log_to_driver=False, object_store_memory=1 << 30)
     baseline = driver_peak_rss()
     runner = Runner(load_config(yaml_path))
     spy = None

@@ -66,14 +66,14 @@ def main() -> None:
     args = ap.parse_args()
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     own = os.getpid()
-    before = {pid: cpu for pid, (cpu, _, _) in _snapshot(own).items()}
+    before = {(pid, start): cpu for pid, (cpu, _, start) in _snapshot(own).items()}  # what ran before the command: its CPU so far is not the command's
     seen: dict[tuple[int, int], dict] = {}  # (pid, start) -> row: a reused pid is another process
     t0 = time.perf_counter()
     proc = subprocess.Popen(command)
     while True:
         for pid, (cpu, cmd, start) in _snapshot(own).items():
             row = seen.setdefault((pid, start), {"pid": pid, "cpu_s": 0.0, "kinds": []})
-            row["cpu_s"] = cpu - before.get(pid, 0.0) if pid in before else cpu
+            row["cpu_s"] = cpu - before.get((pid, start), 0.0)
             k = kind(cmd)
             if not cmd and row["kinds"]:  # an exited process (a zombie) has no command line: keep what it was
                 continue

@@ -93,8 +93,8 @@ def main() -> None:
         raw[threads] = json.loads(out.stdout)
 
     import ray
-    from pipeline import local_ray
 
+    from pipeline import local_ray
     from pipeline.config import load_config
     from pipeline.runner import Runner
 

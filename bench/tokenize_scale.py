@@ -97,8 +97,8 @@ def make_corpus(folder: Path, size_mb: int) -> dict:
 def measure(yaml_path: str) -> None:
     """The measured process: run the pipeline (only tokenize computes), print the numbers as JSON."""
     import ray
-    from pipeline import local_ray
 
+    from pipeline import local_ray
     from pipeline.config import load_config
     from pipeline.runner import Runner
 

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.local_ray import LOOPBACK_SWITCH
+
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 
@@ -21,7 +23,7 @@ os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 # Every Ray of the tests listens on 127.0.0.1 (pipeline/local_ray.py): the session's, each
 # ``lmpipe run``'s, and the head nodes that tests start with ``ray start`` (which read this switch
 # from the environment). A node that joins a head turns it back on (test_multinode.py).
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault(LOOPBACK_SWITCH, "0")
 
 # Ray Train's controller polls its workers every 2 s by default: a run's start, every restart and
 # its end each wait for a poll. Tests that run Ray Train put this in the environment of the

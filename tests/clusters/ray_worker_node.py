@@ -12,7 +12,9 @@ from __future__ import annotations
 import os
 import sys
 
-os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "1"  # before Ray reads it: worker nodes are refused without it
+from pipeline.local_ray import LOOPBACK_SWITCH  # imports no Ray
+
+os.environ[LOOPBACK_SWITCH] = "1"  # before Ray reads it: worker nodes are refused without it
 
 from ray._private import services  # noqa: E402
 

@@ -12,12 +12,14 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.local_ray import LOOPBACK_SWITCH
+
 LMPIPE = [sys.executable, "-m", "pipeline.cli"]
 
 
 def cli(*args: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
     env = {**os.environ, "LMPIPE_PROGRESS": "0"}
-    env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)  # as a user runs it: lmpipe itself keeps its Ray on 127.0.0.1
+    env.pop(LOOPBACK_SWITCH, None)  # as a user runs it: lmpipe itself keeps its Ray on 127.0.0.1
     proc = subprocess.run([*LMPIPE, *args], capture_output=True, text=True, env=env, timeout=300, **kw)
     if check and proc.returncode != 0:
         raise AssertionError(f"lmpipe {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
@@ -98,8 +100,9 @@ def test_killed_run_resumes_without_recomputing_committed_stages(split_news, tmp
 
     from pipeline.config import load_config
 
-    client = MlflowClient(load_config(config).resolved.tracking_uri())
-    finished = client.search_runs([client.get_experiment_by_name(load_config(config).resolved.mlflow.experiment).experiment_id],
+    resolved = load_config(config).resolved
+    client = MlflowClient(resolved.tracking_uri())
+    finished = client.search_runs([client.get_experiment_by_name(resolved.mlflow.experiment).experiment_id],
                                   "tags.`lmpipe.kind` = 'pipeline' and attributes.status = 'FINISHED'")
     assert [r.data.tags["lmpipe.ray_address"].split(":")[0] for r in finished] == ["127.0.0.1"], [r.data.tags for r in finished]
 

@@ -103,9 +103,8 @@ def run_jobs(work: str, out_json: str, ray_temp: str) -> None:
     import ray
     import torch
 
-    from tests.conftest import free_port
-
     from pipeline import local_ray
+    from tests.conftest import free_port
 
     common = dict(num_cpus=3,  # 2 training workers + the checkpoint evaluation
                   log_to_driver=False, object_store_memory=256 * 1024 * 1024, _temp_dir=ray_temp)
